@@ -4,6 +4,17 @@
 //! Every block layout is defined once, in [`blocks`], and shared by the CPU code and the
 //! GPU kernels (which read the same bytes). Type ids and sizes follow ggml's `ggml_type`.
 
+pub mod blocks;
+mod error;
+pub mod fast;
+mod quantize;
+mod reference;
+
+pub use error::QuantError;
+pub use fast::{matmul, matvec, vec_dot, PreparedActs};
+pub use quantize::{f32_to_bf16_bits, quantize_row};
+pub use reference::{dequantize_row, dot_ref};
+
 /// A tensor element type as stored in GGUF (`ggml_type` ids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
@@ -153,6 +164,20 @@ impl GgmlType {
             return None;
         }
         (n / bs).checked_mul(self.type_size() as u64)
+    }
+
+    /// The activation format ggml's `vec_dot_type` pairs with weights of this type in dot
+    /// products (`Q8_0`, `Q8_1`, `Q8_K`, or `F32` for float weights); `None` if the type has
+    /// no dot product here.
+    pub fn vec_dot_type(self) -> Option<GgmlType> {
+        use GgmlType::*;
+        Some(match self {
+            F32 | F16 | BF16 => F32,
+            Q4_0 | Q5_0 | Q8_0 => Q8_0,
+            Q4_1 | Q5_1 => Q8_1,
+            Q4K | Q5K | Q6K => Q8K,
+            _ => return None,
+        })
     }
 
     /// Whether ROCforge can compute with weights of this type (dequantize and dot).

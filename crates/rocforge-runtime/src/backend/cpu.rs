@@ -1,0 +1,217 @@
+//! The CPU reference backend: the Llama forward pass in plain Rust, rows in parallel with
+//! rayon, weights dotted in their quantized layout (activations quantized once per matrix
+//! input, as llama.cpp does). Every buffer, the KV cache included, is allocated in `new`;
+//! a decode step allocates nothing.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use rocforge_kernels::ops::{activation, attention, norm, rope};
+use rocforge_kernels::quant::{self, PreparedActs};
+
+use super::{Backend, BackendKind, BackendOptions, MemoryUsage};
+use crate::error::{Error, Result};
+use crate::model::{Model, Weight};
+
+/// The run state: activations for up to `max_batch` tokens and the KV cache.
+pub struct CpuBackend {
+    model: Arc<Model>,
+    ctx: usize,
+    max_batch: usize,
+    inv_freqs: Vec<f32>,
+    // Activations, one row per token in the batch.
+    x: Vec<f32>,      // (batch, n_embd) residual stream
+    xn: Vec<f32>,     // (batch, n_embd) normalised input of a block
+    q: Vec<f32>,      // (batch, n_head*head_dim)
+    k: Vec<f32>,      // (batch, n_head_kv*head_dim)
+    v: Vec<f32>,      // (batch, n_head_kv*head_dim)
+    att: Vec<f32>,    // (batch, n_head*head_dim) attention output
+    proj: Vec<f32>,   // (batch, n_embd) output of attn_output / ffn_down
+    gate: Vec<f32>,   // (batch, n_ff)
+    up: Vec<f32>,     // (batch, n_ff)
+    cos: Vec<f32>,    // (batch, rope_dim/2)
+    sin: Vec<f32>,    // (batch, rope_dim/2)
+    logits: Vec<f32>, // (n_vocab) or (batch, n_vocab) for all-token logits
+    n_logit_rows: usize,
+    acts: Vec<PreparedActs>, // (batch) quantized copies of the current matrix input
+    k_cache: Vec<Vec<f32>>,  // (n_layer) x (ctx, n_head_kv*head_dim)
+    v_cache: Vec<Vec<f32>>,  // (n_layer) x (ctx, n_head_kv*head_dim)
+    regions: u64,
+}
+
+impl CpuBackend {
+    pub fn new(model: Arc<Model>, opts: &BackendOptions) -> Result<Self> {
+        let c = &model.config;
+        let (ctx, b) = (opts.ctx, opts.max_batch.min(opts.ctx));
+        let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, model.weights.rope_freqs.as_deref());
+        let zeros = |n: usize| vec![0.0f32; n];
+        Ok(Self {
+            ctx,
+            max_batch: b,
+            inv_freqs,
+            x: zeros(b * c.n_embd),
+            xn: zeros(b * c.n_embd),
+            q: zeros(b * c.q_dim()),
+            k: zeros(b * c.kv_dim()),
+            v: zeros(b * c.kv_dim()),
+            att: zeros(b * c.q_dim()),
+            proj: zeros(b * c.n_embd),
+            gate: zeros(b * c.n_ff),
+            up: zeros(b * c.n_ff),
+            cos: zeros(b * c.rope_dim / 2),
+            sin: zeros(b * c.rope_dim / 2),
+            logits: zeros(c.n_vocab),
+            n_logit_rows: 1,
+            acts: (0..b).map(|_| PreparedActs::new()).collect(),
+            k_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
+            v_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
+            regions: 0,
+            model,
+        })
+    }
+}
+
+/// `out[t] = W · x[t]` for the first `n` rows of `x`: quantizes each input row once for W's
+/// type, then runs the batched product (a mat-vec when n == 1).
+fn linear(model: &Model, w: &Weight, acts: &mut [PreparedActs], x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    let acts = &mut acts[..n];
+    let err = |e: quant::QuantError| Error::Backend { backend: "cpu".into(), problem: format!("{}: {e}", w.name) };
+    if n == 1 {
+        acts[0].prepare(w.ty, &x[..w.cols]).map_err(err)?;
+    } else {
+        acts.par_iter_mut().zip(x.par_chunks(w.cols)).try_for_each(|(a, row)| a.prepare(w.ty, row)).map_err(err)?;
+    }
+    quant::matmul(w.ty, model.bytes(w), w.rows, w.cols, acts, &mut out[..n * w.rows]).map_err(err)
+}
+
+/// RMSNorm of each of the first `n` rows of `x` into `out`.
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, n: usize, out: &mut [f32]) {
+    let d = weight.len();
+    out[..n * d]
+        .par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, row)| norm::rms_norm(row, weight, eps, o));
+}
+
+impl Backend for CpuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+
+    fn device_name(&self) -> String {
+        cpu_name()
+    }
+
+    fn capacity(&self) -> usize {
+        self.ctx
+    }
+
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize, all_logits: bool) -> Result<()> {
+        let n = tokens.len();
+        if n == 0 || n > self.max_batch {
+            return Err(Error::InvalidArgument(format!("forward takes 1 to {} tokens, got {n}", self.max_batch)));
+        }
+        if pos + n > self.ctx {
+            return Err(Error::ContextFull { needed: pos + n, capacity: self.ctx });
+        }
+        let model = self.model.clone();
+        let (c, w) = (&model.config, &model.weights);
+        let (d, hd, kv_dim, q_dim) = (c.n_embd, c.head_dim, c.kv_dim(), c.q_dim());
+        let half = c.rope_dim / 2;
+        let shape = attention::AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: hd };
+        let mut regions = 0u64;
+
+        // x = token_embd[tokens]
+        let embd = model.bytes(&w.token_embd);
+        let row_bytes = embd.len() / c.n_vocab;
+        for (t, &tok) in tokens.iter().enumerate() {
+            if tok as usize >= c.n_vocab {
+                return Err(Error::InvalidArgument(format!("token id {tok} is outside the vocabulary of {}", c.n_vocab)));
+            }
+            let row = &embd[tok as usize * row_bytes..(tok as usize + 1) * row_bytes];
+            quant::dequantize_row(w.token_embd.ty, row, &mut self.x[t * d..(t + 1) * d])
+                .map_err(|e| Error::Backend { backend: "cpu".into(), problem: e.to_string() })?;
+        }
+        for t in 0..n {
+            let (cos, sin) = (&mut self.cos[t * half..(t + 1) * half], &mut self.sin[t * half..(t + 1) * half]);
+            rope::rope_cache(pos + t, &self.inv_freqs, cos, sin);
+        }
+
+        for (l, layer) in w.layers.iter().enumerate() {
+            // Attention block: x += W_o · attention(rope(W_q·xn), rope(W_k·xn), W_v·xn)
+            rms_norm_rows(&self.x, &layer.attn_norm, c.rms_eps, n, &mut self.xn);
+            linear(&model, &layer.attn_q, &mut self.acts, &self.xn, n, &mut self.q)?;
+            linear(&model, &layer.attn_k, &mut self.acts, &self.xn, n, &mut self.k)?;
+            linear(&model, &layer.attn_v, &mut self.acts, &self.xn, n, &mut self.v)?;
+            for t in 0..n {
+                let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
+                rope::rope(&mut self.q[t * q_dim..(t + 1) * q_dim], hd, cos, sin);
+                rope::rope(&mut self.k[t * kv_dim..(t + 1) * kv_dim], hd, cos, sin);
+            }
+            let (kc, vc) = (&mut self.k_cache[l], &mut self.v_cache[l]);
+            kc[pos * kv_dim..(pos + n) * kv_dim].copy_from_slice(&self.k[..n * kv_dim]);
+            vc[pos * kv_dim..(pos + n) * kv_dim].copy_from_slice(&self.v[..n * kv_dim]);
+            let (q, kc, vc) = (&self.q, &self.k_cache[l], &self.v_cache[l]);
+            self.att[..n * q_dim].par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+                let (t, h) = (i / c.n_head, i % c.n_head);
+                let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                attention::attend_head(qh, kc, vc, h / c.gqa_group(), pos + t, shape, out);
+            });
+            linear(&model, &layer.attn_output, &mut self.acts, &self.att, n, &mut self.proj)?;
+            activation::add_assign(&mut self.x[..n * d], &self.proj[..n * d]);
+
+            // Feed-forward block: x += W_down · (silu(W_gate·xn) * (W_up·xn))
+            rms_norm_rows(&self.x, &layer.ffn_norm, c.rms_eps, n, &mut self.xn);
+            linear(&model, &layer.ffn_gate, &mut self.acts, &self.xn, n, &mut self.gate)?;
+            linear(&model, &layer.ffn_up, &mut self.acts, &self.xn, n, &mut self.up)?;
+            activation::swiglu(&mut self.gate[..n * c.n_ff], &self.up[..n * c.n_ff]);
+            linear(&model, &layer.ffn_down, &mut self.acts, &self.gate, n, &mut self.proj)?;
+            activation::add_assign(&mut self.x[..n * d], &self.proj[..n * d]);
+            regions += 12;
+        }
+
+        // logits = W_out · rmsnorm(x), for the last token or all of them
+        let first = if all_logits { 0 } else { n - 1 };
+        let rows = n - first;
+        rms_norm_rows(&self.x[first * d..], &w.output_norm, c.rms_eps, rows, &mut self.xn);
+        if self.logits.len() < rows * c.n_vocab {
+            // Only perplexity asks for all-token logits; decode never reaches this.
+            self.logits.resize(rows * c.n_vocab, 0.0);
+        }
+        linear(&model, &w.output, &mut self.acts, &self.xn, rows, &mut self.logits)?;
+        self.n_logit_rows = rows;
+        self.regions = regions + 3;
+        Ok(())
+    }
+
+    fn logits(&mut self) -> Result<&[f32]> {
+        Ok(&self.logits[..self.n_logit_rows * self.model.config.n_vocab])
+    }
+
+    fn memory(&self) -> MemoryUsage {
+        let f = std::mem::size_of::<f32>() as u64;
+        let kv = self.k_cache.iter().chain(&self.v_cache).map(|c| c.len() as u64 * f).sum();
+        let scratch = [&self.x, &self.xn, &self.q, &self.k, &self.v, &self.att, &self.proj, &self.gate, &self.up, &self.logits]
+            .iter()
+            .map(|b| b.len() as u64 * f)
+            .sum();
+        MemoryUsage { weights_bytes: self.model.weights_bytes(), kv_cache_bytes: kv, scratch_bytes: scratch, ..Default::default() }
+    }
+
+    fn launches_last_forward(&self) -> u64 {
+        self.regions
+    }
+}
+
+/// The CPU's model name from /proc/cpuinfo, with the thread count.
+pub fn cpu_name() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{model} ({} threads)", rayon::current_num_threads())
+}

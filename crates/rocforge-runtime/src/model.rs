@@ -1,0 +1,362 @@
+//! A loaded model: hyperparameters from GGUF metadata, weights as views into the mapped
+//! file (kept in their quantized layout), and the tokenizer.
+//!
+//! Everything is validated here, once: architecture, hyperparameters, every expected tensor's
+//! presence, type and shape. Backends can then trust the shapes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocforge_kernels::GgmlType;
+
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, MetaArray, TensorInfo};
+use crate::tokenizer::{Tokenizer, TokenizerSpec};
+
+/// Architectures whose forward pass ROCforge implements (`general.architecture`).
+pub const SUPPORTED_ARCHITECTURES: &str = "llama";
+
+/// Hyperparameters of a Llama-family model, from `{arch}.*` metadata keys.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    pub architecture: String,
+    /// `{arch}.block_count`
+    pub n_layer: usize,
+    /// `{arch}.embedding_length`
+    pub n_embd: usize,
+    /// `{arch}.attention.head_count`
+    pub n_head: usize,
+    /// `{arch}.attention.head_count_kv` (defaults to n_head)
+    pub n_head_kv: usize,
+    /// `{arch}.attention.key_length` (defaults to n_embd / n_head)
+    pub head_dim: usize,
+    /// `{arch}.feed_forward_length`
+    pub n_ff: usize,
+    /// `{arch}.vocab_size`, else the token list's length, else `token_embd`'s rows.
+    pub n_vocab: usize,
+    /// `{arch}.context_length`
+    pub n_ctx_train: usize,
+    /// `{arch}.rope.dimension_count` (defaults to head_dim)
+    pub rope_dim: usize,
+    /// `{arch}.rope.freq_base` (defaults to 10000)
+    pub rope_base: f32,
+    /// `{arch}.attention.layer_norm_rms_epsilon`
+    pub rms_eps: f32,
+}
+
+impl ModelConfig {
+    /// Query heads sharing one KV head.
+    pub fn gqa_group(&self) -> usize {
+        self.n_head / self.n_head_kv
+    }
+    /// Width of the K and V projections.
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+    /// Width of the Q projection.
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+}
+
+/// A weight tensor: its GGUF description; its bytes live in the mapped file.
+#[derive(Debug, Clone)]
+pub struct Weight {
+    pub name: String,
+    pub ty: GgmlType,
+    /// Rows (output features) for a matrix, 1 for a vector.
+    pub rows: usize,
+    /// Row length (input features).
+    pub cols: usize,
+    info: TensorInfo,
+}
+
+/// One transformer block's weights, GGUF names, shapes as (rows, cols) = (out, in).
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,  // (n_embd)
+    pub attn_q: Weight,       // (n_head*head_dim, n_embd)
+    pub attn_k: Weight,       // (n_head_kv*head_dim, n_embd)
+    pub attn_v: Weight,       // (n_head_kv*head_dim, n_embd)
+    pub attn_output: Weight,  // (n_embd, n_head*head_dim)
+    pub ffn_norm: Vec<f32>,   // (n_embd)
+    pub ffn_gate: Weight,     // (n_ff, n_embd)
+    pub ffn_up: Weight,       // (n_ff, n_embd)
+    pub ffn_down: Weight,     // (n_embd, n_ff)
+}
+
+/// All weights of a Llama model.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub token_embd: Weight,        // (n_vocab, n_embd)
+    pub layers: Vec<LayerWeights>, // n_layer
+    pub output_norm: Vec<f32>,     // (n_embd)
+    /// `output.weight`, or `token_embd.weight` when the embeddings are tied.
+    pub output: Weight,            // (n_vocab, n_embd)
+    pub tied_output: bool,
+    /// Llama-3.1-style RoPE frequency factors (`rope_freqs.weight`), (rope_dim/2).
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+/// A model ready to run: the mapped file, its configuration, weights and tokenizer.
+pub struct Model {
+    file: GgufFile,
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("path", &self.file.path()).field("config", &self.config).finish()
+    }
+}
+
+impl Model {
+    /// Opens, validates and maps a GGUF model.
+    ///
+    /// ```no_run
+    /// let model = rocforge_runtime::Model::load("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+    /// println!("{} layers, vocab {}", model.config.n_layer, model.config.n_vocab);
+    /// # Ok::<(), rocforge_runtime::Error>(())
+    /// ```
+    pub fn load(path: impl AsRef<Path>) -> Result<Arc<Model>> {
+        let file = GgufFile::open(path.as_ref())?;
+        Self::from_gguf(file).map(Arc::new)
+    }
+
+    /// Builds a model from an already opened GGUF file.
+    pub fn from_gguf(file: GgufFile) -> Result<Model> {
+        let config = read_config(&file)?;
+        let weights = read_weights(&file, &config)?;
+        let spec = tokenizer_spec(&file);
+        let tokenizer = Tokenizer::from_spec(&spec).map_err(|source| Error::Tokenizer {
+            path: file.path().to_path_buf(),
+            source,
+        })?;
+        if tokenizer.vocab_size() != config.n_vocab {
+            return Err(Error::Metadata {
+                path: file.path().to_path_buf(),
+                key: "tokenizer.ggml.tokens".into(),
+                problem: format!(
+                    "{} tokens, but the model's vocabulary has {} rows",
+                    tokenizer.vocab_size(),
+                    config.n_vocab
+                ),
+            });
+        }
+        Ok(Model { file, config, weights, tokenizer })
+    }
+
+    /// The GGUF file the model was loaded from.
+    pub fn gguf(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// The bytes of a weight, in its GGUF layout.
+    pub fn bytes(&self, w: &Weight) -> &[u8] {
+        self.file.tensor_data(&w.info)
+    }
+
+    /// Bytes of all weights in the file.
+    pub fn weights_bytes(&self) -> u64 {
+        self.file.tensors().iter().map(|t| t.size).sum()
+    }
+
+    /// Number of parameters (elements of all tensors).
+    pub fn n_params(&self) -> u64 {
+        self.file.tensors().iter().map(|t| t.n_elements()).sum()
+    }
+}
+
+fn meta_err(file: &GgufFile, key: &str, problem: impl Into<String>) -> Error {
+    Error::Metadata { path: file.path().to_path_buf(), key: key.to_string(), problem: problem.into() }
+}
+
+/// Upper bound for any single dimension read from metadata: far above real models, far
+/// below anything that could make an allocation absurd.
+const MAX_DIM: u64 = 1 << 20;
+
+fn read_config(file: &GgufFile) -> Result<ModelConfig> {
+    let arch_key = "general.architecture";
+    let arch = file
+        .get(arch_key)
+        .ok_or_else(|| meta_err(file, arch_key, "missing"))?
+        .as_str()
+        .ok_or_else(|| meta_err(file, arch_key, "is not a string"))?
+        .to_string();
+    if !SUPPORTED_ARCHITECTURES.split(", ").any(|a| a == arch) {
+        return Err(Error::UnsupportedArchitecture {
+            path: file.path().to_path_buf(),
+            arch,
+            supported: SUPPORTED_ARCHITECTURES,
+        });
+    }
+    let int = |suffix: &str, default: Option<u64>| -> Result<usize> {
+        let key = format!("{arch}.{suffix}");
+        let v = match file.get(&key) {
+            Some(v) => v.as_u64().ok_or_else(|| meta_err(file, &key, format!("expected an integer, found {}", v.summary())))?,
+            None => default.ok_or_else(|| meta_err(file, &key, "missing"))?,
+        };
+        if v == 0 || v > MAX_DIM {
+            return Err(meta_err(file, &key, format!("{v} is out of range (1 to {MAX_DIM})")));
+        }
+        Ok(v as usize)
+    };
+    let float = |suffix: &str, default: Option<f64>| -> Result<f32> {
+        let key = format!("{arch}.{suffix}");
+        let v = match file.get(&key) {
+            Some(v) => v.as_f64().ok_or_else(|| meta_err(file, &key, format!("expected a number, found {}", v.summary())))?,
+            None => default.ok_or_else(|| meta_err(file, &key, "missing"))?,
+        };
+        if !v.is_finite() || v <= 0.0 {
+            return Err(meta_err(file, &key, format!("{v} must be finite and positive")));
+        }
+        Ok(v as f32)
+    };
+
+    let n_layer = int("block_count", None)?;
+    let n_embd = int("embedding_length", None)?;
+    let n_head = int("attention.head_count", None)?;
+    let n_head_kv = int("attention.head_count_kv", Some(n_head as u64))?;
+    let head_dim = int("attention.key_length", Some((n_embd / n_head).max(1) as u64))?;
+    let n_ff = int("feed_forward_length", None)?;
+    let n_ctx_train = int("context_length", Some(2048))?;
+    let rope_dim = int("rope.dimension_count", Some(head_dim as u64))?;
+    let rope_base = float("rope.freq_base", Some(10000.0))?;
+    let rms_eps = float("attention.layer_norm_rms_epsilon", Some(1e-5))?;
+    let n_vocab = match file.get(&format!("{arch}.vocab_size")) {
+        Some(_) => int("vocab_size", None)?,
+        None => match file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(a) if !a.is_empty() => a.len(),
+            _ => file
+                .tensor("token_embd.weight")
+                .and_then(|t| t.dims.get(1).copied())
+                .ok_or_else(|| meta_err(file, &format!("{arch}.vocab_size"), "missing, and no token list"))?
+                as usize,
+        },
+    };
+
+    let key = |s: &str| format!("{arch}.{s}");
+    if n_head % n_head_kv != 0 {
+        return Err(meta_err(file, &key("attention.head_count_kv"), format!("{n_head} heads are not a multiple of {n_head_kv} KV heads")));
+    }
+    if head_dim % 2 != 0 || rope_dim % 2 != 0 || rope_dim > head_dim {
+        return Err(meta_err(file, &key("rope.dimension_count"), format!("rope dim {rope_dim} must be even and at most the head dim {head_dim} (also even)")));
+    }
+    Ok(ModelConfig {
+        architecture: arch,
+        n_layer,
+        n_embd,
+        n_head,
+        n_head_kv,
+        head_dim,
+        n_ff,
+        n_vocab,
+        n_ctx_train,
+        rope_dim,
+        rope_base,
+        rms_eps,
+    })
+}
+
+fn read_weights(file: &GgufFile, c: &ModelConfig) -> Result<Weights> {
+    let tensor_err = |name: &str, problem: String| Error::Tensor {
+        path: file.path().to_path_buf(),
+        name: name.to_string(),
+        problem,
+    };
+    // A matrix (rows, cols) is stored with dims [cols, rows].
+    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
+        let info = file.tensor(name).ok_or_else(|| tensor_err(name, "missing from the file".into()))?;
+        let want = [cols as u64, rows as u64];
+        let dims_ok = info.dims.len() >= 2 && info.dims[..2] == want && info.dims[2..].iter().all(|&d| d == 1);
+        if !dims_ok {
+            return Err(tensor_err(name, format!("shape {:?}, expected {:?}", info.dims, want)));
+        }
+        if !info.ty.is_supported_weight() {
+            return Err(tensor_err(name, format!("type {} is not supported for weights", info.ty)));
+        }
+        Ok(Weight { name: name.to_string(), ty: info.ty, rows, cols, info: info.clone() })
+    };
+    let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
+        let info = file.tensor(name).ok_or_else(|| tensor_err(name, "missing from the file".into()))?;
+        if info.n_elements() != len as u64 || info.dims[0] != len as u64 {
+            return Err(tensor_err(name, format!("shape {:?}, expected [{len}]", info.dims)));
+        }
+        if !matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Err(tensor_err(name, format!("type {} (norm and factor vectors must be f32, f16 or bf16)", info.ty)));
+        }
+        let mut out = vec![0.0f32; len];
+        rocforge_kernels::quant::dequantize_row(info.ty, file.tensor_data(info), &mut out)
+            .map_err(|e| tensor_err(name, e.to_string()))?;
+        Ok(out)
+    };
+
+    let (d, q, kv, ff, v) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.n_vocab);
+    let token_embd = matrix("token_embd.weight", v, d)?;
+    let layers = (0..c.n_layer)
+        .map(|i| {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            Ok(LayerWeights {
+                attn_norm: vector(&n("attn_norm"), d)?,
+                attn_q: matrix(&n("attn_q"), q, d)?,
+                attn_k: matrix(&n("attn_k"), kv, d)?,
+                attn_v: matrix(&n("attn_v"), kv, d)?,
+                attn_output: matrix(&n("attn_output"), d, q)?,
+                ffn_norm: vector(&n("ffn_norm"), d)?,
+                ffn_gate: matrix(&n("ffn_gate"), ff, d)?,
+                ffn_up: matrix(&n("ffn_up"), ff, d)?,
+                ffn_down: matrix(&n("ffn_down"), d, ff)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let output_norm = vector("output_norm.weight", d)?;
+    let (output, tied_output) = match file.tensor("output.weight") {
+        Some(_) => (matrix("output.weight", v, d)?, false),
+        None => (token_embd.clone(), true),
+    };
+    let rope_freqs = match file.tensor("rope_freqs.weight") {
+        Some(_) => Some(vector("rope_freqs.weight", c.rope_dim / 2)?),
+        None => None,
+    };
+    Ok(Weights { token_embd, layers, output_norm, output, tied_output, rope_freqs })
+}
+
+/// Collects the `tokenizer.*` metadata into the tokenizer's input.
+fn tokenizer_spec(file: &GgufFile) -> TokenizerSpec {
+    let s = |k: &str| file.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let id = |k: &str| file.get(k).and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
+    let b = |k: &str| file.get(k).and_then(|v| v.as_bool());
+    let arr = |k: &str| file.get(k).and_then(|v| v.as_array());
+    TokenizerSpec {
+        model: s("tokenizer.ggml.model").unwrap_or_default(),
+        pre: s("tokenizer.ggml.pre"),
+        tokens: match arr("tokenizer.ggml.tokens") {
+            Some(MetaArray::String(v)) => v.clone(),
+            _ => Vec::new(),
+        },
+        token_types: match arr("tokenizer.ggml.token_type") {
+            Some(MetaArray::I32(v)) => v.clone(),
+            Some(MetaArray::U32(v)) => v.iter().map(|&x| x as i32).collect(),
+            _ => Vec::new(),
+        },
+        scores: match arr("tokenizer.ggml.scores") {
+            Some(MetaArray::F32(v)) => v.clone(),
+            _ => Vec::new(),
+        },
+        merges: match arr("tokenizer.ggml.merges") {
+            Some(MetaArray::String(v)) => v.clone(),
+            _ => Vec::new(),
+        },
+        bos_id: id("tokenizer.ggml.bos_token_id"),
+        eos_id: id("tokenizer.ggml.eos_token_id"),
+        unk_id: id("tokenizer.ggml.unknown_token_id"),
+        pad_id: id("tokenizer.ggml.padding_token_id"),
+        eot_id: id("tokenizer.ggml.eot_token_id"),
+        add_bos: b("tokenizer.ggml.add_bos_token"),
+        add_eos: b("tokenizer.ggml.add_eos_token"),
+        add_space_prefix: b("tokenizer.ggml.add_space_prefix"),
+        chat_template: s("tokenizer.chat_template"),
+    }
+}

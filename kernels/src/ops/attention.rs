@@ -1,0 +1,374 @@
+//! Causal grouped-query attention over a KV cache.
+//!
+//! Cache layout (per layer): `[ctx][n_kv_heads][head_dim]`, f32. Query head `h` reads KV
+//! head `h / (n_heads / n_kv_heads)`.
+//!
+//! The CubeCL path keeps the same layout on the device, in f32 or f16 ([`KvType`]). One kernel
+//! serves decode and causal prefill: a cube per (query token, head, split of the keys) walks
+//! its keys in tiles of `head_dim` with an online softmax (flash-decoding); when a query's
+//! keys are split, a second kernel combines the partial results. Query `t` of a call at `pos`
+//! sees keys `0..=pos + t`, which is the causal mask.
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Reference attention of one query head at position `pos` (it sees keys 0..=pos):
+/// `out = softmax(q·K[0..=pos] / sqrt(head_dim)) V[0..=pos]`, with a one-pass (online) softmax
+/// so no score buffer is needed.
+pub fn attend_head(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_head: usize,
+    pos: usize,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    let hd = shape.head_dim;
+    let stride = shape.n_kv_heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut max = f32::NEG_INFINITY;
+    let mut sum = 0.0f32;
+    out.fill(0.0);
+    for t in 0..=pos {
+        let base = t * stride + kv_head * hd;
+        let k = &k_cache[base..base + hd];
+        let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+        let v = &v_cache[base..base + hd];
+        if s > max {
+            let r = (max - s).exp();
+            sum *= r;
+            for o in out.iter_mut() {
+                *o *= r;
+            }
+            max = s;
+        }
+        let p = (s - max).exp();
+        sum += p;
+        for (o, &vv) in out.iter_mut().zip(v) {
+            *o += p * vv;
+        }
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+use cubecl::prelude::*;
+
+use super::gpu::{row_grid, Buf, Gpu};
+
+/// Element type of the device KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+impl KvType {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// The device KV cache: per layer, K and V as `(capacity, kv_dim)`.
+pub struct KvCache {
+    pub(crate) k: Vec<Buf>,
+    pub(crate) v: Vec<Buf>,
+    ty: KvType,
+    capacity: usize,
+    kv_dim: usize,
+}
+
+impl KvCache {
+    /// A zeroed cache of `n_layer` layers of `capacity` positions.
+    pub fn new<R: Runtime>(gpu: &Gpu<R>, n_layer: usize, capacity: usize, kv_dim: usize, ty: KvType) -> Self {
+        let alloc = || (0..n_layer).map(|_| gpu.zeros_of(capacity * kv_dim, ty.bytes())).collect();
+        Self { k: alloc(), v: alloc(), ty, capacity, kv_dim }
+    }
+    pub fn ty(&self) -> KvType {
+        self.ty
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+    /// Bytes of all layers' K and V.
+    pub fn bytes(&self) -> u64 {
+        self.k.iter().chain(&self.v).map(Buf::bytes).sum()
+    }
+    /// Layer `layer`'s K and V as f32 (tests and debug dumps).
+    pub fn read_layer<R: Runtime>(&self, gpu: &Gpu<R>, layer: usize) -> Result<(Vec<f32>, Vec<f32>), super::gpu::GpuError> {
+        let read = |b: &Buf| -> Result<Vec<f32>, super::gpu::GpuError> {
+            Ok(match self.ty {
+                KvType::F32 => gpu.read_f32(b)?,
+                KvType::F16 => gpu.read_f16(b)?.into_iter().map(f32::from).collect(),
+            })
+        };
+        Ok((read(&self.k[layer])?, read(&self.v[layer])?))
+    }
+}
+
+/// Keys one split covers before decode splits the sequence further.
+pub const SPLIT_KEYS: usize = 256;
+/// Splits a single decode query may use (so long contexts still fill the GPU).
+pub const MAX_DECODE_SPLITS: usize = 32;
+
+/// Partial results of split attention: `(rows, head_dim)` outputs and `(rows, 2)` (max, sum),
+/// a row per (token, head, split).
+pub struct AttnScratch {
+    part_o: Buf,
+    part_ml: Buf,
+    rows: usize,
+}
+
+impl AttnScratch {
+    /// Room for `max_batch` tokens of `n_head` heads, or one token with the most splits.
+    pub fn new<R: Runtime>(gpu: &Gpu<R>, max_batch: usize, shape: AttnShape) -> Self {
+        let rows = shape.n_heads * max_batch.max(MAX_DECODE_SPLITS);
+        Self { part_o: gpu.zeros(rows * shape.head_dim), part_ml: gpu.zeros(rows * 2), rows }
+    }
+    pub fn bytes(&self) -> u64 {
+        self.part_o.bytes() + self.part_ml.bytes()
+    }
+}
+
+/// How a call splits its keys: `(splits, keys per split)`. More splits only when the cubes
+/// of one split per query would leave the GPU idle (decode on a long context).
+pub fn plan_splits(n_tokens: usize, n_head: usize, kv_len: usize, scratch_rows: usize) -> (usize, usize) {
+    let want = kv_len.div_ceil(SPLIT_KEYS);
+    let fit = scratch_rows / (n_tokens * n_head);
+    let splits = want.min(fit).clamp(1, MAX_DECODE_SPLITS);
+    (splits, kv_len.div_ceil(splits))
+}
+
+
+/// Cube `(t, h, s)` (row-major) with `head_dim` units: attention of query `t`, head `h` over
+/// keys `s * chunk .. min((s + 1) * chunk, pos + t + 1)`. With `finalize` (one split) it writes
+/// the normalised output `(t, h*head_dim)`; otherwise the unnormalised output and (max, sum).
+#[cube(launch_unchecked)]
+pub fn attention_kernel<K: Float>(
+    q: &Array<f32>,
+    k_cache: &Array<K>,
+    v_cache: &Array<K>,
+    out: &mut Array<f32>,
+    part_ml: &mut Array<f32>,
+    pos: u32,
+    chunk: u32,
+    n_splits: u32,
+    n_head: u32,
+    n_kv: u32,
+    scale: f32,
+    #[comptime] hd: usize,
+    #[comptime] finalize: bool,
+) {
+    let (n_head, n_kv, splits) = (n_head as usize, n_kv as usize, n_splits as usize);
+    let u = UNIT_POS as usize;
+    let row = CUBE_POS;
+    let s = row % splits;
+    let h = (row / splits) % n_head;
+    let t = row / (splits * n_head);
+    let kv_dim = n_kv * hd;
+    let kv_off = (h / (n_head / n_kv)) * hd;
+    let start = s * chunk as usize;
+    let end = min(start + chunk as usize, pos as usize + t + 1);
+
+    let mut q_sh = SharedMemory::<f32>::new(hd);
+    let mut p_sh = SharedMemory::<f32>::new(hd);
+    q_sh[u] = q[(t * n_head + h) * hd + u];
+    sync_cube();
+
+    let mut m = f32::new(-1.0e30);
+    let mut l = 0.0f32;
+    let mut acc = 0.0f32;
+    let mut t0 = start;
+    while t0 < end {
+        // Unit u scores key t0 + u.
+        let key = t0 + u;
+        let mut score = f32::new(-1.0e30);
+        if key < end {
+            let base = key * kv_dim + kv_off;
+            let mut dot = 0.0f32;
+            for d in 0..hd {
+                dot += q_sh[d] * f32::cast_from(k_cache[base + d]);
+            }
+            score = dot * scale;
+        }
+        p_sh[u] = score;
+        sync_cube();
+        let mut tile_max = f32::new(-1.0e30);
+        for j in 0..hd {
+            tile_max = max(tile_max, p_sh[j]);
+        }
+        let m_new = max(m, tile_max);
+        let corr = f32::exp(m - m_new);
+        sync_cube();
+        let mut p = 0.0f32;
+        if key < end {
+            p = f32::exp(score - m_new);
+        }
+        p_sh[u] = p;
+        sync_cube();
+        // Unit u accumulates output dim u over the tile's keys.
+        let n_keys = min(hd, end - t0);
+        let mut sum_p = 0.0f32;
+        let mut o = acc * corr;
+        for j in 0..n_keys {
+            let pj = p_sh[j];
+            sum_p += pj;
+            o += pj * f32::cast_from(v_cache[(t0 + j) * kv_dim + kv_off + u]);
+        }
+        l = l * corr + sum_p;
+        acc = o;
+        m = m_new;
+        sync_cube();
+        t0 += hd;
+    }
+    if comptime!(finalize) {
+        out[row * hd + u] = acc / l;
+    } else {
+        out[row * hd + u] = acc;
+        if u == 0 {
+            part_ml[row * 2] = m;
+            part_ml[row * 2 + 1] = l;
+        }
+    }
+}
+
+/// Cube `(t, h)` with `head_dim` units: merges the `n_splits` partial results of that query.
+#[cube(launch_unchecked)]
+pub fn attention_combine_kernel(part_o: &Array<f32>, part_ml: &Array<f32>, out: &mut Array<f32>, n_splits: u32, #[comptime] hd: usize) {
+    let splits = n_splits as usize;
+    let u = UNIT_POS as usize;
+    let row = CUBE_POS;
+    let mut m = f32::new(-1.0e30);
+    for s in 0..splits {
+        m = max(m, part_ml[(row * splits + s) * 2]);
+    }
+    let mut num = 0.0f32;
+    let mut den = 0.0f32;
+    for s in 0..splits {
+        let r = row * splits + s;
+        let w = f32::exp(part_ml[r * 2] - m);
+        num += w * part_o[r * hd + u];
+        den += w * part_ml[r * 2 + 1];
+    }
+    out[row * hd + u] = num / den;
+}
+
+/// Causal attention of `n` queries at positions `pos..pos + n` (rows of `q`, heads back to
+/// back) over layer `layer` of the cache, which already holds their keys. Output: `(n, n_head *
+/// head_dim)` in `out`. One launch, or two when the keys are split.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_attention<R: Runtime>(
+    gpu: &Gpu<R>,
+    q: &Buf,
+    cache: &KvCache,
+    layer: usize,
+    scratch: &AttnScratch,
+    out: &Buf,
+    pos: usize,
+    n: usize,
+    shape: AttnShape,
+) {
+    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let q_dim = n_heads * hd;
+    assert!(n >= 1 && n * q_dim <= q.len().min(out.len()), "attention: {n} queries out of range");
+    assert!(pos + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd, "attention: cache too small");
+    assert!(n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=1024).contains(&hd), "attention: bad shape {shape:?}");
+    let kv_len = pos + n;
+    let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
+    let finalize = splits == 1;
+    let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+    let dst = if finalize { out } else { &scratch.part_o };
+    let scale = 1.0 / (hd as f32).sqrt();
+    gpu.count();
+    macro_rules! launch {
+        ($k:ty) => {
+            // SAFETY: cube (t, h, s) reads q row t, cache rows below pos + n, and writes row
+            // (t, h, s) of `dst`, all within the lengths asserted above.
+            unsafe {
+                attention_kernel::launch_unchecked::<$k, R>(
+                    gpu.client(),
+                    row_grid(n * n_heads * splits),
+                    CubeDim::new_1d(hd as u32),
+                    q.arg(),
+                    kc.arg(),
+                    vc.arg(),
+                    dst.arg(),
+                    scratch.part_ml.arg(),
+                    pos as u32,
+                    chunk as u32,
+                    splits as u32,
+                    n_heads as u32,
+                    n_kv_heads as u32,
+                    scale,
+                    hd,
+                    finalize,
+                )
+            }
+        };
+    }
+    match cache.ty() {
+        KvType::F32 => launch!(f32),
+        KvType::F16 => launch!(half::f16),
+    }
+    if !finalize {
+        gpu.count();
+        // SAFETY: cube (t, h) reads its `splits` partial rows and writes row (t, h) of `out`.
+        unsafe {
+            attention_combine_kernel::launch_unchecked::<R>(
+                gpu.client(),
+                row_grid(n * n_heads),
+                CubeDim::new_1d(hd as u32),
+                scratch.part_o.arg(),
+                scratch.part_ml.arg(),
+                out.arg(),
+                splits as u32,
+                hd,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_two_pass_softmax() {
+        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let k: Vec<f32> = (0..12).map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5).collect();
+        let v: Vec<f32> = (0..12).map(|i| ((i * 3) % 7) as f32 * 0.2 - 0.4).collect();
+        let q = [0.4f32, -0.2, 0.9, 0.1];
+        let mut out = [0.0f32; 4];
+        attend_head(&q, &k, &v, 0, 2, shape, &mut out);
+        let s: Vec<f32> = (0..3)
+            .map(|t| (0..4).map(|d| q[d] * k[t * 4 + d]).sum::<f32>() / 2.0)
+            .collect();
+        let m = s.iter().cloned().fold(f32::MIN, f32::max);
+        let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f32 = e.iter().sum();
+        for d in 0..4 {
+            let want: f32 = (0..3).map(|t| e[t] / z * v[t * 4 + d]).sum();
+            assert!((out[d] - want).abs() < 1e-6, "{d}: {} vs {want}", out[d]);
+        }
+    }
+}

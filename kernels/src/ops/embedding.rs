@@ -1,0 +1,78 @@
+//! Embedding lookup (`token_embd`): `x[t] = dequantize(token_embd[tokens[t]])`, rows read in
+//! their GGUF layout by the device decoders of [`super::dequant`].
+
+use cubecl::prelude::*;
+
+use super::dequant::{element, DeviceWeight};
+use super::gpu::{elementwise, Buf, Gpu};
+
+/// Reference: the row of `token` as f32 (what the CPU backend does per token).
+pub fn embed_row(ty: crate::GgmlType, table: &[u8], n_cols: usize, token: usize, out: &mut [f32]) -> Result<(), crate::quant::QuantError> {
+    let row_bytes = ty.row_bytes(n_cols as u64).unwrap_or(0) as usize;
+    crate::quant::dequantize_row(ty, &table[token * row_bytes..(token + 1) * row_bytes], out)
+}
+
+/// One unit per (token, column). With `from_scalar` the single token is `token0` (decode:
+/// nothing to upload); otherwise token `t` is `tokens[t]`.
+#[cube(launch_unchecked)]
+pub fn embedding_kernel(
+    w: &Array<u32>,
+    tokens: &Array<u32>,
+    out: &mut Array<f32>,
+    token0: u32,
+    n: u32,
+    cols: u32,
+    row_bytes: u32,
+    #[comptime] ty: u32,
+    #[comptime] from_scalar: bool,
+) {
+    let idx = ABSOLUTE_POS;
+    if idx < n as usize * cols as usize {
+        let t = idx / cols as usize;
+        let e = idx % cols as usize;
+        let mut tok = token0;
+        if comptime!(!from_scalar) {
+            tok = tokens[t];
+        }
+        out[idx] = element(w, tok as usize * row_bytes as usize, e, ty);
+    }
+}
+
+/// Which tokens to embed.
+#[derive(Clone, Copy)]
+pub enum Tokens<'a> {
+    /// One token id, passed as a kernel argument.
+    One(u32),
+    /// `n` ids already on the device.
+    Device(&'a Buf, usize),
+}
+
+/// Embeds the tokens into rows `0..n` of `out`. Token ids must be below `w.rows` (the caller
+/// validates them on the host, where they come from).
+pub fn launch_embedding<R: Runtime>(gpu: &Gpu<R>, w: &DeviceWeight, tokens: Tokens<'_>, dummy: &Buf, out: &Buf) {
+    let (ids, n, token0, from_scalar) = match tokens {
+        Tokens::One(t) => (dummy, 1, t, true),
+        Tokens::Device(b, n) => (b, n, 0, false),
+    };
+    assert!(n >= 1 && n <= ids.len() && n * w.cols <= out.len(), "embedding: {n} tokens out of range");
+    assert!(token0 < w.rows as u32, "embedding: token {token0} outside {} rows", w.rows);
+    let (count, dim) = elementwise(n * w.cols);
+    gpu.count();
+    // SAFETY: the kernel guards its unit count; token ids are below `w.rows` (caller contract).
+    unsafe {
+        embedding_kernel::launch_unchecked::<R>(
+            gpu.client(),
+            count,
+            dim,
+            w.buf.arg(),
+            ids.arg(),
+            out.arg(),
+            token0,
+            n as u32,
+            w.cols as u32,
+            w.row_bytes() as u32,
+            w.ty.id(),
+            from_scalar,
+        )
+    }
+}

@@ -1,0 +1,327 @@
+//! Host API: upload a weight once, then mat-vec (decode), fused gate/up SwiGLU (decode) and
+//! mat-mat (prefill) on any `R: Runtime`. Every entry validates shapes and buffer sizes and
+//! returns [`MatmulError`]; past that point nothing panics.
+
+use std::marker::PhantomData;
+
+use cubecl::features::Plane;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use cubek::matmul::definition::MatmulElems;
+use cubek::matmul::launch::{launch_ref, Strategy};
+use cubek::std::InputBinding;
+
+use super::format::KernelFormat;
+use super::kernels::{self, MatvecConfig};
+use super::layout;
+use crate::quant::GgmlType;
+
+/// Batches up to this many tokens run as a multi-token mat-vec (one weight read, no scratch);
+/// larger ones dequantize into scratch and run cubek's matmul.
+pub const MAX_MATVEC_TOKENS: usize = 8;
+
+/// Why a matmul entry refused its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MatmulError {
+    /// No kernel reads this tensor type.
+    #[error("no matmul kernel for tensor type {0}")]
+    UnsupportedType(GgmlType),
+    /// The column count is not a whole number of blocks, or a dimension is zero.
+    #[error("a {ty} weight cannot have {rows} rows of {cols} columns")]
+    BadShape { ty: GgmlType, rows: usize, cols: usize },
+    /// The weight bytes do not match the shape.
+    #[error("a {ty} weight of {rows}x{cols} takes {expected} bytes, got {got}")]
+    ByteLength { ty: GgmlType, rows: usize, cols: usize, expected: usize, got: usize },
+    /// A device buffer is smaller than the shape needs (`what` names the argument).
+    #[error("{what}: needs {needed} bytes, the buffer has {got}")]
+    BufferTooSmall { what: &'static str, needed: u64, got: u64 },
+    /// Two weights that must agree (gate and up) do not.
+    #[error("gate and up weights differ: {0}")]
+    Mismatch(String),
+    /// A dimension does not fit the kernels' 32-bit indexing.
+    #[error("{0} elements exceed the kernels' 32-bit indexing")]
+    TooLarge(u64),
+    /// cubek refused the prefill matmul.
+    #[error("cubek matmul: {0}")]
+    Matmul(String),
+}
+
+/// What the mat-vec does with its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y = W·x`.
+    Store,
+    /// `y += W·x` (residual add fused into the output projection).
+    Accumulate,
+}
+
+/// A weight matrix on the device in the split-plane layout of [`layout`]: `rows` output
+/// features of `cols` inputs (GGUF `ne[1]` x `ne[0]`).
+#[derive(Debug, Clone)]
+pub struct QWeight<R: Runtime> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    format: KernelFormat,
+    blocks_per_row: u32,
+    quants: Handle,
+    scales: Handle,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> QWeight<R> {
+    /// Uploads `rows` GGUF rows of `cols` weights of type `ty` (the tensor's raw bytes).
+    pub fn upload(
+        client: &ComputeClient<R>,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self, MatmulError> {
+        let format = KernelFormat::from_ggml(ty).ok_or(MatmulError::UnsupportedType(ty))?;
+        if rows == 0 || cols == 0 || cols % ty.block_size() != 0 {
+            return Err(MatmulError::BadShape { ty, rows, cols });
+        }
+        let expected = rows * (cols / ty.block_size()) * ty.type_size();
+        if bytes.len() != expected {
+            return Err(MatmulError::ByteLength { ty, rows, cols, expected, got: bytes.len() });
+        }
+        let packed = layout::pack(format, rows, cols, bytes);
+        check_u32(packed.quants.len().max(rows * cols.next_multiple_of(4)) as u64)?;
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            format,
+            blocks_per_row: packed.blocks_per_row,
+            quants: client.create_from_slice(u32::as_bytes(&packed.quants)),
+            scales: client.create_from_slice(u32::as_bytes(&packed.scales)),
+            _runtime: PhantomData,
+        })
+    }
+
+    /// The kernel format (the comptime parameter its kernels are compiled for).
+    pub fn format(&self) -> KernelFormat {
+        self.format
+    }
+
+    fn quants_arg(&self) -> ArrayArg<R> {
+        let len = self.quants.size_in_used() as usize / 4;
+        unsafe { ArrayArg::from_raw_parts(self.quants.clone(), len) }
+    }
+
+    fn scales_arg(&self) -> ArrayArg<R> {
+        let len = self.scales.size_in_used() as usize / 4;
+        unsafe { ArrayArg::from_raw_parts(self.scales.clone(), len) }
+    }
+}
+
+/// A reusable `f32` buffer for the prefill dequantize pass: size it once for the largest
+/// weight (`rows * cols` elements) and pass it to every [`matmul`].
+pub struct DequantScratch<R: Runtime> {
+    handle: Handle,
+    elems: usize,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> DequantScratch<R> {
+    pub fn new(client: &ComputeClient<R>, elems: usize) -> Self {
+        Self { handle: client.empty(elems.max(1) * 4), elems, _runtime: PhantomData }
+    }
+
+    /// The buffer: after [`dequantize`], the weight as row-major `f32` `[rows, cols]`.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+/// `y[r] (+)= W[r, :] · x` for one token: `x` holds `cols` `f32`, `y` `rows` `f32`.
+pub fn matvec<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x: &Handle,
+    y: &Handle,
+    epilogue: Epilogue,
+) -> Result<(), MatmulError> {
+    launch_matvec(client, w, x, y, 1, epilogue)
+}
+
+/// `h[r] = silu(gate[r, :] · x) * (up[r, :] · x)` for one token, in one launch.
+pub fn matvec_swiglu<R: Runtime>(
+    client: &ComputeClient<R>,
+    gate: &QWeight<R>,
+    up: &QWeight<R>,
+    x: &Handle,
+    h: &Handle,
+) -> Result<(), MatmulError> {
+    if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) {
+        return Err(MatmulError::Mismatch(format!(
+            "gate {} {}x{}, up {} {}x{}",
+            gate.ty, gate.rows, gate.cols, up.ty, up.rows, up.cols
+        )));
+    }
+    check_buffer("x", x, gate.cols)?;
+    check_buffer("h", h, gate.rows)?;
+    let cfg = matvec_config(client);
+    unsafe {
+        kernels::matvec_swiglu_kernel::launch_unchecked::<R>(
+            client,
+            matvec_cube_count(gate.rows, cfg),
+            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
+            gate.quants_arg(),
+            gate.scales_arg(),
+            up.quants_arg(),
+            up.scales_arg(),
+            ArrayArg::from_raw_parts(x.clone(), gate.cols),
+            ArrayArg::from_raw_parts(h.clone(), gate.rows),
+            gate.rows as u32,
+            gate.cols as u32,
+            gate.blocks_per_row,
+            gate.format,
+            cfg,
+        )
+    };
+    Ok(())
+}
+
+/// `Y[t, r] = W[r, :] · X[t, :]` for `n_tokens` tokens: `x` is row-major `[n_tokens, cols]`,
+/// `y` row-major `[n_tokens, rows]`, both `f32`. Batches up to [`MAX_MATVEC_TOKENS`] run as a
+/// multi-token mat-vec and leave `scratch` untouched.
+pub fn matmul<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x: &Handle,
+    y: &Handle,
+    n_tokens: usize,
+    scratch: &DequantScratch<R>,
+) -> Result<(), MatmulError> {
+    if n_tokens <= MAX_MATVEC_TOKENS {
+        return launch_matvec(client, w, x, y, n_tokens, Epilogue::Store);
+    }
+    check_buffer("x", x, n_tokens * w.cols)?;
+    check_buffer("y", y, n_tokens * w.rows)?;
+    dequantize(client, w, scratch)?;
+    let f32_ty = f32::as_type_native_unchecked().storage_type();
+    let binding = |h: &Handle, shape: [usize; 2], strides: [usize; 2]| TensorBinding::<R> {
+        handle: h.clone().binding(),
+        shape: shape.to_vec().into(),
+        strides: strides.to_vec().into(),
+        runtime: PhantomData,
+    };
+    let (k, n) = (w.cols, w.rows);
+    let lhs = InputBinding::Normal(binding(x, [n_tokens, k], [k, 1]), f32_ty);
+    // W is [n, k] row-major in scratch: read as the column-major [k, n] right operand.
+    let rhs = InputBinding::Normal(binding(&scratch.handle, [k, n], [1, k]), f32_ty);
+    let out = binding(y, [n_tokens, n], [n, 1]);
+    let mut dtypes = MatmulElems::from_single_dtype(f32::as_type_native_unchecked());
+    launch_ref(&Strategy::Auto, client, lhs, rhs, out, &mut dtypes)
+        .map_err(|e| MatmulError::Matmul(format!("{e:?}")))
+}
+
+/// Dequantizes `w` into `scratch` as row-major `f32` `[rows, cols]`.
+pub fn dequantize<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    scratch: &DequantScratch<R>,
+) -> Result<(), MatmulError> {
+    let elems = w.rows * w.cols;
+    if scratch.elems < elems {
+        return Err(MatmulError::BufferTooSmall {
+            what: "scratch",
+            needed: elems as u64 * 4,
+            got: scratch.elems as u64 * 4,
+        });
+    }
+    const THREADS: u32 = 256;
+    let units = w.rows as u64 * (w.blocks_per_row * w.format.units_per_block()) as u64;
+    check_u32(units)?;
+    unsafe {
+        kernels::dequantize_kernel::launch_unchecked::<R>(
+            client,
+            grid(units.div_ceil(THREADS as u64) as u32),
+            CubeDim::new_1d(THREADS),
+            w.quants_arg(),
+            w.scales_arg(),
+            ArrayArg::from_raw_parts(scratch.handle.clone(), scratch.elems.max(1)),
+            w.rows as u32,
+            w.cols as u32,
+            w.blocks_per_row,
+            w.format,
+        )
+    };
+    Ok(())
+}
+
+fn launch_matvec<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x: &Handle,
+    y: &Handle,
+    tokens: usize,
+    epilogue: Epilogue,
+) -> Result<(), MatmulError> {
+    if tokens == 0 {
+        return Ok(());
+    }
+    check_buffer("x", x, tokens * w.cols)?;
+    check_buffer("y", y, tokens * w.rows)?;
+    let cfg = matvec_config(client);
+    unsafe {
+        kernels::matvec_kernel::launch_unchecked::<R>(
+            client,
+            matvec_cube_count(w.rows, cfg),
+            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
+            w.quants_arg(),
+            w.scales_arg(),
+            ArrayArg::from_raw_parts(x.clone(), tokens * w.cols),
+            ArrayArg::from_raw_parts(y.clone(), tokens * w.rows),
+            w.rows as u32,
+            w.cols as u32,
+            w.blocks_per_row,
+            w.format,
+            cfg,
+            tokens as u32,
+            epilogue == Epilogue::Accumulate,
+        )
+    };
+    Ok(())
+}
+
+/// One plane per row where the runtime has plane ops and one fixed plane width (NVIDIA 32,
+/// CDNA 64); otherwise 32 lanes reduced through shared memory (lavapipe, wave32/64 RDNA).
+/// Cubes of 128 units either way.
+pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
+    let hw = &client.properties().hardware;
+    let fixed_plane = hw.plane_size_min == hw.plane_size_max
+        && hw.plane_size_min.is_power_of_two()
+        && (8..=64).contains(&hw.plane_size_min);
+    let plane_reduce = client.features().plane.contains(Plane::Ops) && fixed_plane;
+    let lanes = if plane_reduce { hw.plane_size_min } else { 32 };
+    MatvecConfig { lanes, rows_per_cube: (128 / lanes).max(1), plane_reduce }
+}
+
+fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
+    grid((rows as u32).div_ceil(cfg.rows_per_cube))
+}
+
+/// `n` cubes as a 2D grid (x at most 65535), for backends with 16-bit grid dimensions.
+fn grid(n: u32) -> CubeCount {
+    let x = n.clamp(1, 65535);
+    CubeCount::new_2d(x, n.div_ceil(x).max(1))
+}
+
+fn check_buffer(what: &'static str, h: &Handle, elems: usize) -> Result<(), MatmulError> {
+    // Runtimes may round allocations up, so this catches wrong shapes, not off-by-a-few.
+    let (needed, got) = (elems as u64 * 4, h.size_in_used());
+    if got < needed {
+        return Err(MatmulError::BufferTooSmall { what, needed, got });
+    }
+    Ok(())
+}
+
+fn check_u32(n: u64) -> Result<(), MatmulError> {
+    if n > u32::MAX as u64 {
+        return Err(MatmulError::TooLarge(n));
+    }
+    Ok(())
+}

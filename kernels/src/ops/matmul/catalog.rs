@@ -1,0 +1,69 @@
+//! Every kernel variant the matmul API can launch, by name, with a way to launch each on tiny
+//! inputs: what an offline compile check (HIP, CUDA) walks to get every `KernelDefinition`
+//! compiled once, and what a test walks to see each variant run.
+
+use cubecl::prelude::*;
+
+use super::api::{self, DequantScratch, Epilogue, MatmulError, QWeight, MAX_MATVEC_TOKENS};
+use super::format::KernelFormat;
+
+/// Which kernel, with its comptime choices other than the format and the launch config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// `matvec_kernel` with a comptime token count and epilogue.
+    Matvec { tokens: u32, accumulate: bool },
+    /// `matvec_swiglu_kernel`.
+    MatvecSwiglu,
+    /// `dequantize_kernel` (the prefill pass; cubek's matmul follows it).
+    Dequantize,
+}
+
+/// One compiled variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelVariant {
+    /// `matvec_q4_K_t1_acc`, `swiglu_q8_0`, `dequantize_f16`, ...
+    pub name: String,
+    pub format: KernelFormat,
+    pub kind: KernelKind,
+}
+
+/// All variants: every format times single-token store/accumulate, the multi-token mat-vecs
+/// `2..=MAX_MATVEC_TOKENS`, the fused SwiGLU and the dequantize pass.
+pub fn variants() -> Vec<KernelVariant> {
+    let mut out = Vec::new();
+    for format in KernelFormat::ALL {
+        let mut push = |name: String, kind| out.push(KernelVariant { name, format, kind });
+        push(format!("matvec_{format}_t1"), KernelKind::Matvec { tokens: 1, accumulate: false });
+        push(format!("matvec_{format}_t1_acc"), KernelKind::Matvec { tokens: 1, accumulate: true });
+        for tokens in 2..=MAX_MATVEC_TOKENS as u32 {
+            push(format!("matvec_{format}_t{tokens}"), KernelKind::Matvec { tokens, accumulate: false });
+        }
+        push(format!("swiglu_{format}"), KernelKind::MatvecSwiglu);
+        push(format!("dequantize_{format}"), KernelKind::Dequantize);
+    }
+    out
+}
+
+/// Launches `v` on a one-row, one-block weight of zeros (compiling it on first use).
+pub fn launch_variant<R: Runtime>(
+    client: &ComputeClient<R>,
+    v: &KernelVariant,
+) -> Result<(), MatmulError> {
+    let ty = v.format.ggml();
+    let cols = ty.block_size().max(4);
+    let bytes = vec![0u8; cols / ty.block_size() * ty.type_size()];
+    let w = QWeight::<R>::upload(client, ty, 1, cols, &bytes)?;
+    let tokens = match v.kind {
+        KernelKind::Matvec { tokens, .. } => tokens as usize,
+        _ => 1,
+    };
+    let x = client.create_from_slice(f32::as_bytes(&vec![0.0; tokens * cols]));
+    let y = client.empty(tokens * cols * 4);
+    let scratch = DequantScratch::new(client, cols);
+    match v.kind {
+        KernelKind::Matvec { accumulate: true, .. } => api::matvec(client, &w, &x, &y, Epilogue::Accumulate),
+        KernelKind::Matvec { tokens, .. } => api::matmul(client, &w, &x, &y, tokens as usize, &scratch),
+        KernelKind::MatvecSwiglu => api::matvec_swiglu(client, &w, &w, &x, &y),
+        KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
+    }
+}

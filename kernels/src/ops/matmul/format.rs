@@ -1,0 +1,153 @@
+//! The weight formats the matmul kernels read, with the constants of their upload layout.
+//!
+//! A *block* is the GGUF block (32 or 256 weights; 4 weights for the plain types, whose rows
+//! are padded to 4). A *unit* is the piece of a block one lane decodes at a time: a whole
+//! block for the 32-weight formats, a 64-weight chunk of `Q4_K`/`Q5_K`, a 32-weight quarter of
+//! a `Q6_K` half. Units are sized so a 4096-column row gives every lane of a 32-lane plane
+//! work (64 units for the k-quants).
+
+use cubecl::prelude::*;
+
+use crate::quant::GgmlType;
+
+/// A weight format, as a comptime kernel parameter (one compiled kernel per format).
+#[derive(CubeType, Clone, Copy, Hash, PartialEq, Eq, Debug)]
+pub enum KernelFormat {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl KernelFormat {
+    /// Every format, in the order tests and kernel listings walk them.
+    pub const ALL: [KernelFormat; 10] = [
+        Self::F32,
+        Self::F16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+    ];
+
+    /// The kernel format of a GGUF type, `None` for types without a kernel.
+    pub fn from_ggml(ty: GgmlType) -> Option<Self> {
+        Some(match ty {
+            GgmlType::F32 => Self::F32,
+            GgmlType::F16 => Self::F16,
+            GgmlType::Q4_0 => Self::Q4_0,
+            GgmlType::Q4_1 => Self::Q4_1,
+            GgmlType::Q5_0 => Self::Q5_0,
+            GgmlType::Q5_1 => Self::Q5_1,
+            GgmlType::Q8_0 => Self::Q8_0,
+            GgmlType::Q4K => Self::Q4K,
+            GgmlType::Q5K => Self::Q5K,
+            GgmlType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// The GGUF type stored in this format.
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            Self::F32 => GgmlType::F32,
+            Self::F16 => GgmlType::F16,
+            Self::Q4_0 => GgmlType::Q4_0,
+            Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
+            Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q4K => GgmlType::Q4K,
+            Self::Q5K => GgmlType::Q5K,
+            Self::Q6K => GgmlType::Q6K,
+        }
+    }
+
+    /// Weights per block in the uploaded layout (4 for the plain types).
+    pub fn elems_per_block(self) -> u32 {
+        self.elems_per_unit() * self.units_per_block()
+    }
+
+    /// Weights one lane decodes at a time.
+    pub fn elems_per_unit(self) -> u32 {
+        match self {
+            Self::F32 | Self::F16 => 4,
+            Self::Q4K | Self::Q5K => 64,
+            _ => 32,
+        }
+    }
+
+    /// Units per block.
+    pub fn units_per_block(self) -> u32 {
+        match self {
+            Self::Q4K | Self::Q5K => 4,
+            Self::Q6K => 8,
+            _ => 1,
+        }
+    }
+
+    /// `u32` words per block in the quant plane: the GGUF block minus its `f16` header.
+    pub fn words_per_block(self) -> u32 {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+            Self::Q4_0 | Self::Q4_1 => 4,
+            Self::Q5_0 | Self::Q5_1 => 5,
+            Self::Q8_0 => 8,
+            Self::Q4K => 35,
+            Self::Q5K => 43,
+            Self::Q6K => 52,
+        }
+    }
+
+    /// `f16` values per block in the scale plane (`d`, then `m`/`dmin` where the format has it).
+    pub fn halves_per_block(self) -> u32 {
+        match self {
+            Self::F32 | Self::F16 => 0,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 | Self::Q6K => 1,
+            Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K => 2,
+        }
+    }
+
+    /// Byte offset of the `f16` header inside the GGUF block (`Q6_K` keeps `d` at the end).
+    pub(crate) fn header_offset(self) -> usize {
+        match self {
+            Self::Q6K => 208,
+            _ => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for KernelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.ggml().fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planes_hold_exactly_the_gguf_bytes() {
+        for f in KernelFormat::ALL {
+            let ty = f.ggml();
+            if matches!(f, KernelFormat::F32 | KernelFormat::F16) {
+                continue;
+            }
+            assert_eq!(f.elems_per_block() as usize, ty.block_size(), "{f}");
+            let bytes = 4 * f.words_per_block() + 2 * f.halves_per_block();
+            assert_eq!(bytes as usize, ty.type_size(), "{f}");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The CubeCL kernels: mat-vec (optionally several tokens, optionally accumulating into the
+//! output), fused gate/up + SwiGLU, and the dequantize pass of the prefill path.
+//!
+//! Mat-vec layout: a cube is `lanes x rows_per_cube` units; each row of units owns one weight
+//! row, its lanes stride over the row's units, then the lanes' partial sums are reduced with
+//! `plane_sum` when `lanes` is exactly the plane width, else through shared memory.
+
+use cubecl::prelude::*;
+
+use super::decode::decode_unit;
+use super::format::KernelFormat;
+
+/// Comptime shape of a mat-vec launch.
+#[derive(Clone, Copy, Hash, PartialEq, Eq, Debug)]
+pub struct MatvecConfig {
+    /// Lanes per row (`CUBE_DIM_X`), a power of two.
+    pub lanes: u32,
+    /// Rows per cube (`CUBE_DIM_Y`).
+    pub rows_per_cube: u32,
+    /// Reduce with `plane_sum` (`lanes` equals the plane width) instead of shared memory.
+    pub plane_reduce: bool,
+}
+
+/// Weight row this unit works on; cubes are numbered over a 2D grid so row counts past 65535
+/// cubes (output projections) fit every backend's grid limits.
+#[cube]
+fn cube_row(#[comptime] cfg: MatvecConfig) -> u32 {
+    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * cfg.rows_per_cube + UNIT_POS_Y
+}
+
+/// Sum of `v` over the lanes of this row, valid in every lane. Every unit of the cube must
+/// call it (it synchronizes the cube on the shared-memory path).
+#[cube]
+fn lane_sum(v: f32, smem: &mut SharedMemory<f32>, #[comptime] cfg: MatvecConfig) -> f32 {
+    if comptime![cfg.plane_reduce] {
+        plane_sum(v)
+    } else {
+        shared_lane_sum(v, smem)
+    }
+}
+
+/// Tree sum over `CUBE_DIM_X` (a power of two) lanes through shared memory.
+#[cube]
+fn shared_lane_sum(v: f32, smem: &mut SharedMemory<f32>) -> f32 {
+    let base = UNIT_POS_Y * CUBE_DIM_X;
+    smem[(base + UNIT_POS_X) as usize] = v;
+    sync_cube();
+    let mut stride = CUBE_DIM_X / 2;
+    while stride > 0 {
+        if UNIT_POS_X < stride {
+            let other = smem[(base + UNIT_POS_X + stride) as usize];
+            smem[(base + UNIT_POS_X) as usize] += other;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let out = smem[base as usize];
+    // The next call overwrites the row's slots; everyone must have read the sum first.
+    sync_cube();
+    out
+}
+
+/// `vals · x[x_off..]` over one unit; `guard` masks columns past `cols` (padded plain rows).
+#[cube]
+fn dot_unit(
+    vals: &Array<f32>,
+    x: &Array<f32>,
+    x_off: u32,
+    col0: u32,
+    cols: u32,
+    #[comptime] fmt: KernelFormat,
+) -> f32 {
+    let mut s = 0.0f32;
+    let guard = comptime![matches!(fmt, KernelFormat::F32 | KernelFormat::F16)];
+    #[unroll]
+    for i in 0..comptime![fmt.elems_per_unit()] {
+        if comptime![guard] {
+            if col0 + i < cols {
+                s += vals[i as usize] * x[(x_off + i) as usize];
+            }
+        } else {
+            s += vals[i as usize] * x[(x_off + i) as usize];
+        }
+    }
+    s
+}
+
+/// `y[t * rows + r] (+)= W[r, :] · x[t * cols ..]` for `tokens` tokens. Each weight unit is
+/// decoded once and used for every token, so small batches cost one weight read.
+#[cube(launch_unchecked)]
+pub fn matvec_kernel(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    x: &Array<f32>,
+    y: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    blocks_per_row: u32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] cfg: MatvecConfig,
+    #[comptime] tokens: u32,
+    #[comptime] accumulate: bool,
+) {
+    let eu = comptime![fmt.elems_per_unit()];
+    let row = cube_row(cfg);
+    let units = blocks_per_row * comptime![fmt.units_per_block()];
+    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
+    let mut vals = Array::<f32>::new(comptime![eu as usize]);
+    let mut acc = Array::<f32>::new(comptime![tokens as usize]);
+    #[unroll]
+    for t in 0..tokens {
+        acc[t as usize] = 0.0;
+    }
+    if row < rows {
+        let mut unit = UNIT_POS_X;
+        while unit < units {
+            decode_unit(w, scales, row, unit, blocks_per_row, &mut vals, fmt);
+            let col0 = unit * eu;
+            #[unroll]
+            for t in 0..tokens {
+                acc[t as usize] += dot_unit(&vals, x, t * cols + col0, col0, cols, fmt);
+            }
+            unit += CUBE_DIM_X;
+        }
+    }
+    #[unroll]
+    for t in 0..tokens {
+        let sum = lane_sum(acc[t as usize], &mut smem, cfg);
+        if UNIT_POS_X == 0 && row < rows {
+            let out = (t * rows + row) as usize;
+            if comptime![accumulate] {
+                y[out] += sum;
+            } else {
+                y[out] = sum;
+            }
+        }
+    }
+}
+
+/// `h[r] = silu(Wg[r, :] · x) * (Wu[r, :] · x)`: both FFN input projections and the SwiGLU
+/// in one launch (decode, one token). Gate and up share shape and format.
+#[cube(launch_unchecked)]
+pub fn matvec_swiglu_kernel(
+    w_gate: &Array<u32>,
+    scales_gate: &Array<u32>,
+    w_up: &Array<u32>,
+    scales_up: &Array<u32>,
+    x: &Array<f32>,
+    h: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    blocks_per_row: u32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] cfg: MatvecConfig,
+) {
+    let eu = comptime![fmt.elems_per_unit()];
+    let row = cube_row(cfg);
+    let units = blocks_per_row * comptime![fmt.units_per_block()];
+    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
+    let mut vals = Array::<f32>::new(comptime![eu as usize]);
+    let mut gate = 0.0f32;
+    let mut up = 0.0f32;
+    if row < rows {
+        let mut unit = UNIT_POS_X;
+        while unit < units {
+            let col0 = unit * eu;
+            decode_unit(w_gate, scales_gate, row, unit, blocks_per_row, &mut vals, fmt);
+            gate += dot_unit(&vals, x, col0, col0, cols, fmt);
+            decode_unit(w_up, scales_up, row, unit, blocks_per_row, &mut vals, fmt);
+            up += dot_unit(&vals, x, col0, col0, cols, fmt);
+            unit += CUBE_DIM_X;
+        }
+    }
+    let gate = lane_sum(gate, &mut smem, cfg);
+    let up = lane_sum(up, &mut smem, cfg);
+    if UNIT_POS_X == 0 && row < rows {
+        h[row as usize] = gate / (1.0 + f32::exp(-gate)) * up;
+    }
+}
+
+/// Dequantizes the whole matrix into row-major `f32` `out[rows, cols]`, one unit per unit of
+/// work (the prefill path's scratch, fed to cubek's matmul).
+#[cube(launch_unchecked)]
+pub fn dequantize_kernel(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    out: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    blocks_per_row: u32,
+    #[comptime] fmt: KernelFormat,
+) {
+    let eu = comptime![fmt.elems_per_unit()];
+    let units = blocks_per_row * comptime![fmt.units_per_block()];
+    let id = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    let row = id / units;
+    let unit = id % units;
+    if row < rows {
+        let mut vals = Array::<f32>::new(comptime![eu as usize]);
+        decode_unit(w, scales, row, unit, blocks_per_row, &mut vals, fmt);
+        let col0 = unit * eu;
+        #[unroll]
+        for i in 0..eu {
+            if col0 + i < cols {
+                out[(row * cols + col0 + i) as usize] = vals[i as usize];
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Matmul kernels against the CPU reference, on every runtime enabled by features.
+//!
+//! Tests are written once, generic over `R: Runtime`, and instantiated per runtime and per
+//! format by `runtime_tests!`, so they filter as `wgpu::q4_k::matvec`. Weights are random
+//! GGUF blocks (random quant bytes, sane `f16` headers); the oracle is `quant::dequantize_row`
+//! with products accumulated in `f64`. Errors are judged by NMSE against a per-format table.
+#![cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
+
+use cubecl::prelude::*;
+use half::f16;
+use rocforge_kernels::ops::matmul::catalog;
+use rocforge_kernels::ops::matmul::{
+    self as mm, DequantScratch, Epilogue, KernelFormat, MatmulError, QWeight,
+};
+use rocforge_kernels::quant::dequantize_row;
+use rocforge_kernels::GgmlType;
+
+/// Largest accepted normalised mean squared error per format. The kernels compute in `f32`
+/// on exactly the reference's dequantized values, so only summation order differs.
+const NMSE_TOLERANCE: &[(KernelFormat, f64)] = &[
+    (KernelFormat::F32, 1e-10),
+    (KernelFormat::F16, 1e-10),
+    (KernelFormat::Q4_0, 1e-10),
+    (KernelFormat::Q4_1, 1e-10),
+    (KernelFormat::Q5_0, 1e-10),
+    (KernelFormat::Q5_1, 1e-10),
+    (KernelFormat::Q8_0, 1e-10),
+    (KernelFormat::Q4K, 1e-10),
+    (KernelFormat::Q5K, 1e-10),
+    (KernelFormat::Q6K, 1e-10),
+];
+
+/// `(rows, blocks per row)` cases: one row of one block, rows that are not a multiple of the
+/// cube's rows, several blocks per row. Plain types use odd column counts instead of blocks.
+const SHAPES: &[(usize, usize)] = &[(1, 1), (7, 3), (37, 8)];
+const PLAIN_COLS: &[usize] = &[5, 67, 300];
+
+// ---------------------------------------------------------------------------------------
+// CPU side: random blocks and the scalar oracle.
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u32(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 32) as u32
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * (self.next_u32() as f32 / u32::MAX as f32)
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(-1.0, 1.0)).collect()
+    }
+}
+
+fn cols_of(fmt: KernelFormat, shape_index: usize) -> usize {
+    match fmt {
+        KernelFormat::F32 | KernelFormat::F16 => PLAIN_COLS[shape_index],
+        _ => SHAPES[shape_index].1 * fmt.ggml().block_size(),
+    }
+}
+
+/// Random GGUF bytes for `rows x cols`: random quants, `f16` headers set to small scales
+/// (random header bytes would give NaN/inf).
+fn random_weight(rng: &mut Rng, fmt: KernelFormat, rows: usize, cols: usize) -> Vec<u8> {
+    let ty = fmt.ggml();
+    let half = |v: f32| f16::from_f32(v).to_le_bytes();
+    match fmt {
+        KernelFormat::F32 => rng.vec(rows * cols).iter().flat_map(|v| v.to_le_bytes()).collect(),
+        KernelFormat::F16 => rng.vec(rows * cols).iter().flat_map(|&v| half(v)).collect(),
+        _ => {
+            let n_blocks = rows * cols / ty.block_size();
+            let mut bytes: Vec<u8> = (0..n_blocks * ty.type_size()).map(|_| rng.next_u32() as u8).collect();
+            for block in bytes.chunks_exact_mut(ty.type_size()) {
+                let d = half(rng.uniform(0.001, 0.05));
+                let m = half(rng.uniform(-0.05, 0.05));
+                match fmt {
+                    KernelFormat::Q6K => block[208..210].copy_from_slice(&d),
+                    KernelFormat::Q4_0 | KernelFormat::Q5_0 | KernelFormat::Q8_0 => block[..2].copy_from_slice(&d),
+                    _ => {
+                        block[..2].copy_from_slice(&d);
+                        block[2..4].copy_from_slice(&m);
+                    }
+                }
+            }
+            bytes
+        }
+    }
+}
+
+/// The oracle: `quant::dequantize_row` (ggml's scalar loops) over every row.
+fn dequantize_cpu(fmt: KernelFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let ty = fmt.ggml();
+    let row_bytes = ty.row_bytes(cols as u64).expect("whole blocks") as usize;
+    let mut out = vec![0f32; rows * cols];
+    for (src, dst) in bytes.chunks_exact(row_bytes).zip(out.chunks_exact_mut(cols)) {
+        dequantize_row(ty, src, dst).expect("reference dequantization");
+    }
+    out
+}
+
+/// `Y[t, r] = W[r, :] · X[t, :]` in `f64`.
+fn matmul_cpu(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize) -> Vec<f32> {
+    let mut y = vec![0f32; tokens * rows];
+    for t in 0..tokens {
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            let xt = &x[t * cols..(t + 1) * cols];
+            y[t * rows + r] = row.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+fn assert_close(case: &str, fmt: KernelFormat, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{case}: length");
+    assert!(got.iter().all(|v| v.is_finite()), "{case}: non-finite output {got:?}");
+    let err: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
+    let norm: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().max(1e-30);
+    let tol = NMSE_TOLERANCE.iter().find(|(f, _)| *f == fmt).expect("every format has a tolerance").1;
+    let nmse = err / norm;
+    assert!(nmse <= tol, "{case}: nmse {nmse:e} > {tol:e}\n got {:?}\nwant {:?}", &got[..got.len().min(8)], &want[..want.len().min(8)]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Device side, generic over the runtime.
+
+struct Case<R: Runtime> {
+    client: ComputeClient<R>,
+    rng: Rng,
+}
+
+impl<R: Runtime> Case<R> {
+    fn new(seed: u64) -> Self {
+        Self { client: R::client(&Default::default()), rng: Rng(seed | 1) }
+    }
+
+    /// Random weight on device, with its CPU dequantization.
+    fn weight(&mut self, fmt: KernelFormat, rows: usize, cols: usize) -> (QWeight<R>, Vec<f32>) {
+        let bytes = random_weight(&mut self.rng, fmt, rows, cols);
+        let w = QWeight::upload(&self.client, fmt.ggml(), rows, cols, &bytes).expect("upload");
+        (w, dequantize_cpu(fmt, &bytes, rows, cols))
+    }
+
+    fn upload(&self, v: &[f32]) -> cubecl::server::Handle {
+        self.client.create_from_slice(f32::as_bytes(v))
+    }
+
+    fn read(&self, h: cubecl::server::Handle) -> Vec<f32> {
+        let bytes = self.client.read_one(h).expect("read back");
+        f32::from_bytes(&bytes).to_vec()
+    }
+
+    fn shapes(fmt: KernelFormat) -> impl Iterator<Item = (usize, usize)> {
+        (0..SHAPES.len()).map(move |i| (SHAPES[i].0, cols_of(fmt, i)))
+    }
+}
+
+fn check_matvec<R: Runtime>(fmt: KernelFormat, epilogue: Epilogue) {
+    let mut c = Case::<R>::new(0x9E37_79B9 ^ fmt as u64);
+    for (rows, cols) in Case::<R>::shapes(fmt) {
+        let (w, wf) = c.weight(fmt, rows, cols);
+        let x = c.rng.vec(cols);
+        let residual = c.rng.vec(rows);
+        let y = c.upload(&residual);
+        mm::matvec(&c.client, &w, &c.upload(&x), &y, epilogue).expect("matvec");
+        let mut want = matmul_cpu(&wf, rows, cols, &x, 1);
+        if epilogue == Epilogue::Accumulate {
+            want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
+        }
+        assert_close(&format!("matvec {fmt} {rows}x{cols} {epilogue:?}"), fmt, &c.read(y), &want);
+    }
+}
+
+fn check_swiglu<R: Runtime>(fmt: KernelFormat) {
+    let mut c = Case::<R>::new(0x5151 ^ fmt as u64);
+    for (rows, cols) in Case::<R>::shapes(fmt) {
+        let (gate, gf) = c.weight(fmt, rows, cols);
+        let (up, uf) = c.weight(fmt, rows, cols);
+        let x = c.rng.vec(cols);
+        let h = c.client.empty(rows * 4);
+        mm::matvec_swiglu(&c.client, &gate, &up, &c.upload(&x), &h).expect("swiglu");
+        let g = matmul_cpu(&gf, rows, cols, &x, 1);
+        let u = matmul_cpu(&uf, rows, cols, &x, 1);
+        let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        assert_close(&format!("swiglu {fmt} {rows}x{cols}"), fmt, &c.read(h), &want);
+    }
+}
+
+fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
+    let mut c = Case::<R>::new(0xABCD ^ (fmt as u64) << 8 ^ tokens as u64);
+    for (rows, cols) in Case::<R>::shapes(fmt) {
+        let (w, wf) = c.weight(fmt, rows, cols);
+        let x = c.rng.vec(tokens * cols);
+        let y = c.client.empty(tokens * rows * 4);
+        let scratch = DequantScratch::new(&c.client, rows * cols);
+        mm::matmul(&c.client, &w, &c.upload(&x), &y, tokens, &scratch).expect("matmul");
+        let want = matmul_cpu(&wf, rows, cols, &x, tokens);
+        assert_close(&format!("matmul {fmt} {tokens}x{rows}x{cols}"), fmt, &c.read(y), &want);
+    }
+}
+
+fn check_dequantize<R: Runtime>(fmt: KernelFormat) {
+    let mut c = Case::<R>::new(0x7777 ^ fmt as u64);
+    for (rows, cols) in Case::<R>::shapes(fmt) {
+        let (w, wf) = c.weight(fmt, rows, cols);
+        let scratch = DequantScratch::new(&c.client, rows * cols);
+        mm::dequantize(&c.client, &w, &scratch).expect("dequantize");
+        let got = c.read(scratch.handle().clone());
+        assert_eq!(got[..rows * cols], wf[..], "dequantize {fmt} {rows}x{cols} is not exact");
+    }
+}
+
+fn check_errors<R: Runtime>() {
+    let c = Case::<R>::new(1);
+    let client = &c.client;
+    assert!(matches!(
+        QWeight::<R>::upload(client, GgmlType::Q4_0, 2, 33, &[0; 36]),
+        Err(MatmulError::BadShape { .. })
+    ));
+    assert!(matches!(
+        QWeight::<R>::upload(client, GgmlType::Q4_0, 2, 32, &[0; 35]),
+        Err(MatmulError::ByteLength { expected: 36, got: 35, .. })
+    ));
+    assert!(matches!(
+        QWeight::<R>::upload(client, GgmlType::Q2K, 1, 256, &[0; 84]),
+        Err(MatmulError::UnsupportedType(GgmlType::Q2K))
+    ));
+    let w = QWeight::<R>::upload(client, GgmlType::Q8_0, 4, 64, &[0; 4 * 2 * 34]).unwrap();
+    let small = c.upload(&[0.0; 16]);
+    let y = client.empty(16);
+    assert!(matches!(
+        mm::matvec(client, &w, &small, &y, Epilogue::Store),
+        Err(MatmulError::BufferTooSmall { what: "x", needed: 256, .. })
+    ));
+    let w2 = QWeight::<R>::upload(client, GgmlType::Q8_0, 2, 64, &[0; 2 * 2 * 34]).unwrap();
+    assert!(matches!(
+        mm::matvec_swiglu(client, &w, &w2, &c.upload(&[0.0; 64]), &y),
+        Err(MatmulError::Mismatch(_))
+    ));
+}
+
+fn check_catalog<R: Runtime>() {
+    let c = Case::<R>::new(2);
+    for v in catalog::variants() {
+        catalog::launch_variant(&c.client, &v).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+    }
+}
+
+macro_rules! format_tests {
+    ($runtime:ty; $($name:ident => $fmt:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            const FMT: KernelFormat = KernelFormat::$fmt;
+            #[test]
+            fn matvec() { check_matvec::<$runtime>(FMT, Epilogue::Store) }
+            #[test]
+            fn matvec_accumulate() { check_matvec::<$runtime>(FMT, Epilogue::Accumulate) }
+            #[test]
+            fn swiglu() { check_swiglu::<$runtime>(FMT) }
+            #[test]
+            fn matmul_small_batch() { check_matmul::<$runtime>(FMT, 3) }
+            #[test]
+            fn matmul_prefill() { check_matmul::<$runtime>(FMT, 11) }
+            #[test]
+            fn dequantize() { check_dequantize::<$runtime>(FMT) }
+        }
+    )*};
+}
+
+macro_rules! runtime_tests {
+    ($module:ident, $runtime:ty) => {
+        mod $module {
+            use super::*;
+            #[test]
+            fn errors() { check_errors::<$runtime>() }
+            #[test]
+            fn catalog_variants_launch() { check_catalog::<$runtime>() }
+            format_tests!($runtime;
+                f32 => F32, f16 => F16, q4_0 => Q4_0, q4_1 => Q4_1, q5_0 => Q5_0,
+                q5_1 => Q5_1, q8_0 => Q8_0, q4_k => Q4K, q5_k => Q5K, q6_k => Q6K);
+        }
+    };
+}
+
+#[cfg(feature = "wgpu")]
+runtime_tests!(wgpu, cubecl::wgpu::WgpuRuntime);
+#[cfg(feature = "cuda")]
+runtime_tests!(cuda, cubecl::cuda::CudaRuntime);
+#[cfg(feature = "hip")]
+runtime_tests!(hip, cubecl::hip::HipRuntime);

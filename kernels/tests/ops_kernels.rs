@@ -1,0 +1,285 @@
+//! Every CubeCL op against its CPU reference, on every runtime this build has. Cases are named
+//! `op/shape` so a failure says which; the error measure is llama.cpp's normalised MSE
+//! (`sum (a - b)^2 / sum b^2`), with one budget per op kept in [`TOLERANCE`]. NaN and infinity
+//! fail separately.
+//!
+//! `cargo test --release -p rocforge-kernels --features wgpu --test ops_kernels` runs them on
+//! wgpu (lavapipe on a CPU-only machine). CUDA and HIP instances are `#[ignore]`d: they need
+//! the GPU, so run them with `--ignored` where one is present.
+#![cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
+
+use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, KvType};
+use rocforge_kernels::ops::dequant::{self, DeviceWeight, DEVICE_FORMATS};
+use rocforge_kernels::ops::gpu::{Gpu, Runtime};
+use rocforge_kernels::ops::rope::{self, RopeShape};
+use rocforge_kernels::ops::{activation, argmax, embedding, norm};
+use rocforge_kernels::quant;
+use rocforge_kernels::GgmlType;
+
+/// NMSE budget per op. Element-wise ops differ from the reference only by rounding; reductions
+/// add summation-order error; f16 caches round K and V to 11 bits.
+const TOLERANCE: &[(&str, f64)] = &[
+    ("rms_norm", 1e-10),
+    ("add_rms_norm", 1e-10),
+    ("swiglu", 1e-12),
+    ("add_assign", 0.0),
+    ("rope_store", 1e-12),
+    ("rope_store_f16", 1e-6),
+    ("attention", 1e-10),
+    ("attention_f16", 1e-5),
+    ("embedding", 0.0),
+    ("linear_plain", 1e-10),
+];
+
+fn tolerance(op: &str) -> f64 {
+    TOLERANCE.iter().find(|(o, _)| *o == op).map(|t| t.1).unwrap_or_else(|| panic!("no tolerance for {op}"))
+}
+
+/// Checks `got` against `want` with `op`'s budget; `case` names the shape.
+fn check(op: &str, case: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{op}/{case}: length");
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{op}/{case}: non-finite value {} at {i}", got[i]);
+    }
+    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().max(1e-30);
+    let nmse = num / den;
+    assert!(nmse <= tolerance(op), "{op}/{case}: nmse {nmse:.3e} > {:.1e}", tolerance(op));
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn rms_norm<R: Runtime>(gpu: &Gpu<R>) {
+    for (rows, d) in [(1, 64), (3, 576), (2, 4096)] {
+        let case = format!("rows{rows}_d{d}");
+        let (x, y, w) = (values(rows * d, 1), values(rows * d, 2), values(d, 3));
+        let mut want = vec![0.0; rows * d];
+        for r in 0..rows {
+            norm::rms_norm(&x[r * d..(r + 1) * d], &w, 1e-5, &mut want[r * d..(r + 1) * d]);
+        }
+        let (xb, wb, out) = (gpu.f32s(&x), gpu.f32s(&w), gpu.zeros(rows * d));
+        norm::launch_rms_norm(gpu, &xb, &wb, &out, 0, rows, 1e-5);
+        check("rms_norm", &case, &gpu.read_f32(&out).unwrap(), &want);
+        // Last row only, as the output norm of a decode step does.
+        norm::launch_rms_norm(gpu, &xb, &wb, &out, rows - 1, 1, 1e-5);
+        check("rms_norm", &format!("{case}_last"), &gpu.read_f32(&out).unwrap()[..d], &want[(rows - 1) * d..]);
+
+        let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        for r in 0..rows {
+            norm::rms_norm(&sum[r * d..(r + 1) * d], &w, 1e-5, &mut want[r * d..(r + 1) * d]);
+        }
+        let yb = gpu.f32s(&y);
+        norm::launch_add_rms_norm(gpu, &xb, &yb, &wb, &out, 0, rows, 1e-5);
+        check("add_rms_norm", &case, &gpu.read_f32(&out).unwrap(), &want);
+        check("add_assign", &format!("{case}_residual"), &gpu.read_f32(&xb).unwrap(), &sum);
+    }
+}
+
+fn elementwise<R: Runtime>(gpu: &Gpu<R>) {
+    for n in [1, 1000, 70_000] {
+        let (g, u) = (values(n, 4), values(n, 5));
+        let mut want = g.clone();
+        activation::swiglu(&mut want, &u);
+        let (gb, ub) = (gpu.f32s(&g), gpu.f32s(&u));
+        activation::launch_swiglu(gpu, &gb, &ub, n);
+        check("swiglu", &format!("n{n}"), &gpu.read_f32(&gb).unwrap(), &want);
+
+        let mut want = g.clone();
+        activation::add_assign(&mut want, &u);
+        let xb = gpu.f32s(&g);
+        activation::launch_add_assign(gpu, &xb, &ub, n);
+        check("add_assign", &format!("n{n}"), &gpu.read_f32(&xb).unwrap(), &want);
+    }
+}
+
+fn kv_types<R: Runtime>(gpu: &Gpu<R>) -> Vec<KvType> {
+    if gpu.supports_f16() {
+        vec![KvType::F32, KvType::F16]
+    } else {
+        eprintln!("this device has no f16: f16 KV cache not tested");
+        vec![KvType::F32]
+    }
+}
+
+fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
+    for kv in kv_types(gpu) {
+        for (n_head, n_kv, hd, rope_dim, pos, n) in [(4, 2, 64, 64, 5, 3), (9, 3, 64, 32, 0, 1), (8, 8, 128, 128, 40, 7)] {
+            let case = format!("{}_h{n_head}_kv{n_kv}_hd{hd}_rot{rope_dim}_pos{pos}_n{n}", kv.name());
+            let ctx = pos + n + 2;
+            let (q_dim, kv_dim, half) = (n_head * hd, n_kv * hd, rope_dim / 2);
+            let inv = rope::inv_freqs(rope_dim, 10000.0, None);
+            let (cos, sin) = rope::rope_tables(ctx, &inv);
+            let (q, k, v) = (values(n * q_dim, 6), values(n * kv_dim, 7), values(n * kv_dim, 8));
+            let (mut want_q, mut want_k) = (q.clone(), k.clone());
+            for t in 0..n {
+                let (c, s) = (&cos[(pos + t) * half..(pos + t + 1) * half], &sin[(pos + t) * half..(pos + t + 1) * half]);
+                rope::rope(&mut want_q[t * q_dim..(t + 1) * q_dim], hd, c, s);
+                rope::rope(&mut want_k[t * kv_dim..(t + 1) * kv_dim], hd, c, s);
+            }
+            let cache = KvCache::new(gpu, 2, ctx, kv_dim, kv);
+            let (qb, kb, vb) = (gpu.f32s(&q), gpu.f32s(&k), gpu.f32s(&v));
+            let shape = RopeShape { n_head, n_kv_heads: n_kv, head_dim: hd, rot_pairs: half };
+            rope::launch_rope_store(gpu, &qb, &kb, &vb, &gpu.f32s(&cos), &gpu.f32s(&sin), &cache, 1, pos, n, shape);
+            check("rope_store", &format!("{case}_q"), &gpu.read_f32(&qb).unwrap(), &want_q);
+            let (kc, vc) = cache.read_layer(gpu, 1).unwrap();
+            let op = if kv == KvType::F16 { "rope_store_f16" } else { "rope_store" };
+            check(op, &format!("{case}_k"), &kc[pos * kv_dim..(pos + n) * kv_dim], &want_k);
+            check(op, &format!("{case}_v"), &vc[pos * kv_dim..(pos + n) * kv_dim], &v);
+            assert!(kc[..pos * kv_dim].iter().all(|&x| x == 0.0), "rope_store/{case}: wrote below pos");
+        }
+    }
+}
+
+fn attention<R: Runtime>(gpu: &Gpu<R>) {
+    for kv in kv_types(gpu) {
+        // (heads, kv heads, head_dim, pos, n): decode at several lengths (1 to 32 splits),
+        // prefill from 0 and a continued prefill.
+        for (n_head, n_kv, hd, pos, n) in [(4, 2, 64, 0, 1), (9, 3, 64, 700, 1), (4, 1, 64, 9000, 1), (4, 2, 64, 0, 20), (8, 2, 128, 30, 9), (4, 4, 64, 300, 3)] {
+            let case = format!("{}_h{n_head}_kv{n_kv}_hd{hd}_pos{pos}_n{n}", kv.name());
+            let shape = AttnShape { n_heads: n_head, n_kv_heads: n_kv, head_dim: hd };
+            let (ctx, q_dim, kv_dim) = (pos + n, n_head * hd, n_kv * hd);
+            let q = values(n * q_dim, 9);
+            // Keys and values as the cache stores them (rounded through f16 when it is f16).
+            let round = |x: Vec<f32>| match kv {
+                KvType::F32 => x,
+                KvType::F16 => x.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect(),
+            };
+            let (k, v) = (round(values(ctx * kv_dim, 10)), round(values(ctx * kv_dim, 11)));
+            let mut want = vec![0.0; n * q_dim];
+            for t in 0..n {
+                for h in 0..n_head {
+                    let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                    let out = &mut want[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                    attention::attend_head(qh, &k, &v, h / (n_head / n_kv), pos + t, shape, out);
+                }
+            }
+            // Fill the cache through rope_store with rot_pairs = 0 (a plain copy).
+            let cache = KvCache::new(gpu, 1, ctx, kv_dim, kv);
+            let dummy_q = gpu.zeros(ctx * q_dim);
+            let rs = RopeShape { n_head, n_kv_heads: n_kv, head_dim: hd, rot_pairs: 0 };
+            let none = gpu.zeros(1);
+            rope::launch_rope_store(gpu, &dummy_q, &gpu.f32s(&k), &gpu.f32s(&v), &none, &none, &cache, 0, 0, ctx, rs);
+            let scratch = AttnScratch::new(gpu, 32, shape);
+            let out = gpu.zeros(n * q_dim);
+            attention::launch_attention(gpu, &gpu.f32s(&q), &cache, 0, &scratch, &out, pos, n, shape);
+            let op = if kv == KvType::F16 { "attention_f16" } else { "attention" };
+            check(op, &case, &gpu.read_f32(&out).unwrap(), &want);
+        }
+    }
+}
+
+/// `rows` random rows of `cols` quantized to `ty`, and their dequantized values.
+fn quantized(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    let src = values(rows * cols, seed);
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+    let mut bytes = vec![0u8; rows * rb];
+    let mut deq = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        quant::quantize_row(ty, &src[r * cols..(r + 1) * cols], &mut bytes[r * rb..(r + 1) * rb]).unwrap();
+        quant::dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut deq[r * cols..(r + 1) * cols]).unwrap();
+    }
+    (bytes, deq)
+}
+
+fn embedding<R: Runtime>(gpu: &Gpu<R>) {
+    let (rows, cols) = (50, 96);
+    for ty in DEVICE_FORMATS {
+        let (bytes, deq) = quantized(ty, rows, cols, 12);
+        let w = DeviceWeight::upload(gpu, ty, &bytes, rows, cols).unwrap();
+        let tokens = [7u32, 0, 49, 7];
+        let out = gpu.zeros(tokens.len() * cols);
+        let ids = gpu.u32s(&tokens);
+        embedding::launch_embedding(gpu, &w, embedding::Tokens::Device(&ids, tokens.len()), &ids, &out);
+        let want: Vec<f32> = tokens.iter().flat_map(|&t| deq[t as usize * cols..(t as usize + 1) * cols].to_vec()).collect();
+        check("embedding", &format!("{ty}_batch"), &gpu.read_f32(&out).unwrap(), &want);
+        embedding::launch_embedding(gpu, &w, embedding::Tokens::One(49), &ids, &out);
+        check("embedding", &format!("{ty}_one"), &gpu.read_f32(&out).unwrap()[..cols], &deq[49 * cols..50 * cols]);
+    }
+}
+
+fn linear_plain<R: Runtime>(gpu: &Gpu<R>) {
+    for ty in DEVICE_FORMATS {
+        for (rows, cols, n) in [(40, 96, 1), (33, 576, 3)] {
+            let (bytes, deq) = quantized(ty, rows, cols, 13);
+            let x = values(n * cols, 14);
+            let want: Vec<f32> = (0..n)
+                .flat_map(|t| (0..rows).map(|r| (0..cols).map(|c| deq[r * cols + c] * x[t * cols + c]).sum::<f32>()).collect::<Vec<_>>())
+                .collect();
+            let w = DeviceWeight::upload(gpu, ty, &bytes, rows, cols).unwrap();
+            let out = gpu.zeros(n * rows);
+            dequant::launch_linear_plain(gpu, &w, &gpu.f32s(&x), &out, n);
+            check("linear_plain", &format!("{ty}_{rows}x{cols}_n{n}"), &gpu.read_f32(&out).unwrap(), &want);
+        }
+    }
+}
+
+fn argmax_matches<R: Runtime>(gpu: &Gpu<R>) {
+    for (n, seed) in [(1usize, 1u64), (300, 2), (49152, 3)] {
+        let mut x = values(n, seed);
+        let want = argmax::argmax(&x);
+        let out = gpu.zeros(1);
+        argmax::launch_argmax(gpu, &gpu.f32s(&x), 0, n, &out);
+        assert_eq!(gpu.read_u32(&out).unwrap()[0] as usize, want, "argmax/n{n}");
+        // A tie: the lower index wins.
+        if n > 10 {
+            x[n - 1] = x[want];
+            let idx = want.min(n - 1);
+            argmax::launch_argmax(gpu, &gpu.f32s(&x), 0, n, &out);
+            assert_eq!(gpu.read_u32(&out).unwrap()[0] as usize, idx, "argmax/n{n}_tie");
+        }
+    }
+    // A later row of a (rows, n) buffer.
+    let x = values(3 * 100, 9);
+    let out = gpu.zeros(1);
+    argmax::launch_argmax(gpu, &gpu.f32s(&x), 200, 100, &out);
+    assert_eq!(gpu.read_u32(&out).unwrap()[0] as usize, argmax::argmax(&x[200..]), "argmax/row2");
+}
+
+fn launches_are_counted<R: Runtime>(gpu: &Gpu<R>) {
+    let before = gpu.launches();
+    let x = gpu.zeros(8);
+    activation::launch_add_assign(gpu, &x, &x, 8);
+    activation::launch_swiglu(gpu, &x, &x, 8);
+    assert_eq!(gpu.launches() - before, 2);
+}
+
+/// One `#[test]` per op for a runtime: `$name` module, `$gpu` expression making the `Gpu`.
+macro_rules! runtime_tests {
+    ($name:ident, $gpu:expr, $($attr:meta)?) => {
+        mod $name {
+            use super::*;
+            $(#[$attr])?
+            #[test] fn rms_norm() { super::rms_norm(&$gpu) }
+            $(#[$attr])?
+            #[test] fn elementwise() { super::elementwise(&$gpu) }
+            $(#[$attr])?
+            #[test] fn rope_store() { super::rope_store(&$gpu) }
+            $(#[$attr])?
+            #[test] fn attention() { super::attention(&$gpu) }
+            $(#[$attr])?
+            #[test] fn embedding() { super::embedding(&$gpu) }
+            $(#[$attr])?
+            #[test] fn linear_plain() { super::linear_plain(&$gpu) }
+            $(#[$attr])?
+            #[test] fn argmax() { super::argmax_matches(&$gpu) }
+            $(#[$attr])?
+            #[test] fn launches_are_counted() { super::launches_are_counted(&$gpu) }
+        }
+    };
+}
+
+#[cfg(feature = "wgpu")]
+runtime_tests!(wgpu, Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()),);
+#[cfg(feature = "cuda")]
+runtime_tests!(cuda, Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()), ignore = "needs an NVIDIA GPU");
+#[cfg(feature = "hip")]
+runtime_tests!(hip, Gpu::<cubecl::hip::HipRuntime>::on(&Default::default()), ignore = "needs an AMD GPU");
