@@ -23,7 +23,7 @@ pub mod synthetic;
 pub mod testing;
 pub mod tokenizer;
 
-pub use backend::{Backend, BackendKind, BackendOptions, MemoryUsage};
+pub use backend::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming};
 pub use error::{Error, Result};
 pub use model::{Model, ModelConfig};
 pub use sampler::{Sampler, SamplerConfig};

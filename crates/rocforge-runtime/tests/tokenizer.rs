@@ -463,9 +463,10 @@ fn ids_of(value: &serde_json::Value) -> Vec<u32> {
 
 #[test]
 fn smollm2_matches_llama_cpp_references() {
-    let (Some(tok), Some(refs)) = (real_tokenizer(), references()) else {
+    let Some(tok) = real_tokenizer() else {
         return;
     };
+    let refs = references();
     let cases = refs["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 3);
     for case in cases {

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use rocforge_kernels::ops::{activation, attention, norm, rope};
 use rocforge_kernels::quant::{self, PreparedActs};
 
-use super::{Backend, BackendKind, BackendOptions, MemoryUsage};
+use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler};
 use crate::error::{Error, Result};
 use crate::model::{Model, Weight};
 
@@ -37,6 +37,7 @@ pub struct CpuBackend {
     k_cache: Vec<Vec<f32>>,  // (n_layer) x (ctx, n_head_kv*head_dim)
     v_cache: Vec<Vec<f32>>,  // (n_layer) x (ctx, n_head_kv*head_dim)
     regions: u64,
+    profiler: Profiler,
 }
 
 impl CpuBackend {
@@ -66,6 +67,7 @@ impl CpuBackend {
             k_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
             v_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
             regions: 0,
+            profiler: Profiler::default(),
             model,
         })
     }
@@ -124,6 +126,8 @@ impl Backend for CpuBackend {
         let half = c.rope_dim / 2;
         let shape = attention::AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: hd };
         let mut regions = 0u64;
+        let prof = &mut self.profiler;
+        prof.start();
 
         // x = token_embd[tokens]
         let embd = model.bytes(&w.token_embd);
@@ -140,13 +144,16 @@ impl Backend for CpuBackend {
             let (cos, sin) = (&mut self.cos[t * half..(t + 1) * half], &mut self.sin[t * half..(t + 1) * half]);
             rope::rope_cache(pos + t, &self.inv_freqs, cos, sin);
         }
+        prof.lap("embed");
 
         for (l, layer) in w.layers.iter().enumerate() {
             // Attention block: x += W_o · attention(rope(W_q·xn), rope(W_k·xn), W_v·xn)
             rms_norm_rows(&self.x, &layer.attn_norm, c.rms_eps, n, &mut self.xn);
+            prof.lap("rms_norm");
             linear(&model, &layer.attn_q, &mut self.acts, &self.xn, n, &mut self.q)?;
             linear(&model, &layer.attn_k, &mut self.acts, &self.xn, n, &mut self.k)?;
             linear(&model, &layer.attn_v, &mut self.acts, &self.xn, n, &mut self.v)?;
+            prof.lap("matmul");
             for t in 0..n {
                 let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
                 rope::rope(&mut self.q[t * q_dim..(t + 1) * q_dim], hd, cos, sin);
@@ -155,22 +162,31 @@ impl Backend for CpuBackend {
             let (kc, vc) = (&mut self.k_cache[l], &mut self.v_cache[l]);
             kc[pos * kv_dim..(pos + n) * kv_dim].copy_from_slice(&self.k[..n * kv_dim]);
             vc[pos * kv_dim..(pos + n) * kv_dim].copy_from_slice(&self.v[..n * kv_dim]);
+            prof.lap("rope_kv_store");
             let (q, kc, vc) = (&self.q, &self.k_cache[l], &self.v_cache[l]);
             self.att[..n * q_dim].par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
                 let (t, h) = (i / c.n_head, i % c.n_head);
                 let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                 attention::attend_head(qh, kc, vc, h / c.gqa_group(), pos + t, shape, out);
             });
+            prof.lap("attention");
             linear(&model, &layer.attn_output, &mut self.acts, &self.att, n, &mut self.proj)?;
+            prof.lap("matmul");
             activation::add_assign(&mut self.x[..n * d], &self.proj[..n * d]);
+            prof.lap("add");
 
             // Feed-forward block: x += W_down · (silu(W_gate·xn) * (W_up·xn))
             rms_norm_rows(&self.x, &layer.ffn_norm, c.rms_eps, n, &mut self.xn);
+            prof.lap("rms_norm");
             linear(&model, &layer.ffn_gate, &mut self.acts, &self.xn, n, &mut self.gate)?;
             linear(&model, &layer.ffn_up, &mut self.acts, &self.xn, n, &mut self.up)?;
+            prof.lap("matmul");
             activation::swiglu(&mut self.gate[..n * c.n_ff], &self.up[..n * c.n_ff]);
+            prof.lap("swiglu");
             linear(&model, &layer.ffn_down, &mut self.acts, &self.gate, n, &mut self.proj)?;
+            prof.lap("matmul");
             activation::add_assign(&mut self.x[..n * d], &self.proj[..n * d]);
+            prof.lap("add");
             regions += 12;
         }
 
@@ -178,11 +194,13 @@ impl Backend for CpuBackend {
         let first = if all_logits { 0 } else { n - 1 };
         let rows = n - first;
         rms_norm_rows(&self.x[first * d..], &w.output_norm, c.rms_eps, rows, &mut self.xn);
+        prof.lap("rms_norm");
         if self.logits.len() < rows * c.n_vocab {
             // Only perplexity asks for all-token logits; decode never reaches this.
             self.logits.resize(rows * c.n_vocab, 0.0);
         }
         linear(&model, &w.output, &mut self.acts, &self.xn, rows, &mut self.logits)?;
+        prof.lap("output");
         self.n_logit_rows = rows;
         self.regions = regions + 3;
         Ok(())
@@ -204,6 +222,14 @@ impl Backend for CpuBackend {
 
     fn launches_last_forward(&self) -> u64 {
         self.regions
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.profiler.set(on);
+    }
+
+    fn op_profile(&self) -> Vec<OpTiming> {
+        self.profiler.report()
     }
 }
 

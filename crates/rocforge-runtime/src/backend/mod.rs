@@ -123,6 +123,67 @@ pub trait Backend: Send {
     fn launches_last_forward(&self) -> u64 {
         0
     }
+    /// Turns per-op timing on (and clears it) or off. Off by default: on a GPU it
+    /// synchronizes after every op, which slows the forward pass.
+    fn set_profiling(&mut self, _on: bool) {}
+    /// Time per op family accumulated since profiling was turned on.
+    fn op_profile(&self) -> Vec<OpTiming> {
+        Vec::new()
+    }
+}
+
+/// Time spent in one op family (`matmul`, `attention`, `rms_norm`, ...).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpTiming {
+    pub op: String,
+    /// Launches (GPU) or calls (CPU).
+    pub calls: u64,
+    pub total_ms: f64,
+}
+
+/// Attributes wall time to op families: `lap(op)` charges the time since the previous lap to
+/// `op`. Costs one branch per lap when off.
+#[derive(Debug, Default)]
+pub struct Profiler {
+    on: bool,
+    last: Option<std::time::Instant>,
+    ops: Vec<OpTiming>,
+}
+
+impl Profiler {
+    pub fn set(&mut self, on: bool) {
+        self.on = on;
+        self.ops.clear();
+        self.last = None;
+    }
+    pub fn enabled(&self) -> bool {
+        self.on
+    }
+    /// Starts timing (call at the top of a forward pass).
+    pub fn start(&mut self) {
+        if self.on {
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+    /// Charges the time since the last lap to `op`.
+    pub fn lap(&mut self, op: &str) {
+        if !self.on {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let ms = self.last.map_or(0.0, |t| (now - t).as_secs_f64() * 1000.0);
+        self.last = Some(now);
+        match self.ops.iter_mut().find(|o| o.op == op) {
+            Some(o) => {
+                o.calls += 1;
+                o.total_ms += ms;
+            }
+            None => self.ops.push(OpTiming { op: op.to_string(), calls: 1, total_ms: ms }),
+        }
+    }
+    pub fn report(&self) -> Vec<OpTiming> {
+        self.ops.clone()
+    }
 }
 
 /// Creates a backend of `kind` for `model`. `Auto` picks the first GPU backend whose device is
