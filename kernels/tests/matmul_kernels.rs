@@ -68,17 +68,25 @@ fn random_weight(rng: &mut Rng, fmt: KernelFormat, rows: usize, cols: usize) -> 
     let ty = fmt.ggml();
     let half = |v: f32| f16::from_f32(v).to_le_bytes();
     match fmt {
-        KernelFormat::F32 => rng.vec(rows * cols).iter().flat_map(|v| v.to_le_bytes()).collect(),
+        KernelFormat::F32 => rng
+            .vec(rows * cols)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         KernelFormat::F16 => rng.vec(rows * cols).iter().flat_map(|&v| half(v)).collect(),
         _ => {
             let n_blocks = rows * cols / ty.block_size();
-            let mut bytes: Vec<u8> = (0..n_blocks * ty.type_size()).map(|_| rng.next_u32() as u8).collect();
+            let mut bytes: Vec<u8> = (0..n_blocks * ty.type_size())
+                .map(|_| rng.next_u32() as u8)
+                .collect();
             for block in bytes.chunks_exact_mut(ty.type_size()) {
                 let d = half(rng.uniform(0.001, 0.05));
                 let m = half(rng.uniform(-0.05, 0.05));
                 match fmt {
                     KernelFormat::Q6K => block[208..210].copy_from_slice(&d),
-                    KernelFormat::Q4_0 | KernelFormat::Q5_0 | KernelFormat::Q8_0 => block[..2].copy_from_slice(&d),
+                    KernelFormat::Q4_0 | KernelFormat::Q5_0 | KernelFormat::Q8_0 => {
+                        block[..2].copy_from_slice(&d)
+                    }
                     _ => {
                         block[..2].copy_from_slice(&d);
                         block[2..4].copy_from_slice(&m);
@@ -95,7 +103,10 @@ fn dequantize_cpu(fmt: KernelFormat, bytes: &[u8], rows: usize, cols: usize) -> 
     let ty = fmt.ggml();
     let row_bytes = ty.row_bytes(cols as u64).expect("whole blocks") as usize;
     let mut out = vec![0f32; rows * cols];
-    for (src, dst) in bytes.chunks_exact(row_bytes).zip(out.chunks_exact_mut(cols)) {
+    for (src, dst) in bytes
+        .chunks_exact(row_bytes)
+        .zip(out.chunks_exact_mut(cols))
+    {
         dequantize_row(ty, src, dst).expect("reference dequantization");
     }
     out
@@ -108,7 +119,11 @@ fn matmul_cpu(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize) -> 
         for r in 0..rows {
             let row = &w[r * cols..(r + 1) * cols];
             let xt = &x[t * cols..(t + 1) * cols];
-            y[t * rows + r] = row.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+            y[t * rows + r] = row
+                .iter()
+                .zip(xt)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
         }
     }
     y
@@ -120,12 +135,32 @@ fn silu(v: f32) -> f32 {
 
 fn assert_close(case: &str, fmt: KernelFormat, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{case}: length");
-    assert!(got.iter().all(|v| v.is_finite()), "{case}: non-finite output {got:?}");
-    let err: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
-    let norm: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().max(1e-30);
-    let tol = NMSE_TOLERANCE.iter().find(|(f, _)| *f == fmt).expect("every format has a tolerance").1;
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{case}: non-finite output {got:?}"
+    );
+    let err: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum();
+    let norm: f64 = want
+        .iter()
+        .map(|&w| (w as f64).powi(2))
+        .sum::<f64>()
+        .max(1e-30);
+    let tol = NMSE_TOLERANCE
+        .iter()
+        .find(|(f, _)| *f == fmt)
+        .expect("every format has a tolerance")
+        .1;
     let nmse = err / norm;
-    assert!(nmse <= tol, "{case}: nmse {nmse:e} > {tol:e}\n got {:?}\nwant {:?}", &got[..got.len().min(8)], &want[..want.len().min(8)]);
+    assert!(
+        nmse <= tol,
+        "{case}: nmse {nmse:e} > {tol:e}\n got {:?}\nwant {:?}",
+        &got[..got.len().min(8)],
+        &want[..want.len().min(8)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -138,7 +173,10 @@ struct Case<R: Runtime> {
 
 impl<R: Runtime> Case<R> {
     fn new(seed: u64) -> Self {
-        Self { client: R::client(&Default::default()), rng: Rng(seed | 1) }
+        Self {
+            client: R::client(&Default::default()),
+            rng: Rng(seed | 1),
+        }
     }
 
     /// Random weight on device, with its CPU dequantization.
@@ -174,7 +212,12 @@ fn check_matvec<R: Runtime>(fmt: KernelFormat, epilogue: Epilogue) {
         if epilogue == Epilogue::Accumulate {
             want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
         }
-        assert_close(&format!("matvec {fmt} {rows}x{cols} {epilogue:?}"), fmt, &c.read(y), &want);
+        assert_close(
+            &format!("matvec {fmt} {rows}x{cols} {epilogue:?}"),
+            fmt,
+            &c.read(y),
+            &want,
+        );
     }
 }
 
@@ -189,7 +232,12 @@ fn check_swiglu<R: Runtime>(fmt: KernelFormat) {
         let g = matmul_cpu(&gf, rows, cols, &x, 1);
         let u = matmul_cpu(&uf, rows, cols, &x, 1);
         let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
-        assert_close(&format!("swiglu {fmt} {rows}x{cols}"), fmt, &c.read(h), &want);
+        assert_close(
+            &format!("swiglu {fmt} {rows}x{cols}"),
+            fmt,
+            &c.read(h),
+            &want,
+        );
     }
 }
 
@@ -202,7 +250,12 @@ fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
         let scratch = DequantScratch::new(&c.client, rows * cols);
         mm::matmul(&c.client, &w, &c.upload(&x), &y, tokens, &scratch).expect("matmul");
         let want = matmul_cpu(&wf, rows, cols, &x, tokens);
-        assert_close(&format!("matmul {fmt} {tokens}x{rows}x{cols}"), fmt, &c.read(y), &want);
+        assert_close(
+            &format!("matmul {fmt} {tokens}x{rows}x{cols}"),
+            fmt,
+            &c.read(y),
+            &want,
+        );
     }
 }
 
@@ -213,7 +266,11 @@ fn check_dequantize<R: Runtime>(fmt: KernelFormat) {
         let scratch = DequantScratch::new(&c.client, rows * cols);
         mm::dequantize(&c.client, &w, &scratch).expect("dequantize");
         let got = c.read(scratch.handle().clone());
-        assert_eq!(got[..rows * cols], wf[..], "dequantize {fmt} {rows}x{cols} is not exact");
+        assert_eq!(
+            got[..rows * cols],
+            wf[..],
+            "dequantize {fmt} {rows}x{cols} is not exact"
+        );
     }
 }
 
@@ -226,7 +283,11 @@ fn check_errors<R: Runtime>() {
     ));
     assert!(matches!(
         QWeight::<R>::upload(client, GgmlType::Q4_0, 2, 32, &[0; 35]),
-        Err(MatmulError::ByteLength { expected: 36, got: 35, .. })
+        Err(MatmulError::ByteLength {
+            expected: 36,
+            got: 35,
+            ..
+        })
     ));
     assert!(matches!(
         QWeight::<R>::upload(client, GgmlType::Q2K, 1, 256, &[0; 84]),
@@ -237,7 +298,11 @@ fn check_errors<R: Runtime>() {
     let y = client.empty(16);
     assert!(matches!(
         mm::matvec(client, &w, &small, &y, Epilogue::Store),
-        Err(MatmulError::BufferTooSmall { what: "x", needed: 256, .. })
+        Err(MatmulError::BufferTooSmall {
+            what: "x",
+            needed: 256,
+            ..
+        })
     ));
     let w2 = QWeight::<R>::upload(client, GgmlType::Q8_0, 2, 64, &[0; 2 * 2 * 34]).unwrap();
     assert!(matches!(

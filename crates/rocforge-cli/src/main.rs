@@ -256,7 +256,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
             "tensors": tensors,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return not_runnable(config);
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "file:          {}", a.model.display())?;
@@ -284,5 +284,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
     for t in &tensors {
         writeln!(out, "  {:<32} {:<6} {:<20} {:>12}", t.name, t.ty, format!("{:?}", t.shape), t.bytes)?;
     }
-    Ok(())
+    not_runnable(config)
+}
+
+/// `inspect` shows any readable GGUF file, then fails (exit 1) if ROCforge cannot run it.
+fn not_runnable(config: rocforge_runtime::Result<rocforge_runtime::ModelConfig>) -> Result<()> {
+    config.map(|_| ()).map_err(|e| anyhow::anyhow!("not runnable: {e}"))
 }

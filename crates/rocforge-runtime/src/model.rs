@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rocforge_kernels::GgmlType;
 
 use crate::error::{Error, Result};
-use crate::gguf::{GgufFile, MetaArray, TensorInfo};
+use crate::gguf::{GgufFile, TensorInfo};
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
 
 /// Architectures whose forward pass ROCforge implements (`general.architecture`).
@@ -129,7 +129,7 @@ impl Model {
     pub fn from_gguf(file: GgufFile) -> Result<Model> {
         let config = read_config(&file)?;
         let weights = read_weights(&file, &config)?;
-        let spec = tokenizer_spec(&file);
+        let spec = TokenizerSpec::from_gguf(&file);
         let tokenizer = Tokenizer::from_spec(&spec).map_err(|source| Error::Tokenizer {
             path: file.path().to_path_buf(),
             source,
@@ -321,42 +321,4 @@ fn read_weights(file: &GgufFile, c: &ModelConfig) -> Result<Weights> {
         None => None,
     };
     Ok(Weights { token_embd, layers, output_norm, output, tied_output, rope_freqs })
-}
-
-/// Collects the `tokenizer.*` metadata into the tokenizer's input.
-fn tokenizer_spec(file: &GgufFile) -> TokenizerSpec {
-    let s = |k: &str| file.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    let id = |k: &str| file.get(k).and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
-    let b = |k: &str| file.get(k).and_then(|v| v.as_bool());
-    let arr = |k: &str| file.get(k).and_then(|v| v.as_array());
-    TokenizerSpec {
-        model: s("tokenizer.ggml.model").unwrap_or_default(),
-        pre: s("tokenizer.ggml.pre"),
-        tokens: match arr("tokenizer.ggml.tokens") {
-            Some(MetaArray::String(v)) => v.clone(),
-            _ => Vec::new(),
-        },
-        token_types: match arr("tokenizer.ggml.token_type") {
-            Some(MetaArray::I32(v)) => v.clone(),
-            Some(MetaArray::U32(v)) => v.iter().map(|&x| x as i32).collect(),
-            _ => Vec::new(),
-        },
-        scores: match arr("tokenizer.ggml.scores") {
-            Some(MetaArray::F32(v)) => v.clone(),
-            _ => Vec::new(),
-        },
-        merges: match arr("tokenizer.ggml.merges") {
-            Some(MetaArray::String(v)) => v.clone(),
-            _ => Vec::new(),
-        },
-        bos_id: id("tokenizer.ggml.bos_token_id"),
-        eos_id: id("tokenizer.ggml.eos_token_id"),
-        unk_id: id("tokenizer.ggml.unknown_token_id"),
-        pad_id: id("tokenizer.ggml.padding_token_id"),
-        eot_id: id("tokenizer.ggml.eot_token_id"),
-        add_bos: b("tokenizer.ggml.add_bos_token"),
-        add_eos: b("tokenizer.ggml.add_eos_token"),
-        add_space_prefix: b("tokenizer.ggml.add_space_prefix"),
-        chat_template: s("tokenizer.chat_template"),
-    }
 }

@@ -28,13 +28,27 @@ pub enum MatmulError {
     UnsupportedType(GgmlType),
     /// The column count is not a whole number of blocks, or a dimension is zero.
     #[error("a {ty} weight cannot have {rows} rows of {cols} columns")]
-    BadShape { ty: GgmlType, rows: usize, cols: usize },
+    BadShape {
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+    },
     /// The weight bytes do not match the shape.
     #[error("a {ty} weight of {rows}x{cols} takes {expected} bytes, got {got}")]
-    ByteLength { ty: GgmlType, rows: usize, cols: usize, expected: usize, got: usize },
+    ByteLength {
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        expected: usize,
+        got: usize,
+    },
     /// A device buffer is smaller than the shape needs (`what` names the argument).
     #[error("{what}: needs {needed} bytes, the buffer has {got}")]
-    BufferTooSmall { what: &'static str, needed: u64, got: u64 },
+    BufferTooSmall {
+        what: &'static str,
+        needed: u64,
+        got: u64,
+    },
     /// Two weights that must agree (gate and up) do not.
     #[error("gate and up weights differ: {0}")]
     Mismatch(String),
@@ -84,7 +98,13 @@ impl<R: Runtime> QWeight<R> {
         }
         let expected = rows * (cols / ty.block_size()) * ty.type_size();
         if bytes.len() != expected {
-            return Err(MatmulError::ByteLength { ty, rows, cols, expected, got: bytes.len() });
+            return Err(MatmulError::ByteLength {
+                ty,
+                rows,
+                cols,
+                expected,
+                got: bytes.len(),
+            });
         }
         let packed = layout::pack(format, rows, cols, bytes);
         check_u32(packed.quants.len().max(rows * cols.next_multiple_of(4)) as u64)?;
@@ -126,7 +146,11 @@ pub struct DequantScratch<R: Runtime> {
 
 impl<R: Runtime> DequantScratch<R> {
     pub fn new(client: &ComputeClient<R>, elems: usize) -> Self {
-        Self { handle: client.empty(elems.max(1) * 4), elems, _runtime: PhantomData }
+        Self {
+            handle: client.empty(elems.max(1) * 4),
+            elems,
+            _runtime: PhantomData,
+        }
     }
 
     /// The buffer: after [`dequantize`], the weight as row-major `f32` `[rows, cols]`.
@@ -297,7 +321,11 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
         && (8..=64).contains(&hw.plane_size_min);
     let plane_reduce = client.features().plane.contains(Plane::Ops) && fixed_plane;
     let lanes = if plane_reduce { hw.plane_size_min } else { 32 };
-    MatvecConfig { lanes, rows_per_cube: (128 / lanes).max(1), plane_reduce }
+    MatvecConfig {
+        lanes,
+        rows_per_cube: (128 / lanes).max(1),
+        plane_reduce,
+    }
 }
 
 fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {

@@ -33,10 +33,28 @@ pub fn variants() -> Vec<KernelVariant> {
     let mut out = Vec::new();
     for format in KernelFormat::ALL {
         let mut push = |name: String, kind| out.push(KernelVariant { name, format, kind });
-        push(format!("matvec_{format}_t1"), KernelKind::Matvec { tokens: 1, accumulate: false });
-        push(format!("matvec_{format}_t1_acc"), KernelKind::Matvec { tokens: 1, accumulate: true });
+        push(
+            format!("matvec_{format}_t1"),
+            KernelKind::Matvec {
+                tokens: 1,
+                accumulate: false,
+            },
+        );
+        push(
+            format!("matvec_{format}_t1_acc"),
+            KernelKind::Matvec {
+                tokens: 1,
+                accumulate: true,
+            },
+        );
         for tokens in 2..=MAX_MATVEC_TOKENS as u32 {
-            push(format!("matvec_{format}_t{tokens}"), KernelKind::Matvec { tokens, accumulate: false });
+            push(
+                format!("matvec_{format}_t{tokens}"),
+                KernelKind::Matvec {
+                    tokens,
+                    accumulate: false,
+                },
+            );
         }
         push(format!("swiglu_{format}"), KernelKind::MatvecSwiglu);
         push(format!("dequantize_{format}"), KernelKind::Dequantize);
@@ -61,8 +79,12 @@ pub fn launch_variant<R: Runtime>(
     let y = client.empty(tokens * cols * 4);
     let scratch = DequantScratch::new(client, cols);
     match v.kind {
-        KernelKind::Matvec { accumulate: true, .. } => api::matvec(client, &w, &x, &y, Epilogue::Accumulate),
-        KernelKind::Matvec { tokens, .. } => api::matmul(client, &w, &x, &y, tokens as usize, &scratch),
+        KernelKind::Matvec {
+            accumulate: true, ..
+        } => api::matvec(client, &w, &x, &y, Epilogue::Accumulate),
+        KernelKind::Matvec { tokens, .. } => {
+            api::matmul(client, &w, &x, &y, tokens as usize, &scratch)
+        }
         KernelKind::MatvecSwiglu => api::matvec_swiglu(client, &w, &w, &x, &y),
         KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
     }

@@ -82,13 +82,15 @@ pub fn decode_unit(
     let part = unit % units_per_block;
     let wb = block * comptime![fmt.words_per_block()];
     match fmt {
-        KernelFormat::F32 => {
+        KernelFormat::F32 =>
+        {
             #[unroll]
             for i in 0..4u32 {
                 vals[i as usize] = f32::reinterpret(w[(wb + i) as usize]);
             }
         }
-        KernelFormat::F16 => {
+        KernelFormat::F16 =>
+        {
             #[unroll]
             for i in 0..2u32 {
                 let q = w[(wb + i) as usize];

@@ -164,7 +164,15 @@ pub fn matvec_swiglu_kernel(
         let mut unit = UNIT_POS_X;
         while unit < units {
             let col0 = unit * eu;
-            decode_unit(w_gate, scales_gate, row, unit, blocks_per_row, &mut vals, fmt);
+            decode_unit(
+                w_gate,
+                scales_gate,
+                row,
+                unit,
+                blocks_per_row,
+                &mut vals,
+                fmt,
+            );
             gate += dot_unit(&vals, x, col0, col0, cols, fmt);
             decode_unit(w_up, scales_up, row, unit, blocks_per_row, &mut vals, fmt);
             up += dot_unit(&vals, x, col0, col0, cols, fmt);

@@ -41,7 +41,11 @@ pub fn pack(fmt: KernelFormat, rows: usize, cols: usize, bytes: &[u8]) -> Packed
                 out.extend_from_slice(row);
                 out.resize(out.len() + padded - row_bytes, 0);
             }
-            PackedWeight { quants: words(&out), scales: vec![0], blocks_per_row: blocks_per_row as u32 }
+            PackedWeight {
+                quants: words(&out),
+                scales: vec![0],
+                blocks_per_row: blocks_per_row as u32,
+            }
         }
         _ => {
             let block_bytes = fmt.ggml().type_size();
@@ -56,14 +60,21 @@ pub fn pack(fmt: KernelFormat, rows: usize, cols: usize, bytes: &[u8]) -> Packed
                 quants.extend_from_slice(&block[off + header..]);
             }
             halves.resize(halves.len().next_multiple_of(4).max(4), 0);
-            PackedWeight { quants: words(&quants), scales: words(&halves), blocks_per_row: blocks_per_row as u32 }
+            PackedWeight {
+                quants: words(&quants),
+                scales: words(&halves),
+                blocks_per_row: blocks_per_row as u32,
+            }
         }
     }
 }
 
 /// Little-endian words of a byte buffer whose length is a multiple of 4.
 fn words(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect()
 }
 
 #[cfg(test)]

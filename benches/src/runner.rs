@@ -1,0 +1,195 @@
+//! Runs scenarios on a backend and measures them.
+//!
+//! Timing is host wall clock around backend calls that end in a read to the host (the
+//! argmax of the last token, one `u32`), so every figure is device-synchronized. The KV
+//! cache is written at explicit positions: each iteration starts at the scenario's depth,
+//! overwriting the previous iteration's entries, so a `@ d2048` cache is filled only once.
+
+use std::time::Instant;
+
+use rocforge_runtime::{Backend, Session};
+
+use crate::config::Scenario;
+use crate::error::{BenchError, Result};
+use crate::memory::{self, PeakMemory};
+use crate::record::{KernelProfile, OpRecord, RunRecord, Samples};
+use crate::stats::Summary;
+
+/// Deterministic pseudo-random token ids below `n_vocab` (what llama-bench feeds too: speed
+/// does not depend on which tokens they are).
+pub fn bench_tokens(n_vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) % n_vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Evaluates `tokens` at positions `pos..` in chunks of the backend's batch size; returns the
+/// kernel launches (CPU: parallel regions) issued.
+pub fn prefill(backend: &mut dyn Backend, tokens: &[u32], pos: usize) -> Result<u64> {
+    let mut launches = 0;
+    let batch = backend.max_batch();
+    for (i, chunk) in tokens.chunks(batch).enumerate() {
+        backend.forward(chunk, pos + i * batch, false)?;
+        launches += backend.launches_last_forward();
+    }
+    Ok(launches)
+}
+
+/// The timings of one iteration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IterationTiming {
+    /// Prompt submitted to its last logits on the device, synchronized by reading the first
+    /// token id; this is also the time to first token.
+    pub prompt_ms: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    /// Each decode step: forward one token, read the next token id.
+    pub inter_token_ms: Vec<f64>,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// One iteration of `sc`: the cache already holds `sc.depth` tokens.
+pub fn run_iteration(backend: &mut dyn Backend, sc: &Scenario, prompt: &[u32], start_token: u32) -> Result<IterationTiming> {
+    let mut out = IterationTiming::default();
+    let mut pos = sc.depth;
+    let mut last = start_token;
+    if !prompt.is_empty() {
+        let t0 = Instant::now();
+        prefill(backend, prompt, pos)?;
+        last = backend.argmax()?;
+        let elapsed = ms_since(t0);
+        out.prompt_ms = Some(elapsed);
+        out.ttft_ms = (sc.gen_tokens > 0).then_some(elapsed);
+        pos += prompt.len();
+    }
+    out.inter_token_ms.reserve(sc.decode_steps());
+    for _ in 0..sc.decode_steps() {
+        let t = Instant::now();
+        backend.forward(&[last], pos, false)?;
+        last = backend.argmax()?;
+        out.inter_token_ms.push(ms_since(t));
+        pos += 1;
+    }
+    Ok(out)
+}
+
+/// Runs `warmup + iterations` iterations of `sc` on the session's backend and summarizes the
+/// measured ones. `on_iteration(done)` reports progress.
+pub fn run_scenario(
+    session: &mut Session,
+    sc: &Scenario,
+    iterations: usize,
+    warmup: usize,
+    mut on_iteration: impl FnMut(usize),
+) -> Result<RunRecord> {
+    let model = session.model().clone();
+    let config = &model.config;
+    let capacity = session.capacity();
+    if sc.context_needed() > capacity {
+        return Err(BenchError::InvalidArgument(format!(
+            "scenario `{}` needs {} cache positions, the session holds {capacity}",
+            sc.name,
+            sc.context_needed()
+        )));
+    }
+    let (backend_name, device) = (session.backend_kind().name().to_string(), session.device_name());
+    let prompt = bench_tokens(config.n_vocab, sc.prompt_tokens, 1);
+    let start_token = bench_tokens(config.n_vocab, 1, 2)[0];
+    let backend = session.backend();
+    let mut peak = PeakMemory::default();
+    peak.sample(backend.memory());
+    if sc.depth > 0 {
+        prefill(backend, &bench_tokens(config.n_vocab, sc.depth, 3), 0)?;
+        backend.argmax()?;
+    }
+    let mut samples = Samples::default();
+    for i in 0..warmup + iterations {
+        let t = run_iteration(backend, sc, &prompt, start_token)?;
+        peak.sample(backend.memory());
+        on_iteration(i + 1);
+        if i < warmup {
+            continue;
+        }
+        if let Some(p) = t.prompt_ms {
+            samples.prompt_ms.push(p);
+            samples.prompt_tokens_per_s.push(rate(sc.prompt_tokens, p));
+        }
+        samples.ttft_ms.extend(t.ttft_ms);
+        if !t.inter_token_ms.is_empty() {
+            let gen_ms: f64 = t.inter_token_ms.iter().sum();
+            samples.gen_ms.push(gen_ms);
+            samples.gen_tokens_per_s.push(rate(t.inter_token_ms.len(), gen_ms));
+            samples.inter_token_ms.extend(&t.inter_token_ms);
+        }
+    }
+    let m = peak.last;
+    let element = memory::kv_element_bytes(config, capacity, m.kv_cache_bytes).unwrap_or(4);
+    Ok(RunRecord {
+        scenario: sc.name.clone(),
+        backend: backend_name,
+        device,
+        prompt_tokens: sc.prompt_tokens,
+        gen_tokens: sc.gen_tokens,
+        depth: sc.depth,
+        iterations,
+        warmup,
+        ttft_ms: Summary::of(&samples.ttft_ms),
+        prompt_ms: Summary::of(&samples.prompt_ms),
+        prompt_tokens_per_s: Summary::of(&samples.prompt_tokens_per_s),
+        gen_ms: Summary::of(&samples.gen_ms),
+        gen_tokens_per_s: Summary::of(&samples.gen_tokens_per_s),
+        inter_token_ms: Summary::of(&samples.inter_token_ms),
+        peak_device_bytes: peak.device_in_use,
+        peak_device_reserved_bytes: peak.device_reserved,
+        peak_host_rss_bytes: memory::host_peak_rss_bytes(),
+        kv_cache_bytes: m.kv_cache_bytes,
+        kv_cache_formula_bytes: memory::kv_cache_formula_bytes(config, capacity, element as usize),
+        kv_element_bytes: element,
+        weights_bytes: m.weights_bytes,
+        scratch_bytes: m.scratch_bytes,
+        samples,
+    })
+}
+
+fn rate(tokens: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        tokens as f64 * 1000.0 / ms
+    } else {
+        0.0
+    }
+}
+
+/// Times one prefill of `prefill_tokens` and one decode step per op family (the backend's
+/// profiler; on a GPU it synchronizes after every op, so these runs are not the timed ones).
+pub fn profile(session: &mut Session, prefill_tokens: usize) -> Result<KernelProfile> {
+    let n_vocab = session.model().config.n_vocab;
+    let prefill_tokens = prefill_tokens.clamp(1, session.capacity().saturating_sub(1).max(1));
+    let backend_name = session.backend_kind().name().to_string();
+    let backend = session.backend();
+    let ops = |b: &dyn Backend| b.op_profile().into_iter().map(|o| OpRecord { op: o.op, calls: o.calls, total_ms: o.total_ms }).collect();
+
+    backend.set_profiling(true);
+    let launches = prefill(backend, &bench_tokens(n_vocab, prefill_tokens, 4), 0)?;
+    let next = backend.argmax()?;
+    let prefill_ops = ops(backend);
+    backend.set_profiling(true); // clears
+    backend.forward(&[next], prefill_tokens, false)?;
+    backend.argmax()?;
+    let decode_ops = ops(backend);
+    let decode_launches = backend.launches_last_forward();
+    backend.set_profiling(false);
+    Ok(KernelProfile {
+        backend: backend_name,
+        prefill_tokens,
+        prefill: prefill_ops,
+        decode: decode_ops,
+        prefill_launches_per_token: launches as f64 / prefill_tokens as f64,
+        decode_launches_per_token: decode_launches as f64,
+    })
+}
