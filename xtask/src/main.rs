@@ -1,12 +1,23 @@
 //! `cargo xtask <task>`: ROCforge's project tasks. One module per task.
 use anyhow::{bail, Result};
 
+mod bench;
+mod compare;
 mod fetch_model;
+mod gen_model;
+mod test;
 
 const USAGE: &str = "usage: cargo xtask <task> [args]
 
 tasks:
-  fetch-model [smollm2]   download the real test model into the cache and print its path";
+  test [CARGO TEST ARGS]  the whole test suite, as CI runs it (release, features wgpu,hip; then hip-check)
+  fetch-model [smollm2]   download the real test model into the cache and print its path
+  bench [--quick] [--backend auto|cpu|hip|cuda|wgpu[,..]] [--model PATH] [--save-baseline NAME] [--baseline NAME]
+                          run the benchmark suite; results under target/rocforge-bench/<timestamp>/
+  compare OLD.json NEW.json [--threshold PCT] | --llama-bench FILE.json [RESULTS.json]
+                          change per metric; exits 1 on a regression
+  gen-model --shape smollm2-135m|tinyllama-1.1b|llama2-7b|llama3-8b --quant q4_0|q4_1|q8_0|q4_k|q6_k|f16 --out FILE
+                          write a GGUF with deterministic random (synthetic) weights";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,6 +35,10 @@ fn run(args: &[String]) -> Result<()> {
     let rest = &args[1..];
     match task.as_str() {
         "fetch-model" => fetch_model::run(rest),
+        "test" => test::run(rest),
+        "bench" => bench::run(rest),
+        "compare" => compare::run(rest),
+        "gen-model" => gen_model::run(rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())

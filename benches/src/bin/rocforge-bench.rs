@@ -177,8 +177,7 @@ fn run(args: RunArgs) -> Result<i32> {
             runs.push(record);
         }
         if cfg.profile {
-            let n = cfg.scenarios.iter().map(|s| s.prompt_tokens).max().unwrap_or(0).clamp(1, 512);
-            profiles.push(runner::profile(&mut session, n)?);
+            profiles.push(runner::profile(&mut session, cfg.profile_tokens())?);
         }
     }
     let report = Report {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rocforge_kernels::GgmlType;
 use rocforge_runtime::backend::{self, Backend, BackendKind, BackendOptions};
-use rocforge_runtime::testing::{real_model, tiny_model};
+use rocforge_runtime::testing::{agrees_with, greedy_refs, real_model, refs_file, tiny_model};
 use rocforge_runtime::Model;
 
 /// NMSE budget of the logits per weight format (see the header for why they are not zero).
@@ -63,8 +63,10 @@ fn tiny_model_logits_match_cpu_backend() {
         eprintln!("{ty}: prefill (all logits) nmse {e:.2e}, {} launches", gpu.launches_last_forward());
         assert!(e <= tol, "{ty}: prefill logits nmse {e:.2e} > {tol:.0e}");
 
+        let nv = model.config.n_vocab;
+        let last = &cpu.logits().unwrap()[(prompt.len() - 1) * nv..];
+        let mut token = rocforge_runtime::sampler::argmax(last) as u32;
         let mut pos = prompt.len();
-        let mut token = cpu.argmax().unwrap();
         for step in 0..6 {
             cpu.forward(&[token], pos, false).unwrap();
             gpu.forward(&[token], pos, false).unwrap();
@@ -72,7 +74,10 @@ fn tiny_model_logits_match_cpu_backend() {
             let e = nmse(&g, &c);
             assert!(e <= tol, "{ty}: decode step {step} logits nmse {e:.2e} > {tol:.0e}");
             let (tc, tg) = (cpu.argmax().unwrap(), gpu.argmax().unwrap());
-            assert!(tc == tg || gap(&c, tg as usize) < 1e-2, "{ty}: step {step} argmax {tg} vs cpu {tc}");
+            // A different argmax is legitimate within the noise the tolerance allows.
+            let rms = (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt();
+            let allowed = 4.0 * (tol as f32).sqrt() * rms;
+            assert!(tc == tg || gap(&c, tg as usize) < allowed, "{ty}: step {step} argmax {tg} vs cpu {tc} (gap {} > {allowed})", gap(&c, tg as usize));
             pos += 1;
             token = tc;
         }
@@ -102,6 +107,23 @@ fn backend_errors_are_clear() {
     eprintln!("auto picked {} on {}", auto.kind(), auto.device_name());
 }
 
+/// Greedy ids of `n` steps after `prompt`.
+fn greedy(b: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
+    b.forward(prompt, 0, false).unwrap();
+    let mut ids = Vec::new();
+    for pos in prompt.len()..prompt.len() + n {
+        let t = b.argmax().unwrap();
+        ids.push(t);
+        b.forward(&[t], pos, false).unwrap();
+    }
+    ids
+}
+
+/// The real model: greedy tokens for "The capital of France is". The GPU must agree with the
+/// CPU backend for 16 tokens, or, where the two part at a near-tie, follow one of the two
+/// references of `shared/refs` by its agreement rule: the CPU (8-bit activations, like
+/// llama.cpp) and the GPU plain path (f32 dots, like the exact-f32 reference) legitimately part
+/// at such steps.
 #[test]
 fn real_model_greedy_tokens_match_cpu_backend() {
     let Some(path) = real_model() else {
@@ -109,30 +131,28 @@ fn real_model_greedy_tokens_match_cpu_backend() {
         return;
     };
     let model = Model::load(path).unwrap();
-    let prompt = model.tokenizer.encode("The capital of France is", true, true).unwrap();
+    let text = "The capital of France is";
+    let prompt = model.tokenizer.encode(text, true, true).unwrap();
     let opts = BackendOptions { ctx: 256, max_batch: 64 };
     let mut cpu = backend::create(BackendKind::Cpu, model.clone(), &opts).unwrap();
     let mut gpu = backend::create(BackendKind::Wgpu, model.clone(), &opts).unwrap();
-    cpu.forward(&prompt, 0, false).unwrap();
-    gpu.forward(&prompt, 0, false).unwrap();
-    let mut pos = prompt.len();
-    let (mut ids_cpu, mut ids_gpu) = (Vec::new(), Vec::new());
-    for step in 0..20 {
-        let (tc, tg) = (cpu.argmax().unwrap(), gpu.argmax().unwrap());
-        ids_cpu.push(tc);
-        ids_gpu.push(tg);
-        if tc != tg {
-            // Only a near-tie may part them (the CPU's 8-bit activations against f32 dots).
-            let g = gap(cpu.logits().unwrap(), tg as usize);
-            assert!(step >= 16 || g < 0.5, "step {step}: gpu {tg} vs cpu {tc}, cpu gap {g}\ncpu {ids_cpu:?}\ngpu {ids_gpu:?}");
-            eprintln!("parted at step {step} on a near-tie (gap {g})");
-            break;
-        }
-        cpu.forward(&[tc], pos, false).unwrap();
-        gpu.forward(&[tg], pos, false).unwrap();
-        pos += 1;
+    let n = 20;
+    let (ids_cpu, ids_gpu) = (greedy(cpu.as_mut(), &prompt, n), greedy(gpu.as_mut(), &prompt, n));
+    let same = ids_cpu.iter().zip(&ids_gpu).take_while(|(a, b)| a == b).count();
+    eprintln!("cpu {ids_cpu:?}\ngpu {ids_gpu:?}\n{same} agree; decode launches {}; {:?}", gpu.launches_last_forward(), gpu.memory());
+    if same >= 16 {
+        return;
     }
-    eprintln!("cpu {ids_cpu:?}\ngpu {ids_gpu:?}\ndecode launches {}", gpu.launches_last_forward());
-    eprintln!("{:?}", gpu.memory());
-    assert!(ids_cpu.len() >= 16 && ids_cpu[..16] == ids_gpu[..16], "fewer than 16 greedy tokens agree");
+    let refs = greedy_refs(&refs_file("smollm2-greedy.json")).unwrap();
+    let case = refs.iter().find(|c| c.prompt == text).expect("reference case");
+    assert_eq!(prompt, case.prompt_ids);
+    let k = case.exact_f32.generated_ids.len().min(n);
+    let short = |r: &rocforge_runtime::testing::RefContinuation| rocforge_runtime::testing::RefContinuation {
+        generated_ids: r.generated_ids[..k].to_vec(),
+        second_ids: r.second_ids[..k].to_vec(),
+        top2_gap: r.top2_gap[..k].to_vec(),
+    };
+    let (vs_llama, vs_exact) = (agrees_with(&ids_gpu, &short(&case.llama_cpp), 0.5), agrees_with(&ids_gpu, &short(&case.exact_f32), 0.5));
+    eprintln!("gpu vs llama.cpp {vs_llama:?}, vs exact f32 {vs_exact:?}");
+    assert!(vs_llama.is_ok() || vs_exact.is_ok(), "gpu parted from the cpu after {same} tokens and agrees with neither reference");
 }

@@ -17,7 +17,7 @@ pub fn argmax(x: &[f32]) -> usize {
 }
 
 /// Threads of the single argmax cube.
-const ARGMAX_CUBE: usize = 256;
+pub(crate) const ARGMAX_CUBE: usize = 256;
 
 /// One cube: unit `u` scans `x[row0 + u], x[row0 + u + block], ...`, then a shared-memory
 /// reduction keeps the larger value, or the lower index on a tie.

@@ -195,6 +195,7 @@ pub fn attention_kernel<K: Float>(
     q_sh[u] = q[(t * n_head + h) * hd + u];
     sync_cube();
 
+    // -1e30 stands in for minus infinity: it keeps exp(m_old - m_new) free of inf - inf.
     let mut m = f32::new(-1.0e30);
     let mut l = 0.0f32;
     let mut acc = 0.0f32;

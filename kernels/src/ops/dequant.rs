@@ -160,7 +160,7 @@ impl DeviceWeight {
 }
 
 /// Threads per cube of the plain linear kernel.
-const LINEAR_CUBE: usize = 64;
+pub(crate) const LINEAR_CUBE: usize = 64;
 
 /// Cube `t * rows + r` computes `out[t * rows + r] = W[r] · x[t]`.
 #[cube(launch_unchecked)]

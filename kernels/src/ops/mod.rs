@@ -10,3 +10,4 @@ pub mod argmax;
 pub mod dequant;
 pub mod embedding;
 pub mod matmul;
+pub mod catalog;

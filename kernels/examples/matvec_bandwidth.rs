@@ -1,0 +1,117 @@
+//! Mat-vec bandwidth per weight format against a plain copy kernel, printed as a markdown
+//! table. Made for the H200 (shapes of Llama-3-8B: 4096x4096, 14336x4096, 4096x14336):
+//!
+//! ```text
+//! cargo run --release -p rocforge-kernels --features cuda --example matvec_bandwidth
+//! cargo run --release -p rocforge-kernels --features wgpu --example matvec_bandwidth -- --small
+//! ```
+//!
+//! Options: `--iters N` (default 200), `--small` (512x512 and 1024x512, for a CPU adapter).
+//! Times are wall time over `iters` back-to-back launches between two syncs, so a kernel that
+//! runs faster than the host can launch (about 6.5 us) reports the launch rate instead: the
+//! table says so when a call is under 10 us.
+
+use std::time::Instant;
+
+use cubecl::prelude::*;
+use rocforge_kernels::ops::dequant::{launch_linear_plain, DeviceWeight, DEVICE_FORMATS};
+use rocforge_kernels::ops::gpu::Gpu;
+use rocforge_kernels::quant::quantize_row;
+use rocforge_kernels::GgmlType;
+
+/// `out[i] = input[i]`, 16-byte vectors: the bandwidth a mat-vec should approach.
+#[cube(launch_unchecked)]
+fn copy_kernel<N: Size>(input: &Array<Vector<u32, N>>, out: &mut Array<Vector<u32, N>>) {
+    let i = ABSOLUTE_POS;
+    if i < input.len() {
+        out[i] = input[i];
+    }
+}
+
+/// Seconds per call of `f`, after a warm-up, over `iters` calls between two syncs.
+fn time<R: Runtime>(gpu: &Gpu<R>, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    gpu.sync().expect("sync");
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    gpu.sync().expect("sync");
+    t.elapsed().as_secs_f64() / iters as f64
+}
+
+/// Deterministic weights in [-1, 1), quantized to `ty`, row by row.
+fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    let rb = ty.row_bytes(cols as u64).expect("whole blocks") as usize;
+    let mut bytes = vec![0u8; rows * rb];
+    bytes.par_chunks_mut(rb).enumerate().for_each(|(r, dst)| {
+        let mut s = r as u64 * 0x9E37_79B9_7F4A_7C15 + 1;
+        let src: Vec<f32> = (0..cols)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        quantize_row(ty, &src, dst).expect("quantize");
+    });
+    bytes
+}
+
+fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize) {
+    let client = gpu.client().clone();
+    println!("device: {} ({iters} calls per row)\n", R::name(&client));
+    println!("| shape (rows x cols) | kernel | bytes moved | us/call | GB/s | % of copy |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for &(rows, cols) in shapes {
+        // The copy moves as many bytes as a q4_0 mat-vec reads, twice over (read + write).
+        let words = (rows * cols / 8).div_ceil(4) * 4;
+        let (src, dst) = (client.create_from_slice(&vec![0u8; words * 4]), client.empty(words * 4));
+        let vec4 = 4usize;
+        let copy_s = time(&gpu, iters, || unsafe {
+            copy_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static((words / vec4).div_ceil(256) as u32, 1, 1),
+                CubeDim::new_1d(256),
+                vec4,
+                ArrayArg::from_raw_parts(src.clone(), words / vec4),
+                ArrayArg::from_raw_parts(dst.clone(), words / vec4),
+            )
+        });
+        let copy_gbs = (2 * words * 4) as f64 / copy_s / 1e9;
+        let note = |s: f64| if s < 10e-6 { " (launch-bound)" } else { "" };
+        println!("| {rows}x{cols} | copy | {} | {:.1}{} | {copy_gbs:.0} | 100 |", 2 * words * 4, copy_s * 1e6, note(copy_s));
+        let x = gpu.f32s(&vec![0.5f32; cols]);
+        let out = gpu.zeros(rows);
+        for ty in DEVICE_FORMATS {
+            let w = DeviceWeight::upload(&gpu, ty, &weights(ty, rows, cols), rows, cols).expect("device format");
+            let s = time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1));
+            let bytes = w.bytes() as usize + cols * 4 + rows * 4;
+            let gbs = bytes as f64 / s / 1e9;
+            println!("| {rows}x{cols} | linear_plain {ty} | {bytes} | {:.1}{} | {gbs:.0} | {:.0} |", s * 1e6, note(s), 100.0 * gbs / copy_gbs);
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let iters = args
+        .iter()
+        .position(|a| a == "--iters")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("--iters takes a number"))
+        .unwrap_or(200);
+    let shapes: &[(usize, usize)] =
+        if args.iter().any(|a| a == "--small") { &[(512, 512), (1024, 512)] } else { &[(4096, 4096), (14336, 4096), (4096, 14336)] };
+    #[cfg(feature = "cuda")]
+    return run(Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()), shapes, iters);
+    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    return run(Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()), shapes, iters);
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (shapes, iters);
+        eprintln!("build with --features cuda (or wgpu)");
+    }
+}

@@ -1,0 +1,61 @@
+//! Every kernel variant the GPU backend can launch, as CubeCL kernel definitions: what
+//! `cargo xtask hip-check` compiles to HIP C++ and hands to hipcc, without an AMD GPU.
+//!
+//! Keep in step with the launchers: a new kernel or comptime variant belongs here too.
+
+use cubecl::prelude::*;
+
+use super::dequant::DEVICE_FORMATS;
+use super::{activation, argmax, attention, dequant, embedding, norm, rope};
+
+/// Head dims the catalog instantiates attention for (SmolLM2 and Llama use 64 and 128).
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// `(name, definition)` of every kernel variant, built with `client`'s device properties.
+pub fn kernel_definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<(String, KernelDefinition)> {
+    let settings = |threads: usize| KernelSettings::default().cube_dim(CubeDim::new_1d(threads as u32)).address_type(AddressType::U32);
+    let c = || client.clone();
+    // Compilation arguments: one per array (none in place) and `()` per scalar, in order.
+    let a = || ArrayCompilationArg { inplace: None };
+    let mut out: Vec<(String, KernelDefinition)> = Vec::new();
+    let row = norm::ROW_CUBE;
+    out.push(("rms_norm".into(), norm::rms_norm_kernel::RmsNormKernel::<R>::new(settings(row), c(), a(), a(), a(), (), (), row).define()));
+    out.push(("add_rms_norm".into(), norm::add_rms_norm_kernel::AddRmsNormKernel::<R>::new(settings(row), c(), a(), a(), a(), a(), (), (), row).define()));
+    out.push(("swiglu".into(), activation::swiglu_kernel::SwigluKernel::<R>::new(settings(256), c(), a(), a(), ()).define()));
+    out.push(("add_assign".into(), activation::add_assign_kernel::AddAssignKernel::<R>::new(settings(256), c(), a(), a(), ()).define()));
+    out.push(("rope_store_f32".into(), rope::rope_store_kernel::RopeStoreKernel::<f32, R>::new(settings(256), c(), a(), a(), a(), a(), a(), a(), a(), (), (), (), (), (), ()).define()));
+    out.push(("rope_store_f16".into(), rope::rope_store_kernel::RopeStoreKernel::<half::f16, R>::new(settings(256), c(), a(), a(), a(), a(), a(), a(), a(), (), (), (), (), (), ()).define()));
+    for hd in HEAD_DIMS {
+        for finalize in [true, false] {
+            let tag = if finalize { "single" } else { "split" };
+            out.push((
+                format!("attention_f32_hd{hd}_{tag}"),
+                attention::attention_kernel::AttentionKernel::<f32, R>::new(settings(hd), c(), a(), a(), a(), a(), a(), (), (), (), (), (), (), hd, finalize).define(),
+            ));
+            out.push((
+                format!("attention_f16_hd{hd}_{tag}"),
+                attention::attention_kernel::AttentionKernel::<half::f16, R>::new(settings(hd), c(), a(), a(), a(), a(), a(), (), (), (), (), (), (), hd, finalize).define(),
+            ));
+        }
+        out.push((
+            format!("attention_combine_hd{hd}"),
+            attention::attention_combine_kernel::AttentionCombineKernel::<R>::new(settings(hd), c(), a(), a(), a(), (), hd).define(),
+        ));
+    }
+    for ty in DEVICE_FORMATS {
+        for from_scalar in [true, false] {
+            let tag = if from_scalar { "one" } else { "batch" };
+            out.push((
+                format!("embedding_{ty}_{tag}"),
+                embedding::embedding_kernel::EmbeddingKernel::<R>::new(settings(256), c(), a(), a(), a(), (), (), (), (), ty.id(), from_scalar).define(),
+            ));
+        }
+        out.push((
+            format!("linear_plain_{ty}"),
+            dequant::linear_plain_kernel::LinearPlainKernel::<R>::new(settings(dequant::LINEAR_CUBE), c(), a(), a(), a(), (), (), (), (), ty.id(), dequant::LINEAR_CUBE)
+                .define(),
+        ));
+    }
+    out.push(("argmax".into(), argmax::argmax_kernel::ArgmaxKernel::<R>::new(settings(argmax::ARGMAX_CUBE), c(), a(), a(), (), (), argmax::ARGMAX_CUBE).define()));
+    out
+}
