@@ -31,15 +31,17 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let hipcc = std::env::var("HIPCC").unwrap_or_else(|_| "hipcc".into());
     let client = WgpuRuntime::client(&Default::default());
-    let defs = kernel_definitions(&client);
-    let total = defs.len() * ARCHS.len();
-    let (mut compiled, mut failures) = (0usize, Vec::new());
+    let (mut compiled, mut total, mut failures) = (0usize, 0usize, Vec::new());
     for (arch, warp_size) in ARCHS {
-        for (name, def) in &defs {
+        // Fresh definitions per target: compiling drains state a clone of a definition shares
+        // (the second compile of a clone loses its local declarations).
+        let defs = kernel_definitions(&client);
+        total += defs.len();
+        for (name, def) in defs {
             let case = format!("{name} [{arch}]");
             let mut options = <HipCompiler as Compiler>::CompilationOptions::default();
             options.warp_size = warp_size;
-            let source = match HipCompiler::default().compile(def.clone(), &options, ExecutionMode::Unchecked, AddressType::U32.unsigned_type()) {
+            let source = match HipCompiler::default().compile(def, &options, ExecutionMode::Unchecked, AddressType::U32.unsigned_type()) {
                 Ok(kernel) => kernel.to_string(),
                 Err(e) => {
                     failures.push(format!("{case}: CubeCL's HIP compiler failed: {e}"));
@@ -59,7 +61,7 @@ pub fn run() -> Result<()> {
             if out.status.success() {
                 compiled += 1;
             } else {
-                let text = String::from_utf8_lossy(&out.stderr);
+                let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
                 let first: Vec<&str> = text.lines().filter(|l| l.contains("error")).take(ERROR_LINES).collect();
                 let shown = if first.is_empty() { text.lines().take(ERROR_LINES).collect() } else { first };
                 failures.push(format!("{case}: hipcc failed ({}):\n    {}", src.display(), shown.join("\n    ")));

@@ -38,7 +38,7 @@ pub fn attend_head(
     for t in 0..=pos {
         let base = t * stride + kv_head * hd;
         let k = &k_cache[base..base + hd];
-        let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+        let s = super::dot(q, k) * scale;
         let v = &v_cache[base..base + hd];
         if s > max {
             let r = (max - s).exp();

@@ -7,7 +7,7 @@
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     debug_assert_eq!(x.len(), weight.len());
     debug_assert_eq!(x.len(), out.len());
-    let sum_sq: f32 = x.iter().map(|v| v * v).sum();
+    let sum_sq = super::dot(x, x);
     let scale = 1.0 / (sum_sq / x.len() as f32 + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * scale * w;

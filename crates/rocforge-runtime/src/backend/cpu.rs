@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use rocforge_kernels::ops::{activation, attention, norm, rope};
 use rocforge_kernels::quant::{self, PreparedActs};
+use rocforge_kernels::GgmlType;
 
 use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler};
 use crate::error::{Error, Result};
@@ -33,7 +34,7 @@ pub struct CpuBackend {
     sin: Vec<f32>,    // (batch, rope_dim/2)
     logits: Vec<f32>, // (n_vocab) or (batch, n_vocab) for all-token logits
     n_logit_rows: usize,
-    acts: Vec<PreparedActs>, // (batch) quantized copies of the current matrix input
+    acts: Acts,
     k_cache: Vec<Vec<f32>>,  // (n_layer) x (ctx, n_head_kv*head_dim)
     v_cache: Vec<Vec<f32>>,  // (n_layer) x (ctx, n_head_kv*head_dim)
     regions: u64,
@@ -63,7 +64,7 @@ impl CpuBackend {
             sin: zeros(b * c.rope_dim / 2),
             logits: zeros(c.n_vocab),
             n_logit_rows: 1,
-            acts: (0..b).map(|_| PreparedActs::new()).collect(),
+            acts: Acts { rows: (0..b).map(|_| PreparedActs::new()).collect(), prepared: None },
             k_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
             v_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
             regions: 0,
@@ -73,17 +74,35 @@ impl CpuBackend {
     }
 }
 
-/// `out[t] = W · x[t]` for the first `n` rows of `x`: quantizes each input row once for W's
-/// type, then runs the batched product (a mat-vec when n == 1).
-fn linear(model: &Model, w: &Weight, acts: &mut [PreparedActs], x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
-    let acts = &mut acts[..n];
+/// Quantized copies of the current matrix input, one per token, remembering which weight type
+/// they were prepared for so that projections of the same input (q/k/v, gate/up) share them.
+struct Acts {
+    rows: Vec<PreparedActs>, // (batch)
+    prepared: Option<(GgmlType, usize)>,
+}
+
+/// Whether `x` is the same input as in the previous [`linear`] call.
+#[derive(Clone, Copy, PartialEq)]
+enum Input {
+    New,
+    Same,
+}
+
+/// `out[t] = W · x[t]` for the first `n` rows of `x`: quantizes each input row for W's type
+/// (unless the previous call already did, for the same input), then runs the batched product
+/// (each weight row read once for many tokens).
+fn linear(model: &Model, w: &Weight, acts: &mut Acts, x: &[f32], input: Input, n: usize, out: &mut [f32]) -> Result<()> {
     let err = |e: quant::QuantError| Error::Backend { backend: "cpu".into(), problem: format!("{}: {e}", w.name) };
-    if n == 1 {
-        acts[0].prepare(w.ty, &x[..w.cols]).map_err(err)?;
-    } else {
-        acts.par_iter_mut().zip(x.par_chunks(w.cols)).try_for_each(|(a, row)| a.prepare(w.ty, row)).map_err(err)?;
+    let rows = &mut acts.rows[..n];
+    if input == Input::New || acts.prepared != Some((w.ty, n)) {
+        if n == 1 {
+            rows[0].prepare(w.ty, &x[..w.cols]).map_err(err)?;
+        } else {
+            rows.par_iter_mut().zip(x.par_chunks(w.cols)).try_for_each(|(a, row)| a.prepare(w.ty, row)).map_err(err)?;
+        }
+        acts.prepared = Some((w.ty, n));
     }
-    quant::matmul(w.ty, model.bytes(w), w.rows, w.cols, acts, &mut out[..n * w.rows]).map_err(err)
+    quant::matmul(w.ty, model.bytes(w), w.rows, w.cols, rows, &mut out[..n * w.rows]).map_err(err)
 }
 
 /// RMSNorm of each of the first `n` rows of `x` into `out`.
@@ -150,9 +169,9 @@ impl Backend for CpuBackend {
             // Attention block: x += W_o · attention(rope(W_q·xn), rope(W_k·xn), W_v·xn)
             rms_norm_rows(&self.x, &layer.attn_norm, c.rms_eps, n, &mut self.xn);
             prof.lap("rms_norm");
-            linear(&model, &layer.attn_q, &mut self.acts, &self.xn, n, &mut self.q)?;
-            linear(&model, &layer.attn_k, &mut self.acts, &self.xn, n, &mut self.k)?;
-            linear(&model, &layer.attn_v, &mut self.acts, &self.xn, n, &mut self.v)?;
+            linear(&model, &layer.attn_q, &mut self.acts, &self.xn, Input::New, n, &mut self.q)?;
+            linear(&model, &layer.attn_k, &mut self.acts, &self.xn, Input::Same, n, &mut self.k)?;
+            linear(&model, &layer.attn_v, &mut self.acts, &self.xn, Input::Same, n, &mut self.v)?;
             prof.lap("matmul");
             for t in 0..n {
                 let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
@@ -170,7 +189,7 @@ impl Backend for CpuBackend {
                 attention::attend_head(qh, kc, vc, h / c.gqa_group(), pos + t, shape, out);
             });
             prof.lap("attention");
-            linear(&model, &layer.attn_output, &mut self.acts, &self.att, n, &mut self.proj)?;
+            linear(&model, &layer.attn_output, &mut self.acts, &self.att, Input::New, n, &mut self.proj)?;
             prof.lap("matmul");
             activation::add_assign(&mut self.x[..n * d], &self.proj[..n * d]);
             prof.lap("add");
@@ -178,12 +197,12 @@ impl Backend for CpuBackend {
             // Feed-forward block: x += W_down · (silu(W_gate·xn) * (W_up·xn))
             rms_norm_rows(&self.x, &layer.ffn_norm, c.rms_eps, n, &mut self.xn);
             prof.lap("rms_norm");
-            linear(&model, &layer.ffn_gate, &mut self.acts, &self.xn, n, &mut self.gate)?;
-            linear(&model, &layer.ffn_up, &mut self.acts, &self.xn, n, &mut self.up)?;
+            linear(&model, &layer.ffn_gate, &mut self.acts, &self.xn, Input::New, n, &mut self.gate)?;
+            linear(&model, &layer.ffn_up, &mut self.acts, &self.xn, Input::Same, n, &mut self.up)?;
             prof.lap("matmul");
             activation::swiglu(&mut self.gate[..n * c.n_ff], &self.up[..n * c.n_ff]);
             prof.lap("swiglu");
-            linear(&model, &layer.ffn_down, &mut self.acts, &self.gate, n, &mut self.proj)?;
+            linear(&model, &layer.ffn_down, &mut self.acts, &self.gate, Input::New, n, &mut self.proj)?;
             prof.lap("matmul");
             activation::add_assign(&mut self.x[..n * d], &self.proj[..n * d]);
             prof.lap("add");
@@ -199,7 +218,7 @@ impl Backend for CpuBackend {
             // Only perplexity asks for all-token logits; decode never reaches this.
             self.logits.resize(rows * c.n_vocab, 0.0);
         }
-        linear(&model, &w.output, &mut self.acts, &self.xn, rows, &mut self.logits)?;
+        linear(&model, &w.output, &mut self.acts, &self.xn, Input::New, rows, &mut self.logits)?;
         prof.lap("output");
         self.n_logit_rows = rows;
         self.regions = regions + 3;
