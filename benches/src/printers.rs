@@ -105,6 +105,10 @@ fn markdown(r: &Report) -> String {
             "\nPer-op time on {} (launches per token: prefill {:.1}, decode {:.0}):\n\n| op | prefill ({} tokens) ms | decode step ms |\n| -- | --: | --: |",
             p.backend, p.prefill_launches_per_token, p.decode_launches_per_token, p.prefill_tokens
         );
+        if p.prefill.is_empty() && p.decode.is_empty() {
+            let _ = writeln!(out, "| (this backend has no per-op profiler yet) | | |");
+            continue;
+        }
         let mut ops: Vec<&str> = Vec::new();
         for o in p.prefill.iter().chain(&p.decode) {
             if !ops.contains(&o.op.as_str()) {

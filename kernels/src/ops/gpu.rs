@@ -44,6 +44,10 @@ impl Buf {
     pub fn bytes(&self) -> u64 {
         (self.len * self.elem_bytes) as u64
     }
+    /// The device handle, for launchers that take handles (`ops::matmul`).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
     /// The buffer as a kernel argument over its whole length.
     pub(crate) fn arg<R: Runtime>(&self) -> ArrayArg<R> {
         // SAFETY: `len` elements were allocated with this handle (see `Gpu::upload`).
@@ -69,6 +73,11 @@ impl<R: Runtime> Gpu<R> {
     /// Counts one kernel launch.
     pub(crate) fn count(&self) {
         self.launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` launches made by launchers that take the client directly (`ops::matmul`).
+    pub fn count_launches(&self, n: u64) {
+        self.launches.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Kernels launched so far.

@@ -1,7 +1,9 @@
 //! The GPU backend: the forward pass of [`super::cpu`] (same math, same op order) as CubeCL
 //! kernels, generic over the runtime. `Hip`, `Cuda` and `Wgpu` are aliases of one type.
 //!
-//! Weights go up once in their GGUF layout; activations, the KV cache and the logits live on
+//! Weights go up once: matrices through `ops::matmul`'s `QWeight` (the tuned mat-vec and
+//! prefill mat-mat), with the plain kernel of `ops::dequant` for formats it lacks; the embedding
+//! table also in its GGUF layout for the lookup. Activations, the KV cache and the logits live on
 //! the device. A decode step passes its token as a kernel argument, allocates nothing and
 //! synchronises once: when the host reads the argmax (one `u32`) or the logits.
 
@@ -11,6 +13,7 @@ use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, Kv
 use rocforge_kernels::ops::dequant::{self, DeviceWeight};
 use rocforge_kernels::ops::embedding::{self, Tokens};
 use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Runtime};
+use rocforge_kernels::ops::matmul::{self as mm, DequantScratch, Epilogue, QWeight, MAX_MATVEC_TOKENS};
 use rocforge_kernels::ops::rope::{self, RopeShape};
 use rocforge_kernels::ops::{activation, argmax, norm};
 
@@ -25,17 +28,48 @@ pub type Hip = CubeBackend<rocforge_kernels::ops::gpu::cubecl::hip::HipRuntime>;
 #[cfg(feature = "wgpu")]
 pub type Wgpu = CubeBackend<rocforge_kernels::ops::gpu::cubecl::wgpu::WgpuRuntime>;
 
+/// A weight matrix on the device: the tuned kernels' layout, or the GGUF layout for the plain
+/// kernel when `ops::matmul` has no kernel for the format.
+enum Matrix<R: Runtime> {
+    Tuned(QWeight<R>),
+    Plain(DeviceWeight),
+}
+
+impl<R: Runtime> Matrix<R> {
+    fn upload(gpu: &Gpu<R>, ty: rocforge_kernels::GgmlType, bytes: &[u8], rows: usize, cols: usize) -> std::result::Result<Self, String> {
+        match QWeight::upload(gpu.client(), ty, rows, cols, bytes) {
+            Ok(w) => Ok(Self::Tuned(w)),
+            Err(mm::MatmulError::UnsupportedType(_)) => DeviceWeight::upload(gpu, ty, bytes, rows, cols).map(Self::Plain).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    /// (rows, cols)
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Tuned(w) => (w.rows, w.cols),
+            Self::Plain(w) => (w.rows, w.cols),
+        }
+    }
+    /// Bytes of the GGUF tensor it came from (the device layout differs by padding only).
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Tuned(w) => w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64,
+            Self::Plain(w) => w.bytes(),
+        }
+    }
+}
+
 /// One block's weights on the device; shapes as in [`crate::model::LayerWeights`].
-struct DeviceLayer {
-    attn_norm: Buf,           // (n_embd)
-    attn_q: DeviceWeight,     // (n_head*head_dim, n_embd)
-    attn_k: DeviceWeight,     // (n_head_kv*head_dim, n_embd)
-    attn_v: DeviceWeight,     // (n_head_kv*head_dim, n_embd)
-    attn_output: DeviceWeight, // (n_embd, n_head*head_dim)
-    ffn_norm: Buf,            // (n_embd)
-    ffn_gate: DeviceWeight,   // (n_ff, n_embd)
-    ffn_up: DeviceWeight,     // (n_ff, n_embd)
-    ffn_down: DeviceWeight,   // (n_embd, n_ff)
+struct DeviceLayer<R: Runtime> {
+    attn_norm: Buf,             // (n_embd)
+    attn_q: Matrix<R>,          // (n_head*head_dim, n_embd)
+    attn_k: Matrix<R>,          // (n_head_kv*head_dim, n_embd)
+    attn_v: Matrix<R>,          // (n_head_kv*head_dim, n_embd)
+    attn_output: Matrix<R>,     // (n_embd, n_head*head_dim)
+    ffn_norm: Buf,              // (n_embd)
+    ffn_gate: Matrix<R>,        // (n_ff, n_embd)
+    ffn_up: Matrix<R>,          // (n_ff, n_embd)
+    ffn_down: Matrix<R>,        // (n_embd, n_ff)
 }
 
 /// The run state on a CubeCL device.
@@ -47,9 +81,10 @@ pub struct CubeBackend<R: Runtime> {
     ctx: usize,
     max_batch: usize,
     // Weights.
-    token_embd: DeviceWeight,     // (n_vocab, n_embd)
-    output: Option<DeviceWeight>, // (n_vocab, n_embd); None when tied to token_embd
-    layers: Vec<DeviceLayer>,
+    token_embd: DeviceWeight, // (n_vocab, n_embd) GGUF layout, for the lookup
+    output: Matrix<R>,        // (n_vocab, n_embd), token_embd's bytes when tied
+    layers: Vec<DeviceLayer<R>>,
+    dequant: Option<DequantScratch<R>>, // (largest matrix) f32, for prefill mat-mats
     output_norm: Buf, // (n_embd)
     cos: Buf,         // (ctx, rope_dim/2)
     sin: Buf,         // (ctx, rope_dim/2)
@@ -80,10 +115,12 @@ impl<R: Runtime> CubeBackend<R> {
         let c = &model.config;
         let w = &model.weights;
         let (ctx, b) = (opts.ctx, opts.max_batch.min(opts.ctx));
-        let upload = |wt: &Weight| -> Result<DeviceWeight> {
-            DeviceWeight::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
+        let upload = |wt: &Weight| -> Result<Matrix<R>> {
+            Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
                 .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensor `{}`: {e}", wt.name) })
         };
+        let token_embd = DeviceWeight::upload(&gpu, w.token_embd.ty, model.bytes(&w.token_embd), c.n_vocab, c.n_embd)
+            .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensor `token_embd.weight`: {e}") })?;
         let layers = w
             .layers
             .iter()
@@ -101,14 +138,25 @@ impl<R: Runtime> CubeBackend<R> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let output = upload(&w.output)?;
+        // Batches above MAX_MATVEC_TOKENS dequantize a matrix into this scratch and multiply.
+        let largest = layers
+            .iter()
+            .flat_map(|l| [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down])
+            .chain([&output])
+            .map(|m| m.shape().0 * m.shape().1)
+            .max()
+            .unwrap_or(0);
+        let dequant = (b > MAX_MATVEC_TOKENS).then(|| DequantScratch::new(gpu.client(), largest));
         let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref());
         let (cos, sin) = rope::rope_tables(ctx, &inv_freqs);
         let kv_type = if gpu.supports_f16() { KvType::F16 } else { KvType::F32 };
         let shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
         Ok(Self {
-            token_embd: upload(&w.token_embd)?,
-            output: if w.tied_output { None } else { Some(upload(&w.output)?) },
+            token_embd,
+            output,
             layers,
+            dequant,
             output_norm: gpu.f32s(&w.output_norm),
             cos: gpu.f32s(&cos),
             sin: gpu.f32s(&sin),
@@ -149,8 +197,25 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     /// `out[t] = W · x[t]` for the first `n` rows of `x`.
-    fn linear(&self, w: &DeviceWeight, x: &Buf, out: &Buf, n: usize) {
-        dequant::launch_linear_plain(&self.gpu, w, x, out, n);
+    fn linear(&self, w: &Matrix<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
+        let w = match w {
+            Matrix::Plain(w) => {
+                dequant::launch_linear_plain(&self.gpu, w, x, out, n);
+                return Ok(());
+            }
+            Matrix::Tuned(w) => w,
+        };
+        let client = self.gpu.client();
+        let r = if n == 1 {
+            self.gpu.count_launches(1);
+            mm::matvec(client, w, x.handle(), out.handle(), Epilogue::Store)
+        } else {
+            // Up to MAX_MATVEC_TOKENS: one multi-token mat-vec; above: dequantize + matmul.
+            self.gpu.count_launches(if n <= MAX_MATVEC_TOKENS { 1 } else { 2 });
+            let scratch = self.dequant.as_ref().expect("allocated when max_batch allows such batches");
+            mm::matmul(client, w, x.handle(), out.handle(), n, scratch)
+        };
+        r.map_err(|e| Error::Backend { backend: self.kind.name().into(), problem: e.to_string() })
     }
 }
 
@@ -207,19 +272,19 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             } else {
                 norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.attn_norm, &self.xn, 0, n, c.rms_eps);
             }
-            self.linear(&layer.attn_q, &self.xn, &self.q, n);
-            self.linear(&layer.attn_k, &self.xn, &self.k, n);
-            self.linear(&layer.attn_v, &self.xn, &self.v, n);
+            self.linear(&layer.attn_q, &self.xn, &self.q, n)?;
+            self.linear(&layer.attn_k, &self.xn, &self.k, n)?;
+            self.linear(&layer.attn_v, &self.xn, &self.v, n)?;
             rope::launch_rope_store(g, &self.q, &self.k, &self.v, &self.cos, &self.sin, &self.cache, l, pos, n, rope_shape);
             attention::launch_attention(g, &self.q, &self.cache, l, &self.scratch, &self.att, pos, n, attn_shape);
-            self.linear(&layer.attn_output, &self.att, &self.proj, n);
+            self.linear(&layer.attn_output, &self.att, &self.proj, n)?;
 
             // Feed-forward block: x += W_down · (silu(W_gate·xn) * (W_up·xn))
             norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.ffn_norm, &self.xn, 0, n, c.rms_eps);
-            self.linear(&layer.ffn_gate, &self.xn, &self.gate, n);
-            self.linear(&layer.ffn_up, &self.xn, &self.up, n);
+            self.linear(&layer.ffn_gate, &self.xn, &self.gate, n)?;
+            self.linear(&layer.ffn_up, &self.xn, &self.up, n)?;
             activation::launch_swiglu(g, &self.gate, &self.up, n * c.n_ff);
-            self.linear(&layer.ffn_down, &self.gate, &self.proj, n);
+            self.linear(&layer.ffn_down, &self.gate, &self.proj, n)?;
         }
 
         // logits = W_out · rmsnorm(x + last residual), for the last token or all of them
@@ -231,8 +296,7 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             self.logits = g.zeros(rows * c.n_vocab);
             self.host_logits.resize(rows * c.n_vocab, 0.0);
         }
-        let output = self.output.as_ref().unwrap_or(&self.token_embd);
-        self.linear(output, &self.xn, &self.logits, rows);
+        self.linear(&self.output, &self.xn, &self.logits, rows)?;
         self.n_logit_rows = rows;
         self.host_fresh = false;
         self.launches_last = g.launches() - start;
@@ -256,14 +320,14 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     }
 
     fn memory(&self) -> MemoryUsage {
-        let layer_bytes = |l: &DeviceLayer| -> u64 {
+        let layer_bytes = |l: &DeviceLayer<R>| -> u64 {
             [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].iter().map(|w| w.bytes()).sum::<u64>()
                 + l.attn_norm.bytes()
                 + l.ffn_norm.bytes()
         };
         let weights = self.layers.iter().map(layer_bytes).sum::<u64>()
             + self.token_embd.bytes()
-            + self.output.as_ref().map_or(0, DeviceWeight::bytes)
+            + self.output.bytes()
             + self.output_norm.bytes()
             + self.cos.bytes()
             + self.sin.bytes();
