@@ -1,4 +1,5 @@
-//! Mat-vec bandwidth per weight format against a plain copy kernel, printed as a markdown
+//! Mat-vec bandwidth per weight format (the tuned `ops::matmul::matvec` and the plain
+//! `ops::dequant` kernel) against a plain copy kernel, printed as a markdown
 //! table. Made for the H200 (shapes of Llama-3-8B: 4096x4096, 14336x4096, 4096x14336):
 //!
 //! ```text
@@ -19,6 +20,7 @@ use std::time::Instant;
 use cubecl::prelude::*;
 use rocforge_kernels::ops::dequant::{launch_linear_plain, DeviceWeight, DEVICE_FORMATS};
 use rocforge_kernels::ops::gpu::Gpu;
+use rocforge_kernels::ops::matmul::{matvec, Epilogue, QWeight};
 use rocforge_kernels::quant::quantize_row;
 use rocforge_kernels::GgmlType;
 
@@ -89,11 +91,18 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize) {
         let x = gpu.f32s(&vec![0.5f32; cols]);
         let out = gpu.zeros(rows);
         for ty in DEVICE_FORMATS {
-            let w = DeviceWeight::upload(&gpu, ty, &weights(ty, rows, cols), rows, cols).expect("device format");
-            let s = time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1));
-            let bytes = w.bytes() as usize + cols * 4 + rows * 4;
-            let gbs = bytes as f64 / s / 1e9;
-            println!("| {rows}x{cols} | linear_plain {ty} | {bytes} | {:.1}{} | {gbs:.1} | {:.0} |", s * 1e6, note(s), 100.0 * gbs / copy_gbs);
+            let bytes_w = weights(ty, rows, cols);
+            let bytes = bytes_w.len() + cols * 4 + rows * 4;
+            let row = |kernel: &str, s: f64| {
+                let gbs = bytes as f64 / s / 1e9;
+                println!("| {rows}x{cols} | {kernel} {ty} | {bytes} | {:.1}{} | {gbs:.1} | {:.0} |", s * 1e6, note(s), 100.0 * gbs / copy_gbs);
+            };
+            // The tuned mat-vec of `ops::matmul` (decode's kernel), where it reads the format.
+            if let Ok(q) = QWeight::upload(&client, ty, rows, cols, &bytes_w) {
+                row("matvec", time(&gpu, iters, || matvec(&client, &q, x.handle(), out.handle(), Epilogue::Store).expect("matvec")));
+            }
+            let w = DeviceWeight::upload(&gpu, ty, &bytes_w, rows, cols).expect("device format");
+            row("linear_plain", time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1)));
         }
     }
 }

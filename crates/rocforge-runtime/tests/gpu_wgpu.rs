@@ -56,7 +56,8 @@ fn tiny_model_logits_match_cpu_backend() {
         assert_eq!(gpu.kind(), BackendKind::Wgpu);
 
         // Prefill with every token's logits (the perplexity path), then the last-token path.
-        let prompt = [1u32, 5, 9, 33, 100, 7, 250];
+        // 12 tokens: above MAX_MATVEC_TOKENS, so prefill takes the dequantize + mat-mat path.
+        let prompt = [1u32, 5, 9, 33, 100, 7, 250, 3, 17, 64, 128, 200];
         cpu.forward(&prompt, 0, true).unwrap();
         gpu.forward(&prompt, 0, true).unwrap();
         let e = nmse(gpu.logits().unwrap(), cpu.logits().unwrap());

@@ -57,5 +57,8 @@ pub fn kernel_definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<(String,
         ));
     }
     out.push(("argmax".into(), argmax::argmax_kernel::ArgmaxKernel::<R>::new(settings(argmax::ARGMAX_CUBE), c(), a(), a(), (), (), argmax::ARGMAX_CUBE).define()));
+    // The quantized mat-vec / fused SwiGLU / dequantize kernels: every (format, variant) the
+    // matmul API launches, under each mat-vec config HIP (wave64, wave32) or `client` uses.
+    out.extend(super::matmul::catalog::kernel_definitions(client));
     out
 }

@@ -229,6 +229,12 @@ impl Backend for CpuBackend {
         Ok(&self.logits[..self.n_logit_rows * self.model.config.n_vocab])
     }
 
+    fn argmax(&mut self) -> Result<u32> {
+        let n = self.model.config.n_vocab;
+        let last = &self.logits[(self.n_logit_rows - 1) * n..self.n_logit_rows * n];
+        Ok(crate::sampler::argmax(last) as u32)
+    }
+
     fn memory(&self) -> MemoryUsage {
         let f = std::mem::size_of::<f32>() as u64;
         let kv = self.k_cache.iter().chain(&self.v_cache).map(|c| c.len() as u64 * f).sum();

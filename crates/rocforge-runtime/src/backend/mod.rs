@@ -113,10 +113,7 @@ pub trait Backend: Send {
     fn logits(&mut self) -> Result<&[f32]>;
     /// Index of the largest logit of the last token. GPU backends compute it on the device so
     /// only one id crosses to the host.
-    fn argmax(&mut self) -> Result<u32> {
-        let logits = self.logits()?;
-        Ok(crate::sampler::argmax(logits) as u32)
-    }
+    fn argmax(&mut self) -> Result<u32>;
     /// Memory held, as measured.
     fn memory(&self) -> MemoryUsage;
     /// Kernel launches (or parallel regions, on the CPU) issued by the last forward call.

@@ -6,6 +6,7 @@ use cubecl::prelude::*;
 
 use super::api::{self, DequantScratch, Epilogue, MatmulError, QWeight, MAX_MATVEC_TOKENS};
 use super::format::KernelFormat;
+use super::kernels::{self, MatvecConfig};
 
 /// Which kernel, with its comptime choices other than the format and the launch config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,4 +89,117 @@ pub fn launch_variant<R: Runtime>(
         KernelKind::MatvecSwiglu => api::matvec_swiglu(client, &w, &w, &x, &y),
         KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
     }
+}
+
+/// Lanes per cube of the dequantize pass (`api::dequantize`'s `THREADS`).
+const DEQUANT_THREADS: u32 = 256;
+
+/// Mat-vec configs a compile check should cover for `client`: the one `client` itself would
+/// launch ([`api::matvec_config`]) plus one plane per row at 64 lanes (CDNA, wave64) and at 32
+/// lanes (NVIDIA, RDNA in wave32), which is what the HIP and CUDA runtimes launch. Deduplicated.
+pub fn check_configs<R: Runtime>(client: &ComputeClient<R>) -> Vec<MatvecConfig> {
+    let plane = |lanes: u32| MatvecConfig {
+        lanes,
+        rows_per_cube: (128 / lanes).max(1),
+        plane_reduce: true,
+    };
+    let mut out = vec![plane(64), plane(32)];
+    let own = api::matvec_config(client);
+    if !out.contains(&own) {
+        out.push(own);
+    }
+    out
+}
+
+/// Short tag of a config for kernel names: `l64p` (plane reduce), `l32s` (shared memory).
+pub fn config_tag(cfg: MatvecConfig) -> String {
+    let r = if cfg.plane_reduce { 'p' } else { 's' };
+    format!("l{}{r}", cfg.lanes)
+}
+
+/// `v`'s kernel definition as the API launches it with mat-vec config `cfg` (ignored by the
+/// dequantize pass): same cube dim, same comptime arguments.
+pub fn definition<R: Runtime>(
+    client: &ComputeClient<R>,
+    v: &KernelVariant,
+    cfg: MatvecConfig,
+) -> KernelDefinition {
+    let settings = |dim: CubeDim| {
+        KernelSettings::default()
+            .cube_dim(dim)
+            .address_type(AddressType::U32)
+    };
+    let a = || ArrayCompilationArg { inplace: None };
+    let c = || client.clone();
+    let mv_dim = CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube);
+    match v.kind {
+        KernelKind::Matvec { tokens, accumulate } => {
+            kernels::matvec_kernel::MatvecKernel::<R>::new(
+                settings(mv_dim),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                (),
+                v.format,
+                cfg,
+                tokens,
+                accumulate,
+            )
+            .define()
+        }
+        KernelKind::MatvecSwiglu => kernels::matvec_swiglu_kernel::MatvecSwigluKernel::<R>::new(
+            settings(mv_dim),
+            c(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            v.format,
+            cfg,
+        )
+        .define(),
+        KernelKind::Dequantize => kernels::dequantize_kernel::DequantizeKernel::<R>::new(
+            settings(CubeDim::new_1d(DEQUANT_THREADS)),
+            c(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            v.format,
+        )
+        .define(),
+    }
+}
+
+/// `(name, definition)` of every variant of [`variants`] under every config of
+/// [`check_configs`] (the dequantize pass once, it has no mat-vec config).
+pub fn kernel_definitions<R: Runtime>(
+    client: &ComputeClient<R>,
+) -> Vec<(String, KernelDefinition)> {
+    let cfgs = check_configs(client);
+    let mut out = Vec::new();
+    for v in variants() {
+        if v.kind == KernelKind::Dequantize {
+            out.push((v.name.clone(), definition(client, &v, cfgs[0])));
+            continue;
+        }
+        for &cfg in &cfgs {
+            out.push((
+                format!("{}_{}", v.name, config_tag(cfg)),
+                definition(client, &v, cfg),
+            ));
+        }
+    }
+    out
 }
