@@ -100,7 +100,7 @@ pub struct CubeBackend<R: Runtime> {
     up: Buf,     // (batch, n_ff)
     logits: Buf, // (n_vocab) or (batch, n_vocab) for all-token logits
     best: Buf,   // (1) argmax of the last logits row
-    no_ids: Buf, // (1) placeholder token buffer for single-token embedding
+    no_ids: Buf, // (1) unused device token buffer: single-token embedding passes the id as an argument
     cache: KvCache,
     scratch: AttnScratch,
     host_logits: Vec<f32>,
