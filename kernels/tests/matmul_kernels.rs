@@ -356,7 +356,10 @@ macro_rules! runtime_tests {
 
 #[cfg(feature = "wgpu")]
 runtime_tests!(wgpu, cubecl::wgpu::WgpuRuntime);
-#[cfg(feature = "cuda")]
+// CUDA and HIP instances need the GPU (creating a HIP client without one aborts the process):
+// they are compiled only with the `device-tests` feature, e.g. on the H200
+// `cargo test --release -p rocforge-kernels --features cuda,device-tests --test matmul_kernels`.
+#[cfg(all(feature = "cuda", feature = "device-tests"))]
 runtime_tests!(cuda, cubecl::cuda::CudaRuntime);
-#[cfg(feature = "hip")]
+#[cfg(all(feature = "hip", feature = "device-tests"))]
 runtime_tests!(hip, cubecl::hip::HipRuntime);
