@@ -50,13 +50,18 @@ pub fn argmax_kernel(x: &Array<f32>, out: &mut Array<u32>, row0: u32, n: u32, #[
     sync_cube();
     let mut stride = CUBE_DIM as usize / 2;
     while stride > 0 {
-        if u < stride && valid[u + stride] == 1 {
-            let (v, j) = (vals[u + stride], idxs[u + stride]);
-            let cur = vals[u];
-            if valid[u] == 0 || v > cur || (v == cur && j < idxs[u]) {
-                vals[u] = v;
-                idxs[u] = j;
-                valid[u] = 1;
+        // Nested, not `u < stride && valid[u + stride] == 1`: CubeCL evaluates both sides of
+        // `&&`, and units past `stride` would read past the shared arrays (seen on the H200 as
+        // an intermittent CUDA_ERROR_ILLEGAL_ADDRESS, located by compute-sanitizer).
+        if u < stride {
+            if valid[u + stride] == 1 {
+                let (v, j) = (vals[u + stride], idxs[u + stride]);
+                let cur = vals[u];
+                if valid[u] == 0 || v > cur || (v == cur && j < idxs[u]) {
+                    vals[u] = v;
+                    idxs[u] = j;
+                    valid[u] = 1;
+                }
             }
         }
         sync_cube();
