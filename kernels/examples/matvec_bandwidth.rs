@@ -90,8 +90,8 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize) {
         println!("| {rows}x{cols} | copy | {} | {:.1}{} | {copy_gbs:.1} | 100 |", 2 * words * 4, copy_s * 1e6, note(copy_s));
         let x = gpu.f32s(&vec![0.5f32; cols]);
         let out = gpu.zeros(rows);
-        for ty in DEVICE_FORMATS {
-            let bytes_w = weights(ty, rows, cols);
+        for ty in DEVICE_FORMATS.into_iter().chain(K_QUANTS) {
+            let bytes_w = if K_QUANTS.contains(&ty) { random_k_blocks(ty, rows, cols) } else { weights(ty, rows, cols) };
             let bytes = bytes_w.len() + cols * 4 + rows * 4;
             let row = |kernel: &str, s: f64| {
                 let gbs = bytes as f64 / s / 1e9;
@@ -101,10 +101,39 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize) {
             if let Ok(q) = QWeight::upload(&client, ty, rows, cols, &bytes_w) {
                 row("matvec", time(&gpu, iters, || matvec(&client, &q, x.handle(), out.handle(), Epilogue::Store).expect("matvec")));
             }
-            let w = DeviceWeight::upload(&gpu, ty, &bytes_w, rows, cols).expect("device format");
-            row("linear_plain", time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1)));
+            // The plain per-row kernel, where it reads the format.
+            if let Ok(w) = DeviceWeight::upload(&gpu, ty, &bytes_w, rows, cols) {
+                row("linear_plain", time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1)));
+            }
         }
     }
+}
+
+/// The K-quant formats (no quantizer here: random quant bytes with small `f16` scales).
+const K_QUANTS: [GgmlType; 3] = [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K];
+
+/// Random blocks of a K-quant format; `d`/`dmin` set to small finite halves (random header
+/// bytes could be inf or NaN, which does not change the speed but makes the output useless).
+fn random_k_blocks(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut bytes: Vec<u8> = (0..rows * cols / bs * ts)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect();
+    let small = half::f16::from_f32(0.01).to_le_bytes();
+    // Q4_K/Q5_K: d and dmin at the block start; Q6_K: d at the end.
+    let heads: &[usize] = if ty == GgmlType::Q6K { &[ts - 2] } else { &[0, 2] };
+    for block in bytes.chunks_exact_mut(ts) {
+        for &h in heads {
+            block[h..h + 2].copy_from_slice(&small);
+        }
+    }
+    bytes
 }
 
 fn main() {

@@ -4,14 +4,15 @@
 //! fail separately.
 //!
 //! `cargo test --release -p rocforge-kernels --features wgpu --test ops_kernels` runs them on
-//! wgpu (lavapipe on a CPU-only machine). CUDA and HIP instances are `#[ignore]`d: they need
-//! the GPU, so run them with `--ignored` where one is present.
+//! wgpu (lavapipe on a CPU-only machine). CUDA and HIP instances need the GPU (a HIP client
+//! without one aborts the process), so they compile only with the `device-tests` feature:
+//! `cargo test --release -p rocforge-kernels --features cuda,device-tests --test ops_kernels`.
 #![cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
 
 use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, KvType};
 use rocforge_kernels::ops::dequant::{self, DeviceWeight, DEVICE_FORMATS};
 use rocforge_kernels::ops::gpu::{Gpu, Runtime};
-use rocforge_kernels::ops::rope::{self, RopeShape};
+use rocforge_kernels::ops::rope::{self, RopeShape, RopeSrc};
 use rocforge_kernels::ops::{activation, argmax, embedding, norm};
 use rocforge_kernels::quant;
 use rocforge_kernels::GgmlType;
@@ -125,16 +126,26 @@ fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
                 rope::rope(&mut want_q[t * q_dim..(t + 1) * q_dim], hd, c, s);
                 rope::rope(&mut want_k[t * kv_dim..(t + 1) * kv_dim], hd, c, s);
             }
-            let cache = KvCache::new(gpu, 2, ctx, kv_dim, kv);
+            // The same projections as three buffers and as one fused QKV buffer (token rows of
+            // Q, K, V back to back, as the fused projection writes them).
             let (qb, kb, vb) = (gpu.f32s(&q), gpu.f32s(&k), gpu.f32s(&v));
-            let shape = RopeShape { n_head, n_kv_heads: n_kv, head_dim: hd, rot_pairs: half };
-            rope::launch_rope_store(gpu, &qb, &kb, &vb, &gpu.f32s(&cos), &gpu.f32s(&sin), &cache, 1, pos, n, shape);
-            check("rope_store", &format!("{case}_q"), &gpu.read_f32(&qb).unwrap(), &want_q);
-            let (kc, vc) = cache.read_layer(gpu, 1).unwrap();
-            let op = if kv == KvType::F16 { "rope_store_f16" } else { "rope_store" };
-            check(op, &format!("{case}_k"), &kc[pos * kv_dim..(pos + n) * kv_dim], &want_k);
-            check(op, &format!("{case}_v"), &vc[pos * kv_dim..(pos + n) * kv_dim], &v);
-            assert!(kc[..pos * kv_dim].iter().all(|&x| x == 0.0), "rope_store/{case}: wrote below pos");
+            let fused: Vec<f32> = (0..n)
+                .flat_map(|t| [&q[t * q_dim..(t + 1) * q_dim], &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]].concat())
+                .collect();
+            let qkv = gpu.f32s(&fused);
+            for (src_name, src) in [("separate", RopeSrc::Separate { q: &qb, k: &kb, v: &vb }), ("fused", RopeSrc::Fused(&qkv))] {
+                let case = format!("{case}_{src_name}");
+                let cache = KvCache::new(gpu, 2, ctx, kv_dim, kv);
+                let q_out = gpu.zeros(n * q_dim);
+                let shape = RopeShape { n_head, n_kv_heads: n_kv, head_dim: hd, rot_pairs: half };
+                rope::launch_rope_store(gpu, src, &q_out, &gpu.f32s(&cos), &gpu.f32s(&sin), &cache, 1, pos, n, shape);
+                check("rope_store", &format!("{case}_q"), &gpu.read_f32(&q_out).unwrap(), &want_q);
+                let (kc, vc) = cache.read_layer(gpu, 1).unwrap();
+                let op = if kv == KvType::F16 { "rope_store_f16" } else { "rope_store" };
+                check(op, &format!("{case}_k"), &kc[pos * kv_dim..(pos + n) * kv_dim], &want_k);
+                check(op, &format!("{case}_v"), &vc[pos * kv_dim..(pos + n) * kv_dim], &v);
+                assert!(kc[..pos * kv_dim].iter().all(|&x| x == 0.0), "rope_store/{case}: wrote below pos");
+            }
         }
     }
 }
@@ -167,7 +178,9 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
             let dummy_q = gpu.zeros(ctx * q_dim);
             let rs = RopeShape { n_head, n_kv_heads: n_kv, head_dim: hd, rot_pairs: 0 };
             let none = gpu.zeros(1);
-            rope::launch_rope_store(gpu, &dummy_q, &gpu.f32s(&k), &gpu.f32s(&v), &none, &none, &cache, 0, 0, ctx, rs);
+            let (kb, vb) = (gpu.f32s(&k), gpu.f32s(&v));
+            let src = RopeSrc::Separate { q: &dummy_q, k: &kb, v: &vb };
+            rope::launch_rope_store(gpu, src, &gpu.zeros(ctx * q_dim), &none, &none, &cache, 0, 0, ctx, rs);
             let scratch = AttnScratch::new(gpu, 32, shape);
             let out = gpu.zeros(n * q_dim);
             attention::launch_attention(gpu, &gpu.f32s(&q), &cache, 0, &scratch, &out, pos, n, shape);
@@ -254,32 +267,24 @@ fn launches_are_counted<R: Runtime>(gpu: &Gpu<R>) {
 
 /// One `#[test]` per op for a runtime: `$name` module, `$gpu` expression making the `Gpu`.
 macro_rules! runtime_tests {
-    ($name:ident, $gpu:expr, $($attr:meta)?) => {
+    ($name:ident, $gpu:expr) => {
         mod $name {
             use super::*;
-            $(#[$attr])?
             #[test] fn rms_norm() { super::rms_norm(&$gpu) }
-            $(#[$attr])?
             #[test] fn elementwise() { super::elementwise(&$gpu) }
-            $(#[$attr])?
             #[test] fn rope_store() { super::rope_store(&$gpu) }
-            $(#[$attr])?
             #[test] fn attention() { super::attention(&$gpu) }
-            $(#[$attr])?
             #[test] fn embedding() { super::embedding(&$gpu) }
-            $(#[$attr])?
             #[test] fn linear_plain() { super::linear_plain(&$gpu) }
-            $(#[$attr])?
             #[test] fn argmax() { super::argmax_matches(&$gpu) }
-            $(#[$attr])?
             #[test] fn launches_are_counted() { super::launches_are_counted(&$gpu) }
         }
     };
 }
 
 #[cfg(feature = "wgpu")]
-runtime_tests!(wgpu, Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()),);
-#[cfg(feature = "cuda")]
-runtime_tests!(cuda, Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()), ignore = "needs an NVIDIA GPU");
-#[cfg(feature = "hip")]
-runtime_tests!(hip, Gpu::<cubecl::hip::HipRuntime>::on(&Default::default()), ignore = "needs an AMD GPU");
+runtime_tests!(wgpu, Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()));
+#[cfg(all(feature = "cuda", feature = "device-tests"))]
+runtime_tests!(cuda, Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()));
+#[cfg(all(feature = "hip", feature = "device-tests"))]
+runtime_tests!(hip, Gpu::<cubecl::hip::HipRuntime>::on(&Default::default()));

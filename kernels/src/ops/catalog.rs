@@ -23,8 +23,15 @@ pub fn kernel_definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<(String,
     out.push(("add_rms_norm".into(), norm::add_rms_norm_kernel::AddRmsNormKernel::<R>::new(settings(row), c(), a(), a(), a(), a(), (), (), row).define()));
     out.push(("swiglu".into(), activation::swiglu_kernel::SwigluKernel::<R>::new(settings(256), c(), a(), a(), ()).define()));
     out.push(("add_assign".into(), activation::add_assign_kernel::AddAssignKernel::<R>::new(settings(256), c(), a(), a(), ()).define()));
-    out.push(("rope_store_f32".into(), rope::rope_store_kernel::RopeStoreKernel::<f32, R>::new(settings(256), c(), a(), a(), a(), a(), a(), a(), a(), (), (), (), (), (), ()).define()));
-    out.push(("rope_store_f16".into(), rope::rope_store_kernel::RopeStoreKernel::<half::f16, R>::new(settings(256), c(), a(), a(), a(), a(), a(), a(), a(), (), (), (), (), (), ()).define()));
+    let rope_scalars = || ((), (), (), (), (), (), (), (), (), (), ());
+    macro_rules! rope_def {
+        ($k:ty) => {{
+            let s = rope_scalars();
+            rope::rope_store_kernel::RopeStoreKernel::<$k, R>::new(settings(256), c(), a(), a(), a(), a(), a(), a(), a(), a(), s.0, s.1, s.2, s.3, s.4, s.5, s.6, s.7, s.8, s.9, s.10).define()
+        }};
+    }
+    out.push(("rope_store_f32".into(), rope_def!(f32)));
+    out.push(("rope_store_f16".into(), rope_def!(half::f16)));
     for hd in HEAD_DIMS {
         for finalize in [true, false] {
             let tag = if finalize { "single" } else { "split" };

@@ -2,8 +2,9 @@
 //! adjacent pairs (x[2i], x[2i+1]) of the first `rope_dim` dims of each head are rotated by
 //! pos * base^(-2i/rope_dim) / freq_factor[i].
 //!
-//! The CubeCL kernel rotates Q in place and K on its way into the KV cache, and copies V into
-//! the cache, in one launch. Its cos/sin come from a table built once on the host with
+//! The CubeCL kernel rotates Q into the attention's input buffer and K on its way into the KV
+//! cache, and copies V into the cache, in one launch; Q, K and V may come from one fused QKV
+//! projection. Its cos/sin come from a table built once on the host with
 //! [`rope_cache`], so every backend rotates by bit-identical angles.
 
 /// Inverse frequencies `base^(-2i/rope_dim)` (divided by the optional `rope_freqs` factors).
@@ -61,13 +62,26 @@ pub struct RopeShape {
     pub rot_pairs: usize,
 }
 
-/// One unit per (token, head, pair) over the Q heads then the KV heads. Q pairs rotate in
-/// place; K pairs rotate into `k_cache[pos + t]`; the same unit copies V's pair into `v_cache`.
+/// Where the projections of a rope-and-store call come from: three buffers, or one fused
+/// QKV output whose token rows hold Q, K, V back to back (the fused projection's layout).
+#[derive(Clone, Copy)]
+pub enum RopeSrc<'a> {
+    /// `q` `(n, n_head*head_dim)`, `k` and `v` `(n, n_kv_heads*head_dim)`.
+    Separate { q: &'a Buf, k: &'a Buf, v: &'a Buf },
+    /// `(n, (n_head + 2*n_kv_heads)*head_dim)`.
+    Fused(&'a Buf),
+}
+
+/// One unit per (token, head, pair) over the Q heads then the KV heads. Q pairs rotate into
+/// `q_out`; K pairs rotate into `k_cache[pos + t]`; the same unit copies V's pair into
+/// `v_cache`. Sources are read at `*_off + t * *_stride + ...`, so Q, K and V may be parts of
+/// one fused buffer (bound three times, read-only).
 #[cube(launch_unchecked)]
 pub fn rope_store_kernel<K: Float>(
-    q: &mut Array<f32>,
-    k: &Array<f32>,
-    v: &Array<f32>,
+    q_src: &Array<f32>,
+    k_src: &Array<f32>,
+    v_src: &Array<f32>,
+    q_out: &mut Array<f32>,
     cos: &Array<f32>,
     sin: &Array<f32>,
     k_cache: &mut Array<K>,
@@ -78,6 +92,11 @@ pub fn rope_store_kernel<K: Float>(
     n_kv: u32,
     head_dim: u32,
     rot_pairs: u32,
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    q_stride: u32,
+    kv_stride: u32,
 ) {
     let (n_head, n_kv, hd, rot) = (n_head as usize, n_kv as usize, head_dim as usize, rot_pairs as usize);
     let pairs = hd / 2;
@@ -94,32 +113,34 @@ pub fn rope_store_kernel<K: Float>(
             s = sin[p * rot + i];
         }
         if slot < n_head {
-            let b = t * n_head * hd + slot * hd + 2 * i;
-            let (a0, a1) = (q[b], q[b + 1]);
-            q[b] = a0 * c - a1 * s;
-            q[b + 1] = a0 * s + a1 * c;
+            let head = slot * hd + 2 * i;
+            let src = q_off as usize + t * q_stride as usize + head;
+            let (a0, a1) = (q_src[src], q_src[src + 1]);
+            let b = t * n_head * hd + head;
+            q_out[b] = a0 * c - a1 * s;
+            q_out[b + 1] = a0 * s + a1 * c;
         } else {
             let kv_dim = n_kv * hd;
             let off = (slot - n_head) * hd + 2 * i;
-            let src = t * kv_dim + off;
+            let ks = k_off as usize + t * kv_stride as usize + off;
+            let vs = v_off as usize + t * kv_stride as usize + off;
             let dst = p * kv_dim + off;
-            let (a0, a1) = (k[src], k[src + 1]);
+            let (a0, a1) = (k_src[ks], k_src[ks + 1]);
             k_cache[dst] = K::cast_from(a0 * c - a1 * s);
             k_cache[dst + 1] = K::cast_from(a0 * s + a1 * c);
-            v_cache[dst] = K::cast_from(v[src]);
-            v_cache[dst + 1] = K::cast_from(v[src + 1]);
+            v_cache[dst] = K::cast_from(v_src[vs]);
+            v_cache[dst + 1] = K::cast_from(v_src[vs + 1]);
         }
     }
 }
 
-/// RoPE on `n` tokens at positions `pos..pos + n`: Q rotated in place, rotated K and plain V
-/// written into the cache's layer `layer`.
+/// RoPE on `n` tokens at positions `pos..pos + n`: rotated Q into `q_out` `(n, n_head*head_dim)`,
+/// rotated K and plain V into the cache's layer `layer`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_rope_store<R: Runtime>(
     gpu: &Gpu<R>,
-    q: &Buf,
-    k: &Buf,
-    v: &Buf,
+    src: RopeSrc<'_>,
+    q_out: &Buf,
     cos: &Buf,
     sin: &Buf,
     cache: &KvCache,
@@ -129,9 +150,20 @@ pub fn launch_rope_store<R: Runtime>(
     shape: RopeShape,
 ) {
     let RopeShape { n_head, n_kv_heads, head_dim, rot_pairs } = shape;
-    let kv_dim = n_kv_heads * head_dim;
+    let (q_dim, kv_dim) = (n_head * head_dim, n_kv_heads * head_dim);
     assert!(head_dim % 2 == 0 && rot_pairs * 2 <= head_dim, "rope: bad head shape {shape:?}");
-    assert!(n * n_head * head_dim <= q.len() && n * kv_dim <= k.len().min(v.len()), "rope: {n} tokens out of range");
+    let (q, k, v, offs, strides) = match src {
+        RopeSrc::Separate { q, k, v } => {
+            assert!(n * q_dim <= q.len() && n * kv_dim <= k.len().min(v.len()), "rope: {n} tokens out of range");
+            (q, k, v, [0, 0, 0], [q_dim, kv_dim])
+        }
+        RopeSrc::Fused(qkv) => {
+            let row = q_dim + 2 * kv_dim;
+            assert!(n * row <= qkv.len(), "rope: {n} fused tokens out of range");
+            (qkv, qkv, qkv, [0, q_dim, q_dim + kv_dim], [row, row])
+        }
+    };
+    assert!(n * q_dim <= q_out.len(), "rope: q_out too small for {n} tokens");
     assert!((pos + n) * rot_pairs <= cos.len().min(sin.len()), "rope: table too short for position {}", pos + n);
     assert!((pos + n) * kv_dim <= cache.capacity() * kv_dim && kv_dim == cache.kv_dim(), "rope: cache too small");
     let (count, dim) = elementwise(n * (n_head + n_kv_heads) * head_dim / 2);
@@ -149,6 +181,7 @@ pub fn launch_rope_store<R: Runtime>(
                     q.arg(),
                     k.arg(),
                     v.arg(),
+                    q_out.arg(),
                     cos.arg(),
                     sin.arg(),
                     kc.arg(),
@@ -159,6 +192,11 @@ pub fn launch_rope_store<R: Runtime>(
                     n_kv_heads as u32,
                     head_dim as u32,
                     rot_pairs as u32,
+                    offs[0] as u32,
+                    offs[1] as u32,
+                    offs[2] as u32,
+                    strides[0] as u32,
+                    strides[1] as u32,
                 )
             }
         };

@@ -13,11 +13,11 @@ use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, Kv
 use rocforge_kernels::ops::dequant::{self, DeviceWeight};
 use rocforge_kernels::ops::embedding::{self, Tokens};
 use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Runtime};
-use rocforge_kernels::ops::matmul::{self as mm, DequantScratch, Epilogue, QWeight, MAX_MATVEC_TOKENS};
-use rocforge_kernels::ops::rope::{self, RopeShape};
+use rocforge_kernels::ops::matmul::{self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS};
+use rocforge_kernels::ops::rope::{self, RopeShape, RopeSrc};
 use rocforge_kernels::ops::{activation, argmax, norm};
 
-use super::{Backend, BackendKind, BackendOptions, MemoryUsage};
+use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler};
 use crate::error::{Error, Result};
 use crate::model::{Model, Weight};
 
@@ -59,12 +59,27 @@ impl<R: Runtime> Matrix<R> {
     }
 }
 
+/// The attention's input projections: where Q, K and V share a format the tuned kernels read,
+/// one weight with their rows stacked (one launch; each token's output row holds Q, K, V back
+/// to back, which `rope_store` reads as `RopeSrc::Fused`), else three matrices.
+enum Qkv<R: Runtime> {
+    Fused(QWeight<R>),         // (n_head*head_dim + 2*n_head_kv*head_dim, n_embd)
+    Separate([Matrix<R>; 3]), // attn_q, attn_k, attn_v
+}
+
+impl<R: Runtime> Qkv<R> {
+    fn matrices(&self) -> Vec<(usize, usize, u64)> {
+        match self {
+            Self::Fused(w) => vec![(w.rows, w.cols, w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64)],
+            Self::Separate(ms) => ms.iter().map(|m| (m.shape().0, m.shape().1, m.bytes())).collect(),
+        }
+    }
+}
+
 /// One block's weights on the device; shapes as in [`crate::model::LayerWeights`].
 struct DeviceLayer<R: Runtime> {
     attn_norm: Buf,             // (n_embd)
-    attn_q: Matrix<R>,          // (n_head*head_dim, n_embd)
-    attn_k: Matrix<R>,          // (n_head_kv*head_dim, n_embd)
-    attn_v: Matrix<R>,          // (n_head_kv*head_dim, n_embd)
+    attn_qkv: Qkv<R>,           // attn_q (n_head*head_dim, n_embd), attn_k/attn_v (n_head_kv*head_dim, n_embd)
     attn_output: Matrix<R>,     // (n_embd, n_head*head_dim)
     ffn_norm: Buf,              // (n_embd)
     ffn_gate: Matrix<R>,        // (n_ff, n_embd)
@@ -81,8 +96,8 @@ pub struct CubeBackend<R: Runtime> {
     ctx: usize,
     max_batch: usize,
     // Weights.
-    token_embd: DeviceWeight, // (n_vocab, n_embd) GGUF layout, for the lookup
-    output: Matrix<R>,        // (n_vocab, n_embd), token_embd's bytes when tied
+    token_embd: Matrix<R>, // (n_vocab, n_embd), for the lookup
+    output: Matrix<R>,     // (n_vocab, n_embd), the same device buffers as token_embd when tied
     layers: Vec<DeviceLayer<R>>,
     dequant: Option<DequantScratch<R>>, // (largest matrix) f32, for prefill mat-mats
     output_norm: Buf, // (n_embd)
@@ -91,10 +106,11 @@ pub struct CubeBackend<R: Runtime> {
     // Activations, one row per token in the batch.
     x: Buf,      // (batch, n_embd) residual stream
     xn: Buf,     // (batch, n_embd) normalised input of a block
-    q: Buf,      // (batch, n_head*head_dim)
+    qkv: Buf,    // (batch, q_dim + 2*kv_dim) fused projection output (1 element when unused)
+    q: Buf,      // (batch, n_head*head_dim) rotated Q, the attention's input
     k: Buf,      // (batch, n_head_kv*head_dim)
     v: Buf,      // (batch, n_head_kv*head_dim)
-    att: Buf,    // (batch, n_head*head_dim) attention output
+    att: Buf,    // (batch, n_head*head_dim) attention output; un-rotated Q before rope
     proj: Buf,   // (batch, n_embd) output of attn_output / ffn_down
     gate: Buf,   // (batch, n_ff)
     up: Buf,     // (batch, n_ff)
@@ -107,6 +123,8 @@ pub struct CubeBackend<R: Runtime> {
     host_fresh: bool,
     n_logit_rows: usize,
     launches_last: u64,
+    /// Per-op timing (`set_profiling`): a sync after every op, charged to its family.
+    profiler: std::sync::Mutex<Profiler>,
 }
 
 impl<R: Runtime> CubeBackend<R> {
@@ -119,17 +137,24 @@ impl<R: Runtime> CubeBackend<R> {
             Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
                 .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensor `{}`: {e}", wt.name) })
         };
-        let token_embd = DeviceWeight::upload(&gpu, w.token_embd.ty, model.bytes(&w.token_embd), c.n_vocab, c.n_embd)
-            .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensor `token_embd.weight`: {e}") })?;
+        let token_embd = upload(&w.token_embd)?;
+        let qkv = |l: &crate::model::LayerWeights| -> Result<Qkv<R>> {
+            let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
+            if q.ty == k.ty && k.ty == v.ty && q.cols == k.cols && k.cols == v.cols && KernelFormat::from_ggml(q.ty).is_some() {
+                let bytes = [model.bytes(q), model.bytes(k), model.bytes(v)].concat();
+                let fused = QWeight::upload(gpu.client(), q.ty, q.rows + k.rows + v.rows, q.cols, &bytes)
+                    .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensors `{}`+k+v: {e}", q.name) })?;
+                return Ok(Qkv::Fused(fused));
+            }
+            Ok(Qkv::Separate([upload(q)?, upload(k)?, upload(v)?]))
+        };
         let layers = w
             .layers
             .iter()
             .map(|l| {
                 Ok(DeviceLayer {
                     attn_norm: gpu.f32s(&l.attn_norm),
-                    attn_q: upload(&l.attn_q)?,
-                    attn_k: upload(&l.attn_k)?,
-                    attn_v: upload(&l.attn_v)?,
+                    attn_qkv: qkv(l)?,
                     attn_output: upload(&l.attn_output)?,
                     ffn_norm: gpu.f32s(&l.ffn_norm),
                     ffn_gate: upload(&l.ffn_gate)?,
@@ -138,15 +163,22 @@ impl<R: Runtime> CubeBackend<R> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let output = upload(&w.output)?;
+        // Tied embeddings: one upload serves the lookup and the output projection.
+        let output = match (&token_embd, w.tied_output) {
+            (Matrix::Tuned(t), true) => Matrix::Tuned(t.clone()),
+            _ => upload(&w.output)?,
+        };
         // Batches above MAX_MATVEC_TOKENS dequantize a matrix into this scratch and multiply.
         let largest = layers
             .iter()
-            .flat_map(|l| [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down])
-            .chain([&output])
-            .map(|m| m.shape().0 * m.shape().1)
+            .flat_map(|l| {
+                let others = [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].map(|m| m.shape().0 * m.shape().1);
+                l.attn_qkv.matrices().into_iter().map(|(r, c, _)| r * c).chain(others)
+            })
+            .chain([output.shape().0 * output.shape().1])
             .max()
             .unwrap_or(0);
+        let fused = layers.iter().any(|l| matches!(l.attn_qkv, Qkv::Fused(_)));
         let dequant = (b > MAX_MATVEC_TOKENS).then(|| DequantScratch::new(gpu.client(), largest));
         let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref());
         let (cos, sin) = rope::rope_tables(ctx, &inv_freqs);
@@ -162,6 +194,7 @@ impl<R: Runtime> CubeBackend<R> {
             sin: gpu.f32s(&sin),
             x: gpu.zeros(b * c.n_embd),
             xn: gpu.zeros(b * c.n_embd),
+            qkv: gpu.zeros(if fused { b * (c.q_dim() + 2 * c.kv_dim()) } else { 1 }),
             q: gpu.zeros(b * c.q_dim()),
             k: gpu.zeros(b * c.kv_dim()),
             v: gpu.zeros(b * c.kv_dim()),
@@ -178,6 +211,7 @@ impl<R: Runtime> CubeBackend<R> {
             host_fresh: false,
             n_logit_rows: 1,
             launches_last: 0,
+            profiler: Default::default(),
             ctx,
             max_batch: b,
             kind,
@@ -196,26 +230,83 @@ impl<R: Runtime> CubeBackend<R> {
         self.cache.ty()
     }
 
+    /// Charges the time since the previous lap to `op` when profiling (after waiting for the
+    /// device, so each op's kernels are timed to completion).
+    fn lap(&self, op: &str) {
+        let mut p = self.profiler.lock().unwrap_or_else(|e| e.into_inner());
+        if p.enabled() {
+            let _ = self.gpu.sync();
+            p.lap(op);
+        }
+    }
+
+    fn backend_err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Backend { backend: self.kind.name().into(), problem: e.to_string() }
+    }
+
+    /// `x[t] = token_embd[tokens[t]]`; a single token travels as a kernel argument.
+    fn embed(&self, tokens: &[u32]) -> Result<()> {
+        let n = tokens.len();
+        let ids = (n > 1).then(|| self.gpu.u32s(tokens));
+        match &self.token_embd {
+            Matrix::Tuned(w) => {
+                self.gpu.count_launches(1);
+                let (ids, token0) = match &ids {
+                    Some(b) => (b.handle(), None),
+                    None => (self.no_ids.handle(), Some(tokens[0])),
+                };
+                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle()).map_err(|e| self.backend_err(e))
+            }
+            Matrix::Plain(w) => {
+                let toks = match &ids {
+                    Some(b) => Tokens::Device(b, n),
+                    None => Tokens::One(tokens[0]),
+                };
+                embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
+                Ok(())
+            }
+        }
+    }
+
+    /// `h = silu(W_gate · x) * (W_up · x)` for the first `n` rows of `x` (into `gate`): one
+    /// fused launch for a single token where both weights take the tuned kernels.
+    fn ffn_in(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize) -> Result<()> {
+        if let (1, Matrix::Tuned(g), Matrix::Tuned(u)) = (n, gate, up) {
+            if (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) {
+                self.gpu.count_launches(1);
+                return mm::matvec_swiglu(self.gpu.client(), g, u, self.xn.handle(), self.gate.handle()).map_err(|e| self.backend_err(e));
+            }
+        }
+        self.linear(gate, &self.xn, &self.gate, n)?;
+        self.linear(up, &self.xn, &self.up, n)?;
+        activation::launch_swiglu(&self.gpu, &self.gate, &self.up, n * self.model.config.n_ff);
+        Ok(())
+    }
+
     /// `out[t] = W · x[t]` for the first `n` rows of `x`.
     fn linear(&self, w: &Matrix<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
-        let w = match w {
+        match w {
             Matrix::Plain(w) => {
                 dequant::launch_linear_plain(&self.gpu, w, x, out, n);
-                return Ok(());
+                Ok(())
             }
-            Matrix::Tuned(w) => w,
-        };
+            Matrix::Tuned(w) => self.linear_tuned(w, x, out, n),
+        }
+    }
+
+    /// [`Self::linear`] on the tuned kernels: one mat-vec up to `MAX_MATVEC_TOKENS` tokens,
+    /// above that a dequantize pass and cubek's matmul.
+    fn linear_tuned(&self, w: &QWeight<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
         let client = self.gpu.client();
         let r = if n == 1 {
             self.gpu.count_launches(1);
             mm::matvec(client, w, x.handle(), out.handle(), Epilogue::Store)
         } else {
-            // Up to MAX_MATVEC_TOKENS: one multi-token mat-vec; above: dequantize + matmul.
             self.gpu.count_launches(if n <= MAX_MATVEC_TOKENS { 1 } else { 2 });
             let scratch = self.dequant.as_ref().expect("allocated when max_batch allows such batches");
             mm::matmul(client, w, x.handle(), out.handle(), n, scratch)
         };
-        r.map_err(|e| Error::Backend { backend: self.kind.name().into(), problem: e.to_string() })
+        r.map_err(|e| self.backend_err(e))
     }
 }
 
@@ -254,15 +345,9 @@ impl<R: Runtime> Backend for CubeBackend<R> {
         let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
         let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
 
-        // x = token_embd[tokens]; a single token travels as a kernel argument.
-        let ids;
-        let toks = if n == 1 {
-            Tokens::One(tokens[0])
-        } else {
-            ids = g.u32s(tokens);
-            Tokens::Device(&ids, n)
-        };
-        embedding::launch_embedding(g, &self.token_embd, toks, &self.no_ids, &self.x);
+        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+        self.embed(tokens)?;
+        self.lap("embed");
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block: x += W_o · attention(rope(W_q·xn), rope(W_k·xn), W_v·xn). The
@@ -272,31 +357,48 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             } else {
                 norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.attn_norm, &self.xn, 0, n, c.rms_eps);
             }
-            self.linear(&layer.attn_q, &self.xn, &self.q, n)?;
-            self.linear(&layer.attn_k, &self.xn, &self.k, n)?;
-            self.linear(&layer.attn_v, &self.xn, &self.v, n)?;
-            rope::launch_rope_store(g, &self.q, &self.k, &self.v, &self.cos, &self.sin, &self.cache, l, pos, n, rope_shape);
+            self.lap("rms_norm");
+            let src = match &layer.attn_qkv {
+                Qkv::Fused(w) => {
+                    self.linear_tuned(w, &self.xn, &self.qkv, n)?;
+                    RopeSrc::Fused(&self.qkv)
+                }
+                Qkv::Separate([wq, wk, wv]) => {
+                    self.linear(wq, &self.xn, &self.att, n)?;
+                    self.linear(wk, &self.xn, &self.k, n)?;
+                    self.linear(wv, &self.xn, &self.v, n)?;
+                    RopeSrc::Separate { q: &self.att, k: &self.k, v: &self.v }
+                }
+            };
+            self.lap("matmul");
+            rope::launch_rope_store(g, src, &self.q, &self.cos, &self.sin, &self.cache, l, pos, n, rope_shape);
+            self.lap("rope_kv_store");
             attention::launch_attention(g, &self.q, &self.cache, l, &self.scratch, &self.att, pos, n, attn_shape);
+            self.lap("attention");
             self.linear(&layer.attn_output, &self.att, &self.proj, n)?;
+            self.lap("matmul");
 
             // Feed-forward block: x += W_down · (silu(W_gate·xn) * (W_up·xn))
             norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.ffn_norm, &self.xn, 0, n, c.rms_eps);
-            self.linear(&layer.ffn_gate, &self.xn, &self.gate, n)?;
-            self.linear(&layer.ffn_up, &self.xn, &self.up, n)?;
-            activation::launch_swiglu(g, &self.gate, &self.up, n * c.n_ff);
+            self.lap("rms_norm");
+            self.ffn_in(&layer.ffn_gate, &layer.ffn_up, n)?;
+            self.lap("matmul_swiglu");
             self.linear(&layer.ffn_down, &self.gate, &self.proj, n)?;
+            self.lap("matmul");
         }
 
         // logits = W_out · rmsnorm(x + last residual), for the last token or all of them
         let first = if all_logits { 0 } else { n - 1 };
         let rows = n - first;
         norm::launch_add_rms_norm(g, &self.x, &self.proj, &self.output_norm, &self.xn, first, rows, c.rms_eps);
+        self.lap("rms_norm");
         if self.logits.len() < rows * c.n_vocab {
             // Only perplexity asks for all-token logits; decode never reaches this.
             self.logits = g.zeros(rows * c.n_vocab);
             self.host_logits.resize(rows * c.n_vocab, 0.0);
         }
         self.linear(&self.output, &self.xn, &self.logits, rows)?;
+        self.lap("output");
         self.n_logit_rows = rows;
         self.host_fresh = false;
         self.launches_last = g.launches() - start;
@@ -321,17 +423,19 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn memory(&self) -> MemoryUsage {
         let layer_bytes = |l: &DeviceLayer<R>| -> u64 {
-            [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].iter().map(|w| w.bytes()).sum::<u64>()
+            [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].iter().map(|w| w.bytes()).sum::<u64>()
+                + l.attn_qkv.matrices().iter().map(|m| m.2).sum::<u64>()
                 + l.attn_norm.bytes()
                 + l.ffn_norm.bytes()
         };
+        let tied = self.model.weights.tied_output && matches!(self.token_embd, Matrix::Tuned(_));
         let weights = self.layers.iter().map(layer_bytes).sum::<u64>()
             + self.token_embd.bytes()
-            + self.output.bytes()
+            + if tied { 0 } else { self.output.bytes() }
             + self.output_norm.bytes()
             + self.cos.bytes()
             + self.sin.bytes();
-        let scratch = [&self.x, &self.xn, &self.q, &self.k, &self.v, &self.att, &self.proj, &self.gate, &self.up, &self.logits]
+        let scratch = [&self.x, &self.xn, &self.qkv, &self.q, &self.k, &self.v, &self.att, &self.proj, &self.gate, &self.up, &self.logits]
             .iter()
             .map(|b| b.bytes())
             .sum::<u64>()
@@ -349,6 +453,14 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     fn launches_last_forward(&self) -> u64 {
         self.launches_last
     }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.profiler.get_mut().unwrap_or_else(|e| e.into_inner()).set(on);
+    }
+
+    fn op_profile(&self) -> Vec<OpTiming> {
+        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).report()
+    }
 }
 
 fn no_backend(kind: BackendKind, problem: impl Into<String>) -> Error {
@@ -361,15 +473,15 @@ pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Re
     match kind {
         #[cfg(feature = "hip")]
         BackendKind::Hip => {
-            let n = probe::hip_devices().map_err(|p| no_backend(kind, p))?;
+            let found = probe::hip_devices().map_err(|p| no_backend(kind, p))?;
             let gpu = Gpu::on(&Default::default());
-            Ok(Box::new(Hip::new(gpu, kind, format!("AMD GPU 0 of {n} (HIP)"), model, opts)?))
+            Ok(Box::new(Hip::new(gpu, kind, found.name, model, opts)?))
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
-            let n = probe::cuda_devices().map_err(|p| no_backend(kind, p))?;
+            let found = probe::cuda_devices().map_err(|p| no_backend(kind, p))?;
             let gpu = Gpu::on(&Default::default());
-            Ok(Box::new(Cuda::new(gpu, kind, format!("NVIDIA GPU 0 of {n} (CUDA)"), model, opts)?))
+            Ok(Box::new(Cuda::new(gpu, kind, found.name, model, opts)?))
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
@@ -405,38 +517,76 @@ pub fn create_auto(model: Arc<Model>, opts: &BackendOptions) -> Result<Option<Bo
 /// Device probes that never create a client: driver libraries are opened by hand and asked for
 /// a device count.
 mod probe {
+    /// What a driver says of its first device, without creating a client.
     #[cfg(any(feature = "hip", feature = "cuda"))]
-    fn device_count(libs: &[String], init: Option<&[u8]>, count: &[u8], what: &str) -> Result<usize, String> {
+    pub struct Found {
+        /// Device 0's name and the driver version, e.g. `NVIDIA H200 (CUDA driver 13.0)`.
+        pub name: String,
+    }
+
+    /// Driver entry points probed, by symbol name.
+    #[cfg(any(feature = "hip", feature = "cuda"))]
+    struct Symbols {
+        what: &'static str,
+        init: Option<&'static [u8]>,
+        count: &'static [u8],
+        get: &'static [u8],
+        name: &'static [u8],
+        version: &'static [u8],
+    }
+
+    #[cfg(any(feature = "hip", feature = "cuda"))]
+    fn probe(libs: &[String], sym: &Symbols) -> Result<Found, String> {
         type Init = unsafe extern "C" fn(u32) -> i32;
         type Count = unsafe extern "C" fn(*mut i32) -> i32;
+        type Get = unsafe extern "C" fn(*mut i32, i32) -> i32;
+        type Name = unsafe extern "C" fn(*mut std::ffi::c_char, i32, i32) -> i32;
+        let what = sym.what;
         let mut tried = Vec::new();
-        for name in libs {
+        for lib_name in libs {
             // SAFETY: loading a driver library runs its initialisers, which is what creating a
             // client would do anyway; the symbols are called with their C signatures.
-            let lib = match unsafe { libloading::Library::new(name) } {
+            let lib = match unsafe { libloading::Library::new(lib_name) } {
                 Ok(l) => l,
                 Err(e) => {
-                    tried.push(format!("{name}: {e}"));
+                    tried.push(format!("{lib_name}: {e}"));
                     continue;
                 }
             };
             unsafe {
-                if let Some(init) = init {
-                    let f: libloading::Symbol<Init> = lib.get(init).map_err(|e| format!("{name}: {e}"))?;
+                if let Some(init) = sym.init {
+                    let f: libloading::Symbol<Init> = lib.get(init).map_err(|e| format!("{lib_name}: {e}"))?;
                     let rc = f(0);
                     if rc != 0 {
                         return Err(format!("{what} driver initialisation failed (error {rc}): no usable {what} GPU"));
                     }
                 }
-                let f: libloading::Symbol<Count> = lib.get(count).map_err(|e| format!("{name}: {e}"))?;
+                let f: libloading::Symbol<Count> = lib.get(sym.count).map_err(|e| format!("{lib_name}: {e}"))?;
                 let mut n = 0i32;
                 let rc = f(&mut n);
                 if rc != 0 || n <= 0 {
                     return Err(format!("no {what} GPU found (device count {n}, error {rc})"));
                 }
+                // The name is a nicety: any failure leaves a generic one.
+                let mut name = format!("{what} GPU 0 of {n}");
+                if let (Ok(get), Ok(get_name)) = (lib.get::<Get>(sym.get), lib.get::<Name>(sym.name)) {
+                    let (mut dev, mut buf) = (0i32, [0 as std::ffi::c_char; 256]);
+                    if get(&mut dev, 0) == 0 && get_name(buf.as_mut_ptr(), buf.len() as i32 - 1, dev) == 0 {
+                        let s = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().trim().to_string();
+                        if !s.is_empty() {
+                            name = if n > 1 { format!("{s} (device 0 of {n})") } else { s };
+                        }
+                    }
+                }
+                if let Ok(version) = lib.get::<Count>(sym.version) {
+                    let mut v = 0i32;
+                    if version(&mut v) == 0 && v > 0 {
+                        name = format!("{name}, {what} driver {}.{}", v / 1000, (v % 1000) / 10);
+                    }
+                }
                 // Keep the library loaded: the runtime will use it.
                 std::mem::forget(lib);
-                return Ok(n as usize);
+                return Ok(Found { name });
             }
         }
         Err(format!("the {what} runtime library is not installed (tried {})", tried.join("; ")))
@@ -444,7 +594,7 @@ mod probe {
 
     /// Number of AMD GPUs HIP sees.
     #[cfg(feature = "hip")]
-    pub fn hip_devices() -> Result<usize, String> {
+    pub fn hip_devices() -> Result<Found, String> {
         if !std::path::Path::new("/dev/kfd").exists() && cfg!(target_os = "linux") {
             return Err("no AMD GPU: /dev/kfd is missing (ROCm driver not loaded or no device)".into());
         }
@@ -455,14 +605,30 @@ mod probe {
             .map(|p| format!("{p}/lib/libamdhip64.so"))
             .collect();
         libs.push("libamdhip64.so".into());
-        device_count(&libs, None, b"hipGetDeviceCount\0", "HIP")
+        let sym = Symbols {
+            what: "HIP",
+            init: None,
+            count: b"hipGetDeviceCount\0",
+            get: b"hipDeviceGet\0",
+            name: b"hipDeviceGetName\0",
+            version: b"hipDriverGetVersion\0",
+        };
+        probe(&libs, &sym)
     }
 
     /// Number of NVIDIA GPUs the CUDA driver sees.
     #[cfg(feature = "cuda")]
-    pub fn cuda_devices() -> Result<usize, String> {
+    pub fn cuda_devices() -> Result<Found, String> {
         let libs = ["libcuda.so.1".to_string(), "libcuda.so".to_string()];
-        device_count(&libs, Some(b"cuInit\0"), b"cuDeviceGetCount\0", "CUDA")
+        let sym = Symbols {
+            what: "CUDA",
+            init: Some(b"cuInit\0"),
+            count: b"cuDeviceGetCount\0",
+            get: b"cuDeviceGet\0",
+            name: b"cuDeviceGetName\0",
+            version: b"cuDriverGetVersion\0",
+        };
+        probe(&libs, &sym)
     }
 
     /// A real GPU adapter for wgpu (discrete first, then integrated), if any.

@@ -187,6 +187,26 @@ pub fn matvec_swiglu<R: Runtime>(
     check_buffer("x", x, gate.cols)?;
     check_buffer("h", h, gate.rows)?;
     let cfg = matvec_config(client);
+    if uses_coalesced(gate.format, cfg) {
+        unsafe {
+            kernels::matvec_swiglu_q_kernel::launch_unchecked::<R>(
+                client,
+                matvec_cube_count(gate.rows, cfg),
+                CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
+                gate.quants_arg(),
+                gate.scales_arg(),
+                up.quants_arg(),
+                up.scales_arg(),
+                ArrayArg::from_raw_parts(x.clone(), gate.cols / 4),
+                ArrayArg::from_raw_parts(h.clone(), gate.rows),
+                gate.rows as u32,
+                gate.blocks_per_row,
+                gate.format,
+                cfg,
+            )
+        };
+        return Ok(());
+    }
     unsafe {
         kernels::matvec_swiglu_kernel::launch_unchecked::<R>(
             client,
@@ -242,6 +262,54 @@ pub fn matmul<R: Runtime>(
         .map_err(|e| MatmulError::Matmul(format!("{e:?}")))
 }
 
+/// Lanes per cube of the dequantize pass and the embedding lookup.
+pub(crate) const ROW_THREADS: u32 = 256;
+
+/// Embedding lookup: `out[t, :] = W[id_t, :]` for `n` tokens, as `f32`. With `token0` the
+/// single token travels as a kernel argument (decode: nothing to upload, `ids` unused);
+/// otherwise `ids` holds `n` token ids, which the caller has checked are below `w.rows`.
+pub fn embed<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    ids: &Handle,
+    n: usize,
+    token0: Option<u32>,
+    out: &Handle,
+) -> Result<(), MatmulError> {
+    if let Some(t) = token0 {
+        if n != 1 || t as usize >= w.rows {
+            return Err(MatmulError::BadShape { ty: w.ty, rows: t as usize, cols: w.cols });
+        }
+    } else {
+        let needed = n as u64 * 4;
+        if ids.size_in_used() < needed {
+            return Err(MatmulError::BufferTooSmall { what: "ids", needed, got: ids.size_in_used() });
+        }
+    }
+    check_buffer("out", out, n * w.cols)?;
+    let units = n as u64 * (w.blocks_per_row * w.format.units_per_block()) as u64;
+    check_u32(units)?;
+    let id_len = (ids.size_in_used() as usize / 4).max(1);
+    unsafe {
+        kernels::embed_kernel::launch_unchecked::<R>(
+            client,
+            grid(units.div_ceil(ROW_THREADS as u64) as u32),
+            CubeDim::new_1d(ROW_THREADS),
+            w.quants_arg(),
+            w.scales_arg(),
+            ArrayArg::from_raw_parts(ids.clone(), id_len),
+            ArrayArg::from_raw_parts(out.clone(), n * w.cols),
+            token0.unwrap_or(0),
+            n as u32,
+            w.cols as u32,
+            w.blocks_per_row,
+            w.format,
+            token0.is_some(),
+        )
+    };
+    Ok(())
+}
+
 /// Dequantizes `w` into `scratch` as row-major `f32` `[rows, cols]`.
 pub fn dequantize<R: Runtime>(
     client: &ComputeClient<R>,
@@ -256,7 +324,7 @@ pub fn dequantize<R: Runtime>(
             got: scratch.elems as u64 * 4,
         });
     }
-    const THREADS: u32 = 256;
+    const THREADS: u32 = ROW_THREADS;
     let units = w.rows as u64 * (w.blocks_per_row * w.format.units_per_block()) as u64;
     check_u32(units)?;
     unsafe {
@@ -290,6 +358,27 @@ fn launch_matvec<R: Runtime>(
     check_buffer("x", x, tokens * w.cols)?;
     check_buffer("y", y, tokens * w.rows)?;
     let cfg = matvec_config(client);
+    if uses_coalesced(w.format, cfg) {
+        unsafe {
+            kernels::matvec_q_kernel::launch_unchecked::<R>(
+                client,
+                matvec_cube_count(w.rows, cfg),
+                CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
+                w.quants_arg(),
+                w.scales_arg(),
+                ArrayArg::from_raw_parts(x.clone(), tokens * w.cols / 4),
+                ArrayArg::from_raw_parts(y.clone(), tokens * w.rows),
+                w.rows as u32,
+                w.cols as u32,
+                w.blocks_per_row,
+                w.format,
+                cfg,
+                tokens as u32,
+                epilogue == Epilogue::Accumulate,
+            )
+        };
+        return Ok(());
+    }
     unsafe {
         kernels::matvec_kernel::launch_unchecked::<R>(
             client,
@@ -326,6 +415,12 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
         rows_per_cube: (128 / lanes).max(1),
         plane_reduce,
     }
+}
+
+/// Whether `fmt` runs on the coalesced kernels under `cfg` (a row needs at least a block's
+/// slots of lanes; the quantized formats' columns are whole blocks, so `x` reads as vec4).
+pub fn uses_coalesced(fmt: KernelFormat, cfg: MatvecConfig) -> bool {
+    fmt.coalesced() && cfg.lanes >= fmt.slots_per_block()
 }
 
 fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {

@@ -17,6 +17,8 @@ pub enum KernelKind {
     MatvecSwiglu,
     /// `dequantize_kernel` (the prefill pass; cubek's matmul follows it).
     Dequantize,
+    /// `embed_kernel`: one token as an argument, or ids on the device.
+    Embed { from_scalar: bool },
 }
 
 /// One compiled variant.
@@ -59,6 +61,8 @@ pub fn variants() -> Vec<KernelVariant> {
         }
         push(format!("swiglu_{format}"), KernelKind::MatvecSwiglu);
         push(format!("dequantize_{format}"), KernelKind::Dequantize);
+        push(format!("embed_{format}_one"), KernelKind::Embed { from_scalar: true });
+        push(format!("embed_{format}_batch"), KernelKind::Embed { from_scalar: false });
     }
     out
 }
@@ -88,11 +92,15 @@ pub fn launch_variant<R: Runtime>(
         }
         KernelKind::MatvecSwiglu => api::matvec_swiglu(client, &w, &w, &x, &y),
         KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
+        KernelKind::Embed { from_scalar } => {
+            let ids = client.create_from_slice(u32::as_bytes(&[0u32]));
+            api::embed(client, &w, &ids, 1, from_scalar.then_some(0), &y)
+        }
     }
 }
 
-/// Lanes per cube of the dequantize pass (`api::dequantize`'s `THREADS`).
-const DEQUANT_THREADS: u32 = 256;
+/// Lanes per cube of the dequantize pass and the embedding lookup.
+const DEQUANT_THREADS: u32 = api::ROW_THREADS;
 
 /// Mat-vec configs a compile check should cover for `client`: the one `client` itself would
 /// launch ([`api::matvec_config`]) plus one plane per row at 64 lanes (CDNA, wave64) and at 32
@@ -132,7 +140,41 @@ pub fn definition<R: Runtime>(
     let a = || ArrayCompilationArg { inplace: None };
     let c = || client.clone();
     let mv_dim = CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube);
+    let coalesced = api::uses_coalesced(v.format, cfg);
     match v.kind {
+        KernelKind::Matvec { tokens, accumulate } if coalesced => {
+            kernels::matvec_q_kernel::MatvecQKernel::<R>::new(
+                settings(mv_dim),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                (),
+                v.format,
+                cfg,
+                tokens,
+                accumulate,
+            )
+            .define()
+        }
+        KernelKind::MatvecSwiglu if coalesced => kernels::matvec_swiglu_q_kernel::MatvecSwigluQKernel::<R>::new(
+            settings(mv_dim),
+            c(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            v.format,
+            cfg,
+        )
+        .define(),
         KernelKind::Matvec { tokens, accumulate } => {
             kernels::matvec_kernel::MatvecKernel::<R>::new(
                 settings(mv_dim),
@@ -179,6 +221,21 @@ pub fn definition<R: Runtime>(
             v.format,
         )
         .define(),
+        KernelKind::Embed { from_scalar } => kernels::embed_kernel::EmbedKernel::<R>::new(
+            settings(CubeDim::new_1d(DEQUANT_THREADS)),
+            c(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            v.format,
+            from_scalar,
+        )
+        .define(),
     }
 }
 
@@ -190,7 +247,7 @@ pub fn kernel_definitions<R: Runtime>(
     let cfgs = check_configs(client);
     let mut out = Vec::new();
     for v in variants() {
-        if v.kind == KernelKind::Dequantize {
+        if matches!(v.kind, KernelKind::Dequantize | KernelKind::Embed { .. }) {
             out.push((v.name.clone(), definition(client, &v, cfgs[0])));
             continue;
         }

@@ -250,3 +250,157 @@ pub fn decode_unit(
         }
     }
 }
+
+/// First column, inside its block, of run `g` (4 consecutive weights) of slot `slot`: the
+/// layout [`decode_slot`] fills `vals` in.
+#[cube]
+pub fn slot_col(slot: u32, g: u32, #[comptime] fmt: KernelFormat) -> u32 {
+    match fmt {
+        // Byte k of word `slot` holds weights 4*slot + k (low nibble) and 16 + 4*slot + k.
+        KernelFormat::Q4_0 | KernelFormat::Q4_1 | KernelFormat::Q5_0 | KernelFormat::Q5_1 => 4 * slot + 16 * g,
+        // Words 2*slot and 2*slot + 1: weights 8*slot .. 8*slot + 8.
+        KernelFormat::Q8_0 => 8 * slot + 4 * g,
+        // qs word `slot` of chunk j = slot / 8: weights 64j + l0 + k (low), 64j + 32 + l0 + k.
+        KernelFormat::Q4K | KernelFormat::Q5K => 64 * (slot / 8) + 4 * (slot % 8) + 32 * g,
+        // Half n = slot / 8, l0 = 4 * (slot % 8): weights 128n + 32g + l0 + k.
+        KernelFormat::Q6K => 128 * (slot / 8) + 4 * (slot % 8) + 32 * g,
+        _ => 4 * slot,
+    }
+}
+
+/// Decodes slot `slot` of global block `block` (see `KernelFormat::slots_per_block`) into
+/// `vals[4 * g + k]`, the weight at column `slot_col(slot, g) + k` of the block. Operation
+/// order per weight follows `quant::reference`, like [`decode_unit`].
+#[cube]
+pub fn decode_slot(w: &Array<u32>, scales: &Array<u32>, block: u32, slot: u32, vals: &mut Array<f32>, #[comptime] fmt: KernelFormat) {
+    let wb = block * comptime![fmt.words_per_block()];
+    match fmt {
+        KernelFormat::Q4_0 => {
+            let d = half_at(scales, block);
+            let q = w[(wb + slot) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                let b = byte(q, k);
+                vals[k as usize] = (f32::cast_from(b & 0xF) - 8.0) * d;
+                vals[(4 + k) as usize] = (f32::cast_from(b >> 4) - 8.0) * d;
+            }
+        }
+        KernelFormat::Q4_1 => {
+            let d = half_at(scales, 2 * block);
+            let m = half_at(scales, 2 * block + 1);
+            let q = w[(wb + slot) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                let b = byte(q, k);
+                vals[k as usize] = f32::cast_from(b & 0xF) * d + m;
+                vals[(4 + k) as usize] = f32::cast_from(b >> 4) * d + m;
+            }
+        }
+        KernelFormat::Q5_0 => {
+            let d = half_at(scales, block);
+            let qh = w[wb as usize];
+            let q = w[(wb + 1 + slot) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                let e = 4 * slot + k;
+                let b = byte(q, k);
+                let lo = (b & 0xF) | (((qh >> e) & 1) << 4);
+                let hi = (b >> 4) | (((qh >> (e + 16)) & 1) << 4);
+                vals[k as usize] = (f32::cast_from(lo) - 16.0) * d;
+                vals[(4 + k) as usize] = (f32::cast_from(hi) - 16.0) * d;
+            }
+        }
+        KernelFormat::Q5_1 => {
+            let d = half_at(scales, 2 * block);
+            let m = half_at(scales, 2 * block + 1);
+            let qh = w[wb as usize];
+            let q = w[(wb + 1 + slot) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                let e = 4 * slot + k;
+                let b = byte(q, k);
+                let lo = (b & 0xF) | (((qh >> e) & 1) << 4);
+                let hi = (b >> 4) | (((qh >> (e + 16)) & 1) << 4);
+                vals[k as usize] = f32::cast_from(lo) * d + m;
+                vals[(4 + k) as usize] = f32::cast_from(hi) * d + m;
+            }
+        }
+        KernelFormat::Q8_0 => {
+            let d = half_at(scales, block);
+            let q0 = w[(wb + 2 * slot) as usize];
+            let q1 = w[(wb + 2 * slot + 1) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                vals[k as usize] = signed_byte(byte(q0, k)) * d;
+                vals[(4 + k) as usize] = signed_byte(byte(q1, k)) * d;
+            }
+        }
+        KernelFormat::Q4K => {
+            let j = slot / 8;
+            let d = half_at(scales, 2 * block);
+            let dmin = half_at(scales, 2 * block + 1);
+            let s0 = w[wb as usize];
+            let s1 = w[(wb + 1) as usize];
+            let s2 = w[(wb + 2) as usize];
+            let d1 = d * k4_scale(2 * j, s0, s1, s2);
+            let m1 = dmin * k4_min(2 * j, s0, s1, s2);
+            let d2 = d * k4_scale(2 * j + 1, s0, s1, s2);
+            let m2 = dmin * k4_min(2 * j + 1, s0, s1, s2);
+            let q = w[(wb + 3 + slot) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                let b = byte(q, k);
+                vals[k as usize] = d1 * f32::cast_from(b & 0xF) - m1;
+                vals[(4 + k) as usize] = d2 * f32::cast_from(b >> 4) - m2;
+            }
+        }
+        KernelFormat::Q5K => {
+            let j = slot / 8;
+            let d = half_at(scales, 2 * block);
+            let dmin = half_at(scales, 2 * block + 1);
+            let s0 = w[wb as usize];
+            let s1 = w[(wb + 1) as usize];
+            let s2 = w[(wb + 2) as usize];
+            let d1 = d * k4_scale(2 * j, s0, s1, s2);
+            let m1 = dmin * k4_min(2 * j, s0, s1, s2);
+            let d2 = d * k4_scale(2 * j + 1, s0, s1, s2);
+            let m2 = dmin * k4_min(2 * j + 1, s0, s1, s2);
+            let q = w[(wb + 11 + slot) as usize];
+            let h = w[(wb + 3 + slot % 8) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                let b = byte(q, k);
+                let hb = byte(h, k);
+                let lo = (b & 0xF) + ((hb >> (2 * j)) & 1) * 16;
+                let hi = (b >> 4) + ((hb >> (2 * j + 1)) & 1) * 16;
+                vals[k as usize] = d1 * f32::cast_from(lo) - m1;
+                vals[(4 + k) as usize] = d2 * f32::cast_from(hi) - m2;
+            }
+        }
+        KernelFormat::Q6K => {
+            // Run g: nibble g / 2 of ql[64n + 32 (g % 2) + l], bits 2g..2g+2 of qh[32n + l],
+            // scale 8n + l / 16 + 2g. Plane offsets: ql 0, qh 32 words, scales 48 words.
+            let n = slot / 8;
+            let i = slot % 8;
+            let d = half_at(scales, block);
+            let ql0 = w[(wb + 16 * n + i) as usize];
+            let ql1 = w[(wb + 16 * n + 8 + i) as usize];
+            let h = w[(wb + 32 + 8 * n + i) as usize];
+            let is = 8 * n + i / 4;
+            #[unroll]
+            for g in 0..4u32 {
+                let idx = is + 2 * g;
+                let sc = signed_byte(byte(w[(wb + 48 + idx / 4) as usize], idx % 4));
+                let q = select(g % 2 == 0, ql0, ql1);
+                #[unroll]
+                for k in 0..4u32 {
+                    let low = (byte(q, k) >> (4 * (g / 2))) & 0xF;
+                    let high = (byte(h, k) >> (2 * g)) & 3;
+                    let v = f32::cast_from(low | (high << 4)) - 32.0;
+                    vals[(4 * g + k) as usize] = d * sc * v;
+                }
+            }
+        }
+        _ => {}
+    }
+}

@@ -119,6 +119,31 @@ impl KernelFormat {
         }
     }
 
+    /// Whether the coalesced mat-vec (`kernels::matvec_q_kernel`) reads this format: every
+    /// quantized one; the plain types keep the unit-per-lane kernel.
+    pub fn coalesced(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16)
+    }
+
+    /// Lanes that share one block in the coalesced mat-vec: each takes a *slot*, a `u32` word
+    /// of quants (two for `Q8_0`) whose weights sit in runs of 4 columns, so neighbouring lanes
+    /// read neighbouring words and neighbouring 16-byte runs of `x`.
+    pub fn slots_per_block(self) -> u32 {
+        match self {
+            Self::Q4K | Self::Q5K => 32,
+            Self::Q6K => 16,
+            _ => 4,
+        }
+    }
+
+    /// Runs of 4 weights (4 consecutive columns) per slot.
+    pub fn groups_per_slot(self) -> u32 {
+        match self {
+            Self::Q6K => 4,
+            _ => 2,
+        }
+    }
+
     /// Byte offset of the `f16` header inside the GGUF block (`Q6_K` keeps `d` at the end).
     pub(crate) fn header_offset(self) -> usize {
         match self {

@@ -7,7 +7,7 @@
 
 use cubecl::prelude::*;
 
-use super::decode::decode_unit;
+use super::decode::{decode_slot, decode_unit, slot_col};
 use super::format::KernelFormat;
 
 /// Comptime shape of a mat-vec launch.
@@ -137,6 +137,115 @@ pub fn matvec_kernel(
     }
 }
 
+/// Dot of the decoded slot `vals` with `x` at vec4 index `x4_at(g)` for each run `g`.
+#[cube]
+fn dot_slot(vals: &Array<f32>, x4: &Array<Vector<f32, Const<4>>>, base: u32, slot: u32, #[comptime] fmt: KernelFormat) -> f32 {
+    let mut s = 0.0f32;
+    #[unroll]
+    for g in 0..comptime![fmt.groups_per_slot()] {
+        let xv = x4[((base + slot_col(slot, g, fmt)) / 4) as usize];
+        let o = (4 * g) as usize;
+        s += vals[o] * xv[0] + vals[o + 1] * xv[1] + vals[o + 2] * xv[2] + vals[o + 3] * xv[3];
+    }
+    s
+}
+
+/// The quantized formats' mat-vec, coalesced: `KernelFormat::slots_per_block` lanes share a
+/// block, each decoding one slot (a word of quants, runs of 4 weights), so a plane reads
+/// consecutive quant words and 16-byte runs of `x` (`x4`: `x` as vec4, `cols % 4 == 0`).
+/// Same contract as [`matvec_kernel`]: `y[t * rows + r] (+)= W[r, :] · x[t * cols ..]`.
+#[cube(launch_unchecked)]
+pub fn matvec_q_kernel(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    x4: &Array<Vector<f32, Const<4>>>,
+    y: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    blocks_per_row: u32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] cfg: MatvecConfig,
+    #[comptime] tokens: u32,
+    #[comptime] accumulate: bool,
+) {
+    let spb = comptime![fmt.slots_per_block()];
+    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
+    let epb = comptime![fmt.elems_per_block()];
+    let row = cube_row(cfg);
+    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
+    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
+    let mut acc = Array::<f32>::new(comptime![tokens as usize]);
+    #[unroll]
+    for t in 0..tokens {
+        acc[t as usize] = 0.0;
+    }
+    if row < rows && UNIT_POS_X < comptime![step * spb] {
+        let slot = UNIT_POS_X % spb;
+        let mut b = UNIT_POS_X / spb;
+        while b < blocks_per_row {
+            decode_slot(w, scales, row * blocks_per_row + b, slot, &mut vals, fmt);
+            #[unroll]
+            for t in 0..tokens {
+                acc[t as usize] += dot_slot(&vals, x4, t * cols + b * epb, slot, fmt);
+            }
+            b += step;
+        }
+    }
+    #[unroll]
+    for t in 0..tokens {
+        let sum = lane_sum(acc[t as usize], &mut smem, cfg);
+        if UNIT_POS_X == 0 && row < rows {
+            let out = (t * rows + row) as usize;
+            if comptime![accumulate] {
+                y[out] += sum;
+            } else {
+                y[out] = sum;
+            }
+        }
+    }
+}
+
+/// [`matvec_swiglu_kernel`] for the quantized formats, coalesced as [`matvec_q_kernel`].
+#[cube(launch_unchecked)]
+pub fn matvec_swiglu_q_kernel(
+    w_gate: &Array<u32>,
+    scales_gate: &Array<u32>,
+    w_up: &Array<u32>,
+    scales_up: &Array<u32>,
+    x4: &Array<Vector<f32, Const<4>>>,
+    h: &mut Array<f32>,
+    rows: u32,
+    blocks_per_row: u32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] cfg: MatvecConfig,
+) {
+    let spb = comptime![fmt.slots_per_block()];
+    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
+    let epb = comptime![fmt.elems_per_block()];
+    let row = cube_row(cfg);
+    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
+    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
+    let mut gate = 0.0f32;
+    let mut up = 0.0f32;
+    if row < rows && UNIT_POS_X < comptime![step * spb] {
+        let slot = UNIT_POS_X % spb;
+        let mut b = UNIT_POS_X / spb;
+        while b < blocks_per_row {
+            let block = row * blocks_per_row + b;
+            decode_slot(w_gate, scales_gate, block, slot, &mut vals, fmt);
+            gate += dot_slot(&vals, x4, b * epb, slot, fmt);
+            decode_slot(w_up, scales_up, block, slot, &mut vals, fmt);
+            up += dot_slot(&vals, x4, b * epb, slot, fmt);
+            b += step;
+        }
+    }
+    let gate = lane_sum(gate, &mut smem, cfg);
+    let up = lane_sum(up, &mut smem, cfg);
+    if UNIT_POS_X == 0 && row < rows {
+        h[row as usize] = gate / (1.0 + f32::exp(-gate)) * up;
+    }
+}
+
 /// `h[r] = silu(Wg[r, :] · x) * (Wu[r, :] · x)`: both FFN input projections and the SwiGLU
 /// in one launch (decode, one token). Gate and up share shape and format.
 #[cube(launch_unchecked)]
@@ -211,6 +320,44 @@ pub fn dequantize_kernel(
         for i in 0..eu {
             if col0 + i < cols {
                 out[(row * cols + col0 + i) as usize] = vals[i as usize];
+            }
+        }
+    }
+}
+
+/// `out[t * cols + c] = W[id_t, c]` with `id_t = tokens[t]` (or `token0` for one token passed
+/// as an argument): the embedding lookup on a weight in the mat-vec layout, any format, one
+/// unit per lane, decoded by the same `decode_unit` as every other kernel here.
+#[cube(launch_unchecked)]
+pub fn embed_kernel(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    tokens: &Array<u32>,
+    out: &mut Array<f32>,
+    token0: u32,
+    n: u32,
+    cols: u32,
+    blocks_per_row: u32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] from_scalar: bool,
+) {
+    let eu = comptime![fmt.elems_per_unit()];
+    let units = blocks_per_row * comptime![fmt.units_per_block()];
+    let id = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    let t = id / units;
+    let unit = id % units;
+    if t < n {
+        let mut tok = token0;
+        if comptime![!from_scalar] {
+            tok = tokens[t as usize];
+        }
+        let mut vals = Array::<f32>::new(comptime![eu as usize]);
+        decode_unit(w, scales, tok, unit, blocks_per_row, &mut vals, fmt);
+        let col0 = unit * eu;
+        #[unroll]
+        for i in 0..eu {
+            if col0 + i < cols {
+                out[(t * cols + col0 + i) as usize] = vals[i as usize];
             }
         }
     }

@@ -53,7 +53,7 @@ pub mod kernels;
 pub mod layout;
 
 pub use api::{
-    dequantize, matmul, matvec, matvec_config, matvec_swiglu, DequantScratch, Epilogue,
+    dequantize, embed, matmul, matvec, matvec_config, matvec_swiglu, DequantScratch, Epilogue,
     MatmulError, QWeight, MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
