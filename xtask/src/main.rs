@@ -5,14 +5,13 @@ mod bench;
 mod compare;
 mod fetch_model;
 mod gen_model;
-mod hip_check;
 mod test;
 
 const USAGE: &str = "usage: cargo xtask <task> [args]
 
 tasks:
   hip-check               compile every kernel to HIP C++ and through hipcc (gfx90a, gfx1030); HIPCC overrides the compiler
-  test [CARGO TEST ARGS]  the whole test suite, as CI runs it (release, features wgpu,hip; then hip-check)
+  test [CARGO TEST ARGS]  the whole test suite, as CI runs it (profile ci, features wgpu,hip; then hip-check)
   fetch-model [smollm2]   download the real test model into the cache and print its path
   bench [--quick] [--backend auto|cpu|hip|cuda|wgpu[,..]] [--model PATH] [--save-baseline NAME] [--baseline NAME]
                           run the benchmark suite; results under target/rocforge-bench/<timestamp>/
@@ -38,7 +37,7 @@ fn run(args: &[String]) -> Result<()> {
     match task.as_str() {
         "fetch-model" => fetch_model::run(rest),
         "test" => test::run(rest),
-        "hip-check" => hip_check::run(),
+        "hip-check" => test::hip_check(),
         "bench" => bench::run(rest),
         "compare" => compare::run(rest),
         "gen-model" => gen_model::run(rest),
