@@ -250,6 +250,34 @@ fn check_swiglu<R: Runtime>(fmt: KernelFormat) {
     }
 }
 
+/// RMSNorm folded into the mat-vec and into the SwiGLU mat-vec, against `norm::rms_norm` then
+/// the product (coalesced formats; the others must refuse).
+fn check_norm_fused<R: Runtime>(fmt: KernelFormat) {
+    let mut c = Case::<R>::new(0x4E4F ^ fmt as u64);
+    for (rows, cols) in Case::<R>::shapes(fmt) {
+        let (gate, gf) = c.weight(fmt, rows, cols);
+        let (up, uf) = c.weight(fmt, rows, cols);
+        let x: Vec<f32> = c.rng.vec(cols).iter().map(|v| 3.0 * v).collect();
+        let nw: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let mut xn = vec![0.0; cols];
+        rocforge_kernels::ops::norm::rms_norm(&x, &nw, 1e-5, &mut xn);
+        let (xh, nwh) = (c.upload(&x), c.upload(&nw));
+        let y = c.client.empty(rows * 4);
+        let h = c.client.empty(rows * 4);
+        if !mm::fuses_norm(&c.client, &gate) {
+            assert!(mm::matvec_norm(&c.client, &gate, &xh, &nwh, 1e-5, &y).is_err());
+            continue;
+        }
+        mm::matvec_norm(&c.client, &gate, &xh, &nwh, 1e-5, &y).expect("matvec_norm");
+        mm::matvec_swiglu_norm(&c.client, &gate, &up, &xh, &nwh, 1e-5, &h).expect("swiglu_norm");
+        let g = matmul_cpu(&gf, rows, cols, &xn, 1);
+        let u = matmul_cpu(&uf, rows, cols, &xn, 1);
+        let want_h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        assert_close(&format!("matvec_norm {fmt} {rows}x{cols}"), fmt, &c.read(y), &g);
+        assert_close(&format!("swiglu_norm {fmt} {rows}x{cols}"), fmt, &c.read(h), &want_h);
+    }
+}
+
 fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
     let mut c = Case::<R>::new(0xABCD ^ (fmt as u64) << 8 ^ tokens as u64);
     for (rows, cols) in Case::<R>::shapes(fmt) {
@@ -367,6 +395,8 @@ macro_rules! format_tests {
             fn dequantize() { check_dequantize::<$runtime>(FMT) }
             #[test]
             fn embed() { check_embed::<$runtime>(FMT) }
+            #[test]
+            fn norm_fused() { check_norm_fused::<$runtime>(FMT) }
         }
     )*};
 }

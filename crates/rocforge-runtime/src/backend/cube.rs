@@ -125,6 +125,9 @@ pub struct CubeBackend<R: Runtime> {
     launches_last: u64,
     /// Per-op timing (`set_profiling`): a sync after every op, charged to its family.
     profiler: std::sync::Mutex<Profiler>,
+    /// Every projection takes the coalesced kernels, so a decode step folds the RMSNorms into
+    /// the projections after them and the residual adds into the ones before (see `decode_fused`).
+    fused_decode: bool,
 }
 
 impl<R: Runtime> CubeBackend<R> {
@@ -179,6 +182,16 @@ impl<R: Runtime> CubeBackend<R> {
             .max()
             .unwrap_or(0);
         let fused = layers.iter().any(|l| matches!(l.attn_qkv, Qkv::Fused(_)));
+        let norm_fusable = |m: &Matrix<R>| matches!(m, Matrix::Tuned(w) if mm::fuses_norm(gpu.client(), w));
+        let fused_decode = norm_fusable(&output)
+            && layers.iter().all(|l| {
+                let qkv = matches!(&l.attn_qkv, Qkv::Fused(w) if mm::fuses_norm(gpu.client(), w));
+                let ffn = match (&l.ffn_gate, &l.ffn_up) {
+                    (Matrix::Tuned(g), Matrix::Tuned(u)) => (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) && mm::fuses_norm(gpu.client(), g),
+                    _ => false,
+                };
+                qkv && ffn && matches!(l.attn_output, Matrix::Tuned(_)) && matches!(l.ffn_down, Matrix::Tuned(_))
+            });
         let dequant = (b > MAX_MATVEC_TOKENS).then(|| DequantScratch::new(gpu.client(), largest));
         let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref());
         let (cos, sin) = rope::rope_tables(ctx, &inv_freqs);
@@ -212,6 +225,7 @@ impl<R: Runtime> CubeBackend<R> {
             n_logit_rows: 1,
             launches_last: 0,
             profiler: Default::default(),
+            fused_decode,
             ctx,
             max_batch: b,
             kind,
@@ -283,6 +297,56 @@ impl<R: Runtime> CubeBackend<R> {
         Ok(())
     }
 
+    /// The tuned weight of `m` (the fused decode step is only taken when every matrix has one).
+    fn tuned<'a>(&self, m: &'a Matrix<R>) -> Result<&'a QWeight<R>> {
+        match m {
+            Matrix::Tuned(w) => Ok(w),
+            Matrix::Plain(_) => Err(self.backend_err("fused decode needs tuned weights")),
+        }
+    }
+
+    /// One decode step with the fewest launches: per layer QKV with `attn_norm` folded in, RoPE,
+    /// attention, `x += W_o · att`, gate/up/SwiGLU with `ffn_norm` folded in, `x += W_down · h`;
+    /// then the logits with `output_norm` folded in. 6 launches per layer (7 when attention
+    /// splits) + 2. Same math as the general path; only the order of the norm's sum differs.
+    fn decode_fused(&self, token: u32, pos: usize) -> Result<()> {
+        let model = self.model.clone();
+        let c = &model.config;
+        let (g, client) = (&self.gpu, self.gpu.client());
+        let err = |e: mm::MatmulError| self.backend_err(e);
+        let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
+        let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
+        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+        self.embed(&[token])?;
+        self.lap("embed");
+        for (l, layer) in self.layers.iter().enumerate() {
+            let Qkv::Fused(qkv) = &layer.attn_qkv else {
+                return Err(self.backend_err("fused decode needs a fused QKV weight"));
+            };
+            g.count_launches(1);
+            mm::matvec_norm(client, qkv, self.x.handle(), layer.attn_norm.handle(), c.rms_eps, self.qkv.handle()).map_err(err)?;
+            self.lap("matmul_norm");
+            rope::launch_rope_store(g, RopeSrc::Fused(&self.qkv), &self.q, &self.cos, &self.sin, &self.cache, l, pos, 1, rope_shape);
+            self.lap("rope_kv_store");
+            attention::launch_attention(g, &self.q, &self.cache, l, &self.scratch, &self.att, pos, 1, attn_shape);
+            self.lap("attention");
+            g.count_launches(1);
+            mm::matvec(client, self.tuned(&layer.attn_output)?, self.att.handle(), self.x.handle(), Epilogue::Accumulate).map_err(err)?;
+            self.lap("matmul");
+            g.count_launches(1);
+            let (gate, up) = (self.tuned(&layer.ffn_gate)?, self.tuned(&layer.ffn_up)?);
+            mm::matvec_swiglu_norm(client, gate, up, self.x.handle(), layer.ffn_norm.handle(), c.rms_eps, self.gate.handle()).map_err(err)?;
+            self.lap("matmul_swiglu_norm");
+            g.count_launches(1);
+            mm::matvec(client, self.tuned(&layer.ffn_down)?, self.gate.handle(), self.x.handle(), Epilogue::Accumulate).map_err(err)?;
+            self.lap("matmul");
+        }
+        g.count_launches(1);
+        mm::matvec_norm(client, self.tuned(&self.output)?, self.x.handle(), self.output_norm.handle(), c.rms_eps, self.logits.handle()).map_err(err)?;
+        self.lap("output");
+        Ok(())
+    }
+
     /// `out[t] = W · x[t]` for the first `n` rows of `x`.
     fn linear(&self, w: &Matrix<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
         match w {
@@ -345,6 +409,13 @@ impl<R: Runtime> Backend for CubeBackend<R> {
         let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
         let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
 
+        if n == 1 && !all_logits && self.fused_decode {
+            self.decode_fused(tokens[0], pos)?;
+            self.n_logit_rows = 1;
+            self.host_fresh = false;
+            self.launches_last = g.launches() - start;
+            return Ok(());
+        }
         self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
         self.embed(tokens)?;
         self.lap("embed");

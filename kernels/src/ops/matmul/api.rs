@@ -228,6 +228,98 @@ pub fn matvec_swiglu<R: Runtime>(
     Ok(())
 }
 
+/// Whether [`matvec_norm`] and [`matvec_swiglu_norm`] take `w` on `client` (the coalesced
+/// formats; their columns are whole blocks, so `x` and the norm weight read as vec4).
+pub fn fuses_norm<R: Runtime>(client: &ComputeClient<R>, w: &QWeight<R>) -> bool {
+    uses_coalesced(w.format, matvec_config(client))
+}
+
+/// `y[r] = W[r, :] · rmsnorm(x, norm_w, eps)` for one token: `x` and `norm_w` hold `cols`
+/// `f32`. The RMSNorm (llama.cpp's: `x / sqrt(mean(x^2) + eps) * norm_w`) folded into the
+/// projection saves its launch.
+pub fn matvec_norm<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x: &Handle,
+    norm_w: &Handle,
+    eps: f32,
+    y: &Handle,
+) -> Result<(), MatmulError> {
+    if !fuses_norm(client, w) {
+        return Err(MatmulError::UnsupportedType(w.ty));
+    }
+    check_buffer("x", x, w.cols)?;
+    check_buffer("norm_w", norm_w, w.cols)?;
+    check_buffer("y", y, w.rows)?;
+    let cfg = matvec_config(client);
+    unsafe {
+        kernels::matvec_norm_q_kernel::launch_unchecked::<R>(
+            client,
+            matvec_cube_count(w.rows, cfg),
+            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
+            w.quants_arg(),
+            w.scales_arg(),
+            ArrayArg::from_raw_parts(x.clone(), w.cols / 4),
+            ArrayArg::from_raw_parts(norm_w.clone(), w.cols / 4),
+            ArrayArg::from_raw_parts(y.clone(), w.rows),
+            w.rows as u32,
+            w.cols as u32,
+            w.blocks_per_row,
+            eps,
+            w.format,
+            cfg,
+        )
+    };
+    Ok(())
+}
+
+/// `h[r] = silu(gate[r, :] · n) * (up[r, :] · n)`, `n = rmsnorm(x, norm_w, eps)`, for one
+/// token in one launch (the FFN's norm, input projections and SwiGLU).
+pub fn matvec_swiglu_norm<R: Runtime>(
+    client: &ComputeClient<R>,
+    gate: &QWeight<R>,
+    up: &QWeight<R>,
+    x: &Handle,
+    norm_w: &Handle,
+    eps: f32,
+    h: &Handle,
+) -> Result<(), MatmulError> {
+    if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) {
+        return Err(MatmulError::Mismatch(format!(
+            "gate {} {}x{}, up {} {}x{}",
+            gate.ty, gate.rows, gate.cols, up.ty, up.rows, up.cols
+        )));
+    }
+    if !fuses_norm(client, gate) {
+        return Err(MatmulError::UnsupportedType(gate.ty));
+    }
+    check_buffer("x", x, gate.cols)?;
+    check_buffer("norm_w", norm_w, gate.cols)?;
+    check_buffer("h", h, gate.rows)?;
+    let cfg = matvec_config(client);
+    unsafe {
+        kernels::matvec_swiglu_norm_q_kernel::launch_unchecked::<R>(
+            client,
+            matvec_cube_count(gate.rows, cfg),
+            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
+            gate.quants_arg(),
+            gate.scales_arg(),
+            up.quants_arg(),
+            up.scales_arg(),
+            ArrayArg::from_raw_parts(x.clone(), gate.cols / 4),
+            ArrayArg::from_raw_parts(norm_w.clone(), gate.cols / 4),
+            ArrayArg::from_raw_parts(h.clone(), gate.rows),
+            gate.rows as u32,
+            gate.cols as u32,
+            gate.blocks_per_row,
+            eps,
+            gate.format,
+            cfg,
+        )
+    };
+    Ok(())
+}
+
 /// `Y[t, r] = W[r, :] · X[t, :]` for `n_tokens` tokens: `x` is row-major `[n_tokens, cols]`,
 /// `y` row-major `[n_tokens, rows]`, both `f32`. Batches up to [`MAX_MATVEC_TOKENS`] run as a
 /// multi-token mat-vec and leave `scratch` untouched.

@@ -19,6 +19,10 @@ pub enum KernelKind {
     Dequantize,
     /// `embed_kernel`: one token as an argument, or ids on the device.
     Embed { from_scalar: bool },
+    /// `matvec_norm_q_kernel` (coalesced formats only).
+    MatvecNorm,
+    /// `matvec_swiglu_norm_q_kernel` (coalesced formats only).
+    MatvecSwigluNorm,
 }
 
 /// One compiled variant.
@@ -61,6 +65,10 @@ pub fn variants() -> Vec<KernelVariant> {
         }
         push(format!("swiglu_{format}"), KernelKind::MatvecSwiglu);
         push(format!("dequantize_{format}"), KernelKind::Dequantize);
+        if format.coalesced() {
+            push(format!("matvec_norm_{format}"), KernelKind::MatvecNorm);
+            push(format!("swiglu_norm_{format}"), KernelKind::MatvecSwigluNorm);
+        }
         push(format!("embed_{format}_one"), KernelKind::Embed { from_scalar: true });
         push(format!("embed_{format}_batch"), KernelKind::Embed { from_scalar: false });
     }
@@ -96,6 +104,8 @@ pub fn launch_variant<R: Runtime>(
             let ids = client.create_from_slice(u32::as_bytes(&[0u32]));
             api::embed(client, &w, &ids, 1, from_scalar.then_some(0), &y)
         }
+        KernelKind::MatvecNorm => api::matvec_norm(client, &w, &x, &x, 1e-5, &y),
+        KernelKind::MatvecSwigluNorm => api::matvec_swiglu_norm(client, &w, &w, &x, &x, 1e-5, &y),
     }
 }
 
@@ -219,6 +229,40 @@ pub fn definition<R: Runtime>(
             (),
             (),
             v.format,
+        )
+        .define(),
+        KernelKind::MatvecNorm => kernels::matvec_norm_q_kernel::MatvecNormQKernel::<R>::new(
+            settings(mv_dim),
+            c(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            v.format,
+            cfg,
+        )
+        .define(),
+        KernelKind::MatvecSwigluNorm => kernels::matvec_swiglu_norm_q_kernel::MatvecSwigluNormQKernel::<R>::new(
+            settings(mv_dim),
+            c(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            v.format,
+            cfg,
         )
         .define(),
         KernelKind::Embed { from_scalar } => kernels::embed_kernel::EmbedKernel::<R>::new(

@@ -150,6 +150,145 @@ fn dot_slot(vals: &Array<f32>, x4: &Array<Vector<f32, Const<4>>>, base: u32, slo
     s
 }
 
+/// `1 / sqrt(mean(x^2) + eps)` over `x4[0..n4]` (`cols` values), computed by the whole cube
+/// (every unit must call it); `smem` holds one `f32` per unit.
+#[cube]
+fn cube_rms_inv(x4: &Array<Vector<f32, Const<4>>>, n4: u32, cols: u32, eps: f32, smem: &mut SharedMemory<f32>) -> f32 {
+    let tid = UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X;
+    let threads = CUBE_DIM_X * CUBE_DIM_Y;
+    let mut ss = 0.0f32;
+    let mut i = tid;
+    while i < n4 {
+        let v = x4[i as usize];
+        ss += v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
+        i += threads;
+    }
+    smem[tid as usize] = ss;
+    sync_cube();
+    let mut stride = threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            let other = smem[(tid + stride) as usize];
+            smem[tid as usize] += other;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = smem[0];
+    // `smem` is reused by the lane sums that follow.
+    sync_cube();
+    1.0 / f32::sqrt(total / f32::cast_from(cols) + eps)
+}
+
+/// [`dot_slot`] with `x` scaled elementwise by the RMSNorm weight `w4` (the `1/rms` factor is
+/// applied once to the row's sum).
+#[cube]
+fn dot_slot_weighted(
+    vals: &Array<f32>,
+    x4: &Array<Vector<f32, Const<4>>>,
+    w4: &Array<Vector<f32, Const<4>>>,
+    base: u32,
+    slot: u32,
+    #[comptime] fmt: KernelFormat,
+) -> f32 {
+    let mut s = 0.0f32;
+    #[unroll]
+    for g in 0..comptime![fmt.groups_per_slot()] {
+        let i = ((base + slot_col(slot, g, fmt)) / 4) as usize;
+        let xv = x4[i];
+        let wv = w4[i];
+        let o = (4 * g) as usize;
+        s += vals[o] * (xv[0] * wv[0]) + vals[o + 1] * (xv[1] * wv[1]) + vals[o + 2] * (xv[2] * wv[2]) + vals[o + 3] * (xv[3] * wv[3]);
+    }
+    s
+}
+
+/// `y[r] = W[r, :] · rmsnorm(x)` for one token: the RMSNorm before a projection folded into it
+/// (each cube recomputes the norm of `x`, `cols` values, which is cheap beside its weight rows).
+/// Coalesced like [`matvec_q_kernel`].
+#[cube(launch_unchecked)]
+pub fn matvec_norm_q_kernel(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    x4: &Array<Vector<f32, Const<4>>>,
+    norm_w4: &Array<Vector<f32, Const<4>>>,
+    y: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    blocks_per_row: u32,
+    eps: f32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] cfg: MatvecConfig,
+) {
+    let spb = comptime![fmt.slots_per_block()];
+    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
+    let epb = comptime![fmt.elems_per_block()];
+    let row = cube_row(cfg);
+    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
+    let inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
+    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
+    let mut acc = 0.0f32;
+    if row < rows && UNIT_POS_X < comptime![step * spb] {
+        let slot = UNIT_POS_X % spb;
+        let mut b = UNIT_POS_X / spb;
+        while b < blocks_per_row {
+            decode_slot(w, scales, row * blocks_per_row + b, slot, &mut vals, fmt);
+            acc += dot_slot_weighted(&vals, x4, norm_w4, b * epb, slot, fmt);
+            b += step;
+        }
+    }
+    let sum = lane_sum(acc, &mut smem, cfg);
+    if UNIT_POS_X == 0 && row < rows {
+        y[row as usize] = sum * inv;
+    }
+}
+
+/// `h[r] = silu(Wg[r, :] · n) * (Wu[r, :] · n)` with `n = rmsnorm(x)`: the FFN's RMSNorm,
+/// both input projections and the SwiGLU in one launch (one token).
+#[cube(launch_unchecked)]
+pub fn matvec_swiglu_norm_q_kernel(
+    w_gate: &Array<u32>,
+    scales_gate: &Array<u32>,
+    w_up: &Array<u32>,
+    scales_up: &Array<u32>,
+    x4: &Array<Vector<f32, Const<4>>>,
+    norm_w4: &Array<Vector<f32, Const<4>>>,
+    h: &mut Array<f32>,
+    rows: u32,
+    cols: u32,
+    blocks_per_row: u32,
+    eps: f32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] cfg: MatvecConfig,
+) {
+    let spb = comptime![fmt.slots_per_block()];
+    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
+    let epb = comptime![fmt.elems_per_block()];
+    let row = cube_row(cfg);
+    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
+    let inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
+    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
+    let mut gate = 0.0f32;
+    let mut up = 0.0f32;
+    if row < rows && UNIT_POS_X < comptime![step * spb] {
+        let slot = UNIT_POS_X % spb;
+        let mut b = UNIT_POS_X / spb;
+        while b < blocks_per_row {
+            let block = row * blocks_per_row + b;
+            decode_slot(w_gate, scales_gate, block, slot, &mut vals, fmt);
+            gate += dot_slot_weighted(&vals, x4, norm_w4, b * epb, slot, fmt);
+            decode_slot(w_up, scales_up, block, slot, &mut vals, fmt);
+            up += dot_slot_weighted(&vals, x4, norm_w4, b * epb, slot, fmt);
+            b += step;
+        }
+    }
+    let gate = lane_sum(gate, &mut smem, cfg) * inv;
+    let up = lane_sum(up, &mut smem, cfg) * inv;
+    if UNIT_POS_X == 0 && row < rows {
+        h[row as usize] = gate / (1.0 + f32::exp(-gate)) * up;
+    }
+}
+
 /// The quantized formats' mat-vec, coalesced: `KernelFormat::slots_per_block` lanes share a
 /// block, each decoding one slot (a word of quants, runs of 4 weights), so a plane reads
 /// consecutive quant words and 16-byte runs of `x` (`x4`: `x` as vec4, `cols % 4 == 0`).

@@ -53,7 +53,8 @@ pub mod kernels;
 pub mod layout;
 
 pub use api::{
-    dequantize, embed, matmul, matvec, matvec_config, matvec_swiglu, DequantScratch, Epilogue,
+    dequantize, embed, fuses_norm, matmul, matvec, matvec_config, matvec_norm, matvec_swiglu,
+    matvec_swiglu_norm, DequantScratch, Epilogue,
     MatmulError, QWeight, MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
