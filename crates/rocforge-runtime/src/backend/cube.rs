@@ -125,6 +125,8 @@ pub struct CubeBackend<R: Runtime> {
     launches_last: u64,
     /// Per-op timing (`set_profiling`): a sync after every op, charged to its family.
     profiler: std::sync::Mutex<Profiler>,
+    /// Whether `profiler` is on: checked before any lock, so an unprofiled step takes none.
+    profiling: bool,
     /// Every projection takes the coalesced kernels, so a decode step folds the RMSNorms into
     /// the projections after them and the residual adds into the ones before (see `decode_fused`).
     fused_decode: bool,
@@ -225,6 +227,7 @@ impl<R: Runtime> CubeBackend<R> {
             n_logit_rows: 1,
             launches_last: 0,
             profiler: Default::default(),
+            profiling: false,
             fused_decode,
             ctx,
             max_batch: b,
@@ -247,10 +250,9 @@ impl<R: Runtime> CubeBackend<R> {
     /// Charges the time since the previous lap to `op` when profiling (after waiting for the
     /// device, so each op's kernels are timed to completion).
     fn lap(&self, op: &str) {
-        let mut p = self.profiler.lock().unwrap_or_else(|e| e.into_inner());
-        if p.enabled() {
+        if self.profiling {
             let _ = self.gpu.sync();
-            p.lap(op);
+            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).lap(op);
         }
     }
 
@@ -316,7 +318,9 @@ impl<R: Runtime> CubeBackend<R> {
         let err = |e: mm::MatmulError| self.backend_err(e);
         let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
         let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
-        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+        if self.profiling {
+            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+        }
         self.embed(&[token])?;
         self.lap("embed");
         for (l, layer) in self.layers.iter().enumerate() {
@@ -416,7 +420,9 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             self.launches_last = g.launches() - start;
             return Ok(());
         }
-        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+        if self.profiling {
+            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+        }
         self.embed(tokens)?;
         self.lap("embed");
 
@@ -526,6 +532,7 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     }
 
     fn set_profiling(&mut self, on: bool) {
+        self.profiling = on;
         self.profiler.get_mut().unwrap_or_else(|e| e.into_inner()).set(on);
     }
 
