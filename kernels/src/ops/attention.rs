@@ -128,6 +128,8 @@ impl KvCache {
 
 /// Keys one split covers before decode splits the sequence further.
 pub const SPLIT_KEYS: usize = 256;
+/// Largest head dimension the kernels take (a unit per dimension in one cube).
+pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
 pub const MAX_DECODE_SPLITS: usize = 32;
 
@@ -293,7 +295,7 @@ pub fn launch_attention<R: Runtime>(
     let q_dim = n_heads * hd;
     assert!(n >= 1 && n * q_dim <= q.len().min(out.len()), "attention: {n} queries out of range");
     assert!(pos + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd, "attention: cache too small");
-    assert!(n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=1024).contains(&hd), "attention: bad shape {shape:?}");
+    assert!(n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=MAX_HEAD_DIM).contains(&hd), "attention: bad shape {shape:?}");
     let kv_len = pos + n;
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
     let finalize = splits == 1;
