@@ -17,11 +17,27 @@ pub fn plan(c: &ModelConfig) -> Vec<Step> {
     for layer in 0..c.n_layer {
         steps.extend([
             Step::AttnIn { layer },
-            Step::RopeStore { layer, qk_norm: false, rope: RopeKind::Global },
-            Step::Attention { layer, window: None },
-            Step::AttnOut { layer, post_norm: false },
-            Step::FfnIn { layer, act: Activation::Silu },
-            Step::FfnOut { layer, post_norm: false },
+            Step::RopeStore {
+                layer,
+                qk_norm: false,
+                rope: RopeKind::Global,
+            },
+            Step::Attention {
+                layer,
+                window: None,
+            },
+            Step::AttnOut {
+                layer,
+                post_norm: false,
+            },
+            Step::FfnIn {
+                layer,
+                act: Activation::Silu,
+            },
+            Step::FfnOut {
+                layer,
+                post_norm: false,
+            },
         ]);
     }
     steps.push(Step::Logits);

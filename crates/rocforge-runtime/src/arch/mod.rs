@@ -43,7 +43,11 @@ pub enum Step {
     AttnIn { layer: usize },
     /// Per-head RMSNorm of q and k when `qk_norm` (`attn_q_norm`, `attn_k_norm`), RoPE from
     /// table `rope`, then k and v stored in the cache at the batch's positions.
-    RopeStore { layer: usize, qk_norm: bool, rope: RopeKind },
+    RopeStore {
+        layer: usize,
+        qk_norm: bool,
+        rope: RopeKind,
+    },
     /// `att = softmax(q · kᵀ / √head_dim) · v` over the cache: causal, grouped-query; with a
     /// `window` of n keys, query p1 sees key p0 only when `p1 - p0 < n`.
     Attention { layer: usize, window: Option<usize> },
@@ -90,7 +94,9 @@ impl Step {
 pub fn plan(config: &ModelConfig) -> Result<Vec<Step>> {
     match config.architecture.as_str() {
         "llama" => Ok(llama::plan(config)),
-        other => Err(Error::InvalidArgument(format!("no forward pass for architecture `{other}`"))),
+        other => Err(Error::InvalidArgument(format!(
+            "no forward pass for architecture `{other}`"
+        ))),
     }
 }
 
@@ -128,24 +134,45 @@ pub trait Executor {
 }
 
 /// Runs `plan` on `exec` for `tokens` at positions `pos..`, after checking the call once.
-pub fn forward<E: Executor + ?Sized>(exec: &mut E, plan: &[Step], tokens: &[u32], pos: usize, all_logits: bool) -> Result<()> {
-    let Limits { ctx, max_batch, n_vocab } = exec.limits();
+pub fn forward<E: Executor + ?Sized>(
+    exec: &mut E,
+    plan: &[Step],
+    tokens: &[u32],
+    pos: usize,
+    all_logits: bool,
+) -> Result<()> {
+    let Limits {
+        ctx,
+        max_batch,
+        n_vocab,
+    } = exec.limits();
     let n = tokens.len();
     if n == 0 || n > max_batch {
-        return Err(Error::InvalidArgument(format!("forward takes 1 to {max_batch} tokens, got {n}")));
+        return Err(Error::InvalidArgument(format!(
+            "forward takes 1 to {max_batch} tokens, got {n}"
+        )));
     }
     if pos.checked_add(n).is_none_or(|end| end > ctx) {
-        return Err(Error::ContextFull { needed: pos.saturating_add(n), capacity: ctx });
+        return Err(Error::ContextFull {
+            needed: pos.saturating_add(n),
+            capacity: ctx,
+        });
     }
     if let Some(&tok) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-        return Err(Error::InvalidArgument(format!("token id {tok} is outside the vocabulary of {n_vocab}")));
+        return Err(Error::InvalidArgument(format!(
+            "token id {tok} is outside the vocabulary of {n_vocab}"
+        )));
     }
     exec.begin(n, pos, all_logits)?;
     for step in plan {
         match *step {
             Step::Embed { scale } => exec.embed(tokens, scale)?,
             Step::AttnIn { layer } => exec.attn_in(layer)?,
-            Step::RopeStore { layer, qk_norm, rope } => exec.rope_store(layer, qk_norm, rope)?,
+            Step::RopeStore {
+                layer,
+                qk_norm,
+                rope,
+            } => exec.rope_store(layer, qk_norm, rope)?,
             Step::Attention { layer, window } => exec.attention(layer, window)?,
             Step::AttnOut { layer, post_norm } => exec.attn_out(layer, post_norm)?,
             Step::FfnIn { layer, act } => exec.ffn_in(layer, act)?,
@@ -159,5 +186,8 @@ pub fn forward<E: Executor + ?Sized>(exec: &mut E, plan: &[Step], tokens: &[u32]
 
 /// The error an executor gives for a step option it does not implement.
 pub(crate) fn unsupported(backend: &str, what: &str) -> Error {
-    Error::Backend { backend: backend.into(), problem: format!("{what} is not implemented on this backend") }
+    Error::Backend {
+        backend: backend.into(),
+        problem: format!("{what} is not implemented on this backend"),
+    }
 }

@@ -13,7 +13,9 @@ use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, Kv
 use rocforge_kernels::ops::dequant::{self, DeviceWeight};
 use rocforge_kernels::ops::embedding::{self, Tokens};
 use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Runtime, MAX_GRID_X};
-use rocforge_kernels::ops::matmul::{self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS};
+use rocforge_kernels::ops::matmul::{
+    self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS,
+};
 use rocforge_kernels::ops::rope::{self, RopeShape, RopeSrc};
 use rocforge_kernels::ops::{activation, argmax, norm};
 
@@ -37,10 +39,20 @@ enum Matrix<R: Runtime> {
 }
 
 impl<R: Runtime> Matrix<R> {
-    fn upload(gpu: &Gpu<R>, ty: rocforge_kernels::GgmlType, bytes: &[u8], rows: usize, cols: usize) -> std::result::Result<Self, String> {
+    fn upload(
+        gpu: &Gpu<R>,
+        ty: rocforge_kernels::GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Self, String> {
         match QWeight::upload(gpu.client(), ty, rows, cols, bytes) {
             Ok(w) => Ok(Self::Tuned(w)),
-            Err(mm::MatmulError::UnsupportedType(_)) => DeviceWeight::upload(gpu, ty, bytes, rows, cols).map(Self::Plain).map_err(|e| e.to_string()),
+            Err(mm::MatmulError::UnsupportedType(_)) => {
+                DeviceWeight::upload(gpu, ty, bytes, rows, cols)
+                    .map(Self::Plain)
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -64,28 +76,35 @@ impl<R: Runtime> Matrix<R> {
 /// one weight with their rows stacked (one launch; each token's output row holds Q, K, V back
 /// to back, which `rope_store` reads as `RopeSrc::Fused`), else three matrices.
 enum Qkv<R: Runtime> {
-    Fused(QWeight<R>),         // (n_head*head_dim + 2*n_head_kv*head_dim, n_embd)
+    Fused(QWeight<R>),        // (n_head*head_dim + 2*n_head_kv*head_dim, n_embd)
     Separate([Matrix<R>; 3]), // attn_q, attn_k, attn_v
 }
 
 impl<R: Runtime> Qkv<R> {
     fn matrices(&self) -> Vec<(usize, usize, u64)> {
         match self {
-            Self::Fused(w) => vec![(w.rows, w.cols, w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64)],
-            Self::Separate(ms) => ms.iter().map(|m| (m.shape().0, m.shape().1, m.bytes())).collect(),
+            Self::Fused(w) => vec![(
+                w.rows,
+                w.cols,
+                w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64,
+            )],
+            Self::Separate(ms) => ms
+                .iter()
+                .map(|m| (m.shape().0, m.shape().1, m.bytes()))
+                .collect(),
         }
     }
 }
 
 /// One block's weights on the device; shapes as in [`crate::model::LayerWeights`].
 struct DeviceLayer<R: Runtime> {
-    attn_norm: Buf,             // (n_embd)
-    attn_qkv: Qkv<R>,           // attn_q (n_head*head_dim, n_embd), attn_k/attn_v (n_head_kv*head_dim, n_embd)
-    attn_output: Matrix<R>,     // (n_embd, n_head*head_dim)
-    ffn_norm: Buf,              // (n_embd)
-    ffn_gate: Matrix<R>,        // (n_ff, n_embd)
-    ffn_up: Matrix<R>,          // (n_ff, n_embd)
-    ffn_down: Matrix<R>,        // (n_embd, n_ff)
+    attn_norm: Buf,         // (n_embd)
+    attn_qkv: Qkv<R>, // attn_q (n_head*head_dim, n_embd), attn_k/attn_v (n_head_kv*head_dim, n_embd)
+    attn_output: Matrix<R>, // (n_embd, n_head*head_dim)
+    ffn_norm: Buf,    // (n_embd)
+    ffn_gate: Matrix<R>, // (n_ff, n_embd)
+    ffn_up: Matrix<R>, // (n_ff, n_embd)
+    ffn_down: Matrix<R>, // (n_embd, n_ff)
     /// A single token's QKV projection takes `attn_norm` folded in (fused QKV, coalesced format).
     qkv_folds_norm: bool,
     /// A single token's gate/up projection takes `ffn_norm` folded in.
@@ -109,20 +128,53 @@ impl DeviceNeeds {
         let (c, w) = (&model.config, &model.weights);
         let bytes = |m: &Weight| model.bytes(m).len() as u64;
         fn layer_matrices(l: &crate::model::LayerWeights) -> [&Weight; 7] {
-            [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down]
+            [
+                &l.attn_q,
+                &l.attn_k,
+                &l.attn_v,
+                &l.attn_output,
+                &l.ffn_gate,
+                &l.ffn_up,
+                &l.ffn_down,
+            ]
         }
         let tied_shared = w.tied_output && KernelFormat::from_ggml(w.token_embd.ty).is_some();
-        let weights = w.layers.iter().flat_map(layer_matrices).map(bytes).sum::<u64>()
+        let weights = w
+            .layers
+            .iter()
+            .flat_map(layer_matrices)
+            .map(bytes)
+            .sum::<u64>()
             + bytes(&w.token_embd)
             + if tied_shared { 0 } else { bytes(&w.output) }
             + 4 * ((2 * c.n_layer + 1) * c.n_embd) as u64;
-        let largest_layer_matrix = w.layers.iter().flat_map(layer_matrices).map(|m| m.rows * m.cols).max().unwrap_or(0);
+        let largest_layer_matrix = w
+            .layers
+            .iter()
+            .flat_map(layer_matrices)
+            .map(|m| m.rows * m.cols)
+            .max()
+            .unwrap_or(0);
         let per_token = (2 * c.n_layer * c.kv_dim() * kv.bytes() + 4 * c.rope_dim) as u64;
-        let qkv = if fused_qkv { c.q_dim() + 2 * c.kv_dim() } else { 0 };
-        let activations = b * (3 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff + qkv) + c.n_vocab + 2;
+        let qkv = if fused_qkv {
+            c.q_dim() + 2 * c.kv_dim()
+        } else {
+            0
+        };
+        let activations =
+            b * (3 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff + qkv) + c.n_vocab + 2;
         let attn = c.n_head * b.max(attention::MAX_DECODE_SPLITS) * (c.head_dim + 2);
-        let dequant = if b > MAX_MATVEC_TOKENS { largest_layer_matrix } else { 0 };
-        Self { weights, per_token, scratch: 4 * (activations + attn + dequant) as u64, largest_layer_matrix }
+        let dequant = if b > MAX_MATVEC_TOKENS {
+            largest_layer_matrix
+        } else {
+            0
+        };
+        Self {
+            weights,
+            per_token,
+            scratch: 4 * (activations + attn + dequant) as u64,
+            largest_layer_matrix,
+        }
     }
 
     /// Refuses a session that would not fit in `free` bytes, naming the largest `--ctx` that would.
@@ -138,7 +190,10 @@ impl DeviceNeeds {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let fixed = self.weights + self.scratch;
         let hint = if fixed < budget {
-            format!("the largest --ctx that fits is {}", (budget - fixed) / self.per_token.max(1))
+            format!(
+                "the largest --ctx that fits is {}",
+                (budget - fixed) / self.per_token.max(1)
+            )
         } else {
             "the weights alone do not fit".to_string()
         };
@@ -166,9 +221,9 @@ pub struct CubeBackend<R: Runtime> {
     output: Matrix<R>,     // (n_vocab, n_embd), the same device buffers as token_embd when tied
     layers: Vec<DeviceLayer<R>>,
     dequant: Option<DequantScratch<R>>, // (largest matrix) f32, for prefill mat-mats
-    output_norm: Buf, // (n_embd)
-    cos: Buf,         // (ctx, rope_dim/2)
-    sin: Buf,         // (ctx, rope_dim/2)
+    output_norm: Buf,                   // (n_embd)
+    cos: Buf,                           // (ctx, rope_dim/2)
+    sin: Buf,                           // (ctx, rope_dim/2)
     // Activations, one row per token in the batch.
     x: Buf,      // (batch, n_embd) residual stream
     xn: Buf,     // (batch, n_embd) normalised input of a block
@@ -222,23 +277,42 @@ impl<R: Runtime> CubeBackend<R> {
     ) -> Result<Self> {
         let c = &model.config;
         let w = &model.weights;
-        let fail = |problem: String| Error::Backend { backend: kind.name().into(), problem };
+        let fail = |problem: String| Error::Backend {
+            backend: kind.name().into(),
+            problem,
+        };
         // The attention kernel runs a unit per head dimension and a cube per (token, head,
         // split); one grid axis holds 65 535 cubes, so the batch is cut to fit rather than
         // asserting in the launcher (the session runs prompts in chunks of max_batch).
         if c.head_dim > attention::MAX_HEAD_DIM || c.head_dim % 2 != 0 {
-            return Err(fail(format!("head dimension {} is not supported by the GPU kernels (even, at most {})", c.head_dim, attention::MAX_HEAD_DIM)));
+            return Err(fail(format!(
+                "head dimension {} is not supported by the GPU kernels (even, at most {})",
+                c.head_dim,
+                attention::MAX_HEAD_DIM
+            )));
         }
         let max_rows = MAX_GRID_X as usize;
         if c.n_head * attention::MAX_DECODE_SPLITS > max_rows {
-            return Err(fail(format!("{} attention heads exceed the GPU kernels' limit of {}", c.n_head, max_rows / attention::MAX_DECODE_SPLITS)));
+            return Err(fail(format!(
+                "{} attention heads exceed the GPU kernels' limit of {}",
+                c.n_head,
+                max_rows / attention::MAX_DECODE_SPLITS
+            )));
         }
         let ctx = opts.ctx;
         let b = opts.max_batch.min(ctx).min(max_rows / c.n_head);
-        let kv_type = if gpu.supports_f16() { KvType::F16 } else { KvType::F32 };
+        let kv_type = if gpu.supports_f16() {
+            KvType::F16
+        } else {
+            KvType::F32
+        };
         let fits_qkv = |l: &crate::model::LayerWeights| {
             let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
-            q.ty == k.ty && k.ty == v.ty && q.cols == k.cols && k.cols == v.cols && KernelFormat::from_ggml(q.ty).is_some()
+            q.ty == k.ty
+                && k.ty == v.ty
+                && q.cols == k.cols
+                && k.cols == v.cols
+                && KernelFormat::from_ggml(q.ty).is_some()
         };
         let fused = w.layers.iter().any(fits_qkv);
         let need = DeviceNeeds::of(&model, b, kv_type, fused);
@@ -247,7 +321,8 @@ impl<R: Runtime> CubeBackend<R> {
         }
 
         let upload = |wt: &Weight| -> Result<Matrix<R>> {
-            Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols).map_err(|e| fail(format!("tensor `{}`: {e}", wt.name)))
+            Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
+                .map_err(|e| fail(format!("tensor `{}`: {e}", wt.name)))
         };
         let token_embd = upload(&w.token_embd)?;
         let norm_fusable = |m: &QWeight<R>| mm::fuses_norm(gpu.client(), m);
@@ -258,15 +333,23 @@ impl<R: Runtime> CubeBackend<R> {
                 let attn_qkv = if fits_qkv(l) {
                     let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
                     let bytes = [model.bytes(q), model.bytes(k), model.bytes(v)].concat();
-                    let fused = QWeight::upload(gpu.client(), q.ty, q.rows + k.rows + v.rows, q.cols, &bytes)
-                        .map_err(|e| fail(format!("tensors `{}`+k+v: {e}", q.name)))?;
+                    let fused = QWeight::upload(
+                        gpu.client(),
+                        q.ty,
+                        q.rows + k.rows + v.rows,
+                        q.cols,
+                        &bytes,
+                    )
+                    .map_err(|e| fail(format!("tensors `{}`+k+v: {e}", q.name)))?;
                     Qkv::Fused(fused)
                 } else {
                     Qkv::Separate([upload(&l.attn_q)?, upload(&l.attn_k)?, upload(&l.attn_v)?])
                 };
                 let (ffn_gate, ffn_up) = (upload(&l.ffn_gate)?, upload(&l.ffn_up)?);
                 let ffn_folds_norm = match (&ffn_gate, &ffn_up) {
-                    (Matrix::Tuned(g), Matrix::Tuned(u)) => (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) && norm_fusable(g),
+                    (Matrix::Tuned(g), Matrix::Tuned(u)) => {
+                        (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) && norm_fusable(g)
+                    }
                     _ => false,
                 };
                 Ok(DeviceLayer {
@@ -290,10 +373,15 @@ impl<R: Runtime> CubeBackend<R> {
         let output_folds_norm = matches!(&output, Matrix::Tuned(w) if norm_fusable(w));
         // Batches above MAX_MATVEC_TOKENS dequantize a layer matrix into this scratch and
         // multiply; the vocabulary projection gets its own only if perplexity asks for it.
-        let dequant = (b > MAX_MATVEC_TOKENS).then(|| DequantScratch::new(gpu.client(), need.largest_layer_matrix));
+        let dequant = (b > MAX_MATVEC_TOKENS)
+            .then(|| DequantScratch::new(gpu.client(), need.largest_layer_matrix));
         let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref());
         let (cos, sin) = rope::rope_tables(ctx, &inv_freqs);
-        let shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
+        let shape = AttnShape {
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
         Ok(Self {
             token_embd,
             output,
@@ -304,7 +392,11 @@ impl<R: Runtime> CubeBackend<R> {
             sin: gpu.f32s(&sin),
             x: gpu.zeros(b * c.n_embd),
             xn: gpu.zeros(b * c.n_embd),
-            qkv: gpu.zeros(if fused { b * (c.q_dim() + 2 * c.kv_dim()) } else { 1 }),
+            qkv: gpu.zeros(if fused {
+                b * (c.q_dim() + 2 * c.kv_dim())
+            } else {
+                1
+            }),
             q: gpu.zeros(b * c.q_dim()),
             k: gpu.zeros(b * c.kv_dim()),
             v: gpu.zeros(b * c.kv_dim()),
@@ -341,7 +433,10 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     fn err(&self, e: GpuError) -> Error {
-        Error::Backend { backend: self.kind.name().into(), problem: e.to_string() }
+        Error::Backend {
+            backend: self.kind.name().into(),
+            problem: e.to_string(),
+        }
     }
 
     /// The element type of the KV cache (f16 where the device has it).
@@ -354,12 +449,18 @@ impl<R: Runtime> CubeBackend<R> {
     fn lap(&self, op: &str) {
         if self.profiling {
             let _ = self.gpu.sync();
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).lap(op);
+            self.profiler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lap(op);
         }
     }
 
     fn backend_err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Backend { backend: self.kind.name().into(), problem: e.to_string() }
+        Error::Backend {
+            backend: self.kind.name().into(),
+            problem: e.to_string(),
+        }
     }
 
     /// `h = silu(W_gate · xn) * (W_up · xn)` for the batch's rows (into `gate`): one fused
@@ -368,7 +469,14 @@ impl<R: Runtime> CubeBackend<R> {
         if let (1, Matrix::Tuned(g), Matrix::Tuned(u)) = (n, gate, up) {
             if (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) {
                 self.gpu.count_launches(1);
-                return mm::matvec_swiglu(self.gpu.client(), g, u, self.xn.handle(), self.gate.handle()).map_err(|e| self.backend_err(e));
+                return mm::matvec_swiglu(
+                    self.gpu.client(),
+                    g,
+                    u,
+                    self.xn.handle(),
+                    self.gate.handle(),
+                )
+                .map_err(|e| self.backend_err(e));
             }
         }
         self.linear(gate, &self.xn, &self.gate, n)?;
@@ -398,12 +506,24 @@ impl<R: Runtime> CubeBackend<R> {
     /// pending for the next norm to add (`add_rms_norm`), which saves a launch per projection.
     fn project_add(&mut self, w: &Matrix<R>, h: &Buf) -> Result<()> {
         if self.pending_add {
-            activation::launch_add_assign(&self.gpu, &self.x, &self.proj, self.n * self.model.config.n_embd);
+            activation::launch_add_assign(
+                &self.gpu,
+                &self.x,
+                &self.proj,
+                self.n * self.model.config.n_embd,
+            );
             self.pending_add = false;
         }
         if let (1, Matrix::Tuned(w)) = (self.n, w) {
             self.gpu.count_launches(1);
-            return mm::matvec(self.gpu.client(), w, h.handle(), self.x.handle(), Epilogue::Accumulate).map_err(|e| self.backend_err(e));
+            return mm::matvec(
+                self.gpu.client(),
+                w,
+                h.handle(),
+                self.x.handle(),
+                Epilogue::Accumulate,
+            )
+            .map_err(|e| self.backend_err(e));
         }
         self.linear(w, h, &self.proj, self.n)?;
         self.pending_add = true;
@@ -437,7 +557,12 @@ impl<R: Runtime> CubeBackend<R> {
                 .into_iter()
                 .flatten()
                 .find(|s| s.elems() >= w.rows * w.cols)
-                .ok_or_else(|| self.backend_err(format!("no dequantize scratch for a {}x{} matrix", w.rows, w.cols)))?;
+                .ok_or_else(|| {
+                    self.backend_err(format!(
+                        "no dequantize scratch for a {}x{} matrix",
+                        w.rows, w.cols
+                    ))
+                })?;
             mm::matmul(client, w, x.handle(), out.handle(), n, Some(scratch))
         };
         r.map_err(|e| self.backend_err(e))
@@ -450,14 +575,21 @@ impl<R: Runtime> CubeBackend<R> {
 /// per layer (7 when attention splits) + 2; a batch adds each residual inside the next norm.
 impl<R: Runtime> Executor for CubeBackend<R> {
     fn limits(&self) -> Limits {
-        Limits { ctx: self.ctx, max_batch: self.max_batch, n_vocab: self.model.config.n_vocab }
+        Limits {
+            ctx: self.ctx,
+            max_batch: self.max_batch,
+            n_vocab: self.model.config.n_vocab,
+        }
     }
 
     fn begin(&mut self, n: usize, pos: usize, all_logits: bool) -> Result<()> {
         (self.n, self.pos, self.all_logits, self.pending_add) = (n, pos, all_logits, false);
         self.launch_start = self.gpu.launches();
         if self.profiling {
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+            self.profiler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start();
         }
         Ok(())
     }
@@ -475,7 +607,8 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                     Some(b) => (b.handle(), None),
                     None => (self.no_ids.handle(), Some(tokens[0])),
                 };
-                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle()).map_err(|e| self.backend_err(e))
+                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle())
+                    .map_err(|e| self.backend_err(e))
             }
             Matrix::Plain(w) => {
                 let toks = match &ids {
@@ -493,8 +626,15 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         if let (Qkv::Fused(w), true) = (&layer.attn_qkv, self.folds_norm(layer.qkv_folds_norm)) {
             self.gpu.count_launches(1);
             let eps = self.model.config.rms_eps;
-            return mm::matvec_norm(self.gpu.client(), w, self.x.handle(), layer.attn_norm.handle(), eps, self.qkv.handle())
-                .map_err(|e| self.backend_err(e));
+            return mm::matvec_norm(
+                self.gpu.client(),
+                w,
+                self.x.handle(),
+                layer.attn_norm.handle(),
+                eps,
+                self.qkv.handle(),
+            )
+            .map_err(|e| self.backend_err(e));
         }
         let norm_w = layer.attn_norm.clone();
         self.norm(&norm_w)?;
@@ -511,15 +651,38 @@ impl<R: Runtime> Executor for CubeBackend<R> {
 
     fn rope_store(&mut self, l: usize, qk_norm: bool, rope: RopeKind) -> Result<()> {
         if qk_norm || rope != RopeKind::Global {
-            return Err(unsupported(self.kind.name(), "per-head q/k norm or a second RoPE table"));
+            return Err(unsupported(
+                self.kind.name(),
+                "per-head q/k norm or a second RoPE table",
+            ));
         }
         let c = &self.model.config;
-        let shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
+        let shape = RopeShape {
+            n_head: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+            rot_pairs: c.rope_dim / 2,
+        };
         let src = match &self.layers[l].attn_qkv {
             Qkv::Fused(_) => RopeSrc::Fused(&self.qkv),
-            Qkv::Separate(_) => RopeSrc::Separate { q: &self.att, k: &self.k, v: &self.v },
+            Qkv::Separate(_) => RopeSrc::Separate {
+                q: &self.att,
+                k: &self.k,
+                v: &self.v,
+            },
         };
-        rope::launch_rope_store(&self.gpu, src, &self.q, &self.cos, &self.sin, &self.cache, l, self.pos, self.n, shape);
+        rope::launch_rope_store(
+            &self.gpu,
+            src,
+            &self.q,
+            &self.cos,
+            &self.sin,
+            &self.cache,
+            l,
+            self.pos,
+            self.n,
+            shape,
+        );
         Ok(())
     }
 
@@ -528,8 +691,22 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             return Err(unsupported(self.kind.name(), "sliding-window attention"));
         }
         let c = &self.model.config;
-        let shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
-        attention::launch_attention(&self.gpu, &self.q, &self.cache, l, &self.scratch, &self.att, self.pos, self.n, shape);
+        let shape = AttnShape {
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
+        attention::launch_attention(
+            &self.gpu,
+            &self.q,
+            &self.cache,
+            l,
+            &self.scratch,
+            &self.att,
+            self.pos,
+            self.n,
+            shape,
+        );
         Ok(())
     }
 
@@ -549,11 +726,23 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             return Err(unsupported(self.kind.name(), "a GELU feed-forward"));
         }
         let layer = &self.layers[l];
-        if let (Matrix::Tuned(gate), Matrix::Tuned(up), true) = (&layer.ffn_gate, &layer.ffn_up, self.folds_norm(layer.ffn_folds_norm)) {
+        if let (Matrix::Tuned(gate), Matrix::Tuned(up), true) = (
+            &layer.ffn_gate,
+            &layer.ffn_up,
+            self.folds_norm(layer.ffn_folds_norm),
+        ) {
             self.gpu.count_launches(1);
             let eps = self.model.config.rms_eps;
-            return mm::matvec_swiglu_norm(self.gpu.client(), gate, up, self.x.handle(), layer.ffn_norm.handle(), eps, self.gate.handle())
-                .map_err(|e| self.backend_err(e));
+            return mm::matvec_swiglu_norm(
+                self.gpu.client(),
+                gate,
+                up,
+                self.x.handle(),
+                layer.ffn_norm.handle(),
+                eps,
+                self.gate.handle(),
+            )
+            .map_err(|e| self.backend_err(e));
         }
         let norm_w = layer.ffn_norm.clone();
         self.norm(&norm_w)?;
@@ -580,13 +769,37 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         self.n_logit_rows = rows;
         if let (Matrix::Tuned(w), true) = (&self.output, self.folds_norm(self.output_folds_norm)) {
             self.gpu.count_launches(1);
-            return mm::matvec_norm(self.gpu.client(), w, self.x.handle(), self.output_norm.handle(), eps, self.logits.handle())
-                .map_err(|e| self.backend_err(e));
+            return mm::matvec_norm(
+                self.gpu.client(),
+                w,
+                self.x.handle(),
+                self.output_norm.handle(),
+                eps,
+                self.logits.handle(),
+            )
+            .map_err(|e| self.backend_err(e));
         }
         if std::mem::take(&mut self.pending_add) {
-            norm::launch_add_rms_norm(&self.gpu, &self.x, &self.proj, &self.output_norm, &self.xn, first, rows, eps);
+            norm::launch_add_rms_norm(
+                &self.gpu,
+                &self.x,
+                &self.proj,
+                &self.output_norm,
+                &self.xn,
+                first,
+                rows,
+                eps,
+            );
         } else {
-            norm::launch_rms_norm(&self.gpu, &self.x, &self.output_norm, &self.xn, first, rows, eps);
+            norm::launch_rms_norm(
+                &self.gpu,
+                &self.x,
+                &self.output_norm,
+                &self.xn,
+                first,
+                rows,
+                eps,
+            );
         }
         if self.logits.len() < rows * n_vocab {
             // Only perplexity asks for all-token logits; generation never reaches this.
@@ -595,7 +808,8 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         }
         if let Matrix::Tuned(w) = &self.output {
             let elems = w.rows * w.cols;
-            let fits = |s: &Option<DequantScratch<R>>| s.as_ref().is_some_and(|s| s.elems() >= elems);
+            let fits =
+                |s: &Option<DequantScratch<R>>| s.as_ref().is_some_and(|s| s.elems() >= elems);
             if rows > MAX_MATVEC_TOKENS && !fits(&self.dequant) && !fits(&self.dequant_logits) {
                 // The vocabulary projection is the largest matrix; only perplexity multiplies
                 // it by a batch, so its scratch is made on first use.
@@ -641,7 +855,9 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     fn logits(&mut self) -> Result<&[f32]> {
         let n = self.n_logit_rows * self.model.config.n_vocab;
         if !self.host_fresh {
-            self.gpu.read_f32_into(&self.logits, n, &mut self.host_logits).map_err(|e| self.err(e))?;
+            self.gpu
+                .read_f32_into(&self.logits, n, &mut self.host_logits)
+                .map_err(|e| self.err(e))?;
             self.host_fresh = true;
         }
         Ok(&self.host_logits[..n])
@@ -649,14 +865,23 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn argmax(&mut self) -> Result<u32> {
         let nv = self.model.config.n_vocab;
-        argmax::launch_argmax(&self.gpu, &self.logits, (self.n_logit_rows - 1) * nv, nv, &self.best);
+        argmax::launch_argmax(
+            &self.gpu,
+            &self.logits,
+            (self.n_logit_rows - 1) * nv,
+            nv,
+            &self.best,
+        );
         let id = self.gpu.read_u32(&self.best).map_err(|e| self.err(e))?;
         Ok(id[0])
     }
 
     fn memory(&self) -> MemoryUsage {
         let layer_bytes = |l: &DeviceLayer<R>| -> u64 {
-            [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].iter().map(|w| w.bytes()).sum::<u64>()
+            [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down]
+                .iter()
+                .map(|w| w.bytes())
+                .sum::<u64>()
                 + l.attn_qkv.matrices().iter().map(|m| m.2).sum::<u64>()
                 + l.attn_norm.bytes()
                 + l.ffn_norm.bytes()
@@ -668,10 +893,22 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             + self.output_norm.bytes()
             + self.cos.bytes()
             + self.sin.bytes();
-        let scratch = [&self.x, &self.xn, &self.qkv, &self.q, &self.k, &self.v, &self.att, &self.proj, &self.gate, &self.up, &self.logits]
-            .iter()
-            .map(|b| b.bytes())
-            .sum::<u64>()
+        let scratch = [
+            &self.x,
+            &self.xn,
+            &self.qkv,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.proj,
+            &self.gate,
+            &self.up,
+            &self.logits,
+        ]
+        .iter()
+        .map(|b| b.bytes())
+        .sum::<u64>()
             + self.scratch.bytes();
         let (in_use, reserved) = self.gpu.memory_usage().unwrap_or((0, 0));
         MemoryUsage {
@@ -689,33 +926,60 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn set_profiling(&mut self, on: bool) {
         self.profiling = on;
-        self.profiler.get_mut().unwrap_or_else(|e| e.into_inner()).set(on);
+        self.profiler
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(on);
     }
 
     fn op_profile(&self) -> Vec<OpTiming> {
-        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).report()
+        self.profiler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report()
     }
 }
 
 fn no_backend(kind: BackendKind, problem: impl Into<String>) -> Error {
-    Error::Backend { backend: kind.name().into(), problem: problem.into() }
+    Error::Backend {
+        backend: kind.name().into(),
+        problem: problem.into(),
+    }
 }
 
 /// Creates the GPU backend `kind`, after checking its device is really there (a HIP client on
 /// a machine without an AMD GPU aborts the process, so it is never created blind).
-pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+pub fn create(
+    kind: BackendKind,
+    model: Arc<Model>,
+    opts: &BackendOptions,
+) -> Result<Box<dyn Backend>> {
     match kind {
         #[cfg(feature = "hip")]
         BackendKind::Hip => {
             let found = probe::hip_devices().map_err(|p| no_backend(kind, p))?;
             let gpu = Gpu::on(&Default::default());
-            Ok(Box::new(Hip::new(gpu, kind, found.name, found.free_bytes, model, opts)?))
+            Ok(Box::new(Hip::new(
+                gpu,
+                kind,
+                found.name,
+                found.free_bytes,
+                model,
+                opts,
+            )?))
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             let found = probe::cuda_devices().map_err(|p| no_backend(kind, p))?;
             let gpu = Gpu::on(&Default::default());
-            Ok(Box::new(Cuda::new(gpu, kind, found.name, found.free_bytes, model, opts)?))
+            Ok(Box::new(Cuda::new(
+                gpu,
+                kind,
+                found.name,
+                found.free_bytes,
+                model,
+                opts,
+            )?))
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
@@ -725,7 +989,10 @@ pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Re
             let name = format!("{device:?} via {}", Runtime::name(gpu.client()));
             Ok(Box::new(Wgpu::new(gpu, kind, name, None, model, opts)?))
         }
-        k => Err(no_backend(k, format!("this build has no `{k}` backend; rebuild with `--features {k}`"))),
+        k => Err(no_backend(
+            k,
+            format!("this build has no `{k}` backend; rebuild with `--features {k}`"),
+        )),
     }
 }
 
@@ -791,26 +1058,41 @@ mod probe {
             };
             unsafe {
                 if let Some(init) = sym.init {
-                    let f: libloading::Symbol<Init> = lib.get(init).map_err(|e| format!("{lib_name}: {e}"))?;
+                    let f: libloading::Symbol<Init> =
+                        lib.get(init).map_err(|e| format!("{lib_name}: {e}"))?;
                     let rc = f(0);
                     if rc != 0 {
                         return Err(format!("{what} driver initialisation failed (error {rc}): no usable {what} GPU"));
                     }
                 }
-                let f: libloading::Symbol<Count> = lib.get(sym.count).map_err(|e| format!("{lib_name}: {e}"))?;
+                let f: libloading::Symbol<Count> =
+                    lib.get(sym.count).map_err(|e| format!("{lib_name}: {e}"))?;
                 let mut n = 0i32;
                 let rc = f(&mut n);
                 if rc != 0 || n <= 0 {
-                    return Err(format!("no {what} GPU found (device count {n}, error {rc})"));
+                    return Err(format!(
+                        "no {what} GPU found (device count {n}, error {rc})"
+                    ));
                 }
                 // The name is a nicety: any failure leaves a generic one.
                 let mut name = format!("{what} GPU 0 of {n}");
-                if let (Ok(get), Ok(get_name)) = (lib.get::<Get>(sym.get), lib.get::<Name>(sym.name)) {
+                if let (Ok(get), Ok(get_name)) =
+                    (lib.get::<Get>(sym.get), lib.get::<Name>(sym.name))
+                {
                     let (mut dev, mut buf) = (0i32, [0 as std::ffi::c_char; 256]);
-                    if get(&mut dev, 0) == 0 && get_name(buf.as_mut_ptr(), buf.len() as i32 - 1, dev) == 0 {
-                        let s = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().trim().to_string();
+                    if get(&mut dev, 0) == 0
+                        && get_name(buf.as_mut_ptr(), buf.len() as i32 - 1, dev) == 0
+                    {
+                        let s = std::ffi::CStr::from_ptr(buf.as_ptr())
+                            .to_string_lossy()
+                            .trim()
+                            .to_string();
                         if !s.is_empty() {
-                            name = if n > 1 { format!("{s} (device 0 of {n})") } else { s };
+                            name = if n > 1 {
+                                format!("{s} (device 0 of {n})")
+                            } else {
+                                s
+                            };
                         }
                     }
                 }
@@ -826,7 +1108,10 @@ mod probe {
                 return Ok(Found { name, free_bytes });
             }
         }
-        Err(format!("the {what} runtime library is not installed (tried {})", tried.join("; ")))
+        Err(format!(
+            "the {what} runtime library is not installed (tried {})",
+            tried.join("; ")
+        ))
     }
 
     /// Free memory of device 0. CUDA needs a current context for `cuMemGetInfo`: the
@@ -865,7 +1150,9 @@ mod probe {
     #[cfg(feature = "hip")]
     pub fn hip_devices() -> Result<Found, String> {
         if !std::path::Path::new("/dev/kfd").exists() && cfg!(target_os = "linux") {
-            return Err("no AMD GPU: /dev/kfd is missing (ROCm driver not loaded or no device)".into());
+            return Err(
+                "no AMD GPU: /dev/kfd is missing (ROCm driver not loaded or no device)".into(),
+            );
         }
         let mut libs: Vec<String> = ["ROCM_PATH", "HIP_PATH"]
             .iter()
@@ -903,11 +1190,16 @@ mod probe {
     /// A real GPU adapter for wgpu (discrete first, then integrated), if any.
     #[cfg(feature = "wgpu")]
     pub fn wgpu_gpu() -> Option<rocforge_kernels::ops::gpu::cubecl::wgpu::WgpuDevice> {
-        use rocforge_kernels::ops::gpu::cubecl::wgpu::{AutoGraphicsApi, GraphicsApi, WgpuDevice, WgpuRuntime};
+        use rocforge_kernels::ops::gpu::cubecl::wgpu::{
+            AutoGraphicsApi, GraphicsApi, WgpuDevice, WgpuRuntime,
+        };
         use rocforge_kernels::ops::gpu::Runtime;
         let backend = AutoGraphicsApi::backend();
         let found = std::panic::catch_unwind(|| {
-            (!WgpuRuntime::enumerate_devices(0, &backend).is_empty(), !WgpuRuntime::enumerate_devices(1, &backend).is_empty())
+            (
+                !WgpuRuntime::enumerate_devices(0, &backend).is_empty(),
+                !WgpuRuntime::enumerate_devices(1, &backend).is_empty(),
+            )
         });
         match found {
             Ok((true, _)) => Some(WgpuDevice::DiscreteGpu(0)),

@@ -340,7 +340,11 @@ pub fn matmul<R: Runtime>(
     if n_tokens <= MAX_MATVEC_TOKENS {
         return launch_matvec(client, w, x, y, n_tokens, Epilogue::Store);
     }
-    let scratch = scratch.ok_or(MatmulError::BufferTooSmall { what: "scratch", needed: (w.rows * w.cols) as u64 * 4, got: 0 })?;
+    let scratch = scratch.ok_or(MatmulError::BufferTooSmall {
+        what: "scratch",
+        needed: (w.rows * w.cols) as u64 * 4,
+        got: 0,
+    })?;
     check_buffer("x", x, n_tokens * w.cols)?;
     check_buffer("y", y, n_tokens * w.rows)?;
     dequantize(client, w, scratch)?;
@@ -377,12 +381,20 @@ pub fn embed<R: Runtime>(
 ) -> Result<(), MatmulError> {
     if let Some(t) = token0 {
         if n != 1 || t as usize >= w.rows {
-            return Err(MatmulError::BadShape { ty: w.ty, rows: t as usize, cols: w.cols });
+            return Err(MatmulError::BadShape {
+                ty: w.ty,
+                rows: t as usize,
+                cols: w.cols,
+            });
         }
     } else {
         let needed = n as u64 * 4;
         if ids.size_in_used() < needed {
-            return Err(MatmulError::BufferTooSmall { what: "ids", needed, got: ids.size_in_used() });
+            return Err(MatmulError::BufferTooSmall {
+                what: "ids",
+                needed,
+                got: ids.size_in_used(),
+            });
         }
     }
     check_buffer("out", out, n * w.cols)?;
