@@ -12,7 +12,8 @@ const USAGE: &str = "usage: cargo xtask <task> [args]
 tasks:
   hip-check               compile every kernel to HIP C++ and through hipcc (gfx90a, gfx1030); HIPCC overrides the compiler
   test [CARGO TEST ARGS]  the whole test suite, as CI runs it (profile ci, features wgpu,hip; then hip-check)
-  fetch-model [smollm2]   download the real test model into the cache and print its path
+  fetch-model [smollm2|gemma3]
+                          download a real test model into the cache and print its path
   bench [--quick] [--backend auto|cpu|hip|cuda|wgpu[,..]] [--model PATH] [--save-baseline NAME] [--baseline NAME]
                           run the benchmark suite; results under target/rocforge-bench/<timestamp>/
   compare OLD.json NEW.json [--threshold PCT] | --llama-bench FILE.json [RESULTS.json]
