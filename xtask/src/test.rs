@@ -35,7 +35,14 @@ pub fn target_dir() -> PathBuf {
 
 pub fn run(args: &[String]) -> Result<()> {
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut test = vec!["test", "--profile", PROFILE, "--workspace", "--features", FEATURES];
+    let mut test = vec![
+        "test",
+        "--profile",
+        PROFILE,
+        "--workspace",
+        "--features",
+        FEATURES,
+    ];
     test.extend(&extra);
     cargo(&test)?;
     if !hipcc_installed() {
@@ -47,20 +54,39 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// `cargo xtask hip-check`: builds the `hip_check` example (as `cargo xtask test` does) and runs it.
 pub fn hip_check() -> Result<()> {
-    cargo(&["build", "--profile", PROFILE, "-p", "rocforge-kernels", "--features", FEATURES, "--example", "hip_check"])?;
+    cargo(&[
+        "build",
+        "--profile",
+        PROFILE,
+        "-p",
+        "rocforge-kernels",
+        "--features",
+        FEATURES,
+        "--example",
+        "hip_check",
+    ])?;
     hip_check_binary()
 }
 
 fn hipcc_installed() -> bool {
     let hipcc = std::env::var("HIPCC").unwrap_or_else(|_| "hipcc".into());
-    Command::new(hipcc).arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new(hipcc)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn hip_check_binary() -> Result<()> {
-    let bin = target_dir().join(PROFILE).join("examples").join("hip_check");
+    let bin = target_dir()
+        .join(PROFILE)
+        .join("examples")
+        .join("hip_check");
     let out = target_dir().join("hip-check");
     eprintln!("xtask: {} {}", bin.display(), out.display());
-    let status = Command::new(&bin).arg(&out).status().with_context(|| format!("running {}", bin.display()))?;
+    let status = Command::new(&bin)
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
     if !status.success() {
         bail!("hip-check failed: some kernels did not compile with hipcc (see FAILED lines above)");
     }

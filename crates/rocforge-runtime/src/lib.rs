@@ -27,5 +27,7 @@ pub use backend::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming};
 pub use error::{Error, Result};
 pub use model::{Model, ModelConfig};
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{perplexity, GenerateOptions, Generation, Perplexity, Session, StopReason, Timings};
+pub use session::{
+    perplexity, GenerateOptions, Generation, Perplexity, Session, StopReason, Timings,
+};
 pub use tokenizer::Tokenizer;

@@ -39,15 +39,45 @@ impl LlamaShape {
         LlamaShape::llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 4096, 10000),
         LlamaShape::llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, 500000),
         // Gemma-3-270M: head dim 256 (not n_embd / n_head), one KV head.
-        LlamaShape { arch: Architecture::Gemma3, head_dim: 256, ..LlamaShape::llama("gemma3-270m", 18, 640, 4, 1, 2048, 262144, 32768, 1000000) },
+        LlamaShape {
+            arch: Architecture::Gemma3,
+            head_dim: 256,
+            ..LlamaShape::llama("gemma3-270m", 18, 640, 4, 1, 2048, 262144, 32768, 1000000)
+        },
         // A tiny Gemma 3 for tests: 6 layers so that one is global, a window of 8 keys.
-        LlamaShape { arch: Architecture::Gemma3, head_dim: 32, ..LlamaShape::llama("tiny-gemma3", 6, 64, 4, 2, 160, 320, 256, 1000000) },
+        LlamaShape {
+            arch: Architecture::Gemma3,
+            head_dim: 32,
+            ..LlamaShape::llama("tiny-gemma3", 6, 64, 4, 2, 160, 320, 256, 1000000)
+        },
     ];
 
     /// A Llama shape (head dim n_embd / n_head).
     #[allow(clippy::too_many_arguments)]
-    pub const fn llama(name: &'static str, n_layer: usize, n_embd: usize, n_head: usize, n_head_kv: usize, n_ff: usize, n_vocab: usize, n_ctx: usize, rope_base: u32) -> Self {
-        LlamaShape { name, arch: Architecture::Llama, head_dim: 0, n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx, rope_base }
+    pub const fn llama(
+        name: &'static str,
+        n_layer: usize,
+        n_embd: usize,
+        n_head: usize,
+        n_head_kv: usize,
+        n_ff: usize,
+        n_vocab: usize,
+        n_ctx: usize,
+        rope_base: u32,
+    ) -> Self {
+        LlamaShape {
+            name,
+            arch: Architecture::Llama,
+            head_dim: 0,
+            n_layer,
+            n_embd,
+            n_head,
+            n_head_kv,
+            n_ff,
+            n_vocab,
+            n_ctx,
+            rope_base,
+        }
     }
 
     /// The attention head width.
@@ -106,7 +136,10 @@ fn file_type_of(ty: GgmlType) -> u32 {
 /// to `n_vocab` (reachable only by id). Returns (tokens, token types).
 fn vocab(n_vocab: usize) -> (Vec<String>, Vec<i32>) {
     // GPT-2's byte-to-unicode map: printable bytes stand for themselves, others shift to U+0100+.
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut shifted = 0;
     let mut map = vec![' '; 256];
     for b in 0..256u32 {
@@ -142,8 +175,12 @@ pub fn random_weights(ty: GgmlType, cols: usize, seed: u64, buf: &mut [u8]) {
     let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
     let ts = ty.type_size();
     match ty {
-        GgmlType::F32 => buf.chunks_exact_mut(4).for_each(|c| c.copy_from_slice(&(rng.gen_range(-1.7f32..1.7) * sigma).to_le_bytes())),
-        GgmlType::F16 => buf.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&f16(rng.gen_range(-1.7f32..1.7) * sigma))),
+        GgmlType::F32 => buf
+            .chunks_exact_mut(4)
+            .for_each(|c| c.copy_from_slice(&(rng.gen_range(-1.7f32..1.7) * sigma).to_le_bytes())),
+        GgmlType::F16 => buf
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&f16(rng.gen_range(-1.7f32..1.7) * sigma))),
         GgmlType::BF16 => buf.chunks_exact_mut(2).for_each(|c| {
             let v = rng.gen_range(-1.7f32..1.7) * sigma;
             c.copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes())
@@ -153,11 +190,15 @@ pub fn random_weights(ty: GgmlType, cols: usize, seed: u64, buf: &mut [u8]) {
             // Overwrite each block's scales with values that give an RMS near sigma.
             for b in buf.chunks_exact_mut(ts) {
                 match ty {
-                    GgmlType::Q4_0 | GgmlType::Q5_0 => b[0..2].copy_from_slice(&f16(sigma / 4.6 * if ty == GgmlType::Q5_0 { 0.5 } else { 1.0 })),
+                    GgmlType::Q4_0 | GgmlType::Q5_0 => b[0..2].copy_from_slice(&f16(
+                        sigma / 4.6 * if ty == GgmlType::Q5_0 { 0.5 } else { 1.0 }
+                    )),
                     GgmlType::Q4_1 | GgmlType::Q5_1 => {
                         let d = sigma / 4.6 * if ty == GgmlType::Q5_1 { 0.5 } else { 1.0 };
                         b[0..2].copy_from_slice(&f16(d));
-                        b[2..4].copy_from_slice(&f16(-d * if ty == GgmlType::Q5_1 { 15.5 } else { 7.5 }));
+                        b[2..4].copy_from_slice(&f16(
+                            -d * if ty == GgmlType::Q5_1 { 15.5 } else { 7.5 }
+                        ));
                     }
                     GgmlType::Q8_0 => b[0..2].copy_from_slice(&f16(sigma / 74.0)),
                     GgmlType::Q4K | GgmlType::Q5K => {
@@ -201,7 +242,10 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
     let k = |key: &str| format!("{a}.{key}");
     let mut w = GgufWriter::new();
     w.meta_str("general.architecture", a)
-        .meta_str("general.name", &format!("synthetic {} {}", s.name, spec.quant))
+        .meta_str(
+            "general.name",
+            &format!("synthetic {} {}", s.name, spec.quant),
+        )
         .meta_bool("general.synthetic", true)
         .meta_u32("general.file_type", file_type_of(spec.quant))
         .meta_u32(&k("block_count"), s.n_layer as u32)
@@ -212,7 +256,10 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
         .meta_u32(&k("attention.head_count_kv"), s.n_head_kv as u32)
         .meta_u32(&k("rope.dimension_count"), head_dim as u32)
         .meta_f32(&k("rope.freq_base"), s.rope_base as f32)
-        .meta_f32(&k("attention.layer_norm_rms_epsilon"), if gemma { 1e-6 } else { 1e-5 })
+        .meta_f32(
+            &k("attention.layer_norm_rms_epsilon"),
+            if gemma { 1e-6 } else { 1e-5 },
+        )
         .meta_u32(&k("vocab_size"), s.n_vocab as u32);
     if gemma {
         w.meta_u32(&k("attention.key_length"), head_dim as u32)
@@ -223,7 +270,10 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
         .meta_str("tokenizer.ggml.pre", "default");
     let (tokens, types) = vocab(s.n_vocab);
     w.meta_strings("tokenizer.ggml.tokens", tokens)
-        .meta("tokenizer.ggml.token_type", MetaValue::Array(MetaArray::I32(types)))
+        .meta(
+            "tokenizer.ggml.token_type",
+            MetaValue::Array(MetaArray::I32(types)),
+        )
         .meta_strings("tokenizer.ggml.merges", Vec::new())
         .meta_u32("tokenizer.ggml.bos_token_id", 256)
         .meta_u32("tokenizer.ggml.eos_token_id", 258)
@@ -231,22 +281,36 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
 
     let mut seed = spec.seed;
     let mut next_seed = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         seed
     };
     let mut matrix = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
         let ty = fitting_type(ty, cols);
         let sd = next_seed();
-        w.tensor_fill(name, &[cols as u64, rows as u64], ty, Box::new(move |buf| {
-            // Row blocks are generated in parallel-friendly chunks of rows, each with its own seed.
-            let row_bytes = buf.len() / rows;
-            for (i, chunk) in buf.chunks_mut(row_bytes * 64).enumerate() {
-                random_weights(ty, cols, sd ^ (i as u64).wrapping_mul(0x9E3779B97F4A7C15), chunk);
-            }
-        }));
+        w.tensor_fill(
+            name,
+            &[cols as u64, rows as u64],
+            ty,
+            Box::new(move |buf| {
+                // Row blocks are generated in parallel-friendly chunks of rows, each with its own seed.
+                let row_bytes = buf.len() / rows;
+                for (i, chunk) in buf.chunks_mut(row_bytes * 64).enumerate() {
+                    random_weights(
+                        ty,
+                        cols,
+                        sd ^ (i as u64).wrapping_mul(0x9E3779B97F4A7C15),
+                        chunk,
+                    );
+                }
+            }),
+        );
     };
     let norm_of = |w: &mut GgufWriter, name: &str, len: usize| {
-        let v: Vec<u8> = (0..len).flat_map(|i| (1.0f32 + 0.01 * ((i % 7) as f32 - 3.0)).to_le_bytes()).collect();
+        let v: Vec<u8> = (0..len)
+            .flat_map(|i| (1.0f32 + 0.01 * ((i % 7) as f32 - 3.0)).to_le_bytes())
+            .collect();
         w.tensor(name, &[len as u64], GgmlType::F32, v);
     };
     let norm = |w: &mut GgufWriter, name: &str| norm_of(w, name, s.n_embd);

@@ -108,11 +108,25 @@ pub fn add_assign_kernel(x: &mut Array<f32>, y: &Array<f32>, n: u32) {
 
 /// The gated activation in place over the first `n` elements of `gate`.
 pub fn launch_gated<R: Runtime>(gpu: &Gpu<R>, act: GateAct, gate: &Buf, up: &Buf, n: usize) {
-    assert!(n <= gate.len() && n <= up.len(), "{}: {n} elements out of range", act.name());
+    assert!(
+        n <= gate.len() && n <= up.len(),
+        "{}: {n} elements out of range",
+        act.name()
+    );
     let (count, dim) = elementwise(n);
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within both buffers.
-    unsafe { gated_act_kernel::launch_unchecked::<R>(gpu.client(), count, dim, gate.arg(), up.arg(), n as u32, act == GateAct::GeluTanh) }
+    unsafe {
+        gated_act_kernel::launch_unchecked::<R>(
+            gpu.client(),
+            count,
+            dim,
+            gate.arg(),
+            up.arg(),
+            n as u32,
+            act == GateAct::GeluTanh,
+        )
+    }
 }
 
 /// SwiGLU in place over the first `n` elements of `gate`.
@@ -131,11 +145,23 @@ pub fn launch_scale<R: Runtime>(gpu: &Gpu<R>, x: &Buf, s: f32, n: usize) {
 
 /// Residual add in place over the first `n` elements of `x`.
 pub fn launch_add_assign<R: Runtime>(gpu: &Gpu<R>, x: &Buf, y: &Buf, n: usize) {
-    assert!(n <= x.len() && n <= y.len(), "add_assign: {n} elements out of range");
+    assert!(
+        n <= x.len() && n <= y.len(),
+        "add_assign: {n} elements out of range"
+    );
     let (count, dim) = elementwise(n);
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within both buffers.
-    unsafe { add_assign_kernel::launch_unchecked::<R>(gpu.client(), count, dim, x.arg(), y.arg(), n as u32) }
+    unsafe {
+        add_assign_kernel::launch_unchecked::<R>(
+            gpu.client(),
+            count,
+            dim,
+            x.arg(),
+            y.arg(),
+            n as u32,
+        )
+    }
 }
 
 #[cfg(test)]

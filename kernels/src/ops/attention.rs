@@ -119,9 +119,25 @@ pub struct KvCache {
 
 impl KvCache {
     /// A zeroed cache of `n_layer` layers of `capacity` positions.
-    pub fn new<R: Runtime>(gpu: &Gpu<R>, n_layer: usize, capacity: usize, kv_dim: usize, ty: KvType) -> Self {
-        let alloc = || (0..n_layer).map(|_| gpu.zeros_of(capacity * kv_dim, ty.bytes())).collect();
-        Self { k: alloc(), v: alloc(), ty, capacity, kv_dim }
+    pub fn new<R: Runtime>(
+        gpu: &Gpu<R>,
+        n_layer: usize,
+        capacity: usize,
+        kv_dim: usize,
+        ty: KvType,
+    ) -> Self {
+        let alloc = || {
+            (0..n_layer)
+                .map(|_| gpu.zeros_of(capacity * kv_dim, ty.bytes()))
+                .collect()
+        };
+        Self {
+            k: alloc(),
+            v: alloc(),
+            ty,
+            capacity,
+            kv_dim,
+        }
     }
     pub fn ty(&self) -> KvType {
         self.ty
@@ -137,7 +153,11 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(Buf::bytes).sum()
     }
     /// Layer `layer`'s K and V as f32 (tests and debug dumps).
-    pub fn read_layer<R: Runtime>(&self, gpu: &Gpu<R>, layer: usize) -> Result<(Vec<f32>, Vec<f32>), super::gpu::GpuError> {
+    pub fn read_layer<R: Runtime>(
+        &self,
+        gpu: &Gpu<R>,
+        layer: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), super::gpu::GpuError> {
         let read = |b: &Buf| -> Result<Vec<f32>, super::gpu::GpuError> {
             Ok(match self.ty {
                 KvType::F32 => gpu.read_f32(b)?,
@@ -165,7 +185,11 @@ impl AttnScratch {
     /// Room for `max_batch` tokens of `n_head` heads, or one token with the most splits.
     pub fn new<R: Runtime>(gpu: &Gpu<R>, max_batch: usize, shape: AttnShape) -> Self {
         let rows = shape.n_heads * max_batch.max(MAX_DECODE_SPLITS);
-        Self { part_o: gpu.zeros(rows * shape.head_dim), part_ml: gpu.zeros(rows * 2), rows }
+        Self {
+            part_o: gpu.zeros(rows * shape.head_dim),
+            part_ml: gpu.zeros(rows * 2),
+            rows,
+        }
     }
     pub fn bytes(&self) -> u64 {
         self.part_o.bytes() + self.part_ml.bytes()
@@ -174,13 +198,17 @@ impl AttnScratch {
 
 /// How a call splits its keys: `(splits, keys per split)`. More splits only when the cubes
 /// of one split per query would leave the GPU idle (decode on a long context).
-pub fn plan_splits(n_tokens: usize, n_head: usize, kv_len: usize, scratch_rows: usize) -> (usize, usize) {
+pub fn plan_splits(
+    n_tokens: usize,
+    n_head: usize,
+    kv_len: usize,
+    scratch_rows: usize,
+) -> (usize, usize) {
     let want = kv_len.div_ceil(SPLIT_KEYS);
     let fit = scratch_rows / (n_tokens * n_head);
     let splits = want.min(fit).clamp(1, MAX_DECODE_SPLITS);
     (splits, kv_len.div_ceil(splits))
 }
-
 
 /// Cube `(t, h, s)` (row-major) with `head_dim` units: attention of query `t`, head `h` over
 /// keys `s * chunk .. min((s + 1) * chunk, pos + t + 1)`, those below `pos + t + 1 - window`
@@ -284,7 +312,13 @@ pub fn attention_kernel<K: Float>(
 
 /// Cube `(t, h)` with `head_dim` units: merges the `n_splits` partial results of that query.
 #[cube(launch_unchecked)]
-pub fn attention_combine_kernel(part_o: &Array<f32>, part_ml: &Array<f32>, out: &mut Array<f32>, n_splits: u32, #[comptime] hd: usize) {
+pub fn attention_combine_kernel(
+    part_o: &Array<f32>,
+    part_ml: &Array<f32>,
+    out: &mut Array<f32>,
+    n_splits: u32,
+    #[comptime] hd: usize,
+) {
     let splits = n_splits as usize;
     let u = UNIT_POS as usize;
     let row = CUBE_POS;
@@ -335,12 +369,28 @@ pub fn launch_attention_window<R: Runtime>(
     shape: AttnShape,
     window: Option<usize>,
 ) {
-    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = shape;
     let q_dim = n_heads * hd;
-    assert!(n >= 1 && n * q_dim <= q.len().min(out.len()), "attention: {n} queries out of range");
-    assert!(pos + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd, "attention: cache too small");
-    assert!(n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=1024).contains(&hd), "attention: bad shape {shape:?}");
-    assert!(window.is_none_or(|w| (1..=u32::MAX as usize).contains(&w)), "attention: window {window:?} out of range");
+    assert!(
+        n >= 1 && n * q_dim <= q.len().min(out.len()),
+        "attention: {n} queries out of range"
+    );
+    assert!(
+        pos + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd,
+        "attention: cache too small"
+    );
+    assert!(
+        n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=1024).contains(&hd),
+        "attention: bad shape {shape:?}"
+    );
+    assert!(
+        window.is_none_or(|w| (1..=u32::MAX as usize).contains(&w)),
+        "attention: window {window:?} out of range"
+    );
     let kv_len = pos + n;
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
     let finalize = splits == 1;
@@ -403,7 +453,11 @@ mod tests {
 
     #[test]
     fn matches_two_pass_softmax() {
-        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
         let k: Vec<f32> = (0..12).map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5).collect();
         let v: Vec<f32> = (0..12).map(|i| ((i * 3) % 7) as f32 * 0.2 - 0.4).collect();
         let q = [0.4f32, -0.2, 0.9, 0.1];
@@ -423,7 +477,11 @@ mod tests {
 
     #[test]
     fn window_sees_the_last_keys_only() {
-        let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        let shape = AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
         // Keys 0..4 with values 0..4: a window of 2 at position 3 averages values 2 and 3
         // (all scores are equal, q = 0).
         let k = [0.0f32; 8];
@@ -431,6 +489,13 @@ mod tests {
         let mut out = [0.0f32; 2];
         attend_head_window(&[0.0, 0.0], &k, &v, 0, 3, Some(2), shape, &mut out);
         assert_eq!(out, [2.5, 0.0]);
-        assert_eq!((first_key(3, Some(2)), first_key(0, Some(512)), first_key(9, None)), (2, 0, 0));
+        assert_eq!(
+            (
+                first_key(3, Some(2)),
+                first_key(0, Some(512)),
+                first_key(9, None)
+            ),
+            (2, 0, 0)
+        );
     }
 }

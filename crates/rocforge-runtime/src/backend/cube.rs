@@ -13,7 +13,9 @@ use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, Kv
 use rocforge_kernels::ops::dequant::{self, DeviceWeight};
 use rocforge_kernels::ops::embedding::{self, Tokens};
 use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Runtime};
-use rocforge_kernels::ops::matmul::{self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS};
+use rocforge_kernels::ops::matmul::{
+    self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS,
+};
 use rocforge_kernels::ops::rope::{self, RopeShape, RopeSrc};
 use rocforge_kernels::ops::{activation, argmax, norm};
 
@@ -36,10 +38,20 @@ enum Matrix<R: Runtime> {
 }
 
 impl<R: Runtime> Matrix<R> {
-    fn upload(gpu: &Gpu<R>, ty: rocforge_kernels::GgmlType, bytes: &[u8], rows: usize, cols: usize) -> std::result::Result<Self, String> {
+    fn upload(
+        gpu: &Gpu<R>,
+        ty: rocforge_kernels::GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Self, String> {
         match QWeight::upload(gpu.client(), ty, rows, cols, bytes) {
             Ok(w) => Ok(Self::Tuned(w)),
-            Err(mm::MatmulError::UnsupportedType(_)) => DeviceWeight::upload(gpu, ty, bytes, rows, cols).map(Self::Plain).map_err(|e| e.to_string()),
+            Err(mm::MatmulError::UnsupportedType(_)) => {
+                DeviceWeight::upload(gpu, ty, bytes, rows, cols)
+                    .map(Self::Plain)
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -63,28 +75,35 @@ impl<R: Runtime> Matrix<R> {
 /// one weight with their rows stacked (one launch; each token's output row holds Q, K, V back
 /// to back, which `rope_store` reads as `RopeSrc::Fused`), else three matrices.
 enum Qkv<R: Runtime> {
-    Fused(QWeight<R>),         // (n_head*head_dim + 2*n_head_kv*head_dim, n_embd)
+    Fused(QWeight<R>),        // (n_head*head_dim + 2*n_head_kv*head_dim, n_embd)
     Separate([Matrix<R>; 3]), // attn_q, attn_k, attn_v
 }
 
 impl<R: Runtime> Qkv<R> {
     fn matrices(&self) -> Vec<(usize, usize, u64)> {
         match self {
-            Self::Fused(w) => vec![(w.rows, w.cols, w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64)],
-            Self::Separate(ms) => ms.iter().map(|m| (m.shape().0, m.shape().1, m.bytes())).collect(),
+            Self::Fused(w) => vec![(
+                w.rows,
+                w.cols,
+                w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64,
+            )],
+            Self::Separate(ms) => ms
+                .iter()
+                .map(|m| (m.shape().0, m.shape().1, m.bytes()))
+                .collect(),
         }
     }
 }
 
 /// One block's weights on the device; shapes as in [`crate::model::LayerWeights`].
 struct DeviceLayer<R: Runtime> {
-    attn_norm: Buf,             // (n_embd)
-    attn_qkv: Qkv<R>,           // attn_q (n_head*head_dim, n_embd), attn_k/attn_v (n_head_kv*head_dim, n_embd)
-    attn_output: Matrix<R>,     // (n_embd, n_head*head_dim)
-    ffn_norm: Buf,              // (n_embd)
-    ffn_gate: Matrix<R>,        // (n_ff, n_embd)
-    ffn_up: Matrix<R>,          // (n_ff, n_embd)
-    ffn_down: Matrix<R>,        // (n_embd, n_ff)
+    attn_norm: Buf,         // (n_embd)
+    attn_qkv: Qkv<R>, // attn_q (n_head*head_dim, n_embd), attn_k/attn_v (n_head_kv*head_dim, n_embd)
+    attn_output: Matrix<R>, // (n_embd, n_head*head_dim)
+    ffn_norm: Buf,    // (n_embd)
+    ffn_gate: Matrix<R>, // (n_ff, n_embd)
+    ffn_up: Matrix<R>, // (n_ff, n_embd)
+    ffn_down: Matrix<R>, // (n_embd, n_ff)
 }
 
 /// The run state on a CubeCL device.
@@ -100,9 +119,9 @@ pub struct CubeBackend<R: Runtime> {
     output: Matrix<R>,     // (n_vocab, n_embd), the same device buffers as token_embd when tied
     layers: Vec<DeviceLayer<R>>,
     dequant: Option<DequantScratch<R>>, // (largest matrix) f32, for prefill mat-mats
-    output_norm: Buf, // (n_embd)
-    cos: Buf,         // (ctx, rope_dim/2)
-    sin: Buf,         // (ctx, rope_dim/2)
+    output_norm: Buf,                   // (n_embd)
+    cos: Buf,                           // (ctx, rope_dim/2)
+    sin: Buf,                           // (ctx, rope_dim/2)
     // Activations, one row per token in the batch.
     x: Buf,      // (batch, n_embd) residual stream
     xn: Buf,     // (batch, n_embd) normalised input of a block
@@ -134,21 +153,40 @@ pub struct CubeBackend<R: Runtime> {
 
 impl<R: Runtime> CubeBackend<R> {
     /// Uploads `model` to `gpu` and allocates every buffer.
-    pub fn new(gpu: Gpu<R>, kind: BackendKind, device_name: String, model: Arc<Model>, opts: &BackendOptions) -> Result<Self> {
+    pub fn new(
+        gpu: Gpu<R>,
+        kind: BackendKind,
+        device_name: String,
+        model: Arc<Model>,
+        opts: &BackendOptions,
+    ) -> Result<Self> {
         let c = &model.config;
         let w = &model.weights;
         let (ctx, b) = (opts.ctx, opts.max_batch.min(opts.ctx));
         let upload = |wt: &Weight| -> Result<Matrix<R>> {
-            Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
-                .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensor `{}`: {e}", wt.name) })
+            Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols).map_err(|e| {
+                Error::Backend {
+                    backend: kind.name().into(),
+                    problem: format!("tensor `{}`: {e}", wt.name),
+                }
+            })
         };
         let token_embd = upload(&w.token_embd)?;
         let qkv = |l: &crate::model::LayerWeights| -> Result<Qkv<R>> {
             let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
-            if q.ty == k.ty && k.ty == v.ty && q.cols == k.cols && k.cols == v.cols && KernelFormat::from_ggml(q.ty).is_some() {
+            if q.ty == k.ty
+                && k.ty == v.ty
+                && q.cols == k.cols
+                && k.cols == v.cols
+                && KernelFormat::from_ggml(q.ty).is_some()
+            {
                 let bytes = [model.bytes(q), model.bytes(k), model.bytes(v)].concat();
-                let fused = QWeight::upload(gpu.client(), q.ty, q.rows + k.rows + v.rows, q.cols, &bytes)
-                    .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensors `{}`+k+v: {e}", q.name) })?;
+                let fused =
+                    QWeight::upload(gpu.client(), q.ty, q.rows + k.rows + v.rows, q.cols, &bytes)
+                        .map_err(|e| Error::Backend {
+                        backend: kind.name().into(),
+                        problem: format!("tensors `{}`+k+v: {e}", q.name),
+                    })?;
                 return Ok(Qkv::Fused(fused));
             }
             Ok(Qkv::Separate([upload(q)?, upload(k)?, upload(v)?]))
@@ -177,28 +215,47 @@ impl<R: Runtime> CubeBackend<R> {
         let largest = layers
             .iter()
             .flat_map(|l| {
-                let others = [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].map(|m| m.shape().0 * m.shape().1);
-                l.attn_qkv.matrices().into_iter().map(|(r, c, _)| r * c).chain(others)
+                let others = [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down]
+                    .map(|m| m.shape().0 * m.shape().1);
+                l.attn_qkv
+                    .matrices()
+                    .into_iter()
+                    .map(|(r, c, _)| r * c)
+                    .chain(others)
             })
             .chain([output.shape().0 * output.shape().1])
             .max()
             .unwrap_or(0);
         let fused = layers.iter().any(|l| matches!(l.attn_qkv, Qkv::Fused(_)));
-        let norm_fusable = |m: &Matrix<R>| matches!(m, Matrix::Tuned(w) if mm::fuses_norm(gpu.client(), w));
+        let norm_fusable =
+            |m: &Matrix<R>| matches!(m, Matrix::Tuned(w) if mm::fuses_norm(gpu.client(), w));
         let fused_decode = norm_fusable(&output)
             && layers.iter().all(|l| {
                 let qkv = matches!(&l.attn_qkv, Qkv::Fused(w) if mm::fuses_norm(gpu.client(), w));
                 let ffn = match (&l.ffn_gate, &l.ffn_up) {
-                    (Matrix::Tuned(g), Matrix::Tuned(u)) => (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) && mm::fuses_norm(gpu.client(), g),
+                    (Matrix::Tuned(g), Matrix::Tuned(u)) => {
+                        (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols)
+                            && mm::fuses_norm(gpu.client(), g)
+                    }
                     _ => false,
                 };
-                qkv && ffn && matches!(l.attn_output, Matrix::Tuned(_)) && matches!(l.ffn_down, Matrix::Tuned(_))
+                qkv && ffn
+                    && matches!(l.attn_output, Matrix::Tuned(_))
+                    && matches!(l.ffn_down, Matrix::Tuned(_))
             });
         let dequant = (b > MAX_MATVEC_TOKENS).then(|| DequantScratch::new(gpu.client(), largest));
         let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref());
         let (cos, sin) = rope::rope_tables(ctx, &inv_freqs);
-        let kv_type = if gpu.supports_f16() { KvType::F16 } else { KvType::F32 };
-        let shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
+        let kv_type = if gpu.supports_f16() {
+            KvType::F16
+        } else {
+            KvType::F32
+        };
+        let shape = AttnShape {
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
         Ok(Self {
             token_embd,
             output,
@@ -209,7 +266,11 @@ impl<R: Runtime> CubeBackend<R> {
             sin: gpu.f32s(&sin),
             x: gpu.zeros(b * c.n_embd),
             xn: gpu.zeros(b * c.n_embd),
-            qkv: gpu.zeros(if fused { b * (c.q_dim() + 2 * c.kv_dim()) } else { 1 }),
+            qkv: gpu.zeros(if fused {
+                b * (c.q_dim() + 2 * c.kv_dim())
+            } else {
+                1
+            }),
             q: gpu.zeros(b * c.q_dim()),
             k: gpu.zeros(b * c.kv_dim()),
             v: gpu.zeros(b * c.kv_dim()),
@@ -239,7 +300,10 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     fn err(&self, e: GpuError) -> Error {
-        Error::Backend { backend: self.kind.name().into(), problem: e.to_string() }
+        Error::Backend {
+            backend: self.kind.name().into(),
+            problem: e.to_string(),
+        }
     }
 
     /// The element type of the KV cache (f16 where the device has it).
@@ -252,12 +316,18 @@ impl<R: Runtime> CubeBackend<R> {
     fn lap(&self, op: &str) {
         if self.profiling {
             let _ = self.gpu.sync();
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).lap(op);
+            self.profiler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lap(op);
         }
     }
 
     fn backend_err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Backend { backend: self.kind.name().into(), problem: e.to_string() }
+        Error::Backend {
+            backend: self.kind.name().into(),
+            problem: e.to_string(),
+        }
     }
 
     /// `x[t] = token_embd[tokens[t]]`; a single token travels as a kernel argument.
@@ -271,7 +341,8 @@ impl<R: Runtime> CubeBackend<R> {
                     Some(b) => (b.handle(), None),
                     None => (self.no_ids.handle(), Some(tokens[0])),
                 };
-                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle()).map_err(|e| self.backend_err(e))
+                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle())
+                    .map_err(|e| self.backend_err(e))
             }
             Matrix::Plain(w) => {
                 let toks = match &ids {
@@ -290,7 +361,14 @@ impl<R: Runtime> CubeBackend<R> {
         if let (1, Matrix::Tuned(g), Matrix::Tuned(u)) = (n, gate, up) {
             if (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) {
                 self.gpu.count_launches(1);
-                return mm::matvec_swiglu(self.gpu.client(), g, u, self.xn.handle(), self.gate.handle()).map_err(|e| self.backend_err(e));
+                return mm::matvec_swiglu(
+                    self.gpu.client(),
+                    g,
+                    u,
+                    self.xn.handle(),
+                    self.gate.handle(),
+                )
+                .map_err(|e| self.backend_err(e));
             }
         }
         self.linear(gate, &self.xn, &self.gate, n)?;
@@ -316,10 +394,22 @@ impl<R: Runtime> CubeBackend<R> {
         let c = &model.config;
         let (g, client) = (&self.gpu, self.gpu.client());
         let err = |e: mm::MatmulError| self.backend_err(e);
-        let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
-        let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
+        let attn_shape = AttnShape {
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
+        let rope_shape = RopeShape {
+            n_head: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+            rot_pairs: c.rope_dim / 2,
+        };
         if self.profiling {
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+            self.profiler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start();
         }
         self.embed(&[token])?;
         self.lap("embed");
@@ -328,25 +418,85 @@ impl<R: Runtime> CubeBackend<R> {
                 return Err(self.backend_err("fused decode needs a fused QKV weight"));
             };
             g.count_launches(1);
-            mm::matvec_norm(client, qkv, self.x.handle(), layer.attn_norm.handle(), c.rms_eps, self.qkv.handle()).map_err(err)?;
+            mm::matvec_norm(
+                client,
+                qkv,
+                self.x.handle(),
+                layer.attn_norm.handle(),
+                c.rms_eps,
+                self.qkv.handle(),
+            )
+            .map_err(err)?;
             self.lap("matmul_norm");
-            rope::launch_rope_store(g, RopeSrc::Fused(&self.qkv), &self.q, &self.cos, &self.sin, &self.cache, l, pos, 1, rope_shape);
+            rope::launch_rope_store(
+                g,
+                RopeSrc::Fused(&self.qkv),
+                &self.q,
+                &self.cos,
+                &self.sin,
+                &self.cache,
+                l,
+                pos,
+                1,
+                rope_shape,
+            );
             self.lap("rope_kv_store");
-            attention::launch_attention(g, &self.q, &self.cache, l, &self.scratch, &self.att, pos, 1, attn_shape);
+            attention::launch_attention(
+                g,
+                &self.q,
+                &self.cache,
+                l,
+                &self.scratch,
+                &self.att,
+                pos,
+                1,
+                attn_shape,
+            );
             self.lap("attention");
             g.count_launches(1);
-            mm::matvec(client, self.tuned(&layer.attn_output)?, self.att.handle(), self.x.handle(), Epilogue::Accumulate).map_err(err)?;
+            mm::matvec(
+                client,
+                self.tuned(&layer.attn_output)?,
+                self.att.handle(),
+                self.x.handle(),
+                Epilogue::Accumulate,
+            )
+            .map_err(err)?;
             self.lap("matmul");
             g.count_launches(1);
             let (gate, up) = (self.tuned(&layer.ffn_gate)?, self.tuned(&layer.ffn_up)?);
-            mm::matvec_swiglu_norm(client, gate, up, self.x.handle(), layer.ffn_norm.handle(), c.rms_eps, self.gate.handle()).map_err(err)?;
+            mm::matvec_swiglu_norm(
+                client,
+                gate,
+                up,
+                self.x.handle(),
+                layer.ffn_norm.handle(),
+                c.rms_eps,
+                self.gate.handle(),
+            )
+            .map_err(err)?;
             self.lap("matmul_swiglu_norm");
             g.count_launches(1);
-            mm::matvec(client, self.tuned(&layer.ffn_down)?, self.gate.handle(), self.x.handle(), Epilogue::Accumulate).map_err(err)?;
+            mm::matvec(
+                client,
+                self.tuned(&layer.ffn_down)?,
+                self.gate.handle(),
+                self.x.handle(),
+                Epilogue::Accumulate,
+            )
+            .map_err(err)?;
             self.lap("matmul");
         }
         g.count_launches(1);
-        mm::matvec_norm(client, self.tuned(&self.output)?, self.x.handle(), self.output_norm.handle(), c.rms_eps, self.logits.handle()).map_err(err)?;
+        mm::matvec_norm(
+            client,
+            self.tuned(&self.output)?,
+            self.x.handle(),
+            self.output_norm.handle(),
+            c.rms_eps,
+            self.logits.handle(),
+        )
+        .map_err(err)?;
         self.lap("output");
         Ok(())
     }
@@ -370,8 +520,12 @@ impl<R: Runtime> CubeBackend<R> {
             self.gpu.count_launches(1);
             mm::matvec(client, w, x.handle(), out.handle(), Epilogue::Store)
         } else {
-            self.gpu.count_launches(if n <= MAX_MATVEC_TOKENS { 1 } else { 2 });
-            let scratch = self.dequant.as_ref().expect("allocated when max_batch allows such batches");
+            self.gpu
+                .count_launches(if n <= MAX_MATVEC_TOKENS { 1 } else { 2 });
+            let scratch = self
+                .dequant
+                .as_ref()
+                .expect("allocated when max_batch allows such batches");
             mm::matmul(client, w, x.handle(), out.handle(), n, scratch)
         };
         r.map_err(|e| self.backend_err(e))
@@ -398,20 +552,38 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     fn forward(&mut self, tokens: &[u32], pos: usize, all_logits: bool) -> Result<()> {
         let n = tokens.len();
         if n == 0 || n > self.max_batch {
-            return Err(Error::InvalidArgument(format!("forward takes 1 to {} tokens, got {n}", self.max_batch)));
+            return Err(Error::InvalidArgument(format!(
+                "forward takes 1 to {} tokens, got {n}",
+                self.max_batch
+            )));
         }
         if pos + n > self.ctx {
-            return Err(Error::ContextFull { needed: pos + n, capacity: self.ctx });
+            return Err(Error::ContextFull {
+                needed: pos + n,
+                capacity: self.ctx,
+            });
         }
         let model = self.model.clone();
         let c = &model.config;
         if let Some(&tok) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(Error::InvalidArgument(format!("token id {tok} is outside the vocabulary of {}", c.n_vocab)));
+            return Err(Error::InvalidArgument(format!(
+                "token id {tok} is outside the vocabulary of {}",
+                c.n_vocab
+            )));
         }
         let g = &self.gpu;
         let start = g.launches();
-        let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
-        let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
+        let attn_shape = AttnShape {
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
+        let rope_shape = RopeShape {
+            n_head: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+            rot_pairs: c.rope_dim / 2,
+        };
 
         if n == 1 && !all_logits && self.fused_decode {
             self.decode_fused(tokens[0], pos)?;
@@ -421,7 +593,10 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             return Ok(());
         }
         if self.profiling {
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+            self.profiler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start();
         }
         self.embed(tokens)?;
         self.lap("embed");
@@ -432,7 +607,16 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             if l == 0 {
                 norm::launch_rms_norm(g, &self.x, &layer.attn_norm, &self.xn, 0, n, c.rms_eps);
             } else {
-                norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.attn_norm, &self.xn, 0, n, c.rms_eps);
+                norm::launch_add_rms_norm(
+                    g,
+                    &self.x,
+                    &self.proj,
+                    &layer.attn_norm,
+                    &self.xn,
+                    0,
+                    n,
+                    c.rms_eps,
+                );
             }
             self.lap("rms_norm");
             let src = match &layer.attn_qkv {
@@ -444,19 +628,53 @@ impl<R: Runtime> Backend for CubeBackend<R> {
                     self.linear(wq, &self.xn, &self.att, n)?;
                     self.linear(wk, &self.xn, &self.k, n)?;
                     self.linear(wv, &self.xn, &self.v, n)?;
-                    RopeSrc::Separate { q: &self.att, k: &self.k, v: &self.v }
+                    RopeSrc::Separate {
+                        q: &self.att,
+                        k: &self.k,
+                        v: &self.v,
+                    }
                 }
             };
             self.lap("matmul");
-            rope::launch_rope_store(g, src, &self.q, &self.cos, &self.sin, &self.cache, l, pos, n, rope_shape);
+            rope::launch_rope_store(
+                g,
+                src,
+                &self.q,
+                &self.cos,
+                &self.sin,
+                &self.cache,
+                l,
+                pos,
+                n,
+                rope_shape,
+            );
             self.lap("rope_kv_store");
-            attention::launch_attention(g, &self.q, &self.cache, l, &self.scratch, &self.att, pos, n, attn_shape);
+            attention::launch_attention(
+                g,
+                &self.q,
+                &self.cache,
+                l,
+                &self.scratch,
+                &self.att,
+                pos,
+                n,
+                attn_shape,
+            );
             self.lap("attention");
             self.linear(&layer.attn_output, &self.att, &self.proj, n)?;
             self.lap("matmul");
 
             // Feed-forward block: x += W_down · (silu(W_gate·xn) * (W_up·xn))
-            norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.ffn_norm, &self.xn, 0, n, c.rms_eps);
+            norm::launch_add_rms_norm(
+                g,
+                &self.x,
+                &self.proj,
+                &layer.ffn_norm,
+                &self.xn,
+                0,
+                n,
+                c.rms_eps,
+            );
             self.lap("rms_norm");
             self.ffn_in(&layer.ffn_gate, &layer.ffn_up, n)?;
             self.lap("matmul_swiglu");
@@ -467,7 +685,16 @@ impl<R: Runtime> Backend for CubeBackend<R> {
         // logits = W_out · rmsnorm(x + last residual), for the last token or all of them
         let first = if all_logits { 0 } else { n - 1 };
         let rows = n - first;
-        norm::launch_add_rms_norm(g, &self.x, &self.proj, &self.output_norm, &self.xn, first, rows, c.rms_eps);
+        norm::launch_add_rms_norm(
+            g,
+            &self.x,
+            &self.proj,
+            &self.output_norm,
+            &self.xn,
+            first,
+            rows,
+            c.rms_eps,
+        );
         self.lap("rms_norm");
         if self.logits.len() < rows * c.n_vocab {
             // Only perplexity asks for all-token logits; decode never reaches this.
@@ -485,7 +712,9 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     fn logits(&mut self) -> Result<&[f32]> {
         let n = self.n_logit_rows * self.model.config.n_vocab;
         if !self.host_fresh {
-            self.gpu.read_f32_into(&self.logits, n, &mut self.host_logits).map_err(|e| self.err(e))?;
+            self.gpu
+                .read_f32_into(&self.logits, n, &mut self.host_logits)
+                .map_err(|e| self.err(e))?;
             self.host_fresh = true;
         }
         Ok(&self.host_logits[..n])
@@ -493,14 +722,23 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn argmax(&mut self) -> Result<u32> {
         let nv = self.model.config.n_vocab;
-        argmax::launch_argmax(&self.gpu, &self.logits, (self.n_logit_rows - 1) * nv, nv, &self.best);
+        argmax::launch_argmax(
+            &self.gpu,
+            &self.logits,
+            (self.n_logit_rows - 1) * nv,
+            nv,
+            &self.best,
+        );
         let id = self.gpu.read_u32(&self.best).map_err(|e| self.err(e))?;
         Ok(id[0])
     }
 
     fn memory(&self) -> MemoryUsage {
         let layer_bytes = |l: &DeviceLayer<R>| -> u64 {
-            [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].iter().map(|w| w.bytes()).sum::<u64>()
+            [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down]
+                .iter()
+                .map(|w| w.bytes())
+                .sum::<u64>()
                 + l.attn_qkv.matrices().iter().map(|m| m.2).sum::<u64>()
                 + l.attn_norm.bytes()
                 + l.ffn_norm.bytes()
@@ -512,10 +750,22 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             + self.output_norm.bytes()
             + self.cos.bytes()
             + self.sin.bytes();
-        let scratch = [&self.x, &self.xn, &self.qkv, &self.q, &self.k, &self.v, &self.att, &self.proj, &self.gate, &self.up, &self.logits]
-            .iter()
-            .map(|b| b.bytes())
-            .sum::<u64>()
+        let scratch = [
+            &self.x,
+            &self.xn,
+            &self.qkv,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.proj,
+            &self.gate,
+            &self.up,
+            &self.logits,
+        ]
+        .iter()
+        .map(|b| b.bytes())
+        .sum::<u64>()
             + self.scratch.bytes();
         let (in_use, reserved) = self.gpu.memory_usage().unwrap_or((0, 0));
         MemoryUsage {
@@ -533,21 +783,34 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn set_profiling(&mut self, on: bool) {
         self.profiling = on;
-        self.profiler.get_mut().unwrap_or_else(|e| e.into_inner()).set(on);
+        self.profiler
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(on);
     }
 
     fn op_profile(&self) -> Vec<OpTiming> {
-        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).report()
+        self.profiler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report()
     }
 }
 
 fn no_backend(kind: BackendKind, problem: impl Into<String>) -> Error {
-    Error::Backend { backend: kind.name().into(), problem: problem.into() }
+    Error::Backend {
+        backend: kind.name().into(),
+        problem: problem.into(),
+    }
 }
 
 /// Creates the GPU backend `kind`, after checking its device is really there (a HIP client on
 /// a machine without an AMD GPU aborts the process, so it is never created blind).
-pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+pub fn create(
+    kind: BackendKind,
+    model: Arc<Model>,
+    opts: &BackendOptions,
+) -> Result<Box<dyn Backend>> {
     match kind {
         #[cfg(feature = "hip")]
         BackendKind::Hip => {
@@ -569,7 +832,10 @@ pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Re
             let name = format!("{device:?} via {}", Runtime::name(gpu.client()));
             Ok(Box::new(Wgpu::new(gpu, kind, name, model, opts)?))
         }
-        k => Err(no_backend(k, format!("this build has no `{k}` backend; rebuild with `--features {k}`"))),
+        k => Err(no_backend(
+            k,
+            format!("this build has no `{k}` backend; rebuild with `--features {k}`"),
+        )),
     }
 }
 
@@ -633,26 +899,41 @@ mod probe {
             };
             unsafe {
                 if let Some(init) = sym.init {
-                    let f: libloading::Symbol<Init> = lib.get(init).map_err(|e| format!("{lib_name}: {e}"))?;
+                    let f: libloading::Symbol<Init> =
+                        lib.get(init).map_err(|e| format!("{lib_name}: {e}"))?;
                     let rc = f(0);
                     if rc != 0 {
                         return Err(format!("{what} driver initialisation failed (error {rc}): no usable {what} GPU"));
                     }
                 }
-                let f: libloading::Symbol<Count> = lib.get(sym.count).map_err(|e| format!("{lib_name}: {e}"))?;
+                let f: libloading::Symbol<Count> =
+                    lib.get(sym.count).map_err(|e| format!("{lib_name}: {e}"))?;
                 let mut n = 0i32;
                 let rc = f(&mut n);
                 if rc != 0 || n <= 0 {
-                    return Err(format!("no {what} GPU found (device count {n}, error {rc})"));
+                    return Err(format!(
+                        "no {what} GPU found (device count {n}, error {rc})"
+                    ));
                 }
                 // The name is a nicety: any failure leaves a generic one.
                 let mut name = format!("{what} GPU 0 of {n}");
-                if let (Ok(get), Ok(get_name)) = (lib.get::<Get>(sym.get), lib.get::<Name>(sym.name)) {
+                if let (Ok(get), Ok(get_name)) =
+                    (lib.get::<Get>(sym.get), lib.get::<Name>(sym.name))
+                {
                     let (mut dev, mut buf) = (0i32, [0 as std::ffi::c_char; 256]);
-                    if get(&mut dev, 0) == 0 && get_name(buf.as_mut_ptr(), buf.len() as i32 - 1, dev) == 0 {
-                        let s = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().trim().to_string();
+                    if get(&mut dev, 0) == 0
+                        && get_name(buf.as_mut_ptr(), buf.len() as i32 - 1, dev) == 0
+                    {
+                        let s = std::ffi::CStr::from_ptr(buf.as_ptr())
+                            .to_string_lossy()
+                            .trim()
+                            .to_string();
                         if !s.is_empty() {
-                            name = if n > 1 { format!("{s} (device 0 of {n})") } else { s };
+                            name = if n > 1 {
+                                format!("{s} (device 0 of {n})")
+                            } else {
+                                s
+                            };
                         }
                     }
                 }
@@ -667,14 +948,19 @@ mod probe {
                 return Ok(Found { name });
             }
         }
-        Err(format!("the {what} runtime library is not installed (tried {})", tried.join("; ")))
+        Err(format!(
+            "the {what} runtime library is not installed (tried {})",
+            tried.join("; ")
+        ))
     }
 
     /// Number of AMD GPUs HIP sees.
     #[cfg(feature = "hip")]
     pub fn hip_devices() -> Result<Found, String> {
         if !std::path::Path::new("/dev/kfd").exists() && cfg!(target_os = "linux") {
-            return Err("no AMD GPU: /dev/kfd is missing (ROCm driver not loaded or no device)".into());
+            return Err(
+                "no AMD GPU: /dev/kfd is missing (ROCm driver not loaded or no device)".into(),
+            );
         }
         let mut libs: Vec<String> = ["ROCM_PATH", "HIP_PATH"]
             .iter()
@@ -712,11 +998,16 @@ mod probe {
     /// A real GPU adapter for wgpu (discrete first, then integrated), if any.
     #[cfg(feature = "wgpu")]
     pub fn wgpu_gpu() -> Option<rocforge_kernels::ops::gpu::cubecl::wgpu::WgpuDevice> {
-        use rocforge_kernels::ops::gpu::cubecl::wgpu::{AutoGraphicsApi, GraphicsApi, WgpuDevice, WgpuRuntime};
+        use rocforge_kernels::ops::gpu::cubecl::wgpu::{
+            AutoGraphicsApi, GraphicsApi, WgpuDevice, WgpuRuntime,
+        };
         use rocforge_kernels::ops::gpu::Runtime;
         let backend = AutoGraphicsApi::backend();
         let found = std::panic::catch_unwind(|| {
-            (!WgpuRuntime::enumerate_devices(0, &backend).is_empty(), !WgpuRuntime::enumerate_devices(1, &backend).is_empty())
+            (
+                !WgpuRuntime::enumerate_devices(0, &backend).is_empty(),
+                !WgpuRuntime::enumerate_devices(1, &backend).is_empty(),
+            )
         });
         match found {
             Ok((true, _)) => Some(WgpuDevice::DiscreteGpu(0)),

@@ -370,12 +370,20 @@ pub fn embed<R: Runtime>(
 ) -> Result<(), MatmulError> {
     if let Some(t) = token0 {
         if n != 1 || t as usize >= w.rows {
-            return Err(MatmulError::BadShape { ty: w.ty, rows: t as usize, cols: w.cols });
+            return Err(MatmulError::BadShape {
+                ty: w.ty,
+                rows: t as usize,
+                cols: w.cols,
+            });
         }
     } else {
         let needed = n as u64 * 4;
         if ids.size_in_used() < needed {
-            return Err(MatmulError::BufferTooSmall { what: "ids", needed, got: ids.size_in_used() });
+            return Err(MatmulError::BufferTooSmall {
+                what: "ids",
+                needed,
+                got: ids.size_in_used(),
+            });
         }
     }
     check_buffer("out", out, n * w.cols)?;
