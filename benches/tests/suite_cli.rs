@@ -98,10 +98,24 @@ fn runs_scenarios_and_writes_json_table_and_chart() {
     );
     assert!(mixed.peak_host_rss_bytes > 0 && mixed.weights_bytes == report.model.weights_bytes);
     assert_eq!(report.profiles.len(), 1);
-    assert!(
-        report.profiles[0].decode.iter().any(|o| o.op == "matmul")
-            && report.profiles[0].decode_launches_per_token > 0.0
-    );
+    // The profile charges time to the model definition's steps, one entry per step kind.
+    let decode = &report.profiles[0].decode;
+    for step in [
+        "embed",
+        "attn_in",
+        "rope_store",
+        "attention",
+        "attn_out",
+        "ffn_in",
+        "ffn_out",
+        "logits",
+    ] {
+        assert!(
+            decode.iter().any(|o| o.op == step),
+            "no `{step}` in the decode profile"
+        );
+    }
+    assert!(report.profiles[0].decode_launches_per_token > 0.0);
 
     // Every field the issue names is in the JSON.
     let json: serde_json::Value =

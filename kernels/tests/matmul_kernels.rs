@@ -295,7 +295,7 @@ fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
         let x = c.rng.vec(tokens * cols);
         let y = c.client.empty(tokens * rows * 4);
         let scratch = DequantScratch::new(&c.client, rows * cols);
-        mm::matmul(&c.client, &w, &c.upload(&x), &y, tokens, &scratch).expect("matmul");
+        mm::matmul(&c.client, &w, &c.upload(&x), &y, tokens, Some(&scratch)).expect("matmul");
         let want = matmul_cpu(&wf, rows, cols, &x, tokens);
         let case = format!("matmul {fmt} {tokens}x{rows}x{cols}");
         if tokens > mm::MAX_MATVEC_TOKENS {

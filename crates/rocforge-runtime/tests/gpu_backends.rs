@@ -134,7 +134,16 @@ fn tiny_model_logits_match_cpu_backend(kind: BackendKind) {
         gpu.forward(&[token], pos, false).unwrap();
         let prof = gpu.op_profile();
         gpu.set_profiling(false);
-        for op in ["embed", "matmul", "rope_kv_store", "attention", "output"] {
+        for op in [
+            "embed",
+            "attn_in",
+            "rope_store",
+            "attention",
+            "attn_out",
+            "ffn_in",
+            "ffn_out",
+            "logits",
+        ] {
             assert!(
                 prof.iter()
                     .any(|o| o.op == op && o.calls > 0 && o.total_ms >= 0.0),
@@ -175,6 +184,68 @@ fn backend_errors_are_clear(kind: BackendKind) {
     // Auto never picks a CPU adapter such as lavapipe: here it is a real GPU or the CPU backend.
     let auto = backend::create(BackendKind::Auto, model, &opts).unwrap();
     eprintln!("auto picked {} on {}", auto.kind(), auto.device_name());
+}
+
+/// Property: for random prompt lengths, batch sizes 1-16 and small contexts, a session on the
+/// GPU gives the CPU's logits after the prefill (run in chunks of the batch size) and after
+/// each decode step up to the full context, and then refuses one more token with an error.
+fn random_batches_match_cpu_backend(kind: BackendKind) {
+    use proptest::prelude::*;
+    use rocforge_runtime::Session;
+    let formats = [
+        (GgmlType::Q8_0, 1e-3),
+        (GgmlType::Q4_1, 3e-3),
+        (GgmlType::F16, 1e-5),
+    ];
+    let models: Vec<_> = formats
+        .iter()
+        .map(|&(ty, tol)| (tiny(ty), ty, tol))
+        .collect();
+    let config = ProptestConfig {
+        cases: 12,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let strategy = (
+        0..models.len(),
+        1usize..=20,
+        1usize..=16,
+        0usize..=4,
+        any::<u64>(),
+    );
+    runner
+        .run(&strategy, |(m, len, max_batch, spare, seed)| {
+            let (model, ty, tol) = &models[m];
+            let ctx = len + spare + 1;
+            let opts = BackendOptions { ctx, max_batch };
+            let mut rng = seed;
+            let prompt: Vec<u32> = (0..len)
+                .map(|_| {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((rng >> 33) % 250) as u32
+                })
+                .collect();
+            let mut cpu = Session::new(model.clone(), BackendKind::Cpu, opts.clone()).unwrap();
+            let mut gpu = Session::new(model.clone(), kind, opts).unwrap();
+            cpu.prefill(&prompt).unwrap();
+            gpu.prefill(&prompt).unwrap();
+            loop {
+                let (c, g) = (cpu.logits().unwrap().to_vec(), gpu.logits().unwrap().to_vec());
+                let e = nmse(&g, &c);
+                let at = cpu.tokens().len();
+                prop_assert!(e <= *tol, "{ty}: len {len} batch {max_batch} ctx {ctx}: logits at {at} nmse {e:.2e} > {tol:.0e}");
+                let next = rocforge_runtime::sampler::argmax(&c) as u32;
+                if at == ctx {
+                    prop_assert!(gpu.decode(next).is_err(), "a token past the context was accepted");
+                    break;
+                }
+                cpu.decode(next).unwrap();
+                gpu.decode(next).unwrap();
+            }
+            Ok(())
+        })
+        .unwrap();
 }
 
 /// Greedy ids of `n` steps after `prompt`.
@@ -297,6 +368,10 @@ macro_rules! backend_tests {
             #[test]
             fn tiny_model_logits_match_cpu_backend() {
                 super::tiny_model_logits_match_cpu_backend($kind)
+            }
+            #[test]
+            fn random_batches_match_cpu_backend() {
+                super::random_batches_match_cpu_backend($kind)
             }
             #[test]
             fn backend_errors_are_clear() {

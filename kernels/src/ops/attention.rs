@@ -170,6 +170,8 @@ impl KvCache {
 
 /// Keys one split covers before decode splits the sequence further.
 pub const SPLIT_KEYS: usize = 256;
+/// Largest head dimension the kernels take (a unit per dimension in one cube).
+pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
 pub const MAX_DECODE_SPLITS: usize = 32;
 
@@ -384,7 +386,7 @@ pub fn launch_attention_window<R: Runtime>(
         "attention: cache too small"
     );
     assert!(
-        n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=1024).contains(&hd),
+        n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=MAX_HEAD_DIM).contains(&hd),
         "attention: bad shape {shape:?}"
     );
     assert!(

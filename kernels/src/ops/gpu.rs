@@ -187,7 +187,7 @@ impl<R: Runtime> Gpu<R> {
 }
 
 /// Most cubes along one grid axis that every runtime accepts (wgpu: 65535).
-const MAX_GRID_X: u32 = 65535;
+pub const MAX_GRID_X: u32 = 65535;
 
 /// A grid of at least `n` cubes, folded into two axes when `n` exceeds one axis. Kernels read
 /// their index from `CUBE_POS` and return when it is `>= n`.

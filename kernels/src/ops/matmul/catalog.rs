@@ -105,7 +105,7 @@ pub fn launch_variant<R: Runtime>(
             accumulate: true, ..
         } => api::matvec(client, &w, &x, &y, Epilogue::Accumulate),
         KernelKind::Matvec { tokens, .. } => {
-            api::matmul(client, &w, &x, &y, tokens as usize, &scratch)
+            api::matmul(client, &w, &x, &y, tokens as usize, Some(&scratch))
         }
         KernelKind::MatvecSwiglu => api::matvec_swiglu(client, &w, &w, &x, &y),
         KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
