@@ -19,6 +19,18 @@ pub fn tiny_model(quant: GgmlType, seed: u64) -> GgufWriter {
     })
 }
 
+/// A tiny valid Gemma 3 model (6 layers, layer 5 global, a sliding window of 8 keys,
+/// 64 wide with head dim 32, vocab 320) in `quant`.
+pub fn tiny_gemma3(quant: GgmlType, seed: u64) -> GgufWriter {
+    let shape = LlamaShape::preset("tiny-gemma3").expect("tiny-gemma3 preset");
+    synthetic::writer(&SyntheticSpec {
+        shape,
+        quant,
+        output: None,
+        seed,
+    })
+}
+
 /// The real SmolLM2 model if present: `$ROCFORGE_TEST_MODEL`, else the fetch-model cache.
 pub fn real_model() -> Option<PathBuf> {
     cached_model("ROCFORGE_TEST_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -159,8 +159,17 @@ impl DeviceNeeds {
             .flat_map(layer_matrices)
             .map(|m| m.rows * m.cols)
             .max()
-            .unwrap_or(0);
-        let per_token = (2 * c.n_layer * c.kv_dim() * kv.bytes() + 4 * c.rope_dim) as u64;
+            .unwrap_or(0)
+            // A fused QKV matrix is larger than any single one where q_dim exceeds n_ff - n_embd
+            // (Gemma 3: head dim 256).
+            .max(if fused_qkv {
+                (c.q_dim() + 2 * c.kv_dim()) * c.n_embd
+            } else {
+                0
+            });
+        // The RoPE tables: a second one for the sliding-window layers.
+        let tables = if c.sliding_window.is_some() { 2 } else { 1 };
+        let per_token = (2 * c.n_layer * c.kv_dim() * kv.bytes() + tables * 4 * c.rope_dim) as u64;
         let qkv = if fused_qkv {
             c.q_dim() + 2 * c.kv_dim()
         } else {
