@@ -67,7 +67,7 @@ pub fn describe(model: &Model) -> Result<ModelInfo> {
             .get("general.name")
             .and_then(|v| v.as_str())
             .map(str::to_string),
-        architecture: c.architecture.clone(),
+        architecture: c.architecture.to_string(),
         parameters: model.n_params(),
         weights_bytes: model.weights_bytes(),
         quant: quant.format,
@@ -156,7 +156,7 @@ pub fn parse_quant(name: &str) -> Result<GgmlType> {
 }
 
 /// Writes a synthetic model of a preset shape (`smollm2-135m`, `tinyllama-1.1b`, `llama2-7b`,
-/// `llama3-8b`) with deterministic random weights; the output matrix is Q6_K for the K formats
+/// `llama3-8b`, `gemma3-270m`) with deterministic random weights; the output matrix is Q6_K for the K formats
 /// (as in llama.cpp's Q4_K_M) and otherwise tied to the embeddings.
 pub fn write_synthetic(shape: &str, quant: GgmlType, seed: u64, out: &Path) -> Result<()> {
     let names: Vec<&str> = LlamaShape::PRESETS.iter().map(|s| s.name).collect();
@@ -166,7 +166,10 @@ pub fn write_synthetic(shape: &str, quant: GgmlType, seed: u64, out: &Path) -> R
             names.join(", ")
         ))
     })?;
-    let output = matches!(quant, GgmlType::Q4K).then_some(GgmlType::Q6K);
+    // Gemma ties its output to the embeddings at every size.
+    let output = (matches!(quant, GgmlType::Q4K)
+        && shape.arch == rocforge_runtime::model::Architecture::Llama)
+        .then_some(GgmlType::Q6K);
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }

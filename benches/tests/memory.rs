@@ -16,17 +16,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 #[test]
 fn measured_memory_matches_weights_and_kv_cache() {
-    let shape = LlamaShape {
-        name: "memtest",
-        n_layer: 8,
-        n_embd: 512,
-        n_head: 8,
-        n_head_kv: 4,
-        n_ff: 1536,
-        n_vocab: 8192,
-        n_ctx: 2048,
-        rope_base: 10000,
-    };
+    let shape = LlamaShape::llama("memtest", 8, 512, 8, 4, 1536, 8192, 2048, 10000);
     let path = common::scratch("memory").join("memtest-q8_0.gguf");
     writer(&SyntheticSpec {
         shape,

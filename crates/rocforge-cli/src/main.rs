@@ -245,16 +245,9 @@ fn inspect(a: Inspect) -> Result<()> {
     match &config {
         Ok(c) => {
             writeln!(out, "hyperparameters:")?;
-            writeln!(
-                out,
-                "  layers {}, embedding {}, heads {} (KV {}), head dim {}, FFN {}",
-                c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff
-            )?;
-            writeln!(
-                out,
-                "  vocab {}, context {}, RoPE base {} over {} dims, RMS eps {:e}",
-                c.n_vocab, c.n_ctx_train, c.rope_base, c.rope_dim, c.rms_eps
-            )?;
+            for line in info::hyperparameter_lines(c) {
+                writeln!(out, "  {line}")?;
+            }
         }
         Err(e) => writeln!(out, "hyperparameters: not runnable: {e}")?,
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::gguf::GgufFile;
+use crate::model::ModelConfig;
 
 /// llama.cpp's `llama_ftype` names, by `general.file_type` value.
 pub fn file_type_name(ft: u64) -> Option<&'static str> {
@@ -89,6 +90,41 @@ pub fn format_from_file_name(path: &std::path::Path) -> Option<String> {
         .find(|n| stem.ends_with(*n) || stem.contains(&format!("{n}.")))
         .map(|n| n.to_string())
         .or_else(|| stem.ends_with("F32").then(|| "F32".to_string()))
+}
+
+/// The validated hyperparameters in words, one line each (`rocforge inspect`).
+pub fn hyperparameter_lines(c: &ModelConfig) -> Vec<String> {
+    let mut lines = vec![
+        format!(
+            "{}: layers {}, embedding {}, heads {} (KV {}), head dim {}, FFN {}",
+            c.architecture, c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff
+        ),
+        format!(
+            "vocab {}, context {}, RoPE ({:?}) base {} over {} dims, RMS eps {:e}",
+            c.n_vocab, c.n_ctx_train, c.rope_style, c.rope_base, c.rope_dim, c.rms_eps
+        ),
+    ];
+    if c.rope_freq_scale != 1.0 {
+        lines.push(format!(
+            "RoPE linear scaling: positions x {}",
+            c.rope_freq_scale
+        ));
+    }
+    if let Some(window) = c.sliding_window {
+        let global: Vec<String> = (0..c.n_layer)
+            .filter(|&l| !c.is_local_layer(l))
+            .map(|l| l.to_string())
+            .collect();
+        lines.push(format!(
+            "sliding window {window} keys with RoPE base {}; global layers {}",
+            c.rope_base_local,
+            global.join(", ")
+        ));
+    }
+    if c.embd_scale != 1.0 {
+        lines.push(format!("embeddings scaled by {}", c.embd_scale));
+    }
+    lines
 }
 
 /// One row of the tensor table.

@@ -14,12 +14,54 @@ use crate::gguf::{GgufFile, TensorInfo};
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
 
 /// Architectures whose forward pass ROCforge implements (`general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &str = "llama";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3";
 
-/// Hyperparameters of a Llama-family model, from `{arch}.*` metadata keys.
+/// A supported `general.architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama and its family (SmolLM2, TinyLlama, Mistral, Llama 2/3).
+    Llama,
+    /// Gemma 3 (text): sandwich norms, q/k norms, GeGLU, interleaved sliding-window layers.
+    Gemma3,
+}
+
+impl Architecture {
+    /// The GGUF name, which is also the metadata key prefix.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+
+    fn from_gguf(name: &str) -> Option<Self> {
+        [Self::Llama, Self::Gemma3]
+            .into_iter()
+            .find(|a| a.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How RoPE pairs a head's dims (llama.cpp's rope types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeStyle {
+    /// Adjacent pairs `(x[2i], x[2i+1])`: `llama` GGUFs (the converter permutes q/k for it).
+    Normal,
+    /// Pairs half a rotation apart, `(x[i], x[i + rope_dim/2])`: Gemma.
+    Neox,
+}
+
+/// Hyperparameters of a model, from `{arch}.*` metadata keys.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelConfig {
-    pub architecture: String,
+    pub architecture: Architecture,
     /// `{arch}.block_count`
     pub n_layer: usize,
     /// `{arch}.embedding_length`
@@ -42,6 +84,21 @@ pub struct ModelConfig {
     pub rope_base: f32,
     /// `{arch}.attention.layer_norm_rms_epsilon`
     pub rms_eps: f32,
+    /// Pairing of the rotated dims: Normal for Llama, Neox for Gemma.
+    pub rope_style: RopeStyle,
+    /// Position scale of the global RoPE table: `1 / {arch}.rope.scaling.factor` when
+    /// `rope.scaling.type` is `linear`, else 1.
+    pub rope_freq_scale: f32,
+    /// RoPE base of the sliding-window layers. Not in the metadata: llama.cpp fixes it at
+    /// 10000 for Gemma 3 (unscaled). Equal to `rope_base` where every layer is global.
+    pub rope_base_local: f32,
+    /// `{arch}.attention.sliding_window`: keys a local layer's query sees (itself included).
+    pub sliding_window: Option<usize>,
+    /// Every `swa_pattern`-th layer is global, the others local (Gemma 3: 6, as llama.cpp's
+    /// `set_swa_pattern(6)`); 0 when there is no sliding window.
+    pub swa_pattern: usize,
+    /// The embeddings are multiplied by this after the lookup (Gemma: sqrt(n_embd)).
+    pub embd_scale: f32,
 }
 
 impl ModelConfig {
@@ -56,6 +113,16 @@ impl ModelConfig {
     /// Width of the Q projection.
     pub fn q_dim(&self) -> usize {
         self.n_head * self.head_dim
+    }
+    /// Whether `layer` attends through the sliding window with the local RoPE base.
+    pub fn is_local_layer(&self, layer: usize) -> bool {
+        self.sliding_window.is_some()
+            && self.swa_pattern > 0
+            && layer % self.swa_pattern < self.swa_pattern - 1
+    }
+    /// The attention window of `layer` in keys (`None`: full causal).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.is_local_layer(layer))
     }
 }
 
@@ -83,9 +150,14 @@ pub struct LayerWeights {
     pub ffn_gate: Weight,    // (n_ff, n_embd)
     pub ffn_up: Weight,      // (n_ff, n_embd)
     pub ffn_down: Weight,    // (n_embd, n_ff)
+    // Gemma 3 only (required there, absent for Llama):
+    pub attn_q_norm: Option<Vec<f32>>, // (head_dim), shared by every head
+    pub attn_k_norm: Option<Vec<f32>>, // (head_dim)
+    pub post_attention_norm: Option<Vec<f32>>, // (n_embd)
+    pub post_ffw_norm: Option<Vec<f32>>, // (n_embd)
 }
 
-/// All weights of a Llama model.
+/// All weights of a model.
 #[derive(Debug, Clone)]
 pub struct Weights {
     pub token_embd: Weight,        // (n_vocab, n_embd)
@@ -226,19 +298,19 @@ const MAX_DIM: u64 = 1 << 20;
 
 fn read_config(file: &GgufFile) -> Result<ModelConfig> {
     let arch_key = "general.architecture";
-    let arch = file
+    let arch_name = file
         .get(arch_key)
         .ok_or_else(|| meta_err(file, arch_key, "missing"))?
         .as_str()
-        .ok_or_else(|| meta_err(file, arch_key, "is not a string"))?
-        .to_string();
-    if !SUPPORTED_ARCHITECTURES.split(", ").any(|a| a == arch) {
+        .ok_or_else(|| meta_err(file, arch_key, "is not a string"))?;
+    let Some(architecture) = Architecture::from_gguf(arch_name) else {
         return Err(Error::UnsupportedArchitecture {
             path: file.path().to_path_buf(),
-            arch,
+            arch: arch_name.to_string(),
             supported: SUPPORTED_ARCHITECTURES,
         });
-    }
+    };
+    let arch = architecture.as_str();
     let int = |suffix: &str, default: Option<u64>| -> Result<usize> {
         let key = format!("{arch}.{suffix}");
         let v = match file.get(&key) {
@@ -321,6 +393,43 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
     };
 
     let key = |s: &str| format!("{arch}.{s}");
+    if let Some(v) = file.get(&key("attention.value_length")) {
+        if v.as_u64() != Some(head_dim as u64) {
+            return Err(meta_err(
+                file,
+                &key("attention.value_length"),
+                format!("{} differs from the key length {head_dim}", v.summary()),
+            ));
+        }
+    }
+    let rope_freq_scale = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+        None | Some("none") => 1.0,
+        Some("linear") => 1.0 / float("rope.scaling.factor", Some(1.0))?,
+        // Llama files were always run unscaled by other types (Llama 3.1 scales through
+        // `rope_freqs`); a Gemma file with one would run wrong, so it is refused.
+        Some(other) if architecture == Architecture::Gemma3 => {
+            return Err(meta_err(
+                file,
+                &key("rope.scaling.type"),
+                format!("`{other}` is not supported (none, linear)"),
+            ))
+        }
+        Some(_) => 1.0,
+    };
+    let (rope_style, rope_base_local, sliding_window, swa_pattern, embd_scale) = match architecture
+    {
+        Architecture::Llama => (RopeStyle::Normal, rope_base, None, 0, 1.0),
+        Architecture::Gemma3 => {
+            let window = int("attention.sliding_window", None)?;
+            (
+                RopeStyle::Neox,
+                10000.0,
+                Some(window),
+                6,
+                (n_embd as f32).sqrt(),
+            )
+        }
+    };
     if n_head % n_head_kv != 0 {
         return Err(meta_err(
             file,
@@ -338,7 +447,7 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
         ));
     }
     Ok(ModelConfig {
-        architecture: arch,
+        architecture,
         n_layer,
         n_embd,
         n_head,
@@ -350,6 +459,12 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
         rope_dim,
         rope_base,
         rms_eps,
+        rope_style,
+        rope_freq_scale,
+        rope_base_local,
+        sliding_window,
+        swa_pattern,
+        embd_scale,
     })
 }
 
@@ -414,6 +529,15 @@ fn read_weights(file: &GgufFile, c: &ModelConfig) -> Result<Weights> {
     };
 
     let (d, q, kv, ff, v) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.n_vocab);
+    let gemma = c.architecture == Architecture::Gemma3;
+    // Gemma's extra norms: required for Gemma 3, not read for Llama.
+    let gemma_norm = |name: &str, len: usize| -> Result<Option<Vec<f32>>> {
+        if gemma {
+            vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
     let token_embd = matrix("token_embd.weight", v, d)?;
     let layers = (0..c.n_layer)
         .map(|i| {
@@ -428,6 +552,10 @@ fn read_weights(file: &GgufFile, c: &ModelConfig) -> Result<Weights> {
                 ffn_gate: matrix(&n("ffn_gate"), ff, d)?,
                 ffn_up: matrix(&n("ffn_up"), ff, d)?,
                 ffn_down: matrix(&n("ffn_down"), d, ff)?,
+                attn_q_norm: gemma_norm(&n("attn_q_norm"), c.head_dim)?,
+                attn_k_norm: gemma_norm(&n("attn_k_norm"), c.head_dim)?,
+                post_attention_norm: gemma_norm(&n("post_attention_norm"), d)?,
+                post_ffw_norm: gemma_norm(&n("post_ffw_norm"), d)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;

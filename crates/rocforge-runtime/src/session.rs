@@ -313,7 +313,8 @@ pub struct Perplexity {
 
 /// Perplexity by llama.cpp's method: the text's tokens are cut into non-overlapping chunks of
 /// `ctx` tokens; each chunk is evaluated from an empty cache and the second half of its
-/// predictions is scored. `on_chunk(i, running_ppl)` reports progress.
+/// predictions is scored. When the model adds BOS (Gemma), every chunk starts with BOS in place
+/// of its first token, as llama-perplexity does. `on_chunk(i, running_ppl)` reports progress.
 pub fn perplexity(
     session: &mut Session,
     tokens: &[u32],
@@ -333,11 +334,18 @@ pub fn perplexity(
         )));
     }
     let first = ctx / 2;
+    let tokenizer = &session.model().tokenizer;
+    let bos = tokenizer.bos_id().filter(|_| tokenizer.adds_bos());
+    let mut chunk = Vec::with_capacity(ctx);
     let (mut nll, mut count) = (0.0f64, 0usize);
     for c in 0..chunks {
-        let chunk = &tokens[c * ctx..(c + 1) * ctx];
+        chunk.clear();
+        chunk.extend_from_slice(&tokens[c * ctx..(c + 1) * ctx]);
+        if let Some(bos) = bos {
+            chunk[0] = bos;
+        }
         session.reset();
-        session.eval_all_logits(chunk, |i, row| {
+        session.eval_all_logits(&chunk, |i, row| {
             if i >= first && i + 1 < ctx {
                 nll -= log_softmax_at(row, chunk[i + 1] as usize);
                 count += 1;

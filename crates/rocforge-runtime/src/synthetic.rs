@@ -1,4 +1,4 @@
-//! Synthetic Llama models: valid GGUF files at any Llama shape and weight format, with
+//! Synthetic models: valid GGUF files at any Llama or Gemma 3 shape and weight format, with
 //! deterministic random quantized weights and a small byte-level vocabulary.
 //!
 //! Speed does not depend on weight values, so these stand in for models that cannot be
@@ -11,11 +11,15 @@ use rand::{Rng, SeedableRng};
 use rocforge_kernels::GgmlType;
 
 use crate::gguf::{GgufWriter, MetaArray, MetaValue};
+use crate::model::Architecture;
 
-/// The shape of a Llama model.
+/// The shape of a model (Llama, or Gemma 3 with its extra norms and sliding window).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LlamaShape {
     pub name: &'static str,
+    pub arch: Architecture,
+    /// `key_length`; 0 means n_embd / n_head.
+    pub head_dim: usize,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
@@ -28,63 +32,71 @@ pub struct LlamaShape {
 
 impl LlamaShape {
     /// Shapes of well-known models, and `tiny` for tests.
-    pub const PRESETS: [LlamaShape; 5] = [
+    pub const PRESETS: [LlamaShape; 7] = [
+        LlamaShape::llama("tiny", 2, 64, 4, 2, 160, 320, 256, 10000),
+        LlamaShape::llama("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 8192, 100000),
+        LlamaShape::llama("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 32000, 2048, 10000),
+        LlamaShape::llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 4096, 10000),
+        LlamaShape::llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, 500000),
+        // Gemma-3-270M: head dim 256 (not n_embd / n_head), one KV head.
         LlamaShape {
-            name: "tiny",
-            n_layer: 2,
-            n_embd: 64,
-            n_head: 4,
-            n_head_kv: 2,
-            n_ff: 160,
-            n_vocab: 320,
-            n_ctx: 256,
-            rope_base: 10000,
+            arch: Architecture::Gemma3,
+            head_dim: 256,
+            ..LlamaShape::llama("gemma3-270m", 18, 640, 4, 1, 2048, 262144, 32768, 1000000)
         },
+        // A tiny Gemma 3 for tests: 6 layers so that one is global, a window of 8 keys.
         LlamaShape {
-            name: "smollm2-135m",
-            n_layer: 30,
-            n_embd: 576,
-            n_head: 9,
-            n_head_kv: 3,
-            n_ff: 1536,
-            n_vocab: 49152,
-            n_ctx: 8192,
-            rope_base: 100000,
-        },
-        LlamaShape {
-            name: "tinyllama-1.1b",
-            n_layer: 22,
-            n_embd: 2048,
-            n_head: 32,
-            n_head_kv: 4,
-            n_ff: 5632,
-            n_vocab: 32000,
-            n_ctx: 2048,
-            rope_base: 10000,
-        },
-        LlamaShape {
-            name: "llama2-7b",
-            n_layer: 32,
-            n_embd: 4096,
-            n_head: 32,
-            n_head_kv: 32,
-            n_ff: 11008,
-            n_vocab: 32000,
-            n_ctx: 4096,
-            rope_base: 10000,
-        },
-        LlamaShape {
-            name: "llama3-8b",
-            n_layer: 32,
-            n_embd: 4096,
-            n_head: 32,
-            n_head_kv: 8,
-            n_ff: 14336,
-            n_vocab: 128256,
-            n_ctx: 8192,
-            rope_base: 500000,
+            arch: Architecture::Gemma3,
+            head_dim: 32,
+            ..LlamaShape::llama("tiny-gemma3", 6, 64, 4, 2, 160, 320, 256, 1000000)
         },
     ];
+
+    /// A Llama shape (head dim n_embd / n_head).
+    #[allow(clippy::too_many_arguments)]
+    pub const fn llama(
+        name: &'static str,
+        n_layer: usize,
+        n_embd: usize,
+        n_head: usize,
+        n_head_kv: usize,
+        n_ff: usize,
+        n_vocab: usize,
+        n_ctx: usize,
+        rope_base: u32,
+    ) -> Self {
+        LlamaShape {
+            name,
+            arch: Architecture::Llama,
+            head_dim: 0,
+            n_layer,
+            n_embd,
+            n_head,
+            n_head_kv,
+            n_ff,
+            n_vocab,
+            n_ctx,
+            rope_base,
+        }
+    }
+
+    /// The attention head width.
+    pub fn head_dim(&self) -> usize {
+        if self.head_dim == 0 {
+            self.n_embd / self.n_head
+        } else {
+            self.head_dim
+        }
+    }
+
+    /// Gemma 3's sliding window for this shape (tiny test shapes get a short one).
+    pub fn sliding_window(&self) -> usize {
+        if self.n_embd <= 64 {
+            8
+        } else {
+            512
+        }
+    }
 
     pub fn preset(name: &str) -> Option<LlamaShape> {
         Self::PRESETS.iter().find(|s| s.name == name).cloned()
@@ -208,29 +220,53 @@ pub fn random_weights(ty: GgmlType, cols: usize, seed: u64, buf: &mut [u8]) {
     }
 }
 
+/// The format a matrix of `cols` columns gets when `ty`'s blocks do not divide its rows
+/// (Gemma-3-270M is 640 wide, not a multiple of the K-quants' 256): llama.cpp's fallbacks.
+fn fitting_type(ty: GgmlType, cols: usize) -> GgmlType {
+    if cols % ty.block_size() == 0 {
+        return ty;
+    }
+    match ty {
+        GgmlType::Q6K => GgmlType::Q8_0,
+        GgmlType::Q5K => GgmlType::Q5_1,
+        _ => GgmlType::Q5_0,
+    }
+}
+
 /// Builds the GGUF writer for `spec`; tensors are generated while the file is written.
 pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
     let s = &spec.shape;
-    let head_dim = s.n_embd / s.n_head;
+    let head_dim = s.head_dim();
+    let gemma = s.arch == Architecture::Gemma3;
+    let a = s.arch.as_str();
+    let k = |key: &str| format!("{a}.{key}");
     let mut w = GgufWriter::new();
-    w.meta_str("general.architecture", "llama")
+    w.meta_str("general.architecture", a)
         .meta_str(
             "general.name",
             &format!("synthetic {} {}", s.name, spec.quant),
         )
         .meta_bool("general.synthetic", true)
         .meta_u32("general.file_type", file_type_of(spec.quant))
-        .meta_u32("llama.block_count", s.n_layer as u32)
-        .meta_u32("llama.context_length", s.n_ctx as u32)
-        .meta_u32("llama.embedding_length", s.n_embd as u32)
-        .meta_u32("llama.feed_forward_length", s.n_ff as u32)
-        .meta_u32("llama.attention.head_count", s.n_head as u32)
-        .meta_u32("llama.attention.head_count_kv", s.n_head_kv as u32)
-        .meta_u32("llama.rope.dimension_count", head_dim as u32)
-        .meta_f32("llama.rope.freq_base", s.rope_base as f32)
-        .meta_f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-        .meta_u32("llama.vocab_size", s.n_vocab as u32)
-        .meta_str("tokenizer.ggml.model", "gpt2")
+        .meta_u32(&k("block_count"), s.n_layer as u32)
+        .meta_u32(&k("context_length"), s.n_ctx as u32)
+        .meta_u32(&k("embedding_length"), s.n_embd as u32)
+        .meta_u32(&k("feed_forward_length"), s.n_ff as u32)
+        .meta_u32(&k("attention.head_count"), s.n_head as u32)
+        .meta_u32(&k("attention.head_count_kv"), s.n_head_kv as u32)
+        .meta_u32(&k("rope.dimension_count"), head_dim as u32)
+        .meta_f32(&k("rope.freq_base"), s.rope_base as f32)
+        .meta_f32(
+            &k("attention.layer_norm_rms_epsilon"),
+            if gemma { 1e-6 } else { 1e-5 },
+        )
+        .meta_u32(&k("vocab_size"), s.n_vocab as u32);
+    if gemma {
+        w.meta_u32(&k("attention.key_length"), head_dim as u32)
+            .meta_u32(&k("attention.value_length"), head_dim as u32)
+            .meta_u32(&k("attention.sliding_window"), s.sliding_window() as u32);
+    }
+    w.meta_str("tokenizer.ggml.model", "gpt2")
         .meta_str("tokenizer.ggml.pre", "default");
     let (tokens, types) = vocab(s.n_vocab);
     w.meta_strings("tokenizer.ggml.tokens", tokens)
@@ -251,6 +287,7 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
         seed
     };
     let mut matrix = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
+        let ty = fitting_type(ty, cols);
         let sd = next_seed();
         w.tensor_fill(
             name,
@@ -270,12 +307,13 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
             }),
         );
     };
-    let norm = |w: &mut GgufWriter, name: &str| {
-        let v: Vec<u8> = (0..s.n_embd)
+    let norm_of = |w: &mut GgufWriter, name: &str, len: usize| {
+        let v: Vec<u8> = (0..len)
             .flat_map(|i| (1.0f32 + 0.01 * ((i % 7) as f32 - 3.0)).to_le_bytes())
             .collect();
-        w.tensor(name, &[s.n_embd as u64], GgmlType::F32, v);
+        w.tensor(name, &[len as u64], GgmlType::F32, v);
     };
+    let norm = |w: &mut GgufWriter, name: &str| norm_of(w, name, s.n_embd);
     let (d, q, kv) = (s.n_embd, s.n_head * head_dim, s.n_head_kv * head_dim);
     matrix(&mut w, "token_embd.weight", s.n_vocab, d, spec.quant);
     for l in 0..s.n_layer {
@@ -289,6 +327,12 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
         matrix(&mut w, &n("ffn_gate"), s.n_ff, d, spec.quant);
         matrix(&mut w, &n("ffn_up"), s.n_ff, d, spec.quant);
         matrix(&mut w, &n("ffn_down"), d, s.n_ff, spec.quant);
+        if gemma {
+            norm_of(&mut w, &n("attn_q_norm"), head_dim);
+            norm_of(&mut w, &n("attn_k_norm"), head_dim);
+            norm(&mut w, &n("post_attention_norm"));
+            norm(&mut w, &n("post_ffw_norm"));
+        }
     }
     norm(&mut w, "output_norm.weight");
     if let Some(out_ty) = spec.output {

@@ -19,9 +19,32 @@ pub fn tiny_model(quant: GgmlType, seed: u64) -> GgufWriter {
     })
 }
 
+/// A tiny valid Gemma 3 model (6 layers, layer 5 global, a sliding window of 8 keys,
+/// 64 wide with head dim 32, vocab 320) in `quant`.
+pub fn tiny_gemma3(quant: GgmlType, seed: u64) -> GgufWriter {
+    let shape = LlamaShape::preset("tiny-gemma3").expect("tiny-gemma3 preset");
+    synthetic::writer(&SyntheticSpec {
+        shape,
+        quant,
+        output: None,
+        seed,
+    })
+}
+
 /// The real SmolLM2 model if present: `$ROCFORGE_TEST_MODEL`, else the fetch-model cache.
 pub fn real_model() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ROCFORGE_TEST_MODEL") {
+    cached_model("ROCFORGE_TEST_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The real Gemma-3-270M Q4_K_M model if present: `$ROCFORGE_GEMMA3_MODEL`, else the
+/// fetch-model cache (`cargo xtask fetch-model gemma3`).
+pub fn real_gemma3() -> Option<PathBuf> {
+    cached_model("ROCFORGE_GEMMA3_MODEL", "gemma-3-270m-q4_k_m.gguf")
+}
+
+/// `$env_var` if set (and present), else `file_name` in the fetch-model cache.
+fn cached_model(env_var: &str, file_name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         let p = PathBuf::from(p);
         return p.exists().then_some(p);
     }
@@ -32,7 +55,7 @@ pub fn real_model() -> Option<PathBuf> {
     } else {
         PathBuf::from(std::env::var_os("HOME")?).join(".cache/rocforge")
     };
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = cache.join("models").join(file_name);
     p.exists().then_some(p)
 }
 
@@ -220,6 +243,27 @@ pub struct RefCase {
 #[derive(serde::Deserialize)]
 struct RefFile {
     cases: Vec<RefCase>,
+}
+
+/// One reference prompt of a file with llama.cpp's continuation only (`gemma3-greedy.json`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct LlamaCppCase {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    #[serde(flatten)]
+    pub llama_cpp: RefContinuation,
+    pub generated_text: String,
+}
+
+/// Reads the cases of a llama.cpp-only greedy reference file.
+pub fn llama_cpp_refs(path: &Path) -> Result<Vec<LlamaCppCase>, String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        cases: Vec<LlamaCppCase>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f: File = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(f.cases)
 }
 
 /// Reads the greedy reference cases.

@@ -536,3 +536,55 @@ fn smollm2_chat_template() {
          <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
 }
+
+// ---------------------------------------------------------------- real model (Gemma 3)
+
+/// The Gemma-3-270M tokenizer: SentencePiece-style, 262,144 tokens, BOS added, no space
+/// prefix; the first real vocabulary for the SPM tokenizer.
+fn gemma3_tokenizer() -> Option<Tokenizer> {
+    let Some(path) = rocforge_runtime::testing::real_gemma3() else {
+        eprintln!("skipped: Gemma 3 GGUF not found (cargo xtask fetch-model gemma3, or set ROCFORGE_GEMMA3_MODEL)");
+        return None;
+    };
+    let file = rocforge_runtime::gguf::GgufFile::open(&path).expect("open GGUF");
+    Some(Tokenizer::from_spec(&TokenizerSpec::from_gguf(&file)).expect("tokenizer from GGUF"))
+}
+
+#[test]
+fn gemma3_matches_llama_cpp_references() {
+    let Some(tok) = gemma3_tokenizer() else {
+        return;
+    };
+    assert_eq!(tok.vocab_size(), 262_144);
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(2), Some(1)));
+    assert!(tok.adds_bos());
+    let path = rocforge_runtime::testing::refs_file("gemma3-greedy.json");
+    let cases = rocforge_runtime::testing::llama_cpp_refs(&path).unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in &cases {
+        let ids = tok.encode(&case.prompt, true, true).unwrap();
+        assert_eq!(ids, case.prompt_ids, "prompt {:?}", case.prompt);
+        assert_eq!(
+            tok.decode(&case.llama_cpp.generated_ids),
+            case.generated_text
+        );
+    }
+}
+
+#[test]
+fn gemma3_round_trips_varied_text() {
+    let Some(tok) = gemma3_tokenizer() else {
+        return;
+    };
+    for text in VARIED_TEXTS {
+        let ids = tok.encode(text, false, false).unwrap();
+        assert_eq!(tok.detokenize(&ids, false), *text, "{ids:?}");
+    }
+    // No space prefix: a leading word and the same word after a space are different tokens.
+    let (bare, spaced) = (
+        tok.encode("France", false, false).unwrap(),
+        tok.encode(" France", false, false).unwrap(),
+    );
+    assert_eq!(bare.len(), 1);
+    assert_ne!(bare, spaced);
+}

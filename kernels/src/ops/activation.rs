@@ -1,17 +1,57 @@
-//! SwiGLU (`ffn_gate`, `ffn_up`): h = silu(gate) * up, and the residual add. The CubeCL
-//! kernels beside the references are element-wise, one unit per element.
+//! The gated feed-forward activation (`ffn_gate`, `ffn_up`): h = act(gate) * up, with act
+//! SiLU (SwiGLU: Llama) or GELU's tanh approximation (GeGLU: Gemma); the residual add; a
+//! scale. The CubeCL kernels beside the references are element-wise, one unit per element;
+//! the activation is a compile-time parameter of one kernel.
+
+/// The activation of a gated feed-forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAct {
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, as `ggml_gelu`.
+    GeluTanh,
+}
+
+impl GateAct {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Silu => "silu",
+            Self::GeluTanh => "gelu_tanh",
+        }
+    }
+}
 
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// sqrt(2 / pi).
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The cubic coefficient of GELU's tanh approximation.
+const GELU_COEF_A: f32 = 0.044_715;
+
+/// GELU, tanh approximation (ggml's `ggml_gelu`, computed in f32 rather than from its f16 table).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+}
+
+/// Reference gated activation in place: `gate[i] = act(gate[i]) * up[i]`.
+pub fn gated(act: GateAct, gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
+    let f = match act {
+        GateAct::Silu => silu,
+        GateAct::GeluTanh => gelu_tanh,
+    };
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = f(*g) * u;
+    }
+}
+
 /// Reference SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    debug_assert_eq!(gate.len(), up.len());
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
-    }
+    gated(GateAct::Silu, gate, up)
 }
 
 /// Reference residual add in place: `x[i] += y[i]`.
@@ -26,13 +66,34 @@ use cubecl::prelude::*;
 
 use super::gpu::{elementwise, Buf, Gpu};
 
-/// `gate[i] = silu(gate[i]) * up[i]` for `i < n`.
+/// `act(g)` on the device; `gelu` picks GELU (tanh) over SiLU at compile time.
+#[cube]
+pub fn gate_act(g: f32, #[comptime] gelu: bool) -> f32 {
+    if comptime!(gelu) {
+        // tanh(z) = 1 - 2 / (exp(2z) + 1): finite for every z (exp overflows to inf, giving 1).
+        let z = 0.797_884_6f32 * g * (1.0 + 0.044_715f32 * g * g);
+        let t = 1.0 - 2.0 / (f32::exp(2.0 * z) + 1.0);
+        0.5 * g * (1.0 + t)
+    } else {
+        g / (1.0 + f32::exp(-g))
+    }
+}
+
+/// `gate[i] = act(gate[i]) * up[i]` for `i < n`.
 #[cube(launch_unchecked)]
-pub fn swiglu_kernel(gate: &mut Array<f32>, up: &Array<f32>, n: u32) {
+pub fn gated_act_kernel(gate: &mut Array<f32>, up: &Array<f32>, n: u32, #[comptime] gelu: bool) {
     let i = ABSOLUTE_POS;
     if i < n as usize {
-        let g = gate[i];
-        gate[i] = g / (1.0 + f32::exp(-g)) * up[i];
+        gate[i] = gate_act(gate[i], gelu) * up[i];
+    }
+}
+
+/// `x[i] *= s` for `i < n` (Gemma's embedding scale).
+#[cube(launch_unchecked)]
+pub fn scale_kernel(x: &mut Array<f32>, s: f32, n: u32) {
+    let i = ABSOLUTE_POS;
+    if i < n as usize {
+        x[i] *= s;
     }
 }
 
@@ -45,25 +106,41 @@ pub fn add_assign_kernel(x: &mut Array<f32>, y: &Array<f32>, n: u32) {
     }
 }
 
-/// SwiGLU in place over the first `n` elements of `gate`.
-pub fn launch_swiglu<R: Runtime>(gpu: &Gpu<R>, gate: &Buf, up: &Buf, n: usize) {
+/// The gated activation in place over the first `n` elements of `gate`.
+pub fn launch_gated<R: Runtime>(gpu: &Gpu<R>, act: GateAct, gate: &Buf, up: &Buf, n: usize) {
     assert!(
         n <= gate.len() && n <= up.len(),
-        "swiglu: {n} elements out of range"
+        "{}: {n} elements out of range",
+        act.name()
     );
     let (count, dim) = elementwise(n);
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within both buffers.
     unsafe {
-        swiglu_kernel::launch_unchecked::<R>(
+        gated_act_kernel::launch_unchecked::<R>(
             gpu.client(),
             count,
             dim,
             gate.arg(),
             up.arg(),
             n as u32,
+            act == GateAct::GeluTanh,
         )
     }
+}
+
+/// SwiGLU in place over the first `n` elements of `gate`.
+pub fn launch_swiglu<R: Runtime>(gpu: &Gpu<R>, gate: &Buf, up: &Buf, n: usize) {
+    launch_gated(gpu, GateAct::Silu, gate, up, n)
+}
+
+/// `x[i] *= s` over the first `n` elements of `x`.
+pub fn launch_scale<R: Runtime>(gpu: &Gpu<R>, x: &Buf, s: f32, n: usize) {
+    assert!(n <= x.len(), "scale: {n} elements out of range");
+    let (count, dim) = elementwise(n);
+    gpu.count();
+    // SAFETY: the kernel guards `i < n`, and n is within the buffer.
+    unsafe { scale_kernel::launch_unchecked::<R>(gpu.client(), count, dim, x.arg(), s, n as u32) }
 }
 
 /// Residual add in place over the first `n` elements of `x`.
@@ -94,5 +171,23 @@ mod tests {
         assert_eq!(super::silu(0.0), 0.0);
         assert!((super::silu(1.0) - 0.731_058_6).abs() < 1e-6);
         assert!(super::silu(-20.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn gelu_tanh_values() {
+        // Values of 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))) computed in f64.
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (1.0, 0.841_192),
+            (-1.0, -0.158_808),
+            (3.0, 2.996_363),
+            (-6.0, -0.0),
+        ] {
+            assert!(
+                (super::gelu_tanh(x) - want).abs() < 1e-5,
+                "gelu({x}) = {}",
+                super::gelu_tanh(x)
+            );
+        }
     }
 }

@@ -7,7 +7,9 @@
 //! serves decode and causal prefill: a cube per (query token, head, split of the keys) walks
 //! its keys in tiles of `head_dim` with an online softmax (flash-decoding); when a query's
 //! keys are split, a second kernel combines the partial results. Query `t` of a call at `pos`
-//! sees keys `0..=pos + t`, which is the causal mask.
+//! sees keys `0..=pos + t`, which is the causal mask; with a sliding window of `w` keys
+//! (Gemma's local layers) only the last `w` of them, `pos + t + 1 - w ..= pos + t`, as
+//! llama.cpp's `is_masked_swa` (key p0 is seen by query p1 iff p1 - p0 < w).
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -29,13 +31,33 @@ pub fn attend_head(
     shape: AttnShape,
     out: &mut [f32],
 ) {
+    attend_head_window(q, k_cache, v_cache, kv_head, pos, None, shape, out)
+}
+
+/// The first key a query at `pos` sees: 0, or with a window of `w` keys `pos + 1 - w`.
+pub fn first_key(pos: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w))
+}
+
+/// [`attend_head`] over the keys `first_key(pos, window)..=pos`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head_window(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_head: usize,
+    pos: usize,
+    window: Option<usize>,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
     let hd = shape.head_dim;
     let stride = shape.n_kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut max = f32::NEG_INFINITY;
     let mut sum = 0.0f32;
     out.fill(0.0);
-    for t in 0..=pos {
+    for t in first_key(pos, window)..=pos {
         let base = t * stride + kv_head * hd;
         let k = &k_cache[base..base + hd];
         let s = super::dot(q, k) * scale;
@@ -191,8 +213,10 @@ pub fn plan_splits(
 }
 
 /// Cube `(t, h, s)` (row-major) with `head_dim` units: attention of query `t`, head `h` over
-/// keys `s * chunk .. min((s + 1) * chunk, pos + t + 1)`. With `finalize` (one split) it writes
-/// the normalised output `(t, h*head_dim)`; otherwise the unnormalised output and (max, sum).
+/// keys `s * chunk .. min((s + 1) * chunk, pos + t + 1)`, those below `pos + t + 1 - window`
+/// left out when `window > 0`. With `finalize` (one split) it writes the normalised output
+/// `(t, h*head_dim)`; otherwise the unnormalised output and (max, sum); a split with no key
+/// left gives (-1e30, 0), which the combine weighs zero.
 #[cube(launch_unchecked)]
 pub fn attention_kernel<K: Float>(
     q: &Array<f32>,
@@ -206,6 +230,7 @@ pub fn attention_kernel<K: Float>(
     n_head: u32,
     n_kv: u32,
     scale: f32,
+    window: u32,
     #[comptime] hd: usize,
     #[comptime] finalize: bool,
 ) {
@@ -217,8 +242,12 @@ pub fn attention_kernel<K: Float>(
     let t = row / (splits * n_head);
     let kv_dim = n_kv * hd;
     let kv_off = (h / (n_head / n_kv)) * hd;
-    let start = s * chunk as usize;
+    let mut start = s * chunk as usize;
     let end = min(start + chunk as usize, pos as usize + t + 1);
+    let w = window as usize;
+    if w > 0 && pos as usize + t + 1 > w {
+        start = max(start, pos as usize + t + 1 - w);
+    }
 
     let mut q_sh = SharedMemory::<f32>::new(hd);
     let mut p_sh = SharedMemory::<f32>::new(hd);
@@ -325,6 +354,23 @@ pub fn launch_attention<R: Runtime>(
     n: usize,
     shape: AttnShape,
 ) {
+    launch_attention_window(gpu, q, cache, layer, scratch, out, pos, n, shape, None)
+}
+
+/// [`launch_attention`] with an optional sliding window of `window` keys.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_attention_window<R: Runtime>(
+    gpu: &Gpu<R>,
+    q: &Buf,
+    cache: &KvCache,
+    layer: usize,
+    scratch: &AttnScratch,
+    out: &Buf,
+    pos: usize,
+    n: usize,
+    shape: AttnShape,
+    window: Option<usize>,
+) {
     let AttnShape {
         n_heads,
         n_kv_heads,
@@ -342,6 +388,10 @@ pub fn launch_attention<R: Runtime>(
     assert!(
         n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=MAX_HEAD_DIM).contains(&hd),
         "attention: bad shape {shape:?}"
+    );
+    assert!(
+        window.is_none_or(|w| (1..=u32::MAX as usize).contains(&w)),
+        "attention: window {window:?} out of range"
     );
     let kv_len = pos + n;
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
@@ -370,6 +420,7 @@ pub fn launch_attention<R: Runtime>(
                     n_heads as u32,
                     n_kv_heads as u32,
                     scale,
+                    window.unwrap_or(0) as u32,
                     hd,
                     finalize,
                 )
@@ -424,5 +475,29 @@ mod tests {
             let want: f32 = (0..3).map(|t| e[t] / z * v[t * 4 + d]).sum();
             assert!((out[d] - want).abs() < 1e-6, "{d}: {} vs {want}", out[d]);
         }
+    }
+
+    #[test]
+    fn window_sees_the_last_keys_only() {
+        let shape = AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
+        // Keys 0..4 with values 0..4: a window of 2 at position 3 averages values 2 and 3
+        // (all scores are equal, q = 0).
+        let k = [0.0f32; 8];
+        let v: Vec<f32> = (0..4).flat_map(|t| [t as f32, 0.0]).collect();
+        let mut out = [0.0f32; 2];
+        attend_head_window(&[0.0, 0.0], &k, &v, 0, 3, Some(2), shape, &mut out);
+        assert_eq!(out, [2.5, 0.0]);
+        assert_eq!(
+            (
+                first_key(3, Some(2)),
+                first_key(0, Some(512)),
+                first_key(9, None)
+            ),
+            (2, 0, 0)
+        );
     }
 }

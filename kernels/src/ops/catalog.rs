@@ -8,8 +8,9 @@ use cubecl::prelude::*;
 use super::dequant::DEVICE_FORMATS;
 use super::{activation, argmax, attention, dequant, embedding, norm, rope};
 
-/// Head dims the catalog instantiates attention for (SmolLM2 and Llama use 64 and 128).
-pub const HEAD_DIMS: [usize; 2] = [64, 128];
+/// Head dims the catalog instantiates attention for (SmolLM2 and Llama use 64 and 128,
+/// Gemma 3 256).
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// `(name, definition)` of every kernel variant, built with `client`'s device properties.
 pub fn kernel_definitions<R: Runtime>(
@@ -55,9 +56,51 @@ pub fn kernel_definitions<R: Runtime>(
         .define(),
     ));
     out.push((
-        "swiglu".into(),
-        activation::swiglu_kernel::SwigluKernel::<R>::new(settings(256), c(), a(), a(), ())
+        "add_rms_normed".into(),
+        norm::add_rms_normed_kernel::AddRmsNormedKernel::<R>::new(
+            settings(row),
+            c(),
+            a(),
+            a(),
+            a(),
+            (),
+            row,
+        )
+        .define(),
+    ));
+    out.push((
+        "rms_norm_heads".into(),
+        norm::rms_norm_heads_kernel::RmsNormHeadsKernel::<R>::new(
+            settings(row),
+            c(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            row,
+        )
+        .define(),
+    ));
+    for gelu in [false, true] {
+        let name = if gelu { "geglu" } else { "swiglu" };
+        out.push((
+            name.into(),
+            activation::gated_act_kernel::GatedActKernel::<R>::new(
+                settings(256),
+                c(),
+                a(),
+                a(),
+                (),
+                gelu,
+            )
             .define(),
+        ));
+    }
+    out.push((
+        "scale".into(),
+        activation::scale_kernel::ScaleKernel::<R>::new(settings(256), c(), a(), (), ()).define(),
     ));
     out.push((
         "add_assign".into(),
@@ -66,7 +109,7 @@ pub fn kernel_definitions<R: Runtime>(
     ));
     let rope_scalars = || ((), (), (), (), (), (), (), (), (), (), ());
     macro_rules! rope_def {
-        ($k:ty) => {{
+        ($k:ty, $neox:expr) => {{
             let s = rope_scalars();
             rope::rope_store_kernel::RopeStoreKernel::<$k, R>::new(
                 settings(256),
@@ -90,12 +133,16 @@ pub fn kernel_definitions<R: Runtime>(
                 s.8,
                 s.9,
                 s.10,
+                $neox,
             )
             .define()
         }};
     }
-    out.push(("rope_store_f32".into(), rope_def!(f32)));
-    out.push(("rope_store_f16".into(), rope_def!(half::f16)));
+    for neox in [false, true] {
+        let mode = if neox { "_neox" } else { "" };
+        out.push((format!("rope_store{mode}_f32"), rope_def!(f32, neox)));
+        out.push((format!("rope_store{mode}_f16"), rope_def!(half::f16, neox)));
+    }
     for hd in HEAD_DIMS {
         for finalize in [true, false] {
             let tag = if finalize { "single" } else { "split" };
@@ -109,6 +156,7 @@ pub fn kernel_definitions<R: Runtime>(
                     a(),
                     a(),
                     a(),
+                    (),
                     (),
                     (),
                     (),
@@ -130,6 +178,7 @@ pub fn kernel_definitions<R: Runtime>(
                     a(),
                     a(),
                     a(),
+                    (),
                     (),
                     (),
                     (),

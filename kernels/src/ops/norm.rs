@@ -2,6 +2,9 @@
 //!
 //! Beside the reference: the CubeCL kernel (one row per cube, a shared-memory sum) and its
 //! fused form `x += y; out = rmsnorm(x)` that closes every residual block in one launch.
+//! Gemma adds two forms: the post-norm residual `x += rmsnorm(p) * w` (`post_attention_norm`,
+//! `post_ffw_norm`) and the per-head norm of q and k (`attn_q_norm`, `attn_k_norm`, one
+//! `head_dim` weight shared by every head), in place.
 
 /// Reference RMSNorm of one row, written to `out` (same length as `x` and `weight`).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -11,6 +14,27 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let scale = 1.0 / (sum_sq / x.len() as f32 + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * scale * w;
+    }
+}
+
+/// Reference post-norm residual: `x += rmsnorm(p) * weight` (one row).
+pub fn add_rms_normed(x: &mut [f32], p: &[f32], weight: &[f32], eps: f32) {
+    debug_assert_eq!(x.len(), p.len());
+    let scale = 1.0 / (super::dot(p, p) / p.len() as f32 + eps).sqrt();
+    for ((o, &v), &w) in x.iter_mut().zip(p).zip(weight) {
+        *o += v * scale * w;
+    }
+}
+
+/// Reference per-head RMSNorm in place: each `weight.len()`-wide chunk of `x` (a head) is
+/// normalised and scaled by `weight`.
+pub fn rms_norm_heads(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for head in x.chunks_exact_mut(d) {
+        let scale = 1.0 / (super::dot(head, head) / d as f32 + eps).sqrt();
+        for (v, &w) in head.iter_mut().zip(weight) {
+            *v *= scale * w;
+        }
     }
 }
 
@@ -113,6 +137,78 @@ pub fn add_rms_norm_kernel(
     normalize_row(x, weight, out, src, r * d, sum_sq, eps, block);
 }
 
+/// Post-norm residual: `x[r] += rmsnorm(p[r]) * weight` for each cube `r`.
+#[cube(launch_unchecked)]
+pub fn add_rms_normed_kernel(
+    x: &mut Array<f32>,
+    p: &Array<f32>,
+    weight: &Array<f32>,
+    eps: f32,
+    #[comptime] block: usize,
+) {
+    let d = weight.len();
+    let src = CUBE_POS * d;
+    let mut acc = 0.0f32;
+    let mut i = UNIT_POS as usize;
+    while i < d {
+        let v = p[src + i];
+        acc += v * v;
+        i += block;
+    }
+    let sum_sq = cube_sum(acc, block);
+    let scale = 1.0 / f32::sqrt(sum_sq / f32::cast_from(d) + eps);
+    let mut j = UNIT_POS as usize;
+    while j < d {
+        x[src + j] += p[src + j] * scale * weight[j];
+        j += block;
+    }
+}
+
+/// Per-head RMSNorm in place: cube `r` normalises head `r % heads` of token `r / heads`, the
+/// `weight.len()` values at `off + token * stride + head * weight.len()`.
+#[cube(launch_unchecked)]
+pub fn rms_norm_heads_kernel(
+    x: &mut Array<f32>,
+    weight: &Array<f32>,
+    off: u32,
+    stride: u32,
+    heads: u32,
+    eps: f32,
+    #[comptime] block: usize,
+) {
+    let d = weight.len();
+    let r = CUBE_POS;
+    let base = off as usize + (r / heads as usize) * stride as usize + (r % heads as usize) * d;
+    let mut acc = 0.0f32;
+    let mut i = UNIT_POS as usize;
+    while i < d {
+        let v = x[base + i];
+        acc += v * v;
+        i += block;
+    }
+    let sum_sq = cube_sum(acc, block);
+    normalize_row_in_place(x, weight, base, sum_sq, eps, block);
+}
+
+/// [`normalize_row`] writing back into the row it reads (each unit its own elements).
+#[cube]
+fn normalize_row_in_place(
+    x: &mut Array<f32>,
+    weight: &Array<f32>,
+    base: usize,
+    sum_sq: f32,
+    eps: f32,
+    #[comptime] block: usize,
+) {
+    let d = weight.len();
+    let scale = 1.0 / f32::sqrt(sum_sq / f32::cast_from(d) + eps);
+    let mut i = UNIT_POS as usize;
+    while i < d {
+        x[base + i] = x[base + i] * scale * weight[i];
+        i += block;
+    }
+}
+
 /// Rows `row0..row0 + rows` of `x` (rows of `weight.len()`), normalised into `out[0..rows]`.
 pub fn launch_rms_norm<R: Runtime>(
     gpu: &Gpu<R>,
@@ -180,6 +276,83 @@ pub fn launch_add_rms_norm<R: Runtime>(
     }
 }
 
+/// `x[r] += rmsnorm(p[r]) * weight` on rows `0..rows` (rows of `weight.len()`).
+pub fn launch_add_rms_normed<R: Runtime>(
+    gpu: &Gpu<R>,
+    x: &Buf,
+    p: &Buf,
+    weight: &Buf,
+    rows: usize,
+    eps: f32,
+) {
+    let d = weight.len();
+    assert!(
+        rows * d <= x.len().min(p.len()),
+        "add_rms_normed: rows out of range"
+    );
+    gpu.count();
+    // SAFETY: every index is below the lengths checked above.
+    unsafe {
+        add_rms_normed_kernel::launch_unchecked::<R>(
+            gpu.client(),
+            row_grid(rows),
+            CubeDim::new_1d(ROW_CUBE as u32),
+            x.arg(),
+            p.arg(),
+            weight.arg(),
+            eps,
+            ROW_CUBE,
+        )
+    }
+}
+
+/// Where the heads of a per-head norm lie: `tokens` rows of `stride` floats, each holding
+/// `heads` heads of `weight.len()` back to back from `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadRows {
+    pub tokens: usize,
+    pub heads: usize,
+    pub off: usize,
+    pub stride: usize,
+}
+
+/// Per-head RMSNorm in place over the heads `at` describes.
+pub fn launch_rms_norm_heads<R: Runtime>(
+    gpu: &Gpu<R>,
+    x: &Buf,
+    weight: &Buf,
+    at: HeadRows,
+    eps: f32,
+) {
+    let d = weight.len();
+    let HeadRows {
+        tokens,
+        heads,
+        off,
+        stride,
+    } = at;
+    assert!(
+        tokens >= 1 && heads * d <= stride && off + (tokens - 1) * stride + heads * d <= x.len(),
+        "rms_norm_heads: {at:?} out of range"
+    );
+    gpu.count();
+    // SAFETY: cube r touches token r / heads, head r % heads, within the length checked above.
+    unsafe {
+        rms_norm_heads_kernel::launch_unchecked::<R>(
+            gpu.client(),
+            row_grid(tokens * heads),
+            CubeDim::new_1d(ROW_CUBE as u32),
+            x.arg(),
+            weight.arg(),
+            off as u32,
+            stride as u32,
+            heads as u32,
+            eps,
+            ROW_CUBE,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -189,5 +362,15 @@ mod tests {
         let mut out = [0.0; 4];
         super::rms_norm(&x, &w, 0.0, &mut out);
         assert_eq!(out, [0.5, -2.0, 1.0, -3.0]);
+    }
+
+    #[test]
+    fn post_norm_adds_the_normalised_row_and_heads_normalise_alone() {
+        let mut x = [1.0f32, 1.0, 1.0, 1.0];
+        super::add_rms_normed(&mut x, &[2.0, -2.0, 2.0, -2.0], &[1.0, 1.0, 0.5, 0.5], 0.0);
+        assert_eq!(x, [2.0, 0.0, 1.5, 0.5]);
+        let mut heads = [3.0f32, -3.0, 0.5, 0.5];
+        super::rms_norm_heads(&mut heads, &[1.0, 2.0], 0.0);
+        assert_eq!(heads, [1.0, -2.0, 1.0, 2.0]);
     }
 }

@@ -1,6 +1,7 @@
-//! Rotary position embedding, llama.cpp's "normal" mode (the one `llama` GGUFs use):
-//! adjacent pairs (x[2i], x[2i+1]) of the first `rope_dim` dims of each head are rotated by
-//! pos * base^(-2i/rope_dim) / freq_factor[i].
+//! Rotary position embedding. llama.cpp's "normal" mode (the one `llama` GGUFs use) rotates
+//! adjacent pairs (x[2i], x[2i+1]) of the first `rope_dim` dims of each head by
+//! pos * base^(-2i/rope_dim) / freq_factor[i]; its "neox" mode (Gemma) rotates the pairs
+//! (x[i], x[i + rope_dim/2]) by the same angles. Dims past `rope_dim` pass through.
 //!
 //! The CubeCL kernel rotates Q into the attention's input buffer and K on its way into the KV
 //! cache, and copies V into the cache, in one launch; Q, K and V may come from one fused QKV
@@ -33,6 +34,18 @@ pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
             let (a, b) = (head[2 * i], head[2 * i + 1]);
             head[2 * i] = a * c - b * s;
             head[2 * i + 1] = a * s + b * c;
+        }
+    }
+}
+
+/// Reference NeoX-mode RoPE in place: pairs `(i, i + rope_dim/2)` of each head.
+pub fn rope_neox(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * c - b * s;
+            head[i + half] = a * s + b * c;
         }
     }
 }
@@ -77,7 +90,9 @@ pub enum RopeSrc<'a> {
     Fused(&'a Buf),
 }
 
-/// One unit per (token, head, pair) over the Q heads then the KV heads. Q pairs rotate into
+/// One unit per (token, head, pair) over the Q heads then the KV heads; pair `i` is the dims
+/// `(2i, 2i+1)`, or with `neox` `(i, i + rot_pairs)` while `i < rot_pairs` (the rest, past the
+/// rotated dims, stay adjacent and pass through). Q pairs rotate into
 /// `q_out`; K pairs rotate into `k_cache[pos + t]`; the same unit copies V's pair into
 /// `v_cache`. Sources are read at `*_off + t * *_stride + ...`, so Q, K and V may be parts of
 /// one fused buffer (bound three times, read-only).
@@ -102,6 +117,7 @@ pub fn rope_store_kernel<K: Float>(
     v_off: u32,
     q_stride: u32,
     kv_stride: u32,
+    #[comptime] neox: bool,
 ) {
     let (n_head, n_kv, hd, rot) = (
         n_head as usize,
@@ -122,30 +138,39 @@ pub fn rope_store_kernel<K: Float>(
             c = cos[p * rot + i];
             s = sin[p * rot + i];
         }
+        // The pair's two dims within the head: first at d0, second `gap` after it.
+        let mut d0 = 2 * i;
+        let mut gap = 1;
+        if comptime!(neox) {
+            if i < rot {
+                d0 = i;
+                gap = rot;
+            }
+        }
         if slot < n_head {
-            let head = slot * hd + 2 * i;
+            let head = slot * hd + d0;
             let src = q_off as usize + t * q_stride as usize + head;
-            let (a0, a1) = (q_src[src], q_src[src + 1]);
+            let (a0, a1) = (q_src[src], q_src[src + gap]);
             let b = t * n_head * hd + head;
             q_out[b] = a0 * c - a1 * s;
-            q_out[b + 1] = a0 * s + a1 * c;
+            q_out[b + gap] = a0 * s + a1 * c;
         } else {
             let kv_dim = n_kv * hd;
-            let off = (slot - n_head) * hd + 2 * i;
+            let off = (slot - n_head) * hd + d0;
             let ks = k_off as usize + t * kv_stride as usize + off;
             let vs = v_off as usize + t * kv_stride as usize + off;
             let dst = p * kv_dim + off;
-            let (a0, a1) = (k_src[ks], k_src[ks + 1]);
+            let (a0, a1) = (k_src[ks], k_src[ks + gap]);
             k_cache[dst] = K::cast_from(a0 * c - a1 * s);
-            k_cache[dst + 1] = K::cast_from(a0 * s + a1 * c);
+            k_cache[dst + gap] = K::cast_from(a0 * s + a1 * c);
             v_cache[dst] = K::cast_from(v_src[vs]);
-            v_cache[dst + 1] = K::cast_from(v_src[vs + 1]);
+            v_cache[dst + gap] = K::cast_from(v_src[vs + gap]);
         }
     }
 }
 
 /// RoPE on `n` tokens at positions `pos..pos + n`: rotated Q into `q_out` `(n, n_head*head_dim)`,
-/// rotated K and plain V into the cache's layer `layer`.
+/// rotated K and plain V into the cache's layer `layer`. Normal (adjacent-pair) mode.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_rope_store<R: Runtime>(
     gpu: &Gpu<R>,
@@ -158,6 +183,26 @@ pub fn launch_rope_store<R: Runtime>(
     pos: usize,
     n: usize,
     shape: RopeShape,
+) {
+    launch_rope_store_mode(
+        gpu, src, q_out, cos, sin, cache, layer, pos, n, shape, false,
+    )
+}
+
+/// [`launch_rope_store`] in normal mode, or NeoX mode when `neox`.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_rope_store_mode<R: Runtime>(
+    gpu: &Gpu<R>,
+    src: RopeSrc<'_>,
+    q_out: &Buf,
+    cos: &Buf,
+    sin: &Buf,
+    cache: &KvCache,
+    layer: usize,
+    pos: usize,
+    n: usize,
+    shape: RopeShape,
+    neox: bool,
 ) {
     let RopeShape {
         n_head,
@@ -228,6 +273,7 @@ pub fn launch_rope_store<R: Runtime>(
                     offs[2] as u32,
                     strides[0] as u32,
                     strides[1] as u32,
+                    neox,
                 )
             }
         };
@@ -252,5 +298,14 @@ mod tests {
         super::rope(&mut x, 4, &c, &s);
         let n: f32 = x.iter().map(|v| v * v).sum();
         assert!((n - 30.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn neox_rotates_half_apart_pairs() {
+        let (c, s) = ([0.0f32, 1.0], [1.0f32, 0.0]);
+        // Pair (0, 2) turns by 90 degrees, pair (1, 3) not at all; dims 4, 5 pass through.
+        let mut x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        super::rope_neox(&mut x[..4], 4, &c, &s);
+        assert_eq!(x, [-3.0, 2.0, 1.0, 4.0, 5.0, 6.0]);
     }
 }

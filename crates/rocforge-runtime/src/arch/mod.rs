@@ -12,8 +12,9 @@
 //! which step runs on which layer, the executor holds the tensors.
 
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
+use crate::model::{Architecture, ModelConfig};
 
+pub mod gemma3;
 pub mod llama;
 
 /// The gated feed-forward's activation: `h = act(W_gate · xn) * (W_up · xn)`.
@@ -92,12 +93,10 @@ impl Step {
 
 /// The forward pass of `config`'s architecture, as steps. Computed once per backend.
 pub fn plan(config: &ModelConfig) -> Result<Vec<Step>> {
-    match config.architecture.as_str() {
-        "llama" => Ok(llama::plan(config)),
-        other => Err(Error::InvalidArgument(format!(
-            "no forward pass for architecture `{other}`"
-        ))),
-    }
+    Ok(match config.architecture {
+        Architecture::Llama => llama::plan(config),
+        Architecture::Gemma3 => gemma3::plan(config),
+    })
 }
 
 /// What [`forward`] checks a call against.

@@ -22,7 +22,7 @@ use rocforge_kernels::ops::{activation, argmax, norm};
 use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler};
 use crate::arch::{self, unsupported, Activation, Executor, Limits, RopeKind, Step};
 use crate::error::{Error, Result};
-use crate::model::{Model, Weight};
+use crate::model::{Model, RopeStyle, Weight};
 
 #[cfg(feature = "cuda")]
 pub type Cuda = CubeBackend<rocforge_kernels::ops::gpu::cubecl::cuda::CudaRuntime>;
@@ -109,6 +109,11 @@ struct DeviceLayer<R: Runtime> {
     qkv_folds_norm: bool,
     /// A single token's gate/up projection takes `ffn_norm` folded in.
     ffn_folds_norm: bool,
+    // Gemma 3 only:
+    attn_q_norm: Option<Buf>,         // (head_dim)
+    attn_k_norm: Option<Buf>,         // (head_dim)
+    post_attention_norm: Option<Buf>, // (n_embd)
+    post_ffw_norm: Option<Buf>,       // (n_embd)
 }
 
 /// Device memory a session needs, estimated from the model before anything is uploaded, so
@@ -154,8 +159,17 @@ impl DeviceNeeds {
             .flat_map(layer_matrices)
             .map(|m| m.rows * m.cols)
             .max()
-            .unwrap_or(0);
-        let per_token = (2 * c.n_layer * c.kv_dim() * kv.bytes() + 4 * c.rope_dim) as u64;
+            .unwrap_or(0)
+            // A fused QKV matrix is larger than any single one where q_dim exceeds n_ff - n_embd
+            // (Gemma 3: head dim 256).
+            .max(if fused_qkv {
+                (c.q_dim() + 2 * c.kv_dim()) * c.n_embd
+            } else {
+                0
+            });
+        // The RoPE tables: a second one for the sliding-window layers.
+        let tables = if c.sliding_window.is_some() { 2 } else { 1 };
+        let per_token = (2 * c.n_layer * c.kv_dim() * kv.bytes() + tables * 4 * c.rope_dim) as u64;
         let qkv = if fused_qkv {
             c.q_dim() + 2 * c.kv_dim()
         } else {
@@ -224,6 +238,8 @@ pub struct CubeBackend<R: Runtime> {
     output_norm: Buf,                   // (n_embd)
     cos: Buf,                           // (ctx, rope_dim/2)
     sin: Buf,                           // (ctx, rope_dim/2)
+    cos_local: Buf,                     // (ctx, rope_dim/2) sliding-window layers' table, or (1)
+    sin_local: Buf,                     // (ctx, rope_dim/2), or (1)
     // Activations, one row per token in the batch.
     x: Buf,      // (batch, n_embd) residual stream
     xn: Buf,     // (batch, n_embd) normalised input of a block
@@ -353,7 +369,12 @@ impl<R: Runtime> CubeBackend<R> {
                     }
                     _ => false,
                 };
+                let opt = |v: &Option<Vec<f32>>| v.as_deref().map(|v| gpu.f32s(v));
                 Ok(DeviceLayer {
+                    attn_q_norm: opt(&l.attn_q_norm),
+                    attn_k_norm: opt(&l.attn_k_norm),
+                    post_attention_norm: opt(&l.post_attention_norm),
+                    post_ffw_norm: opt(&l.post_ffw_norm),
                     attn_norm: gpu.f32s(&l.attn_norm),
                     qkv_folds_norm: matches!(&attn_qkv, Qkv::Fused(w) if norm_fusable(w)),
                     attn_qkv,
@@ -376,8 +397,17 @@ impl<R: Runtime> CubeBackend<R> {
         // multiply; the vocabulary projection gets its own only if perplexity asks for it.
         let dequant = (b > MAX_MATVEC_TOKENS)
             .then(|| DequantScratch::new(gpu.client(), need.largest_layer_matrix));
-        let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref());
+        let inv_freqs = super::cpu::scaled(
+            rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref()),
+            c.rope_freq_scale,
+        );
         let (cos, sin) = rope::rope_tables(ctx, &inv_freqs);
+        let (cos_local, sin_local) = match c.sliding_window {
+            Some(_) => {
+                rope::rope_tables(ctx, &rope::inv_freqs(c.rope_dim, c.rope_base_local, None))
+            }
+            None => (vec![0.0], vec![0.0]),
+        };
         let shape = AttnShape {
             n_heads: c.n_head,
             n_kv_heads: c.n_head_kv,
@@ -391,6 +421,8 @@ impl<R: Runtime> CubeBackend<R> {
             output_norm: gpu.f32s(&w.output_norm),
             cos: gpu.f32s(&cos),
             sin: gpu.f32s(&sin),
+            cos_local: gpu.f32s(&cos_local),
+            sin_local: gpu.f32s(&sin_local),
             x: gpu.zeros(b * c.n_embd),
             xn: gpu.zeros(b * c.n_embd),
             qkv: gpu.zeros(if fused {
@@ -464,10 +496,10 @@ impl<R: Runtime> CubeBackend<R> {
         }
     }
 
-    /// `h = silu(W_gate · xn) * (W_up · xn)` for the batch's rows (into `gate`): one fused
-    /// launch for a single token where both weights take the tuned kernels.
-    fn gated_ffn(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize) -> Result<()> {
-        if let (1, Matrix::Tuned(g), Matrix::Tuned(u)) = (n, gate, up) {
+    /// `h = act(W_gate · xn) * (W_up · xn)` for the batch's rows (into `gate`): one fused
+    /// launch for a single token where both weights take the tuned kernels and act is SiLU.
+    fn gated_ffn(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize, act: Activation) -> Result<()> {
+        if let (1, Matrix::Tuned(g), Matrix::Tuned(u), Activation::Silu) = (n, gate, up, act) {
             if (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) {
                 self.gpu.count_launches(1);
                 return mm::matvec_swiglu(
@@ -482,7 +514,17 @@ impl<R: Runtime> CubeBackend<R> {
         }
         self.linear(gate, &self.xn, &self.gate, n)?;
         self.linear(up, &self.xn, &self.up, n)?;
-        activation::launch_swiglu(&self.gpu, &self.gate, &self.up, n * self.model.config.n_ff);
+        let act = match act {
+            Activation::Silu => activation::GateAct::Silu,
+            Activation::GeluTanh => activation::GateAct::GeluTanh,
+        };
+        activation::launch_gated(
+            &self.gpu,
+            act,
+            &self.gate,
+            &self.up,
+            n * self.model.config.n_ff,
+        );
         Ok(())
     }
 
@@ -528,6 +570,63 @@ impl<R: Runtime> CubeBackend<R> {
         }
         self.linear(w, h, &self.proj, self.n)?;
         self.pending_add = true;
+        Ok(())
+    }
+
+    /// `x[t] = token_embd[tokens[t]]`.
+    fn lookup(&mut self, tokens: &[u32]) -> Result<()> {
+        let n = tokens.len();
+        let ids = (n > 1).then(|| self.gpu.u32s(tokens));
+        match &self.token_embd {
+            Matrix::Tuned(w) => {
+                self.gpu.count_launches(1);
+                let (ids, token0) = match &ids {
+                    Some(b) => (b.handle(), None),
+                    None => (self.no_ids.handle(), Some(tokens[0])),
+                };
+                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle())
+                    .map_err(|e| self.backend_err(e))
+            }
+            Matrix::Plain(w) => {
+                let toks = match &ids {
+                    Some(b) => Tokens::Device(b, n),
+                    None => Tokens::One(tokens[0]),
+                };
+                embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
+                Ok(())
+            }
+        }
+    }
+
+    /// `x += rmsnorm(W · h) * post` (Gemma's post-norms): the projection into `proj`, then
+    /// one launch that normalises it and adds it to `x`.
+    fn project_add_normed(
+        &mut self,
+        w: &Matrix<R>,
+        h: &Buf,
+        post: Option<&Buf>,
+        l: usize,
+        name: &str,
+    ) -> Result<()> {
+        let post = post
+            .ok_or_else(|| Error::InvalidArgument(format!("blk.{l}.{name}.weight is missing")))?;
+        if std::mem::take(&mut self.pending_add) {
+            activation::launch_add_assign(
+                &self.gpu,
+                &self.x,
+                &self.proj,
+                self.n * self.model.config.n_embd,
+            );
+        }
+        self.linear(w, h, &self.proj, self.n)?;
+        norm::launch_add_rms_normed(
+            &self.gpu,
+            &self.x,
+            &self.proj,
+            post,
+            self.n,
+            self.model.config.rms_eps,
+        );
         Ok(())
     }
 
@@ -596,30 +695,12 @@ impl<R: Runtime> Executor for CubeBackend<R> {
     }
 
     fn embed(&mut self, tokens: &[u32], scale: f32) -> Result<()> {
+        self.lookup(tokens)?;
         if scale != 1.0 {
-            return Err(unsupported(self.kind.name(), "a scaled embedding"));
+            let n = tokens.len() * self.model.config.n_embd;
+            activation::launch_scale(&self.gpu, &self.x, scale, n);
         }
-        let n = tokens.len();
-        let ids = (n > 1).then(|| self.gpu.u32s(tokens));
-        match &self.token_embd {
-            Matrix::Tuned(w) => {
-                self.gpu.count_launches(1);
-                let (ids, token0) = match &ids {
-                    Some(b) => (b.handle(), None),
-                    None => (self.no_ids.handle(), Some(tokens[0])),
-                };
-                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle())
-                    .map_err(|e| self.backend_err(e))
-            }
-            Matrix::Plain(w) => {
-                let toks = match &ids {
-                    Some(b) => Tokens::Device(b, n),
-                    None => Tokens::One(tokens[0]),
-                };
-                embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
-                Ok(())
-            }
-        }
+        Ok(())
     }
 
     fn attn_in(&mut self, l: usize) -> Result<()> {
@@ -651,17 +732,47 @@ impl<R: Runtime> Executor for CubeBackend<R> {
     }
 
     fn rope_store(&mut self, l: usize, qk_norm: bool, rope: RopeKind) -> Result<()> {
-        if qk_norm || rope != RopeKind::Global {
+        let c = &self.model.config;
+        if rope == RopeKind::Local && c.sliding_window.is_none() {
             return Err(unsupported(
                 self.kind.name(),
-                "per-head q/k norm or a second RoPE table",
+                "a local RoPE table without a sliding window",
             ));
         }
-        let c = &self.model.config;
+        let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        if qk_norm {
+            let layer = &self.layers[l];
+            let missing =
+                |what: &str| Error::InvalidArgument(format!("blk.{l}.{what}.weight is missing"));
+            let qn = layer
+                .attn_q_norm
+                .as_ref()
+                .ok_or_else(|| missing("attn_q_norm"))?;
+            let kn = layer
+                .attn_k_norm
+                .as_ref()
+                .ok_or_else(|| missing("attn_k_norm"))?;
+            // Where q and k lie: parts of the fused QKV rows, or their own buffers.
+            let (q_buf, k_buf, q_at, k_at) = match &layer.attn_qkv {
+                Qkv::Fused(_) => {
+                    let row = q_dim + 2 * kv_dim;
+                    (&self.qkv, &self.qkv, (0, row), (q_dim, row))
+                }
+                Qkv::Separate(_) => (&self.att, &self.k, (0, q_dim), (0, kv_dim)),
+            };
+            let rows = |heads: usize, (off, stride): (usize, usize)| norm::HeadRows {
+                tokens: self.n,
+                heads,
+                off,
+                stride,
+            };
+            norm::launch_rms_norm_heads(&self.gpu, q_buf, qn, rows(c.n_head, q_at), c.rms_eps);
+            norm::launch_rms_norm_heads(&self.gpu, k_buf, kn, rows(c.n_head_kv, k_at), c.rms_eps);
+        }
         let shape = RopeShape {
             n_head: c.n_head,
             n_kv_heads: c.n_head_kv,
-            head_dim: c.head_dim,
+            head_dim: hd,
             rot_pairs: c.rope_dim / 2,
         };
         let src = match &self.layers[l].attn_qkv {
@@ -672,32 +783,34 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                 v: &self.v,
             },
         };
-        rope::launch_rope_store(
+        let (cos, sin) = match rope {
+            RopeKind::Global => (&self.cos, &self.sin),
+            RopeKind::Local => (&self.cos_local, &self.sin_local),
+        };
+        rope::launch_rope_store_mode(
             &self.gpu,
             src,
             &self.q,
-            &self.cos,
-            &self.sin,
+            cos,
+            sin,
             &self.cache,
             l,
             self.pos,
             self.n,
             shape,
+            c.rope_style == RopeStyle::Neox,
         );
         Ok(())
     }
 
     fn attention(&mut self, l: usize, window: Option<usize>) -> Result<()> {
-        if window.is_some() {
-            return Err(unsupported(self.kind.name(), "sliding-window attention"));
-        }
         let c = &self.model.config;
         let shape = AttnShape {
             n_heads: c.n_head,
             n_kv_heads: c.n_head_kv,
             head_dim: c.head_dim,
         };
-        attention::launch_attention(
+        attention::launch_attention_window(
             &self.gpu,
             &self.q,
             &self.cache,
@@ -707,30 +820,37 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             self.pos,
             self.n,
             shape,
+            window,
         );
         Ok(())
     }
 
     fn attn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
-        if post_norm {
-            return Err(unsupported(self.kind.name(), "a post-projection norm"));
-        }
         let layers = std::mem::take(&mut self.layers);
         let att = self.att.clone();
-        let r = self.project_add(&layers[l].attn_output, &att);
+        let layer = &layers[l];
+        let r = match post_norm {
+            false => self.project_add(&layer.attn_output, &att),
+            true => self.project_add_normed(
+                &layer.attn_output,
+                &att,
+                layer.post_attention_norm.as_ref(),
+                l,
+                "post_attention_norm",
+            ),
+        };
         self.layers = layers;
         r
     }
 
     fn ffn_in(&mut self, l: usize, act: Activation) -> Result<()> {
-        if act != Activation::Silu {
-            return Err(unsupported(self.kind.name(), "a GELU feed-forward"));
-        }
         let layer = &self.layers[l];
-        if let (Matrix::Tuned(gate), Matrix::Tuned(up), true) = (
+        // The norm-folding gate/up mat-vec applies SiLU only.
+        if let (Matrix::Tuned(gate), Matrix::Tuned(up), true, Activation::Silu) = (
             &layer.ffn_gate,
             &layer.ffn_up,
             self.folds_norm(layer.ffn_folds_norm),
+            act,
         ) {
             self.gpu.count_launches(1);
             let eps = self.model.config.rms_eps;
@@ -748,16 +868,23 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         let norm_w = layer.ffn_norm.clone();
         self.norm(&norm_w)?;
         let layer = &self.layers[l];
-        self.gated_ffn(&layer.ffn_gate, &layer.ffn_up, self.n)
+        self.gated_ffn(&layer.ffn_gate, &layer.ffn_up, self.n, act)
     }
 
     fn ffn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
-        if post_norm {
-            return Err(unsupported(self.kind.name(), "a post-projection norm"));
-        }
         let layers = std::mem::take(&mut self.layers);
         let h = self.gate.clone();
-        let r = self.project_add(&layers[l].ffn_down, &h);
+        let layer = &layers[l];
+        let r = match post_norm {
+            false => self.project_add(&layer.ffn_down, &h),
+            true => self.project_add_normed(
+                &layer.ffn_down,
+                &h,
+                layer.post_ffw_norm.as_ref(),
+                l,
+                "post_ffw_norm",
+            ),
+        };
         self.layers = layers;
         r
     }
