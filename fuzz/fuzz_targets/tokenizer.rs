@@ -1,7 +1,7 @@
 //! Tokenizer on arbitrary small vocabularies and arbitrary text. Properties: building fails
 //! cleanly or gives a tokenizer whose encodings hold only ids inside the vocabulary and
-//! decode without panic; on a complete byte-level vocabulary (the tiny models'),
-//! decode(encode(text)) == text.
+//! decode without panic; on a complete byte-level vocabulary (the tiny models'), the bytes
+//! of the encoded pieces are the text's bytes.
 #![no_main]
 
 #[path = "common.rs"]
@@ -76,6 +76,8 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         "  spaces\tand\nnewlines  ",
         "héllo wörld 🎉 日本語",
         "\u{0}\u{ff}",
+        // Found by this target: a space before punctuation, which `decode` cleans up.
+        "  spaces\tasnd\nnewlines ? ",
     ]
     .iter()
     .enumerate()
@@ -88,7 +90,10 @@ fuzz_target!(init: common::write_seeds(seeds()), |data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let tok = tiny_tokenizer();
         let ids = check(tok, text, false, false);
-        assert_eq!(tok.decode(&ids), text, "round trip of {text:?} through {ids:?}");
+        // The pieces' bytes, not `decode`: this vocabulary's pre-tokenizer asks for llama.cpp's
+        // clean-up, which removes spaces before punctuation.
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id, true).to_vec()).collect();
+        assert_eq!(bytes, text.as_bytes(), "round trip of {text:?} through {ids:?}");
         check(tok, text, true, true);
     }
     // The same bytes as a structured arbitrary vocabulary.
