@@ -6,6 +6,10 @@ use std::process::Command;
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Host {
     pub cpu: String,
+    /// The instruction set of the CPU backend's quantized dot products on this machine
+    /// (`avx512_vnni`, `avx2` or `portable`); empty in results written before it was recorded.
+    #[serde(default)]
+    pub cpu_features: String,
     /// The first GPU a run used, `None` for CPU-only results.
     pub gpu: Option<String>,
     /// GPU driver version (NVIDIA or amdgpu kernel module), if one is loaded.
@@ -19,6 +23,7 @@ impl Host {
     pub fn detect(backends: &str, gpu: Option<String>) -> Self {
         Host {
             cpu: rocforge_runtime::backend::cpu::cpu_name(),
+            cpu_features: rocforge_kernels::quant::simd_level().to_string(),
             gpu,
             driver: gpu_driver(),
             backend: backends.to_string(),

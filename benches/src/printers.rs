@@ -80,7 +80,7 @@ fn markdown(r: &Report) -> String {
         } else {
             "full run"
         },
-        r.host.cpu,
+        cpu_with_features(&r.host),
         r.host
             .gpu
             .as_ref()
@@ -166,6 +166,15 @@ fn markdown(r: &Report) -> String {
         }
     );
     out
+}
+
+/// `AMD EPYC (2 threads), avx512_vnni`: the CPU with the instruction set of its dot products.
+fn cpu_with_features(h: &crate::host::Host) -> String {
+    if h.cpu_features.is_empty() {
+        h.cpu.clone()
+    } else {
+        format!("{}, {}", h.cpu, h.cpu_features)
+    }
 }
 
 fn csv(r: &Report) -> String {

@@ -125,6 +125,15 @@ fn runs_scenarios_and_writes_json_table_and_chart() {
     for key in ["git_commit", "host", "model", "runs"] {
         assert!(!json[key].is_null(), "{key}");
     }
+    // The SIMD level of the CPU dot products, in the JSON and in the table's header.
+    let features = json["host"]["cpu_features"].as_str().unwrap();
+    assert!(
+        ["avx512_vnni", "avx2", "portable"].contains(&features),
+        "host.cpu_features = {features:?}"
+    );
+    assert!(std::fs::read_to_string(run_dir.join("results.md"))
+        .unwrap()
+        .contains(&format!(", {features}")));
     for key in [
         "path",
         "sha256",

@@ -122,6 +122,25 @@ fn smollm2_decode_and_prefill_estimate() {
         bytes as f64 / t.as_secs_f64() / 1e9,
         bytes as f64 / 1e6
     );
+    // The same products issued from a pool thread: each parallel region is then a local fork
+    // that a spinning worker steals, not a job injected from outside that wakes the pool and
+    // blocks the caller on a latch.
+    let t_in = time(|| {
+        rayon::scope(|_| {
+            for lw in &layer_w {
+                for (w, &(r, c)) in lw.iter().zip(&shapes) {
+                    let a = if c == d { &a_d } else { &a_f };
+                    matvec(GgmlType::Q4_1, w, r, c, a, &mut out[..r]).unwrap();
+                }
+            }
+            matvec(GgmlType::Q8_0, &output, vocab, d, &a_o, &mut out).unwrap();
+        })
+    });
+    println!(
+        "decode, matvecs only, from inside the pool: {:.2} ms/token = {:.0} tokens/s",
+        t_in.as_secs_f64() * 1e3,
+        1.0 / t_in.as_secs_f64()
+    );
 
     // Prefill: the layer products for a batch of tokens (logits for the last token only).
     let n = 128;
@@ -143,4 +162,67 @@ fn smollm2_decode_and_prefill_estimate() {
         n as f64 / t.as_secs_f64(),
         macs / t.as_secs_f64() / 1e9
     );
+}
+
+/// A `rows x cols` matrix of `ty` made of the golden fixtures' real blocks (the quantizers do
+/// not write k-quants), repeated.
+fn fixture_weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let name = format!("dequant_{}.bin", ty.name().to_lowercase());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let bin = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let bsize = ty.type_size();
+    let n = rows * cols / ty.block_size();
+    let blocks = bin.len() / bsize;
+    (0..n)
+        .flat_map(|i| {
+            let b = (i * 7 + 3) % blocks;
+            bin[b * bsize..(b + 1) * bsize].iter().copied()
+        })
+        .collect()
+}
+
+/// Per-format kernel throughput of each instruction set on one thread: a 1536 x 1536 matrix
+/// (2.4 M weights, cache-resident for the 4-bit formats) times 1 token (decode) and 16 tokens
+/// (a prefill tile).
+#[test]
+#[ignore = "benchmark; run with --ignored --nocapture in release"]
+fn dot_throughput_per_format_and_isa() {
+    use rocforge_kernels::quant::fast::{matmul_with, Isa};
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (rows, cols) = (1536, 1536);
+    println!("one thread, {rows}x{cols}; Gweights/s (weights x tokens per second)");
+    println!("| format | isa | 1 token | 16 tokens |");
+    println!("| --- | --- | ---: | ---: |");
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ] {
+        let w = fixture_weights(ty, rows, cols);
+        let tokens: Vec<PreparedActs> = (0..16).map(|t| acts(ty, cols, t)).collect();
+        let mut out = vec![0f32; rows * 16];
+        for isa in Isa::available() {
+            let rate = |n: usize, out: &mut [f32]| {
+                let t = pool.install(|| {
+                    time(|| {
+                        matmul_with(isa, ty, &w, rows, cols, &tokens[..n], &mut out[..rows * n])
+                            .unwrap()
+                    })
+                });
+                (rows * cols * n) as f64 / t.as_secs_f64() / 1e9
+            };
+            let (one, tile) = (rate(1, &mut out), rate(16, &mut out));
+            println!("| {ty} | {} | {one:.2} | {tile:.2} |", isa.name());
+        }
+    }
 }

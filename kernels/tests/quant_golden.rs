@@ -224,6 +224,96 @@ fn vec_dot_matches_dot_ref_within_tolerance() {
     }
 }
 
+/// Every instruction set against the oracle on rows of odd block counts (1, 3, 5, 7 blocks:
+/// no even-block unrolling can hide a missed tail), in batches of 1 to 9 tokens (the batched
+/// kernels take tokens in groups of four plus a remainder).
+#[test]
+fn every_isa_matches_dot_ref_at_odd_lengths() {
+    eprintln!(
+        "instruction sets here: {:?} (matmul uses {})",
+        Isa::available(),
+        rocforge_kernels::quant::simd_level()
+    );
+    for f in dequant_fixtures() {
+        let tol = vec_dot_tolerance(f.ty).unwrap();
+        let bin = read(&format!("{}.bin", f.stem));
+        let bsize = f.ty.type_size();
+        for n_blocks in [1usize, 3, 5, 7] {
+            let cols = n_blocks * f.ty.block_size();
+            let rows = 3;
+            let blocks = bin.len() / bsize;
+            let w: Vec<u8> = (0..rows * n_blocks)
+                .flat_map(|i| {
+                    let b = (i * 5 + 1) % blocks;
+                    bin[b * bsize..(b + 1) * bsize].iter().copied()
+                })
+                .collect();
+            let xs: Vec<Vec<f32>> = (0..9).map(|t| activations(cols, 40 + t)).collect();
+            let tokens: Vec<PreparedActs> = xs
+                .iter()
+                .map(|x| {
+                    let mut a = PreparedActs::new();
+                    a.prepare(f.ty, x).unwrap();
+                    a
+                })
+                .collect();
+            for isa in Isa::available() {
+                for n_tok in [1, 4, 5, 9] {
+                    let mut out = vec![0f32; rows * n_tok];
+                    matmul_with(isa, f.ty, &w, rows, cols, &tokens[..n_tok], &mut out).unwrap();
+                    for t in 0..n_tok {
+                        for r in 0..rows {
+                            let row = &w[r * n_blocks * bsize..(r + 1) * n_blocks * bsize];
+                            let got = out[t * rows + r];
+                            let err = normalised_error(f.ty, row, &xs[t], got);
+                            assert!(
+                                got.is_finite() && err <= tol,
+                                "{} {isa:?} {n_blocks} blocks, {n_tok} tokens, token {t} row {r}: error {err:.3e} > {tol:.0e}",
+                                f.ty
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// AVX2 and AVX-512 VNNI differ only in how bytes are multiplied; both sum integers exactly,
+/// so their results are bit for bit equal.
+#[test]
+fn avx2_and_avx512_vnni_agree_bit_for_bit() {
+    if !Isa::available().contains(&Isa::Avx512Vnni) {
+        eprintln!("AVX-512 VNNI not on this CPU: nothing to compare");
+        return;
+    }
+    for f in dequant_fixtures() {
+        let rows = 11;
+        let (w, cols) = matrix_from_fixture(&f, rows);
+        let tokens: Vec<PreparedActs> = (0..6)
+            .map(|t| {
+                let mut a = PreparedActs::new();
+                a.prepare(f.ty, &activations(cols, 70 + t)).unwrap();
+                a
+            })
+            .collect();
+        let run = |isa| {
+            let mut out = vec![0f32; rows * tokens.len()];
+            matmul_with(isa, f.ty, &w, rows, cols, &tokens, &mut out).unwrap();
+            out
+        };
+        let (a, b) = (run(Isa::Avx2), run(Isa::Avx512Vnni));
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{} output {i}: avx2 {a} vnni {b}",
+                f.ty
+            );
+        }
+    }
+}
+
 #[test]
 fn isas_agree_closely() {
     let isas = Isa::available();

@@ -11,7 +11,7 @@ mod quantize;
 mod reference;
 
 pub use error::QuantError;
-pub use fast::{matmul, matvec, vec_dot, PreparedActs};
+pub use fast::{matmul, matvec, simd_level, vec_dot, PreparedActs};
 pub use quantize::{f32_to_bf16_bits, quantize_row};
 pub use reference::{dequantize_row, dot_ref};
 

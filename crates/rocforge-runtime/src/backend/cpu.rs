@@ -530,7 +530,10 @@ impl Backend for CpuBackend {
 
     fn forward(&mut self, tokens: &[u32], pos: usize, all_logits: bool) -> Result<()> {
         let plan = self.plan.clone();
-        arch::forward(self, &plan, tokens, pos, all_logits)
+        // The whole pass runs on a pool thread: each of its ~360 parallel steps is then forked
+        // from inside rayon's pool instead of being injected from outside and waited for on a
+        // latch (measured on 2 threads: 211 decode products in 13.0 ms instead of 20.7 ms).
+        rayon::scope(|_| arch::forward(self, &plan, tokens, pos, all_logits))
     }
 
     fn logits(&mut self) -> Result<&[f32]> {

@@ -266,7 +266,8 @@ pub struct CubeBackend<R: Runtime> {
     profiling: bool,
     /// The output projection takes the norm-folding mat-vec.
     output_folds_norm: bool,
-    /// The vocabulary projection's dequantize scratch, made when perplexity first needs it.
+    /// The vocabulary projection's dequantize scratch, made on first use where perplexity's
+    /// all-token logits cannot run as aligned multi-token mat-vecs (see `logits`).
     dequant_logits: Option<DequantScratch<R>>,
     /// The architecture's forward pass, run by [`arch::forward`].
     plan: Arc<[Step]>,
@@ -937,10 +938,37 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             let elems = w.rows * w.cols;
             let fits =
                 |s: &Option<DequantScratch<R>>| s.as_ref().is_some_and(|s| s.elems() >= elems);
-            if rows > MAX_MATVEC_TOKENS && !fits(&self.dequant) && !fits(&self.dequant_logits) {
-                // The vocabulary projection is the largest matrix; only perplexity multiplies
-                // it by a batch, so its scratch is made on first use.
+            // Buffer views start at multiples of 256 bytes everywhere (wgpu's binding offsets).
+            let aligned = (MAX_MATVEC_TOKENS * 4 * w.cols) % 256 == 0
+                && (MAX_MATVEC_TOKENS * 4 * n_vocab) % 256 == 0;
+            if rows > MAX_MATVEC_TOKENS
+                && !fits(&self.dequant)
+                && !aligned
+                && !fits(&self.dequant_logits)
+            {
                 self.dequant_logits = Some(DequantScratch::new(self.gpu.client(), elems));
+            }
+            if rows > MAX_MATVEC_TOKENS && !fits(&self.dequant) && aligned {
+                // Only perplexity multiplies the vocabulary projection by a batch. Rather than a
+                // vocabulary-sized scratch (2 GiB on an 8B model), it runs as multi-token
+                // mat-vecs, each reading the weight once for up to MAX_MATVEC_TOKENS rows.
+                let (client, cols) = (self.gpu.client(), w.cols);
+                for first in (0..rows).step_by(MAX_MATVEC_TOKENS) {
+                    let k = MAX_MATVEC_TOKENS.min(rows - first);
+                    let x = self
+                        .xn
+                        .handle()
+                        .clone()
+                        .offset_start((first * cols * 4) as u64);
+                    let y = self
+                        .logits
+                        .handle()
+                        .clone()
+                        .offset_start((first * n_vocab * 4) as u64);
+                    self.gpu.count_launches(1);
+                    mm::matmul(client, w, &x, &y, k, None).map_err(|e| self.backend_err(e))?;
+                }
+                return Ok(());
             }
         }
         self.linear(&self.output, &self.xn, &self.logits, rows)

@@ -3,16 +3,17 @@
 //! ([`GgmlType::vec_dot_type`]: `Q8_0`, `Q8_1`, `Q8_K`, or plain `f32`), then every weight row
 //! is dotted with it block by block in integers.
 //!
-//! Kernels come in two sets, [`portable`] and (on x86-64) AVX2+FMA+F16C; the set is chosen
-//! once per process by runtime detection ([`Isa::detect`]), never by `-C target-cpu`. The row
-//! loops are `#[inline(always)]` generic bodies instantiated inside one `#[target_feature]`
-//! function per set, so the whole loop is compiled for the detected instruction set.
+//! Kernels come in three sets, [`portable`] and, on x86-64, AVX2 (+FMA, F16C) and AVX-512
+//! VNNI ([`x86`]); the set is chosen once per process by runtime detection ([`Isa::detect`]),
+//! never by `-C target-cpu`. The row loops are `#[inline(always)]` generic bodies instantiated
+//! inside one `#[target_feature]` function per set, so the whole loop is compiled for the
+//! detected instruction set.
 //!
 //! Error budget against [`super::dot_ref`]: [`VEC_DOT_TOLERANCE`].
 
-#[cfg(target_arch = "x86_64")]
-mod avx2;
 pub mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::sync::OnceLock;
 
@@ -49,13 +50,15 @@ pub fn vec_dot_tolerance(ty: GgmlType) -> Option<f64> {
         .map(|&(_, tol)| tol)
 }
 
-/// An instruction set the kernels are compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An instruction set the kernels are compiled for, in increasing order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Plain Rust, any target.
     Portable,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
+    /// x86-64 with AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI (`vpdpbusd`).
+    Avx512Vnni,
 }
 
 impl Isa {
@@ -68,6 +71,13 @@ impl Isa {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    return Isa::Avx512Vnni;
+                }
                 return Isa::Avx2;
             }
             Isa::Portable
@@ -76,12 +86,32 @@ impl Isa {
 
     /// Every set this CPU runs (for tests that compare them).
     pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        if Isa::detect() == Isa::Avx2 {
-            v.push(Isa::Avx2);
-        }
-        v
+        let best = Isa::detect();
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|&isa| isa <= best)
+            .collect()
     }
+
+    /// The name reported in benchmark results: `avx512_vnni`, `avx2` or `portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512_vnni",
+        }
+    }
+
+    /// `self` if this CPU runs it, else the best set it does run.
+    fn or_detected(self) -> Isa {
+        self.min(Isa::detect())
+    }
+}
+
+/// The instruction set the quantized dot products of [`matmul`] and [`vec_dot`] run with on
+/// this CPU ([`Isa::name`]).
+pub fn simd_level() -> &'static str {
+    Isa::detect().name()
 }
 
 /// Activations prepared once per input vector (quantized to the weight type's
@@ -195,24 +225,33 @@ impl PreparedActs {
     }
 }
 
-/// One row of weights dotted with prepared activations: the portable or AVX2 kernel of one
-/// weight type. Implementations are zero-sized and `#[inline(always)]`, so the generic row
-/// loops below compile to one specialised loop per type and instruction set.
+/// One row of weights dotted with the prepared activations of `T` tokens: the portable or
+/// x86 kernel of one weight type. Implementations are zero-sized and `#[inline(always)]`, so
+/// the generic row loops below compile to one specialised loop per type and instruction set.
 trait RowDot {
+    /// Whether a call for several tokens does less work than one call per token (the kernel
+    /// unpacks each weight block once for all of them).
+    const GROUPED: bool;
     /// # Safety
-    /// `row` holds exactly the blocks for `acts.len()` elements, and the CPU runs the
-    /// kernel's instruction set.
-    unsafe fn dot(row: &[u8], acts: &PreparedActs) -> f32;
+    /// `row` holds exactly the blocks for `acts[t].len()` elements (equal for every `t`), and
+    /// the CPU runs the kernel's instruction set.
+    unsafe fn dot<const T: usize>(row: &[u8], acts: [&PreparedActs; T]) -> [f32; T];
 }
 
-macro_rules! row_dots {
+/// Kernels that take one token at a time (portable, float): `T` calls.
+macro_rules! row_dots_each {
     ($module:ident: $($name:ident => $kernel:ident($acts:ident);)*) => {$(
         pub(super) struct $name;
         impl RowDot for $name {
+            const GROUPED: bool = false;
             #[inline(always)]
             #[allow(unused_unsafe)]
-            unsafe fn dot(row: &[u8], acts: &PreparedActs) -> f32 {
-                unsafe { $module::$kernel(row, acts.$acts()) }
+            unsafe fn dot<const T: usize>(row: &[u8], acts: [&PreparedActs; T]) -> [f32; T] {
+                let mut out = [0f32; T];
+                for (o, a) in out.iter_mut().zip(acts) {
+                    *o = unsafe { $module::$kernel(row, a.$acts()) };
+                }
+                out
             }
         }
     )*};
@@ -220,7 +259,7 @@ macro_rules! row_dots {
 
 mod portable_dots {
     use super::*;
-    row_dots! { portable:
+    row_dots_each! { portable:
         Q4_0 => dot_q4_0(q8_0); Q4_1 => dot_q4_1(q8_1); Q5_0 => dot_q5_0(q8_0);
         Q5_1 => dot_q5_1(q8_1); Q8_0 => dot_q8_0(q8_0); Q4K => dot_q4k(q8k);
         Q5K => dot_q5k(q8k); Q6K => dot_q6k(q8k); F32 => dot_f32(f32s);
@@ -228,15 +267,50 @@ mod portable_dots {
     }
 }
 
+/// The x86 kernels, generic over how bytes are multiplied ([`x86::Avx2`], [`x86::Vnni`]).
 #[cfg(target_arch = "x86_64")]
-mod avx2_dots {
+mod x86_dots {
+    use std::marker::PhantomData;
+
+    use super::x86::IntDot;
     use super::*;
-    row_dots! { avx2:
+
+    macro_rules! row_dots_tokens {
+        ($($name:ident => $kernel:ident($acts:ident);)*) => {$(
+            pub(in super::super) struct $name<D>(PhantomData<D>);
+            impl<D: IntDot> RowDot for $name<D> {
+                const GROUPED: bool = true;
+                #[inline(always)]
+                unsafe fn dot<const T: usize>(row: &[u8], acts: [&PreparedActs; T]) -> [f32; T] {
+                    x86::$kernel::<D, T>(row, acts.map(|a| a.$acts()))
+                }
+            }
+        )*};
+    }
+    row_dots_tokens! {
         Q4_0 => dot_q4_0(q8_0); Q4_1 => dot_q4_1(q8_1); Q5_0 => dot_q5_0(q8_0);
         Q5_1 => dot_q5_1(q8_1); Q8_0 => dot_q8_0(q8_0); Q4K => dot_q4k(q8k);
-        Q5K => dot_q5k(q8k); Q6K => dot_q6k(q8k); F32 => dot_f32(f32s);
-        F16 => dot_f16(f32s); BF16 => dot_bf16(f32s);
+        Q5K => dot_q5k(q8k); Q6K => dot_q6k(q8k);
     }
+
+    /// Float weights are read once per token; they are not in the hot path of quantized models.
+    macro_rules! float_dots {
+        ($($name:ident => $kernel:ident;)*) => {$(
+            pub(in super::super) struct $name<D>(PhantomData<D>);
+            impl<D> RowDot for $name<D> {
+                const GROUPED: bool = false;
+                #[inline(always)]
+                unsafe fn dot<const T: usize>(row: &[u8], acts: [&PreparedActs; T]) -> [f32; T] {
+                    let mut out = [0f32; T];
+                    for (o, a) in out.iter_mut().zip(acts) {
+                        *o = unsafe { x86::$kernel(row, a.f32s()) };
+                    }
+                    out
+                }
+            }
+        )*};
+    }
+    float_dots! { F32 => dot_f32; F16 => dot_f16; BF16 => dot_bf16; }
 }
 
 /// Output of a block of rows: element `(t, r)` (token `t`, local row `r`) goes to
@@ -267,6 +341,9 @@ impl OutRows {
 /// of the chunk is read once for all of them.
 const TOKEN_TILE: usize = 16;
 
+/// Tokens per kernel call inside a tile: each weight block is unpacked once for this many.
+const TOKENS_PER_DOT: usize = 4;
+
 /// Rows `weights` (`row_bytes` each) times every token of `acts`, into `out`.
 #[inline(always)]
 unsafe fn rows_body<K: RowDot>(
@@ -276,12 +353,29 @@ unsafe fn rows_body<K: RowDot>(
     out: OutRows,
 ) {
     let rows = weights.len() / row_bytes;
+    let put = |t: usize, r: usize, v: f32| *out.ptr.add(t * out.stride + r) = v;
     for (tile_idx, tile) in acts.chunks(TOKEN_TILE).enumerate() {
+        let t0 = tile_idx * TOKEN_TILE;
         for r in 0..rows {
             let row = weights.get_unchecked(r * row_bytes..(r + 1) * row_bytes);
-            for (i, a) in tile.iter().enumerate() {
-                let t = tile_idx * TOKEN_TILE + i;
-                *out.ptr.add(t * out.stride + r) = K::dot(row, a);
+            let group = if K::GROUPED {
+                TOKENS_PER_DOT
+            } else {
+                tile.len() + 1
+            };
+            let groups = tile.chunks_exact(group);
+            let rest = groups.remainder();
+            let mut t = t0;
+            for g in groups {
+                let v = K::dot::<TOKENS_PER_DOT>(row, std::array::from_fn(|k| &g[k]));
+                for (k, v) in v.into_iter().enumerate() {
+                    put(t + k, r, v);
+                }
+                t += TOKENS_PER_DOT;
+            }
+            for a in rest {
+                put(t, r, K::dot::<1>(row, [a])[0]);
+                t += 1;
             }
         }
     }
@@ -290,19 +384,19 @@ unsafe fn rows_body<K: RowDot>(
 type RowsFn = unsafe fn(GgmlType, &[u8], usize, &[PreparedActs], OutRows);
 
 macro_rules! dispatch_rows {
-    ($dots:ident, $ty:expr, $($args:expr),*) => {
+    ($dots:ident $(<$d:ty>)?, $ty:expr, $($args:expr),*) => {
         match $ty {
-            GgmlType::Q4_0 => rows_body::<$dots::Q4_0>($($args),*),
-            GgmlType::Q4_1 => rows_body::<$dots::Q4_1>($($args),*),
-            GgmlType::Q5_0 => rows_body::<$dots::Q5_0>($($args),*),
-            GgmlType::Q5_1 => rows_body::<$dots::Q5_1>($($args),*),
-            GgmlType::Q8_0 => rows_body::<$dots::Q8_0>($($args),*),
-            GgmlType::Q4K => rows_body::<$dots::Q4K>($($args),*),
-            GgmlType::Q5K => rows_body::<$dots::Q5K>($($args),*),
-            GgmlType::Q6K => rows_body::<$dots::Q6K>($($args),*),
-            GgmlType::F32 => rows_body::<$dots::F32>($($args),*),
-            GgmlType::F16 => rows_body::<$dots::F16>($($args),*),
-            GgmlType::BF16 => rows_body::<$dots::BF16>($($args),*),
+            GgmlType::Q4_0 => rows_body::<$dots::Q4_0$(<$d>)?>($($args),*),
+            GgmlType::Q4_1 => rows_body::<$dots::Q4_1$(<$d>)?>($($args),*),
+            GgmlType::Q5_0 => rows_body::<$dots::Q5_0$(<$d>)?>($($args),*),
+            GgmlType::Q5_1 => rows_body::<$dots::Q5_1$(<$d>)?>($($args),*),
+            GgmlType::Q8_0 => rows_body::<$dots::Q8_0$(<$d>)?>($($args),*),
+            GgmlType::Q4K => rows_body::<$dots::Q4K$(<$d>)?>($($args),*),
+            GgmlType::Q5K => rows_body::<$dots::Q5K$(<$d>)?>($($args),*),
+            GgmlType::Q6K => rows_body::<$dots::Q6K$(<$d>)?>($($args),*),
+            GgmlType::F32 => rows_body::<$dots::F32$(<$d>)?>($($args),*),
+            GgmlType::F16 => rows_body::<$dots::F16$(<$d>)?>($($args),*),
+            GgmlType::BF16 => rows_body::<$dots::BF16$(<$d>)?>($($args),*),
             _ => unreachable!("validated at the public entry"),
         }
     };
@@ -315,16 +409,24 @@ unsafe fn rows_portable(ty: GgmlType, w: &[u8], rb: usize, acts: &[PreparedActs]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2(ty: GgmlType, w: &[u8], rb: usize, acts: &[PreparedActs], out: OutRows) {
-    dispatch_rows!(avx2_dots, ty, w, rb, acts, out)
+    dispatch_rows!(x86_dots<x86::Avx2>, ty, w, rb, acts, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_avx512_vnni(ty: GgmlType, w: &[u8], rb: usize, acts: &[PreparedActs], out: OutRows) {
+    dispatch_rows!(x86_dots<x86::Vnni>, ty, w, rb, acts, out)
 }
 
 fn rows_fn(isa: Isa) -> RowsFn {
-    match isa {
+    match isa.or_detected() {
         Isa::Portable => rows_portable,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => rows_avx2,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => rows_avx512_vnni,
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 => rows_portable,
+        _ => rows_portable,
     }
 }
 
@@ -362,7 +464,7 @@ pub fn vec_dot(ty: GgmlType, row: &[u8], acts: &PreparedActs) -> Result<f32, Qua
 }
 
 /// [`vec_dot`] with an explicit instruction set (for tests and benchmarks). An `Isa` the CPU
-/// lacks falls back to [`Isa::detect`].
+/// lacks falls back to the best one it has.
 pub fn vec_dot_with(
     isa: Isa,
     ty: GgmlType,
@@ -374,8 +476,7 @@ pub fn vec_dot_with(
     if row_bytes == 0 {
         return Ok(out);
     }
-    let isa = if isa == Isa::Avx2 { Isa::detect() } else { isa };
-    // SAFETY: lengths validated above; `isa` is one this CPU runs; one output element.
+    // SAFETY: lengths validated above; `rows_fn` picks a set this CPU runs; one output element.
     unsafe {
         rows_fn(isa)(
             ty,
@@ -436,7 +537,6 @@ pub fn matmul_with(
     if rows == 0 || acts.is_empty() || row_bytes == 0 {
         return Ok(());
     }
-    let isa = if isa == Isa::Avx2 { Isa::detect() } else { isa };
     let kernel = rows_fn(isa);
     let out = OutRows {
         ptr: out.as_mut_ptr(),
