@@ -142,7 +142,7 @@ mod tests {
 
     fn config(n_layer: usize, n_head_kv: usize, head_dim: usize) -> ModelConfig {
         ModelConfig {
-            architecture: "llama".into(),
+            architecture: crate::model::Architecture::Llama,
             n_layer,
             n_embd: 64,
             n_head: n_head_kv,
@@ -154,6 +154,12 @@ mod tests {
             rope_dim: head_dim,
             rope_base: 10000.0,
             rms_eps: 1e-5,
+            rope_style: crate::model::RopeStyle::Normal,
+            rope_freq_scale: 1.0,
+            rope_base_local: 10000.0,
+            sliding_window: None,
+            swa_pattern: 0,
+            embd_scale: 1.0,
         }
     }
 
