@@ -4,7 +4,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use rocforge_kernels::GgmlType;
-use rocforge_runtime::testing::{real_model, tiny_model, write_broken_corpus};
+use rocforge_runtime::testing::{real_model, skip_or_fail, tiny_model, write_broken_corpus, FETCH_SMOLLM2};
 
 fn rocforge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rocforge")).args(args).output().expect("run rocforge")
@@ -89,7 +89,7 @@ fn inspect_reports_format_and_tensors() {
 #[test]
 fn real_model_greedy_capital_of_france() {
     let Some(m) = real_model() else {
-        return eprintln!("SKIPPED: real model absent (cargo xtask fetch-model smollm2)");
+        return skip_or_fail("real model", FETCH_SMOLLM2);
     };
     let out = rocforge(&["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital of France is", "--max-tokens", "8", "--temperature", "0", "--backend", "cpu"]);
     assert!(out.status.success());
