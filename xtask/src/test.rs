@@ -100,11 +100,6 @@ const SUITES: &[(&str, &str, Needs)] = &[
     ),
     ("bench-unit", "rocforge-bench unit tests", Needs::Nothing),
     (
-        "common",
-        "rocforge-bench shared test helpers",
-        Needs::Nothing,
-    ),
-    (
         "compare-gate",
         "the benchmark regression gate",
         Needs::Nothing,
@@ -813,7 +808,14 @@ fn run_bins(name: &str, bins: &[TestBin], test_args: &[String]) -> (Outcome, Opt
                 total.add(c);
                 if !ok {
                     let why = if c.failed > 0 {
-                        format!("{} tests failed", c.failed)
+                        format!(
+                            "{} failed",
+                            if c.failed == 1 {
+                                "1 test".to_string()
+                            } else {
+                                format!("{} tests", c.failed)
+                            }
+                        )
                     } else {
                         format!("{} exited with an error", b.path.display())
                     };
@@ -999,8 +1001,9 @@ mod tests {
     }
 
     #[test]
-    fn every_integration_test_file_has_a_listed_suite() {
+    fn every_integration_test_file_has_a_listed_suite_and_back() {
         let root = workspace_root();
+        let mut found = vec!["doc".to_string(), "hip-check".to_string()];
         for dir in [
             "kernels/tests",
             "crates/rocforge-runtime/tests",
@@ -1018,7 +1021,14 @@ mod tests {
                     SUITES.iter().any(|(n, _, _)| *n == suite),
                     "{dir}/{name}: suite `{suite}` missing from SUITES"
                 );
+                found.push(suite);
             }
+        }
+        for (name, _, _) in SUITES {
+            assert!(
+                name.ends_with("-unit") || found.iter().any(|f| f == name),
+                "suite `{name}` has no test target"
+            );
         }
     }
 }
