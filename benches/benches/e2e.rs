@@ -29,7 +29,15 @@ fn model() -> Arc<Model> {
 }
 
 fn cpu_session(ctx: usize) -> Session {
-    Session::new(model(), BackendKind::Cpu, BackendOptions { ctx, max_batch: 512 }).expect("CPU session")
+    Session::new(
+        model(),
+        BackendKind::Cpu,
+        BackendOptions {
+            ctx,
+            max_batch: 512,
+        },
+    )
+    .expect("CPU session")
 }
 
 /// `ppN`: one prompt of N tokens from an empty cache.

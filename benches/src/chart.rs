@@ -29,17 +29,27 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
         }
     }
     let value = |backend: &str, metric: fn(&RunRecord) -> Option<f64>| -> Vec<Option<f64>> {
-        scenarios.iter().map(|sc| report.run(sc, backend).and_then(metric)).collect()
+        scenarios
+            .iter()
+            .map(|sc| report.run(sc, backend).and_then(metric))
+            .collect()
     };
     let per_backend = |metric: fn(&RunRecord) -> Option<f64>| -> Vec<Series> {
-        backends.iter().map(|b| (b.clone(), value(b, metric))).collect()
+        backends
+            .iter()
+            .map(|b| (b.clone(), value(b, metric)))
+            .collect()
     };
     let percentiles = |field: fn(&RunRecord) -> Option<Summary>| -> Vec<Series> {
         let mut out = Vec::new();
         for b in &backends {
-            let picks: [(&str, fn(&Summary) -> f64); 3] = [("p50", |s| s.p50), ("p95", |s| s.p95), ("p99", |s| s.p99)];
+            let picks: [(&str, fn(&Summary) -> f64); 3] =
+                [("p50", |s| s.p50), ("p95", |s| s.p95), ("p99", |s| s.p99)];
             for (name, pick) in picks {
-                let values = scenarios.iter().map(|sc| report.run(sc, b).and_then(field).map(|s| pick(&s))).collect();
+                let values = scenarios
+                    .iter()
+                    .map(|sc| report.run(sc, b).and_then(field).map(|s| pick(&s)))
+                    .collect();
                 out.push((format!("{b} {name}"), values));
             }
         }
@@ -48,20 +58,56 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
 
     let root = SVGBackend::new(path, (1400, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let title = format!("rocforge-bench · {} · {} · {}", report.model.label(), report.git_commit, report.created);
-    let root = root.titled(&title, ("sans-serif", 20)).map_err(|e| e.to_string())?;
+    let title = format!(
+        "rocforge-bench · {} · {} · {}",
+        report.model.label(),
+        report.git_commit,
+        report.created
+    );
+    let root = root
+        .titled(&title, ("sans-serif", 20))
+        .map_err(|e| e.to_string())?;
     let panels = root.split_evenly((2, 2));
-    bar_panel(&panels[0], "prompt processing (tokens/s, mean)", &scenarios, &per_backend(|r| r.prompt_tokens_per_s.map(|s| s.mean)))?;
-    bar_panel(&panels[1], "generation (tokens/s, mean)", &scenarios, &per_backend(|r| r.gen_tokens_per_s.map(|s| s.mean)))?;
-    bar_panel(&panels[2], "time to first token (ms)", &scenarios, &percentiles(|r| r.ttft_ms))?;
-    bar_panel(&panels[3], "inter-token latency (ms)", &scenarios, &percentiles(|r| r.inter_token_ms))?;
+    bar_panel(
+        &panels[0],
+        "prompt processing (tokens/s, mean)",
+        &scenarios,
+        &per_backend(|r| r.prompt_tokens_per_s.map(|s| s.mean)),
+    )?;
+    bar_panel(
+        &panels[1],
+        "generation (tokens/s, mean)",
+        &scenarios,
+        &per_backend(|r| r.gen_tokens_per_s.map(|s| s.mean)),
+    )?;
+    bar_panel(
+        &panels[2],
+        "time to first token (ms)",
+        &scenarios,
+        &percentiles(|r| r.ttft_ms),
+    )?;
+    bar_panel(
+        &panels[3],
+        "inter-token latency (ms)",
+        &scenarios,
+        &percentiles(|r| r.inter_token_ms),
+    )?;
     root.present().map_err(|e| e.to_string())
 }
 
 /// Grouped bars: one group per category, one bar per series; x is in bar-width units.
-fn bar_panel(area: &DrawingArea<SVGBackend, Shift>, title: &str, categories: &[String], series: &[Series]) -> Result<(), String> {
+fn bar_panel(
+    area: &DrawingArea<SVGBackend, Shift>,
+    title: &str,
+    categories: &[String],
+    series: &[Series],
+) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
-    let max = series.iter().flat_map(|(_, v)| v.iter().flatten()).cloned().fold(0.0f64, f64::max);
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten())
+        .cloned()
+        .fold(0.0f64, f64::max);
     let group = series.len() as i32 + 1; // bars plus a gap
     let width = categories.len() as i32 * group;
     let mut chart = ChartBuilder::on(area)
@@ -89,7 +135,10 @@ fn bar_panel(area: &DrawingArea<SVGBackend, Shift>, title: &str, categories: &[S
         .map_err(|e| err(&e))?;
     for (k, (name, values)) in series.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
-        let bars = values.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i as i32 * group + k as i32, v)));
+        let bars = values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.map(|v| (i as i32 * group + k as i32, v)));
         chart
             .draw_series(bars.map(|(x, v)| Rectangle::new([(x, 0.0), (x + 1, v)], color.filled())))
             .map_err(|e| err(&e))?

@@ -19,13 +19,20 @@ pub struct Thresholds {
 
 impl Default for Thresholds {
     fn default() -> Self {
-        Self { regression: 0.05, noise_sigmas: 2.0 }
+        Self {
+            regression: 0.05,
+            noise_sigmas: 2.0,
+        }
     }
 }
 
 /// The compared metrics and whether higher is better.
-pub const METRICS: [(&str, bool); 4] =
-    [("ttft_ms", false), ("prompt_tokens_per_s", true), ("gen_tokens_per_s", true), ("inter_token_ms", false)];
+pub const METRICS: [(&str, bool); 4] = [
+    ("ttft_ms", false),
+    ("prompt_tokens_per_s", true),
+    ("gen_tokens_per_s", true),
+    ("inter_token_ms", false),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,15 +71,21 @@ pub struct Comparison {
 
 impl Comparison {
     pub fn regressions(&self) -> impl Iterator<Item = &Change> {
-        self.changes.iter().filter(|c| c.verdict == Verdict::Regressed)
+        self.changes
+            .iter()
+            .filter(|c| c.verdict == Verdict::Regressed)
     }
     pub fn passed(&self) -> bool {
         self.regressions().next().is_none()
     }
 
     pub fn markdown(&self) -> String {
-        let mut out = String::from("| scenario | backend | metric | old p50 | new p50 | change | noise | verdict |\n");
-        out.push_str("| -------- | ------- | ------ | ------: | ------: | -----: | ----: | ------- |\n");
+        let mut out = String::from(
+            "| scenario | backend | metric | old p50 | new p50 | change | noise | verdict |\n",
+        );
+        out.push_str(
+            "| -------- | ------- | ------ | ------: | ------: | -----: | ----: | ------- |\n",
+        );
         for c in &self.changes {
             let verdict = match c.verdict {
                 Verdict::Improved => "better",
@@ -84,7 +97,10 @@ impl Comparison {
             let (new, change) = if c.verdict == Verdict::Missing {
                 ("–".to_string(), "–".to_string())
             } else {
-                (format!("{:.3}", c.new_p50), format!("{:+.1} %", 100.0 * c.change))
+                (
+                    format!("{:.3}", c.new_p50),
+                    format!("{:+.1} %", 100.0 * c.change),
+                )
             };
             let _ = writeln!(
                 out,
@@ -100,7 +116,11 @@ impl Comparison {
         let _ = writeln!(
             out,
             "\n{} (threshold {:.1} % on medians)",
-            if n == 0 { "no regressions".to_string() } else { format!("{n} regression(s)") },
+            if n == 0 {
+                "no regressions".to_string()
+            } else {
+                format!("{n} regression(s)")
+            },
             100.0 * self.threshold
         );
         out
@@ -110,14 +130,25 @@ impl Comparison {
 /// Standard error of a median, relative to it: about 1.25 σ/√n for near-normal samples.
 fn median_rel_se(samples: &[f64]) -> Option<f64> {
     let s = Summary::of(samples)?;
-    (samples.len() >= 2 && s.p50 != 0.0).then(|| 1.2533 * s.stddev / (samples.len() as f64).sqrt() / s.p50.abs())
+    (samples.len() >= 2 && s.p50 != 0.0)
+        .then(|| 1.2533 * s.stddev / (samples.len() as f64).sqrt() / s.p50.abs())
 }
 
-fn compare_metric(old: &RunRecord, new: &RunRecord, metric: &'static str, higher_better: bool, th: Thresholds) -> Option<Change> {
+fn compare_metric(
+    old: &RunRecord,
+    new: &RunRecord,
+    metric: &'static str,
+    higher_better: bool,
+    th: Thresholds,
+) -> Option<Change> {
     let (os, ns) = (old.samples.get(metric), new.samples.get(metric));
     let old_p50 = Summary::of(os)?.p50;
     let new_p50 = Summary::of(ns).map_or(f64::NAN, |s| s.p50);
-    let rel = if old_p50 != 0.0 { (new_p50 - old_p50) / old_p50.abs() } else { 0.0 };
+    let rel = if old_p50 != 0.0 {
+        (new_p50 - old_p50) / old_p50.abs()
+    } else {
+        0.0
+    };
     let worse_by = if higher_better { -rel } else { rel };
     let noise = match (median_rel_se(os), median_rel_se(ns)) {
         (Some(a), Some(b)) => th.noise_sigmas * (a * a + b * b).sqrt(),
@@ -126,24 +157,44 @@ fn compare_metric(old: &RunRecord, new: &RunRecord, metric: &'static str, higher
     let verdict = if new_p50.is_nan() {
         Verdict::Missing
     } else if worse_by > th.regression {
-        if worse_by > noise { Verdict::Regressed } else { Verdict::Noisy }
+        if worse_by > noise {
+            Verdict::Regressed
+        } else {
+            Verdict::Noisy
+        }
     } else if -worse_by > th.regression && -worse_by > noise {
         Verdict::Improved
     } else {
         Verdict::Unchanged
     };
-    Some(Change { scenario: old.scenario.clone(), backend: old.backend.clone(), metric, old_p50, new_p50, change: rel, worse_by, noise, verdict })
+    Some(Change {
+        scenario: old.scenario.clone(),
+        backend: old.backend.clone(),
+        metric,
+        old_p50,
+        new_p50,
+        change: rel,
+        worse_by,
+        noise,
+        verdict,
+    })
 }
 
 /// Compares every run of `old` with the same scenario and backend in `new`.
 pub fn compare(old: &Report, new: &Report, th: Thresholds) -> Comparison {
     let mut changes = Vec::new();
     for o in &old.runs {
-        let missing = RunRecord { samples: Default::default(), ..o.clone() };
+        let missing = RunRecord {
+            samples: Default::default(),
+            ..o.clone()
+        };
         let n = new.run(&o.scenario, &o.backend).unwrap_or(&missing);
         for (metric, higher_better) in METRICS {
             changes.extend(compare_metric(o, n, metric, higher_better, th));
         }
     }
-    Comparison { changes, threshold: th.regression }
+    Comparison {
+        changes,
+        threshold: th.regression,
+    }
 }

@@ -21,7 +21,12 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn new(name: &str, prompt_tokens: usize, gen_tokens: usize, depth: usize) -> Self {
-        Self { name: name.to_string(), prompt_tokens, gen_tokens, depth }
+        Self {
+            name: name.to_string(),
+            prompt_tokens,
+            gen_tokens,
+            depth,
+        }
     }
     /// A chat turn: prompt 128, generate 50.
     pub fn chat() -> Self {
@@ -58,12 +63,27 @@ impl Scenario {
                 "unknown scenario `{text}` (choose chat, summarization, long-context, ppN, tgN, ppN+tgM, each optionally @dN)"
             ))
         };
-        let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_lowercase();
+        let compact: String = text
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_ascii_lowercase();
         let (base, depth) = match compact.split_once('@') {
-            Some((b, d)) => (b.to_string(), Some(d.strip_prefix('d').and_then(|d| d.parse::<usize>().ok()).ok_or_else(bad)?)),
+            Some((b, d)) => (
+                b.to_string(),
+                Some(
+                    d.strip_prefix('d')
+                        .and_then(|d| d.parse::<usize>().ok())
+                        .ok_or_else(bad)?,
+                ),
+            ),
             None => (compact, None),
         };
-        let num = |s: &str, prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse::<usize>().ok()).filter(|&n| n > 0);
+        let num = |s: &str, prefix: &str| {
+            s.strip_prefix(prefix)
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+        };
         let sc = match base.as_str() {
             "chat" => Self::chat(),
             "summarization" => Self::summarization(),
@@ -102,7 +122,11 @@ impl Scenario {
 
     /// The scenario's phases as llama-bench test names (`pp512`, `tg128 @ d2048`).
     pub fn test_names(&self) -> (Option<String>, Option<String>) {
-        let at = if self.depth > 0 { format!(" @ d{}", self.depth) } else { String::new() };
+        let at = if self.depth > 0 {
+            format!(" @ d{}", self.depth)
+        } else {
+            String::new()
+        };
         let pp = (self.prompt_tokens > 0).then(|| format!("pp{}{at}", self.prompt_tokens));
         let tg = (self.gen_tokens > 0).then(|| format!("tg{}{at}", self.gen_tokens));
         (pp, tg)
@@ -173,7 +197,12 @@ impl BenchConfig {
 
     /// Prompt length of the per-op profile: the longest prompt, at most 512 (128 when quick).
     pub fn profile_tokens(&self) -> usize {
-        let longest = self.scenarios.iter().map(|s| s.prompt_tokens).max().unwrap_or(1);
+        let longest = self
+            .scenarios
+            .iter()
+            .map(|s| s.prompt_tokens)
+            .max()
+            .unwrap_or(1);
         longest.clamp(1, if self.quick { 128 } else { 512 })
     }
 
@@ -183,10 +212,14 @@ impl BenchConfig {
             return Err(BenchError::MissingModel(self.model.clone()));
         }
         if self.backends.is_empty() || self.scenarios.is_empty() {
-            return Err(BenchError::InvalidArgument("at least one backend and one scenario are needed".into()));
+            return Err(BenchError::InvalidArgument(
+                "at least one backend and one scenario are needed".into(),
+            ));
         }
         if self.iterations == 0 || self.batch == 0 {
-            return Err(BenchError::InvalidArgument("iterations and batch must be at least 1".into()));
+            return Err(BenchError::InvalidArgument(
+                "iterations and batch must be at least 1".into(),
+            ));
         }
         if let Some(b) = self.backends.iter().find(|b| !b.compiled()) {
             return Err(BenchError::InvalidArgument(format!(
@@ -198,15 +231,26 @@ impl BenchConfig {
 
     /// KV-cache capacity for the largest scenario.
     pub fn ctx(&self) -> usize {
-        self.scenarios.iter().map(Scenario::context_needed).max().unwrap_or(1)
+        self.scenarios
+            .iter()
+            .map(Scenario::context_needed)
+            .max()
+            .unwrap_or(1)
     }
 }
 
 /// Parses a backend list (`cpu,cuda`).
 pub fn parse_backends(items: &[String]) -> Result<Vec<BackendKind>> {
     let mut out = Vec::new();
-    for item in items.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
-        let kind: BackendKind = item.parse().map_err(|e: rocforge_runtime::Error| BenchError::InvalidArgument(e.to_string()))?;
+    for item in items
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let kind: BackendKind = item
+            .parse()
+            .map_err(|e: rocforge_runtime::Error| BenchError::InvalidArgument(e.to_string()))?;
         if !out.contains(&kind) {
             out.push(kind);
         }
@@ -223,8 +267,14 @@ mod tests {
 
     #[test]
     fn parses_scenarios() {
-        assert_eq!(Scenario::parse("tg128@d2048").unwrap(), Scenario::tg(128).at_depth(2048));
-        assert_eq!(Scenario::parse("tg128 @ d2048").unwrap().name, "tg128 @ d2048");
+        assert_eq!(
+            Scenario::parse("tg128@d2048").unwrap(),
+            Scenario::tg(128).at_depth(2048)
+        );
+        assert_eq!(
+            Scenario::parse("tg128 @ d2048").unwrap().name,
+            "tg128 @ d2048"
+        );
         assert_eq!(Scenario::parse("pp512").unwrap(), Scenario::pp(512));
         assert_eq!(Scenario::parse("chat").unwrap(), Scenario::chat());
         assert_eq!(Scenario::parse("pp64+tg16").unwrap().context_needed(), 80);
@@ -232,12 +282,18 @@ mod tests {
         assert!(Scenario::parse("tg128@2048").is_err());
         assert_eq!(Scenario::chat().decode_steps(), 49);
         assert_eq!(Scenario::tg(128).decode_steps(), 128);
-        assert_eq!(Scenario::tg(128).at_depth(2048).test_names(), (None, Some("tg128 @ d2048".into())));
+        assert_eq!(
+            Scenario::tg(128).at_depth(2048).test_names(),
+            (None, Some("tg128 @ d2048".into()))
+        );
     }
 
     #[test]
     fn rejects_unknown_backends() {
-        assert!(parse_backends(&["cpu,nope".into()]).unwrap_err().to_string().contains("unknown backend `nope`"));
+        assert!(parse_backends(&["cpu,nope".into()])
+            .unwrap_err()
+            .to_string()
+            .contains("unknown backend `nope`"));
         assert_eq!(parse_backends(&[]).unwrap(), vec![BackendKind::Auto]);
     }
 }

@@ -15,7 +15,10 @@ pub enum BenchError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("`{}`: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("chart: {0}")]
     Chart(String),
 }

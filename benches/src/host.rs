@@ -31,21 +31,31 @@ impl Host {
 fn gpu_driver() -> Option<String> {
     if let Ok(v) = std::fs::read_to_string("/proc/driver/nvidia/version") {
         let line = v.lines().next()?.to_string();
-        let version = line.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'));
+        let version = line
+            .split_whitespace()
+            .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'));
         return Some(format!("nvidia {}", version.unwrap_or(&line)));
     }
-    std::fs::read_to_string("/sys/module/amdgpu/version").ok().map(|v| format!("amdgpu {}", v.trim()))
+    std::fs::read_to_string("/sys/module/amdgpu/version")
+        .ok()
+        .map(|v| format!("amdgpu {}", v.trim()))
 }
 
 /// `git describe`-like revision of the working tree: the commit, `-dirty` when it has changes;
 /// `$ROCFORGE_GIT_COMMIT` where there is no git (a copied binary); else `unknown`.
 pub fn git_commit() -> String {
     let git = |args: &[&str]| {
-        Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     match git(&["rev-parse", "--short=12", "HEAD"]) {
         Some(rev) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
             if dirty {
                 format!("{rev}-dirty")
             } else {
@@ -58,7 +68,9 @@ pub fn git_commit() -> String {
 
 /// UTC time now as `2025-01-31T12:34:56Z`, and as a directory name `20250131-123456`.
 pub fn utc_now() -> (String, String) {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -71,5 +83,8 @@ pub fn utc_now() -> (String, String) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(mo <= 2);
-    (format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"), format!("{y:04}{mo:02}{d:02}-{h:02}{m:02}{s:02}"))
+    (
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"),
+        format!("{y:04}{mo:02}{d:02}-{h:02}{m:02}{s:02}"),
+    )
 }

@@ -47,11 +47,18 @@ impl LlamaBenchRecord {
 /// Reads a llama-bench JSON array (or JSON lines).
 pub fn load(path: &Path) -> Result<Vec<LlamaBenchRecord>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let bad = |problem: String| BenchError::BadLlamaBench { path: path.to_path_buf(), problem };
+    let bad = |problem: String| BenchError::BadLlamaBench {
+        path: path.to_path_buf(),
+        problem,
+    };
     let records: Vec<LlamaBenchRecord> = if text.trim_start().starts_with('[') {
         serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
     } else {
-        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>().map_err(|e| bad(e.to_string()))?
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?
     };
     if records.is_empty() {
         return Err(bad("no records".into()));
@@ -63,11 +70,24 @@ pub fn load(path: &Path) -> Result<Vec<LlamaBenchRecord>> {
 pub fn side_by_side(records: &[LlamaBenchRecord], report: &Report) -> String {
     let mut out = String::new();
     let first = &records[0];
-    let _ = writeln!(out, "llama.cpp: {} ({} params, build {})", first.model_type, first.model_n_params, first.build_commit);
-    let _ = writeln!(out, "ROCforge:  {} ({} params, commit {})", report.model.label(), report.model.parameters, report.git_commit);
+    let _ = writeln!(
+        out,
+        "llama.cpp: {} ({} params, build {})",
+        first.model_type, first.model_n_params, first.build_commit
+    );
+    let _ = writeln!(
+        out,
+        "ROCforge:  {} ({} params, commit {})",
+        report.model.label(),
+        report.model.parameters,
+        report.git_commit
+    );
     let (a, b) = (first.model_n_params as f64, report.model.parameters as f64);
     if a > 0.0 && (a - b).abs() / a > 0.01 {
-        let _ = writeln!(out, "warning: the parameter counts differ; these may not be the same model");
+        let _ = writeln!(
+            out,
+            "warning: the parameter counts differ; these may not be the same model"
+        );
     }
     let _ = writeln!(out, "\n| test | llama.cpp backend | llama.cpp t/s | ROCforge backend | ROCforge t/s | ROCforge / llama.cpp |");
     let _ = writeln!(out, "| ---- | ----------------- | ------------: | ---------------- | -----------: | -------------------: |");
@@ -76,14 +96,25 @@ pub fn side_by_side(records: &[LlamaBenchRecord], report: &Report) -> String {
         let ours: Vec<_> = report
             .runs
             .iter()
-            .flat_map(|run| throughput_rows(run).into_iter().filter(|(name, _)| *name == test).map(move |(_, s)| (run.backend.as_str(), s)))
+            .flat_map(|run| {
+                throughput_rows(run)
+                    .into_iter()
+                    .filter(|(name, _)| *name == test)
+                    .map(move |(_, s)| (run.backend.as_str(), s))
+            })
             .collect();
         let theirs = format!("{:.2} ± {:.2}", rec.avg_ts, rec.stddev_ts);
         if ours.is_empty() {
             let _ = writeln!(out, "| {test} | {} | {theirs} | – | – | – |", rec.backends);
         }
         for (backend, s) in ours {
-            let _ = writeln!(out, "| {test} | {} | {theirs} | {backend} | {} | {:.2}x |", rec.backends, mean_pm(s), s.mean / rec.avg_ts);
+            let _ = writeln!(
+                out,
+                "| {test} | {} | {theirs} | {backend} | {} | {:.2}x |",
+                rec.backends,
+                mean_pm(s),
+                s.mean / rec.avg_ts
+            );
         }
     }
     out

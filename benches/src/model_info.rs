@@ -41,8 +41,16 @@ impl ModelInfo {
     /// llama-bench's model column: `llama 135M Q4_1`, plus `(synthetic weights)`.
     pub fn label(&self) -> String {
         let params = self.parameters as f64;
-        let size = if params >= 1e9 { format!("{:.1}B", params / 1e9) } else { format!("{:.0}M", params / 1e6) };
-        let synthetic = if self.synthetic { " (synthetic weights)" } else { "" };
+        let size = if params >= 1e9 {
+            format!("{:.1}B", params / 1e9)
+        } else {
+            format!("{:.0}M", params / 1e6)
+        };
+        let synthetic = if self.synthetic {
+            " (synthetic weights)"
+        } else {
+            ""
+        };
         format!("{} {size} {}{synthetic}", self.architecture, self.quant)
     }
 }
@@ -55,14 +63,20 @@ pub fn describe(model: &Model) -> Result<ModelInfo> {
     Ok(ModelInfo {
         path: file.path().display().to_string(),
         sha256: sha256_file(file.path())?,
-        name: file.get("general.name").and_then(|v| v.as_str()).map(str::to_string),
+        name: file
+            .get("general.name")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
         architecture: c.architecture.clone(),
         parameters: model.n_params(),
         weights_bytes: model.weights_bytes(),
         quant: quant.format,
         quant_source: quant.source.to_string(),
         tensor_types: quant.tensor_types,
-        synthetic: file.get("general.synthetic").and_then(|v| v.as_bool()).unwrap_or(false),
+        synthetic: file
+            .get("general.synthetic")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
         n_layer: c.n_layer,
         n_embd: c.n_embd,
         n_head: c.n_head,
@@ -83,7 +97,11 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Where the model came from.
@@ -100,9 +118,15 @@ pub enum ModelOrigin {
 /// Picks the model: `explicit`, else `$ROCFORGE_TEST_MODEL`, else the cached SmolLM2, else a
 /// synthetic SmolLM2-135M Q4_1 written (once) into `synthetic_dir`.
 pub fn resolve(explicit: Option<&Path>, synthetic_dir: &Path) -> Result<(PathBuf, ModelOrigin)> {
-    let given = explicit.map(Path::to_path_buf).or_else(|| std::env::var_os("ROCFORGE_TEST_MODEL").map(PathBuf::from));
+    let given = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("ROCFORGE_TEST_MODEL").map(PathBuf::from));
     if let Some(p) = given {
-        return if p.is_file() { Ok((p, ModelOrigin::Given)) } else { Err(BenchError::MissingModel(p)) };
+        return if p.is_file() {
+            Ok((p, ModelOrigin::Given))
+        } else {
+            Err(BenchError::MissingModel(p))
+        };
     }
     if let Some(p) = rocforge_runtime::testing::real_model() {
         return Ok((p, ModelOrigin::Cached));
@@ -123,7 +147,11 @@ pub fn parse_quant(name: &str) -> Result<GgmlType> {
         "q4_k" | "q4_k_m" => GgmlType::Q4K,
         "q6_k" => GgmlType::Q6K,
         "f16" => GgmlType::F16,
-        other => return Err(BenchError::InvalidArgument(format!("unknown quant `{other}` (choose q4_0, q4_1, q8_0, q4_k, q6_k or f16)"))),
+        other => {
+            return Err(BenchError::InvalidArgument(format!(
+                "unknown quant `{other}` (choose q4_0, q4_1, q8_0, q4_k, q6_k or f16)"
+            )))
+        }
     })
 }
 
@@ -132,14 +160,25 @@ pub fn parse_quant(name: &str) -> Result<GgmlType> {
 /// (as in llama.cpp's Q4_K_M) and otherwise tied to the embeddings.
 pub fn write_synthetic(shape: &str, quant: GgmlType, seed: u64, out: &Path) -> Result<()> {
     let names: Vec<&str> = LlamaShape::PRESETS.iter().map(|s| s.name).collect();
-    let shape = LlamaShape::preset(shape)
-        .ok_or_else(|| BenchError::InvalidArgument(format!("unknown shape `{shape}` (choose {})", names.join(", "))))?;
+    let shape = LlamaShape::preset(shape).ok_or_else(|| {
+        BenchError::InvalidArgument(format!(
+            "unknown shape `{shape}` (choose {})",
+            names.join(", ")
+        ))
+    })?;
     let output = matches!(quant, GgmlType::Q4K).then_some(GgmlType::Q6K);
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
     // Write beside the target and rename, so an interrupted run leaves no half file behind.
     let tmp = out.with_extension("gguf.partial");
-    synthetic::writer(&SyntheticSpec { shape, quant, output, seed }).write_file(&tmp).map_err(io_err(&tmp))?;
+    synthetic::writer(&SyntheticSpec {
+        shape,
+        quant,
+        output,
+        seed,
+    })
+    .write_file(&tmp)
+    .map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, out).map_err(io_err(out))
 }

@@ -21,7 +21,9 @@ impl std::str::FromStr for Format {
             "md" | "markdown" => Ok(Self::Markdown),
             "json" => Ok(Self::Json),
             "csv" => Ok(Self::Csv),
-            _ => Err(crate::BenchError::InvalidArgument(format!("unknown format `{s}` (choose md, json or csv)"))),
+            _ => Err(crate::BenchError::InvalidArgument(format!(
+                "unknown format `{s}` (choose md, json or csv)"
+            ))),
         }
     }
 }
@@ -48,7 +50,13 @@ pub fn throughput_rows(run: &RunRecord) -> Vec<(String, &Summary)> {
     let sc = crate::Scenario::new(&run.scenario, run.prompt_tokens, run.gen_tokens, run.depth);
     let (pp, tg) = sc.test_names();
     // `pp512` stays `pp512`; the phases of a workload carry its name: `tg50 (chat)`.
-    let label = |n: String| if n == run.scenario { n } else { format!("{n} ({})", run.scenario) };
+    let label = |n: String| {
+        if n == run.scenario {
+            n
+        } else {
+            format!("{n} ({})", run.scenario)
+        }
+    };
     let mut rows = Vec::new();
     if let (Some(name), Some(s)) = (pp.map(label), run.prompt_tokens_per_s.as_ref()) {
         rows.push((name, s));
@@ -67,21 +75,39 @@ fn markdown(r: &Report) -> String {
         "rocforge-bench {} · commit {} · {} · CPU: {}{}\n",
         r.created,
         r.git_commit,
-        if r.settings.quick { "quick run" } else { "full run" },
+        if r.settings.quick {
+            "quick run"
+        } else {
+            "full run"
+        },
         r.host.cpu,
-        r.host.gpu.as_ref().map(|g| format!(" · GPU: {g}")).unwrap_or_default()
+        r.host
+            .gpu
+            .as_ref()
+            .map(|g| format!(" · GPU: {g}"))
+            .unwrap_or_default()
     );
     let _ = writeln!(out, "| model | size | params | backend | test | t/s |");
     let _ = writeln!(out, "| ----- | ---: | -----: | ------- | ---: | --: |");
     let params = format!("{:.2} M", m.parameters as f64 / 1e6);
     for run in &r.runs {
         for (test, s) in throughput_rows(run) {
-            let _ = writeln!(out, "| {} | {} | {params} | {} | {test} | {} |", m.label(), mib(m.weights_bytes), run.backend, mean_pm(s));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {params} | {} | {test} | {} |",
+                m.label(),
+                mib(m.weights_bytes),
+                run.backend,
+                mean_pm(s)
+            );
         }
     }
     let _ = writeln!(out, "\n| scenario | backend | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | ITL p99 ms | peak RSS | peak device | KV cache (formula) |");
     let _ = writeln!(out, "| -------- | ------- | ---------: | ---------: | --------: | --------: | --------: | -------: | ----------: | -----------------: |");
-    let f = |s: &Option<Summary>, p: fn(&Summary) -> f64| s.as_ref().map_or("–".to_string(), |s| format!("{:.2}", p(s)));
+    let f = |s: &Option<Summary>, p: fn(&Summary) -> f64| {
+        s.as_ref()
+            .map_or("–".to_string(), |s| format!("{:.2}", p(s)))
+    };
     for run in &r.runs {
         let _ = writeln!(
             out,
@@ -94,7 +120,11 @@ fn markdown(r: &Report) -> String {
             f(&run.inter_token_ms, |s| s.p95),
             f(&run.inter_token_ms, |s| s.p99),
             mib(run.peak_host_rss_bytes),
-            if run.peak_device_bytes > 0 { mib(run.peak_device_bytes) } else { "–".into() },
+            if run.peak_device_bytes > 0 {
+                mib(run.peak_device_bytes)
+            } else {
+                "–".into()
+            },
             mib(run.kv_cache_bytes),
             mib(run.kv_cache_formula_bytes),
         );
@@ -116,7 +146,9 @@ fn markdown(r: &Report) -> String {
             }
         }
         for op in ops {
-            let t = |list: &[crate::record::OpRecord]| list.iter().find(|o| o.op == op).map_or(0.0, |o| o.total_ms);
+            let t = |list: &[crate::record::OpRecord]| {
+                list.iter().find(|o| o.op == op).map_or(0.0, |o| o.total_ms)
+            };
             let _ = writeln!(out, "| {op} | {:.3} | {:.3} |", t(&p.prefill), t(&p.decode));
         }
     }
@@ -127,13 +159,19 @@ fn markdown(r: &Report) -> String {
         r.settings.warmup,
         r.settings.batch,
         r.settings.ctx,
-        if m.synthetic { " · synthetic weights" } else { "" }
+        if m.synthetic {
+            " · synthetic weights"
+        } else {
+            ""
+        }
     );
     out
 }
 
 fn csv(r: &Report) -> String {
-    let mut out = String::from("scenario,backend,prompt_tokens,gen_tokens,depth,metric,mean,stddev,min,max,p50,p95,p99\n");
+    let mut out = String::from(
+        "scenario,backend,prompt_tokens,gen_tokens,depth,metric,mean,stddev,min,max,p50,p95,p99\n",
+    );
     for run in &r.runs {
         let metrics = [
             ("ttft_ms", &run.ttft_ms),
@@ -146,7 +184,18 @@ fn csv(r: &Report) -> String {
                 let _ = writeln!(
                     out,
                     "\"{}\",{},{},{},{},{name},{},{},{},{},{},{},{}",
-                    run.scenario, run.backend, run.prompt_tokens, run.gen_tokens, run.depth, s.mean, s.stddev, s.min, s.max, s.p50, s.p95, s.p99
+                    run.scenario,
+                    run.backend,
+                    run.prompt_tokens,
+                    run.gen_tokens,
+                    run.depth,
+                    s.mean,
+                    s.stddev,
+                    s.min,
+                    s.max,
+                    s.p50,
+                    s.p95,
+                    s.p99
                 );
             }
         }

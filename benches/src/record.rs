@@ -126,8 +126,12 @@ impl Report {
     /// Reads and checks a `results.json`.
     pub fn load(path: &Path) -> Result<Report> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let bad = |problem: String| BenchError::BadResults { path: path.to_path_buf(), problem };
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let bad = |problem: String| BenchError::BadResults {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         match value.get("schema").and_then(|s| s.as_str()) {
             Some(SCHEMA) => {}
             Some(other) => return Err(bad(format!("schema `{other}`, expected `{SCHEMA}`"))),
@@ -144,6 +148,8 @@ impl Report {
 
     /// Finds a run.
     pub fn run(&self, scenario: &str, backend: &str) -> Option<&RunRecord> {
-        self.runs.iter().find(|r| r.scenario == scenario && r.backend == backend)
+        self.runs
+            .iter()
+            .find(|r| r.scenario == scenario && r.backend == backend)
     }
 }

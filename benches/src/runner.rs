@@ -21,7 +21,9 @@ pub fn bench_tokens(n_vocab: usize, n: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % n_vocab as u64) as u32
         })
         .collect()
@@ -55,7 +57,12 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 /// One iteration of `sc`: the cache already holds `sc.depth` tokens.
-pub fn run_iteration(backend: &mut dyn Backend, sc: &Scenario, prompt: &[u32], start_token: u32) -> Result<IterationTiming> {
+pub fn run_iteration(
+    backend: &mut dyn Backend,
+    sc: &Scenario,
+    prompt: &[u32],
+    start_token: u32,
+) -> Result<IterationTiming> {
     let mut out = IterationTiming::default();
     let mut pos = sc.depth;
     let mut last = start_token;
@@ -98,7 +105,10 @@ pub fn run_scenario(
             sc.context_needed()
         )));
     }
-    let (backend_name, device) = (session.backend_kind().name().to_string(), session.device_name());
+    let (backend_name, device) = (
+        session.backend_kind().name().to_string(),
+        session.device_name(),
+    );
     let prompt = bench_tokens(config.n_vocab, sc.prompt_tokens, 1);
     let start_token = bench_tokens(config.n_vocab, 1, 2)[0];
     let backend = session.backend();
@@ -124,7 +134,9 @@ pub fn run_scenario(
         if !t.inter_token_ms.is_empty() {
             let gen_ms: f64 = t.inter_token_ms.iter().sum();
             samples.gen_ms.push(gen_ms);
-            samples.gen_tokens_per_s.push(rate(t.inter_token_ms.len(), gen_ms));
+            samples
+                .gen_tokens_per_s
+                .push(rate(t.inter_token_ms.len(), gen_ms));
             samples.inter_token_ms.extend(&t.inter_token_ms);
         }
     }
@@ -172,7 +184,16 @@ pub fn profile(session: &mut Session, prefill_tokens: usize) -> Result<KernelPro
     let prefill_tokens = prefill_tokens.clamp(1, session.capacity().saturating_sub(1).max(1));
     let backend_name = session.backend_kind().name().to_string();
     let backend = session.backend();
-    let ops = |b: &dyn Backend| b.op_profile().into_iter().map(|o| OpRecord { op: o.op, calls: o.calls, total_ms: o.total_ms }).collect();
+    let ops = |b: &dyn Backend| {
+        b.op_profile()
+            .into_iter()
+            .map(|o| OpRecord {
+                op: o.op,
+                calls: o.calls,
+                total_ms: o.total_ms,
+            })
+            .collect()
+    };
 
     backend.set_profiling(true);
     let launches = prefill(backend, &bench_tokens(n_vocab, prefill_tokens, 4), 0)?;

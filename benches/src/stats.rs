@@ -23,7 +23,11 @@ impl Summary {
         sorted.sort_by(f64::total_cmp);
         let n = sorted.len() as f64;
         let mean = sorted.iter().sum::<f64>() / n;
-        let var = if sorted.len() > 1 { sorted.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+        let var = if sorted.len() > 1 {
+            sorted.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
         Some(Summary {
             mean,
             stddev: var.sqrt(),

@@ -52,7 +52,10 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<bool, String> {
-    let dir = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/hip-check"));
+    let dir = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/hip-check"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let hipcc = std::env::var("HIPCC").unwrap_or_else(|_| "hipcc".into());
     let client = WgpuRuntime::client(&Default::default());
@@ -66,20 +69,40 @@ fn run() -> Result<bool, String> {
             let case = format!("{name} [{arch}]");
             let mut options = <HipCompiler as Compiler>::CompilationOptions::default();
             options.warp_size = warp_size;
-            match HipCompiler::default().compile(def, &options, ExecutionMode::Unchecked, AddressType::U32.unsigned_type()) {
+            match HipCompiler::default().compile(
+                def,
+                &options,
+                ExecutionMode::Unchecked,
+                AddressType::U32.unsigned_type(),
+            ) {
                 Ok(kernel) => {
                     let path = dir.join(format!("{name}.{arch}.hip"));
                     let text = kernel.to_string();
-                    std::fs::write(&path, &text).map_err(|e| format!("writing {}: {e}", path.display()))?;
-                    sources.push(Source { case, arch, path, text });
+                    std::fs::write(&path, &text)
+                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                    sources.push(Source {
+                        case,
+                        arch,
+                        path,
+                        text,
+                    });
                 }
                 Err(e) => failures.push(format!("{case}: CubeCL's HIP compiler failed: {e}")),
             }
         }
     }
-    let bundles: Vec<&[Source]> = ARCHS.iter().flat_map(|(arch, _)| chunks_of(&sources, arch)).collect();
-    eprintln!("hip-check: {} sources in {} hipcc bundles", sources.len(), bundles.len());
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let bundles: Vec<&[Source]> = ARCHS
+        .iter()
+        .flat_map(|(arch, _)| chunks_of(&sources, arch))
+        .collect();
+    eprintln!(
+        "hip-check: {} sources in {} hipcc bundles",
+        sources.len(),
+        bundles.len()
+    );
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
     let next = AtomicUsize::new(0);
     let mut results: Vec<(usize, Vec<String>, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
@@ -95,7 +118,11 @@ fn run() -> Result<bool, String> {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).map(|(i, r)| (i, r.0, r.1)).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .map(|(i, r)| (i, r.0, r.1))
+            .collect()
     });
     results.sort_by_key(|r| r.0);
     let mut compiled = 0;
@@ -112,8 +139,14 @@ fn run() -> Result<bool, String> {
 
 /// The sources of one architecture, `BUNDLE` at a time.
 fn chunks_of<'a>(sources: &'a [Source], arch: &str) -> Vec<&'a [Source]> {
-    let start = sources.iter().position(|s| s.arch == arch).unwrap_or(sources.len());
-    let end = sources[start..].iter().position(|s| s.arch != arch).map_or(sources.len(), |n| start + n);
+    let start = sources
+        .iter()
+        .position(|s| s.arch == arch)
+        .unwrap_or(sources.len());
+    let end = sources[start..]
+        .iter()
+        .position(|s| s.arch != arch)
+        .map_or(sources.len(), |n| start + n);
     sources[start..end].chunks(BUNDLE).collect()
 }
 
@@ -137,11 +170,22 @@ fn compile_bundle(hipcc: &str, dir: &Path, bundle: &[Source]) -> (Vec<String>, u
         }
         body.push_str("}\n");
     }
-    let first = bundle[0].path.file_stem().and_then(|n| n.to_str()).unwrap_or("bundle");
+    let first = bundle[0]
+        .path
+        .file_stem()
+        .and_then(|n| n.to_str())
+        .unwrap_or("bundle");
     let path = dir.join(format!("bundle-{first}.hip"));
     let text = format!("{}\n{body}", includes.join("\n"));
     if let Err(e) = std::fs::write(&path, text) {
-        return (vec![format!("{}: writing {}: {e}", bundle[0].case, path.display())], 0);
+        return (
+            vec![format!(
+                "{}: writing {}: {e}",
+                bundle[0].case,
+                path.display()
+            )],
+            0,
+        );
     }
     if hipcc_one(hipcc, arch, &path).is_ok() {
         return (Vec::new(), bundle.len());
@@ -169,8 +213,24 @@ fn hipcc_one(hipcc: &str, arch: &str, src: &Path) -> Result<(), String> {
     if out.status.success() {
         return Ok(());
     }
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
-    let first: Vec<&str> = text.lines().filter(|l| l.contains("error")).take(ERROR_LINES).collect();
-    let shown = if first.is_empty() { text.lines().take(ERROR_LINES).collect() } else { first };
-    Err(format!("hipcc failed ({}):\n    {}", src.display(), shown.join("\n    ")))
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let first: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("error"))
+        .take(ERROR_LINES)
+        .collect();
+    let shown = if first.is_empty() {
+        text.lines().take(ERROR_LINES).collect()
+    } else {
+        first
+    };
+    Err(format!(
+        "hipcc failed ({}):\n    {}",
+        src.display(),
+        shown.join("\n    ")
+    ))
 }

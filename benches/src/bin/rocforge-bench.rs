@@ -25,7 +25,11 @@ use rocforge_bench::{chart, llama_bench, runner, SCHEMA};
 use rocforge_runtime::{BackendKind, BackendOptions, Model, Session};
 
 #[derive(Parser)]
-#[command(name = "rocforge-bench", about = "ROCforge's end-to-end benchmark suite", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "rocforge-bench",
+    about = "ROCforge's end-to-end benchmark suite",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -124,9 +128,17 @@ fn main() {
 /// Settings from the flags, validated.
 fn config(args: &RunArgs, model: PathBuf) -> Result<BenchConfig> {
     let backends = parse_backends(&args.backends)?;
-    let mut cfg = if args.quick { BenchConfig::quick(model, backends) } else { BenchConfig::standard(model, backends) };
+    let mut cfg = if args.quick {
+        BenchConfig::quick(model, backends)
+    } else {
+        BenchConfig::standard(model, backends)
+    };
     if !args.scenarios.is_empty() {
-        let items = args.scenarios.iter().flat_map(|s| s.split(',')).filter(|s| !s.trim().is_empty());
+        let items = args
+            .scenarios
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.trim().is_empty());
         cfg.scenarios = items.map(Scenario::parse).collect::<Result<_, _>>()?;
     }
     cfg.iterations = args.iterations.unwrap_or(cfg.iterations);
@@ -140,13 +152,18 @@ fn config(args: &RunArgs, model: PathBuf) -> Result<BenchConfig> {
 fn run(args: RunArgs) -> Result<i32> {
     let format: Format = args.format.parse()?;
     parse_backends(&args.backends)?; // bad flags fail before a model is written
-    let (model_path, origin) = model_info::resolve(args.model.as_deref(), &args.out_dir.join("models"))?;
+    let (model_path, origin) =
+        model_info::resolve(args.model.as_deref(), &args.out_dir.join("models"))?;
     let cfg = config(&args, model_path)?;
     let (created, stamp) = host::utc_now();
-    let model = Model::load(&cfg.model).with_context(|| format!("loading {}", cfg.model.display()))?;
+    let model =
+        Model::load(&cfg.model).with_context(|| format!("loading {}", cfg.model.display()))?;
     let model_info = model_info::describe(&model)?;
     if origin == ModelOrigin::Synthetic || model_info.synthetic {
-        eprintln!("note: {} has synthetic weights (speed is representative, text is not)", cfg.model.display());
+        eprintln!(
+            "note: {} has synthetic weights (speed is representative, text is not)",
+            cfg.model.display()
+        );
     }
     let ctx = cfg.ctx();
     let started = Instant::now();
@@ -155,25 +172,45 @@ fn run(args: RunArgs) -> Result<i32> {
     let mut gpu = None;
     let mut backend_names = Vec::new();
     for &kind in &cfg.backends {
-        let opts = BackendOptions { ctx, max_batch: cfg.batch };
-        let mut session = Session::new(model.clone(), kind, opts).with_context(|| format!("creating the {kind} backend"))?;
+        let opts = BackendOptions {
+            ctx,
+            max_batch: cfg.batch,
+        };
+        let mut session = Session::new(model.clone(), kind, opts)
+            .with_context(|| format!("creating the {kind} backend"))?;
         let actual = session.backend_kind();
         backend_names.push(actual.name().to_string());
         if actual != BackendKind::Cpu && gpu.is_none() {
             gpu = Some(session.device_name());
         }
-        eprintln!("{}: {} (ctx {ctx}, batch {})", actual, session.device_name(), cfg.batch);
+        eprintln!(
+            "{}: {} (ctx {ctx}, batch {})",
+            actual,
+            session.device_name(),
+            cfg.batch
+        );
         for sc in &cfg.scenarios {
             let total = cfg.warmup + cfg.iterations;
             let bar = ProgressBar::new(total as u64).with_style(
-                ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} iterations {elapsed}").expect("valid template").progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>24} [{bar:30}] {pos}/{len} iterations {elapsed}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar.set_prefix(format!("{actual} {}", sc.name));
             let t = Instant::now();
-            let record = runner::run_scenario(&mut session, sc, cfg.iterations, cfg.warmup, |done| bar.set_position(done as u64))
+            let record =
+                runner::run_scenario(&mut session, sc, cfg.iterations, cfg.warmup, |done| {
+                    bar.set_position(done as u64)
+                })
                 .with_context(|| format!("scenario {} on {actual}", sc.name))?;
             bar.finish_and_clear();
-            eprintln!("  {:<16} done in {:.1} s", sc.name, t.elapsed().as_secs_f64());
+            eprintln!(
+                "  {:<16} done in {:.1} s",
+                sc.name,
+                t.elapsed().as_secs_f64()
+            );
             runs.push(record);
         }
         if cfg.profile {
@@ -186,7 +223,13 @@ fn run(args: RunArgs) -> Result<i32> {
         git_commit: host::git_commit(),
         host: Host::detect(&backend_names.join(","), gpu),
         model: model_info,
-        settings: Settings { iterations: cfg.iterations, warmup: cfg.warmup, batch: cfg.batch, ctx, quick: cfg.quick },
+        settings: Settings {
+            iterations: cfg.iterations,
+            warmup: cfg.warmup,
+            batch: cfg.batch,
+            ctx,
+            quick: cfg.quick,
+        },
         runs,
         profiles,
     };
@@ -194,18 +237,28 @@ fn run(args: RunArgs) -> Result<i32> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     report.save(&dir.join("results.json"))?;
     let table = printers::render(&report, Format::Markdown);
-    std::fs::write(dir.join("results.md"), &table).with_context(|| format!("writing {}", dir.display()))?;
+    std::fs::write(dir.join("results.md"), &table)
+        .with_context(|| format!("writing {}", dir.display()))?;
     chart::write_svg(&report, &dir.join("chart.svg"))?;
     std::fs::write(args.out_dir.join("LATEST"), format!("{}\n", dir.display()))?;
     print!("{}", printers::render(&report, format));
-    eprintln!("suite ran in {:.1} s; results in {}", started.elapsed().as_secs_f64(), dir.display());
+    eprintln!(
+        "suite ran in {:.1} s; results in {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
     Ok(0)
 }
 
 /// The newest run under `out_dir` (its LATEST file).
 fn latest_results(out_dir: &Path) -> Result<PathBuf> {
     let latest = out_dir.join("LATEST");
-    let dir = std::fs::read_to_string(&latest).with_context(|| format!("no latest run ({} is missing; run the suite first)", latest.display()))?;
+    let dir = std::fs::read_to_string(&latest).with_context(|| {
+        format!(
+            "no latest run ({} is missing; run the suite first)",
+            latest.display()
+        )
+    })?;
     Ok(PathBuf::from(dir.trim()).join("results.json"))
 }
 
@@ -225,15 +278,27 @@ fn compare_cmd(args: CompareArgs) -> Result<i32> {
         bail!("compare takes two results: OLD.json NEW.json (or --llama-bench FILE)");
     };
     if !(args.threshold > 0.0 && args.threshold < 100.0) {
-        bail!("--threshold {} must be a percentage between 0 and 100", args.threshold);
+        bail!(
+            "--threshold {} must be a percentage between 0 and 100",
+            args.threshold
+        );
     }
     let (old_r, new_r) = (Report::load(old)?, Report::load(new)?);
     if old_r.model.sha256 != new_r.model.sha256 {
         eprintln!("warning: the two results are of different model files");
     }
-    let th = Thresholds { regression: args.threshold / 100.0, ..Default::default() };
+    let th = Thresholds {
+        regression: args.threshold / 100.0,
+        ..Default::default()
+    };
     let cmp = compare::compare(&old_r, &new_r, th);
-    println!("{} ({}) → {} ({})\n", old.display(), old_r.git_commit, new.display(), new_r.git_commit);
+    println!(
+        "{} ({}) → {} ({})\n",
+        old.display(),
+        old_r.git_commit,
+        new.display(),
+        new_r.git_commit
+    );
     print!("{}", cmp.markdown());
     Ok(if cmp.passed() { 0 } else { 1 })
 }
@@ -243,7 +308,12 @@ fn gen_model(args: GenModelArgs) -> Result<i32> {
     let t = Instant::now();
     model_info::write_synthetic(&args.shape, quant, args.seed, &args.out)?;
     let size = std::fs::metadata(&args.out)?.len();
-    eprintln!("wrote {} ({}, synthetic weights) in {:.1} s", args.out.display(), printers::mib(size), t.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} ({}, synthetic weights) in {:.1} s",
+        args.out.display(),
+        printers::mib(size),
+        t.elapsed().as_secs_f64()
+    );
     println!("{}", args.out.display());
     Ok(0)
 }

@@ -12,10 +12,16 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use rocforge_runtime::gguf::GgufFile;
 use rocforge_runtime::tokenizer::ChatMessage;
-use rocforge_runtime::{info, BackendKind, BackendOptions, GenerateOptions, Model, SamplerConfig, Session};
+use rocforge_runtime::{
+    info, BackendKind, BackendOptions, GenerateOptions, Model, SamplerConfig, Session,
+};
 
 #[derive(Parser)]
-#[command(name = "rocforge", version, about = "ROCforge: LLM inference on ROCm, CUDA, wgpu and the CPU")]
+#[command(
+    name = "rocforge",
+    version,
+    about = "ROCforge: LLM inference on ROCm, CUDA, wgpu and the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -122,7 +128,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `rocforge inspect ... | head` closes the pipe early: not an error.
-        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => ExitCode::SUCCESS,
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("rocforge: error: {e:#}");
             ExitCode::from(1)
@@ -133,7 +146,10 @@ fn main() -> ExitCode {
 fn open_session(run: &RunArgs, model: std::sync::Arc<Model>) -> Result<Session> {
     let kind: BackendKind = run.backend.parse()?;
     let ctx = run.ctx.unwrap_or(model.config.n_ctx_train.min(4096));
-    let opts = BackendOptions { ctx, max_batch: run.batch };
+    let opts = BackendOptions {
+        ctx,
+        max_batch: run.batch,
+    };
     Ok(Session::new(model, kind, opts)?)
 }
 
@@ -143,9 +159,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let text = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
-            messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
         tok.apply_chat_template(&messages, true)?
     } else {
         a.prompt.clone()
@@ -169,7 +191,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let out = session.generate(&prompt, &opts, |piece| {
         if !json {
             // A closed pipe (`| head`) ends generation quietly.
-            return stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok();
+            return stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .is_ok();
         }
         true
     })?;
@@ -209,14 +234,21 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("{}: cannot read", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("{}: cannot read", a.file.display()))?;
     let model = Model::load(&a.run.model)?;
     let ctx = a.run.ctx.unwrap_or(512);
     let mut tokens = model.tokenizer.encode(&text, true, false)?;
     if let Some(n) = a.chunks {
         tokens.truncate(n.saturating_mul(ctx));
     }
-    let run = RunArgs { ctx: Some(ctx), backend: a.run.backend.clone(), model: a.run.model.clone(), batch: a.run.batch, json: a.run.json };
+    let run = RunArgs {
+        ctx: Some(ctx),
+        backend: a.run.backend.clone(),
+        model: a.run.model.clone(),
+        batch: a.run.batch,
+        json: a.run.json,
+    };
     let mut session = open_session(&run, model)?;
     let start = Instant::now();
     let json = a.run.json;
@@ -226,10 +258,20 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         }
     })?;
     if json {
-        println!("{}", serde_json::json!({ "ppl": p.ppl, "chunks": p.chunks, "ctx": p.ctx, "scored_tokens": p.scored }));
+        println!(
+            "{}",
+            serde_json::json!({ "ppl": p.ppl, "chunks": p.chunks, "ctx": p.ctx, "scored_tokens": p.scored })
+        );
     } else {
         eprintln!();
-        println!("perplexity: {:.4} ({} chunks of {} tokens, {} scored, {:.1} s)", p.ppl, p.chunks, p.ctx, p.scored, start.elapsed().as_secs_f64());
+        println!(
+            "perplexity: {:.4} ({} chunks of {} tokens, {} scored, {:.1} s)",
+            p.ppl,
+            p.chunks,
+            p.ctx,
+            p.scored,
+            start.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -238,8 +280,16 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let file = GgufFile::open(&a.model)?;
     let quant = info::quant_summary(&file);
     let tensors = info::tensor_table(&file);
-    let metadata: Vec<(String, String)> = file.metadata().iter().map(|(k, v)| (k.clone(), v.summary())).collect();
-    let arch = file.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("unknown").to_string();
+    let metadata: Vec<(String, String)> = file
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.summary()))
+        .collect();
+    let arch = file
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("unknown")
+        .to_string();
     let n_params: u64 = file.tensors().iter().map(|t| t.n_elements()).sum();
     let bytes: u64 = tensors.iter().map(|t| t.bytes).sum();
     // The model view adds validated hyperparameters when the architecture is supported.
@@ -264,16 +314,40 @@ fn inspect(a: InspectArgs) -> Result<()> {
     writeln!(out, "file:          {}", a.model.display())?;
     writeln!(out, "GGUF version:  {}", file.version())?;
     writeln!(out, "architecture:  {arch}")?;
-    writeln!(out, "parameters:    {n_params} ({:.1} M)", n_params as f64 / 1e6)?;
-    writeln!(out, "tensor bytes:  {bytes} ({:.1} MiB)", bytes as f64 / (1u64 << 20) as f64)?;
-    writeln!(out, "quant format:  {} (from {})", quant.format, quant.source)?;
-    let hist: Vec<String> = quant.tensor_types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    writeln!(
+        out,
+        "parameters:    {n_params} ({:.1} M)",
+        n_params as f64 / 1e6
+    )?;
+    writeln!(
+        out,
+        "tensor bytes:  {bytes} ({:.1} MiB)",
+        bytes as f64 / (1u64 << 20) as f64
+    )?;
+    writeln!(
+        out,
+        "quant format:  {} (from {})",
+        quant.format, quant.source
+    )?;
+    let hist: Vec<String> = quant
+        .tensor_types
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
     writeln!(out, "tensor types:  {}", hist.join(", "))?;
     match &config {
         Ok(c) => {
             writeln!(out, "hyperparameters:")?;
-            writeln!(out, "  layers {}, embedding {}, heads {} (KV {}), head dim {}, FFN {}", c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff)?;
-            writeln!(out, "  vocab {}, context {}, RoPE base {} over {} dims, RMS eps {:e}", c.n_vocab, c.n_ctx_train, c.rope_base, c.rope_dim, c.rms_eps)?;
+            writeln!(
+                out,
+                "  layers {}, embedding {}, heads {} (KV {}), head dim {}, FFN {}",
+                c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff
+            )?;
+            writeln!(
+                out,
+                "  vocab {}, context {}, RoPE base {} over {} dims, RMS eps {:e}",
+                c.n_vocab, c.n_ctx_train, c.rope_base, c.rope_dim, c.rms_eps
+            )?;
         }
         Err(e) => writeln!(out, "hyperparameters: not runnable: {e}")?,
     }
@@ -282,14 +356,27 @@ fn inspect(a: InspectArgs) -> Result<()> {
         writeln!(out, "  {k} = {v}")?;
     }
     writeln!(out, "tensors ({}):", tensors.len())?;
-    writeln!(out, "  {:<32} {:<6} {:<20} {:>12}", "name", "type", "shape", "bytes")?;
+    writeln!(
+        out,
+        "  {:<32} {:<6} {:<20} {:>12}",
+        "name", "type", "shape", "bytes"
+    )?;
     for t in &tensors {
-        writeln!(out, "  {:<32} {:<6} {:<20} {:>12}", t.name, t.ty, format!("{:?}", t.shape), t.bytes)?;
+        writeln!(
+            out,
+            "  {:<32} {:<6} {:<20} {:>12}",
+            t.name,
+            t.ty,
+            format!("{:?}", t.shape),
+            t.bytes
+        )?;
     }
     not_runnable(config)
 }
 
 /// `inspect` shows any readable GGUF file, then fails (exit 1) if ROCforge cannot run it.
 fn not_runnable(config: rocforge_runtime::Result<rocforge_runtime::ModelConfig>) -> Result<()> {
-    config.map(|_| ()).map_err(|e| anyhow::anyhow!("not runnable: {e}"))
+    config
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("not runnable: {e}"))
 }

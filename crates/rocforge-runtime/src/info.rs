@@ -69,17 +69,25 @@ pub fn quant_summary(file: &GgufFile) -> QuantSummary {
     } else {
         ("unknown".to_string(), "tensor types")
     };
-    QuantSummary { format, source, file_type, tensor_types }
+    QuantSummary {
+        format,
+        source,
+        file_type,
+        tensor_types,
+    }
 }
 
 /// `model-q4_k_m.gguf` → `Q4_K_M`.
 pub fn format_from_file_name(path: &std::path::Path) -> Option<String> {
     let stem = path.file_stem()?.to_str()?.to_ascii_uppercase();
     const NAMES: [&str; 16] = [
-        "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
-        "Q5_1", "BF16", "F16",
+        "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K", "Q6_K",
+        "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16",
     ];
-    NAMES.iter().find(|n| stem.ends_with(*n) || stem.contains(&format!("{n}."))).map(|n| n.to_string())
+    NAMES
+        .iter()
+        .find(|n| stem.ends_with(*n) || stem.contains(&format!("{n}.")))
+        .map(|n| n.to_string())
         .or_else(|| stem.ends_with("F32").then(|| "F32".to_string()))
 }
 
@@ -97,7 +105,12 @@ pub struct TensorRow {
 pub fn tensor_table(file: &GgufFile) -> Vec<TensorRow> {
     file.tensors()
         .iter()
-        .map(|t| TensorRow { name: t.name.clone(), ty: t.ty.name().to_string(), shape: t.dims.clone(), bytes: t.size })
+        .map(|t| TensorRow {
+            name: t.name.clone(),
+            ty: t.ty.name().to_string(),
+            shape: t.dims.clone(),
+            bytes: t.size,
+        })
         .collect()
 }
 
@@ -108,8 +121,14 @@ mod tests {
 
     #[test]
     fn names_from_file_names() {
-        assert_eq!(format_from_file_name(Path::new("/m/gemma-3-270m-q4_k_m.gguf")).as_deref(), Some("Q4_K_M"));
-        assert_eq!(format_from_file_name(Path::new("SmolLM2-135M-Instruct.Q4_1.gguf")).as_deref(), Some("Q4_1"));
+        assert_eq!(
+            format_from_file_name(Path::new("/m/gemma-3-270m-q4_k_m.gguf")).as_deref(),
+            Some("Q4_K_M")
+        );
+        assert_eq!(
+            format_from_file_name(Path::new("SmolLM2-135M-Instruct.Q4_1.gguf")).as_deref(),
+            Some("Q4_1")
+        );
         assert_eq!(format_from_file_name(Path::new("model.gguf")), None);
     }
 }

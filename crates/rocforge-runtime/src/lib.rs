@@ -1,4 +1,4 @@
-//! ROCforge runtime: load a GGUF model, tokenize, run the Llama forward pass on a backend
+//! ROCforge runtime: load a GGUF model, tokenize, run its forward pass (one model definition per architecture, [`arch`]) on a backend
 //! (the CPU reference, or CubeCL on ROCm, CUDA and wgpu), and generate.
 //!
 //! ```no_run
@@ -11,6 +11,7 @@
 //! assert_eq!(out.prompt_tokens, prompt);
 //! # Ok::<(), rocforge_runtime::Error>(())
 //! ```
+pub mod arch;
 pub mod backend;
 pub mod error;
 pub mod gguf;
@@ -27,5 +28,7 @@ pub use backend::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming};
 pub use error::{Error, Result};
 pub use model::{Model, ModelConfig};
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{perplexity, GenerateOptions, Generation, Perplexity, Session, StopReason, Timings};
+pub use session::{
+    perplexity, GenerateOptions, Generation, Perplexity, Session, StopReason, Timings,
+};
 pub use tokenizer::Tokenizer;

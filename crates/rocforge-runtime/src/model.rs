@@ -74,15 +74,15 @@ pub struct Weight {
 /// One transformer block's weights, GGUF names, shapes as (rows, cols) = (out, in).
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
-    pub attn_norm: Vec<f32>,  // (n_embd)
-    pub attn_q: Weight,       // (n_head*head_dim, n_embd)
-    pub attn_k: Weight,       // (n_head_kv*head_dim, n_embd)
-    pub attn_v: Weight,       // (n_head_kv*head_dim, n_embd)
-    pub attn_output: Weight,  // (n_embd, n_head*head_dim)
-    pub ffn_norm: Vec<f32>,   // (n_embd)
-    pub ffn_gate: Weight,     // (n_ff, n_embd)
-    pub ffn_up: Weight,       // (n_ff, n_embd)
-    pub ffn_down: Weight,     // (n_embd, n_ff)
+    pub attn_norm: Vec<f32>, // (n_embd)
+    pub attn_q: Weight,      // (n_head*head_dim, n_embd)
+    pub attn_k: Weight,      // (n_head_kv*head_dim, n_embd)
+    pub attn_v: Weight,      // (n_head_kv*head_dim, n_embd)
+    pub attn_output: Weight, // (n_embd, n_head*head_dim)
+    pub ffn_norm: Vec<f32>,  // (n_embd)
+    pub ffn_gate: Weight,    // (n_ff, n_embd)
+    pub ffn_up: Weight,      // (n_ff, n_embd)
+    pub ffn_down: Weight,    // (n_embd, n_ff)
 }
 
 /// All weights of a Llama model.
@@ -92,7 +92,7 @@ pub struct Weights {
     pub layers: Vec<LayerWeights>, // n_layer
     pub output_norm: Vec<f32>,     // (n_embd)
     /// `output.weight`, or `token_embd.weight` when the embeddings are tied.
-    pub output: Weight,            // (n_vocab, n_embd)
+    pub output: Weight, // (n_vocab, n_embd)
     pub tied_output: bool,
     /// Llama-3.1-style RoPE frequency factors (`rope_freqs.weight`), (rope_dim/2).
     pub rope_freqs: Option<Vec<f32>>,
@@ -108,7 +108,10 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("path", &self.file.path()).field("config", &self.config).finish()
+        f.debug_struct("Model")
+            .field("path", &self.file.path())
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -145,7 +148,12 @@ impl Model {
                 ),
             });
         }
-        Ok(Model { file, config, weights, tokenizer })
+        Ok(Model {
+            file,
+            config,
+            weights,
+            tokenizer,
+        })
     }
 
     /// The GGUF file the model was loaded from.
@@ -170,7 +178,11 @@ impl Model {
 }
 
 fn meta_err(file: &GgufFile, key: &str, problem: impl Into<String>) -> Error {
-    Error::Metadata { path: file.path().to_path_buf(), key: key.to_string(), problem: problem.into() }
+    Error::Metadata {
+        path: file.path().to_path_buf(),
+        key: key.to_string(),
+        problem: problem.into(),
+    }
 }
 
 /// Upper bound for any single dimension read from metadata: far above real models, far
@@ -195,22 +207,42 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
     let int = |suffix: &str, default: Option<u64>| -> Result<usize> {
         let key = format!("{arch}.{suffix}");
         let v = match file.get(&key) {
-            Some(v) => v.as_u64().ok_or_else(|| meta_err(file, &key, format!("expected an integer, found {}", v.summary())))?,
+            Some(v) => v.as_u64().ok_or_else(|| {
+                meta_err(
+                    file,
+                    &key,
+                    format!("expected an integer, found {}", v.summary()),
+                )
+            })?,
             None => default.ok_or_else(|| meta_err(file, &key, "missing"))?,
         };
         if v == 0 || v > MAX_DIM {
-            return Err(meta_err(file, &key, format!("{v} is out of range (1 to {MAX_DIM})")));
+            return Err(meta_err(
+                file,
+                &key,
+                format!("{v} is out of range (1 to {MAX_DIM})"),
+            ));
         }
         Ok(v as usize)
     };
     let float = |suffix: &str, default: Option<f64>| -> Result<f32> {
         let key = format!("{arch}.{suffix}");
         let v = match file.get(&key) {
-            Some(v) => v.as_f64().ok_or_else(|| meta_err(file, &key, format!("expected a number, found {}", v.summary())))?,
+            Some(v) => v.as_f64().ok_or_else(|| {
+                meta_err(
+                    file,
+                    &key,
+                    format!("expected a number, found {}", v.summary()),
+                )
+            })?,
             None => default.ok_or_else(|| meta_err(file, &key, "missing"))?,
         };
         if !v.is_finite() || v <= 0.0 {
-            return Err(meta_err(file, &key, format!("{v} must be finite and positive")));
+            return Err(meta_err(
+                file,
+                &key,
+                format!("{v} must be finite and positive"),
+            ));
         }
         Ok(v as f32)
     };
@@ -219,7 +251,10 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
     let n_embd = int("embedding_length", None)?;
     let n_head = int("attention.head_count", None)?;
     let n_head_kv = int("attention.head_count_kv", Some(n_head as u64))?;
-    let head_dim = int("attention.key_length", Some((n_embd / n_head).max(1) as u64))?;
+    let head_dim = int(
+        "attention.key_length",
+        Some((n_embd / n_head).max(1) as u64),
+    )?;
     let n_ff = int("feed_forward_length", None)?;
     let n_ctx_train = int("context_length", Some(2048))?;
     let rope_dim = int("rope.dimension_count", Some(head_dim as u64))?;
@@ -232,17 +267,32 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
             _ => file
                 .tensor("token_embd.weight")
                 .and_then(|t| t.dims.get(1).copied())
-                .ok_or_else(|| meta_err(file, &format!("{arch}.vocab_size"), "missing, and no token list"))?
-                as usize,
+                .ok_or_else(|| {
+                    meta_err(
+                        file,
+                        &format!("{arch}.vocab_size"),
+                        "missing, and no token list",
+                    )
+                })? as usize,
         },
     };
 
     let key = |s: &str| format!("{arch}.{s}");
     if n_head % n_head_kv != 0 {
-        return Err(meta_err(file, &key("attention.head_count_kv"), format!("{n_head} heads are not a multiple of {n_head_kv} KV heads")));
+        return Err(meta_err(
+            file,
+            &key("attention.head_count_kv"),
+            format!("{n_head} heads are not a multiple of {n_head_kv} KV heads"),
+        ));
     }
     if head_dim % 2 != 0 || rope_dim % 2 != 0 || rope_dim > head_dim {
-        return Err(meta_err(file, &key("rope.dimension_count"), format!("rope dim {rope_dim} must be even and at most the head dim {head_dim} (also even)")));
+        return Err(meta_err(
+            file,
+            &key("rope.dimension_count"),
+            format!(
+                "rope dim {rope_dim} must be even and at most the head dim {head_dim} (also even)"
+            ),
+        ));
     }
     Ok(ModelConfig {
         architecture: arch,
@@ -268,24 +318,51 @@ fn read_weights(file: &GgufFile, c: &ModelConfig) -> Result<Weights> {
     };
     // A matrix (rows, cols) is stored with dims [cols, rows].
     let matrix = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
-        let info = file.tensor(name).ok_or_else(|| tensor_err(name, "missing from the file".into()))?;
+        let info = file
+            .tensor(name)
+            .ok_or_else(|| tensor_err(name, "missing from the file".into()))?;
         let want = [cols as u64, rows as u64];
-        let dims_ok = info.dims.len() >= 2 && info.dims[..2] == want && info.dims[2..].iter().all(|&d| d == 1);
+        let dims_ok = info.dims.len() >= 2
+            && info.dims[..2] == want
+            && info.dims[2..].iter().all(|&d| d == 1);
         if !dims_ok {
-            return Err(tensor_err(name, format!("shape {:?}, expected {:?}", info.dims, want)));
+            return Err(tensor_err(
+                name,
+                format!("shape {:?}, expected {:?}", info.dims, want),
+            ));
         }
         if !info.ty.is_supported_weight() {
-            return Err(tensor_err(name, format!("type {} is not supported for weights", info.ty)));
+            return Err(tensor_err(
+                name,
+                format!("type {} is not supported for weights", info.ty),
+            ));
         }
-        Ok(Weight { name: name.to_string(), ty: info.ty, rows, cols, info: info.clone() })
+        Ok(Weight {
+            name: name.to_string(),
+            ty: info.ty,
+            rows,
+            cols,
+            info: info.clone(),
+        })
     };
     let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
-        let info = file.tensor(name).ok_or_else(|| tensor_err(name, "missing from the file".into()))?;
+        let info = file
+            .tensor(name)
+            .ok_or_else(|| tensor_err(name, "missing from the file".into()))?;
         if info.n_elements() != len as u64 || info.dims[0] != len as u64 {
-            return Err(tensor_err(name, format!("shape {:?}, expected [{len}]", info.dims)));
+            return Err(tensor_err(
+                name,
+                format!("shape {:?}, expected [{len}]", info.dims),
+            ));
         }
         if !matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
-            return Err(tensor_err(name, format!("type {} (norm and factor vectors must be f32, f16 or bf16)", info.ty)));
+            return Err(tensor_err(
+                name,
+                format!(
+                    "type {} (norm and factor vectors must be f32, f16 or bf16)",
+                    info.ty
+                ),
+            ));
         }
         let mut out = vec![0.0f32; len];
         rocforge_kernels::quant::dequantize_row(info.ty, file.tensor_data(info), &mut out)
@@ -320,5 +397,12 @@ fn read_weights(file: &GgufFile, c: &ModelConfig) -> Result<Weights> {
         Some(_) => Some(vector("rope_freqs.weight", c.rope_dim / 2)?),
         None => None,
     };
-    Ok(Weights { token_embd, layers, output_norm, output, tied_output, rope_freqs })
+    Ok(Weights {
+        token_embd,
+        layers,
+        output_norm,
+        output,
+        tied_output,
+        rope_freqs,
+    })
 }

@@ -21,7 +21,14 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 40, top_p: 0.95, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0x5eed }
+        Self {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0x5eed,
+        }
     }
 }
 
@@ -52,7 +59,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(config: SamplerConfig) -> Self {
         let rng = StdRng::seed_from_u64(config.seed);
-        Self { config, rng, candidates: Vec::new() }
+        Self {
+            config,
+            rng,
+            candidates: Vec::new(),
+        }
     }
 
     /// Picks the next token from one row of logits, given the tokens so far.
@@ -63,21 +74,36 @@ impl Sampler {
             return argmax(logits) as u32;
         }
         self.candidates.clear();
-        self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        self.candidates
+            .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
         if penalize {
             let recent = &history[history.len().saturating_sub(cfg.repeat_last_n)..];
             for &t in recent {
                 if let Some(c) = self.candidates.get_mut(t as usize) {
-                    c.0 = if c.0 > 0.0 { c.0 / cfg.repeat_penalty } else { c.0 * cfg.repeat_penalty };
+                    c.0 = if c.0 > 0.0 {
+                        c.0 / cfg.repeat_penalty
+                    } else {
+                        c.0 * cfg.repeat_penalty
+                    };
                 }
             }
         }
         if cfg.is_greedy() {
-            let best = self.candidates.iter().enumerate().fold(0, |b, (i, c)| if c.0 > self.candidates[b].0 { i } else { b });
+            let best = self.candidates.iter().enumerate().fold(0, |b, (i, c)| {
+                if c.0 > self.candidates[b].0 {
+                    i
+                } else {
+                    b
+                }
+            });
             return self.candidates[best].1;
         }
         let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
-        let k = if cfg.top_k == 0 { self.candidates.len() } else { cfg.top_k.min(self.candidates.len()) };
+        let k = if cfg.top_k == 0 {
+            self.candidates.len()
+        } else {
+            cfg.top_k.min(self.candidates.len())
+        };
         if k < self.candidates.len() {
             self.candidates.select_nth_unstable_by(k - 1, by_logit_desc);
             self.candidates.truncate(k);
@@ -130,7 +156,11 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {
-        let cfg = SamplerConfig { temperature: 5.0, top_k: 1, ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(cfg);
         for _ in 0..20 {
             assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9], &[]), 1);
@@ -139,7 +169,13 @@ mod tests {
 
     #[test]
     fn same_seed_same_draws_and_spread_over_candidates() {
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7, ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let logits = [1.0, 1.0, 1.0, 1.0];
         let draw = |cfg: &SamplerConfig| {
             let mut s = Sampler::new(cfg.clone());
@@ -148,13 +184,21 @@ mod tests {
         let a = draw(&cfg);
         assert_eq!(a, draw(&cfg));
         for t in 0..4 {
-            assert!(a.contains(&t), "token {t} never drawn from a uniform distribution");
+            assert!(
+                a.contains(&t),
+                "token {t} never drawn from a uniform distribution"
+            );
         }
     }
 
     #[test]
     fn top_p_cuts_the_tail() {
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.5, ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            ..Default::default()
+        };
         let mut s = Sampler::new(cfg);
         for _ in 0..50 {
             assert_eq!(s.sample(&[10.0, 0.0, 0.0], &[]), 0);
@@ -163,7 +207,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_greedy_choice() {
-        let cfg = SamplerConfig { repeat_penalty: 2.0, ..Default::default() };
+        let cfg = SamplerConfig {
+            repeat_penalty: 2.0,
+            ..Default::default()
+        };
         let mut s = Sampler::new(cfg);
         assert_eq!(s.sample(&[2.0, 1.5], &[0]), 1);
     }

@@ -34,7 +34,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 128, sampler: SamplerConfig::default(), stop_at_eog: true }
+        Self {
+            max_tokens: 128,
+            sampler: SamplerConfig::default(),
+            stop_at_eog: true,
+        }
     }
 }
 
@@ -104,12 +108,20 @@ impl Session {
     /// Creates a session on `kind` with a KV cache of `opts.ctx` tokens.
     pub fn new(model: Arc<Model>, kind: BackendKind, opts: BackendOptions) -> Result<Self> {
         let backend = backend::create(kind, model.clone(), &opts)?;
-        Ok(Self { model, backend, tokens: Vec::new() })
+        Ok(Self {
+            model,
+            backend,
+            tokens: Vec::new(),
+        })
     }
 
     /// Wraps an existing backend.
     pub fn with_backend(model: Arc<Model>, backend: Box<dyn Backend>) -> Self {
-        Self { model, backend, tokens: Vec::new() }
+        Self {
+            model,
+            backend,
+            tokens: Vec::new(),
+        }
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -154,11 +166,16 @@ impl Session {
 
     fn eval(&mut self, tokens: &[u32], all: bool, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
         if tokens.is_empty() {
-            return Err(Error::InvalidArgument("nothing to evaluate: the prompt has no tokens".into()));
+            return Err(Error::InvalidArgument(
+                "nothing to evaluate: the prompt has no tokens".into(),
+            ));
         }
         let needed = self.tokens.len() + tokens.len();
         if needed > self.backend.capacity() {
-            return Err(Error::ContextFull { needed, capacity: self.backend.capacity() });
+            return Err(Error::ContextFull {
+                needed,
+                capacity: self.backend.capacity(),
+            });
         }
         let n_vocab = self.model.config.n_vocab;
         let mut done = 0;
@@ -210,7 +227,10 @@ impl Session {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
         let mut sampler = Sampler::new(opts.sampler.clone());
-        let mut timings = Timings { prompt_tokens: prompt.len(), ..Default::default() };
+        let mut timings = Timings {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
         let mut generated = Vec::with_capacity(opts.max_tokens);
         let model = self.model.clone();
         let mut stream = model.tokenizer.stream();
@@ -260,7 +280,13 @@ impl Session {
             text.push_str(&tail);
             on_text(&tail);
         }
-        Ok(Generation { prompt_tokens: prompt.to_vec(), generated_tokens: generated, text, stop_reason: stop, timings })
+        Ok(Generation {
+            prompt_tokens: prompt.to_vec(),
+            generated_tokens: generated,
+            text,
+            stop_reason: stop,
+            timings,
+        })
     }
 }
 
@@ -281,9 +307,16 @@ pub struct Perplexity {
 /// Perplexity by llama.cpp's method: the text's tokens are cut into non-overlapping chunks of
 /// `ctx` tokens; each chunk is evaluated from an empty cache and the second half of its
 /// predictions is scored. `on_chunk(i, running_ppl)` reports progress.
-pub fn perplexity(session: &mut Session, tokens: &[u32], ctx: usize, mut on_chunk: impl FnMut(usize, f64)) -> Result<Perplexity> {
+pub fn perplexity(
+    session: &mut Session,
+    tokens: &[u32],
+    ctx: usize,
+    mut on_chunk: impl FnMut(usize, f64),
+) -> Result<Perplexity> {
     if ctx < 4 {
-        return Err(Error::InvalidArgument(format!("perplexity context {ctx} is too small (at least 4)")));
+        return Err(Error::InvalidArgument(format!(
+            "perplexity context {ctx} is too small (at least 4)"
+        )));
     }
     let chunks = tokens.len() / ctx;
     if chunks == 0 {
@@ -305,7 +338,12 @@ pub fn perplexity(session: &mut Session, tokens: &[u32], ctx: usize, mut on_chun
         })?;
         on_chunk(c, (nll / count as f64).exp());
     }
-    Ok(Perplexity { ppl: (nll / count as f64).exp(), chunks, ctx, scored: count })
+    Ok(Perplexity {
+        ppl: (nll / count as f64).exp(),
+        chunks,
+        ctx,
+        scored: count,
+    })
 }
 
 /// log(softmax(row)[i]), computed stably in f64.

@@ -29,11 +29,61 @@ pub struct LlamaShape {
 impl LlamaShape {
     /// Shapes of well-known models, and `tiny` for tests.
     pub const PRESETS: [LlamaShape; 5] = [
-        LlamaShape { name: "tiny", n_layer: 2, n_embd: 64, n_head: 4, n_head_kv: 2, n_ff: 160, n_vocab: 320, n_ctx: 256, rope_base: 10000 },
-        LlamaShape { name: "smollm2-135m", n_layer: 30, n_embd: 576, n_head: 9, n_head_kv: 3, n_ff: 1536, n_vocab: 49152, n_ctx: 8192, rope_base: 100000 },
-        LlamaShape { name: "tinyllama-1.1b", n_layer: 22, n_embd: 2048, n_head: 32, n_head_kv: 4, n_ff: 5632, n_vocab: 32000, n_ctx: 2048, rope_base: 10000 },
-        LlamaShape { name: "llama2-7b", n_layer: 32, n_embd: 4096, n_head: 32, n_head_kv: 32, n_ff: 11008, n_vocab: 32000, n_ctx: 4096, rope_base: 10000 },
-        LlamaShape { name: "llama3-8b", n_layer: 32, n_embd: 4096, n_head: 32, n_head_kv: 8, n_ff: 14336, n_vocab: 128256, n_ctx: 8192, rope_base: 500000 },
+        LlamaShape {
+            name: "tiny",
+            n_layer: 2,
+            n_embd: 64,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 160,
+            n_vocab: 320,
+            n_ctx: 256,
+            rope_base: 10000,
+        },
+        LlamaShape {
+            name: "smollm2-135m",
+            n_layer: 30,
+            n_embd: 576,
+            n_head: 9,
+            n_head_kv: 3,
+            n_ff: 1536,
+            n_vocab: 49152,
+            n_ctx: 8192,
+            rope_base: 100000,
+        },
+        LlamaShape {
+            name: "tinyllama-1.1b",
+            n_layer: 22,
+            n_embd: 2048,
+            n_head: 32,
+            n_head_kv: 4,
+            n_ff: 5632,
+            n_vocab: 32000,
+            n_ctx: 2048,
+            rope_base: 10000,
+        },
+        LlamaShape {
+            name: "llama2-7b",
+            n_layer: 32,
+            n_embd: 4096,
+            n_head: 32,
+            n_head_kv: 32,
+            n_ff: 11008,
+            n_vocab: 32000,
+            n_ctx: 4096,
+            rope_base: 10000,
+        },
+        LlamaShape {
+            name: "llama3-8b",
+            n_layer: 32,
+            n_embd: 4096,
+            n_head: 32,
+            n_head_kv: 8,
+            n_ff: 14336,
+            n_vocab: 128256,
+            n_ctx: 8192,
+            rope_base: 500000,
+        },
     ];
 
     pub fn preset(name: &str) -> Option<LlamaShape> {
@@ -74,7 +124,10 @@ fn file_type_of(ty: GgmlType) -> u32 {
 /// to `n_vocab` (reachable only by id). Returns (tokens, token types).
 fn vocab(n_vocab: usize) -> (Vec<String>, Vec<i32>) {
     // GPT-2's byte-to-unicode map: printable bytes stand for themselves, others shift to U+0100+.
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut shifted = 0;
     let mut map = vec![' '; 256];
     for b in 0..256u32 {
@@ -110,8 +163,12 @@ pub fn random_weights(ty: GgmlType, cols: usize, seed: u64, buf: &mut [u8]) {
     let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
     let ts = ty.type_size();
     match ty {
-        GgmlType::F32 => buf.chunks_exact_mut(4).for_each(|c| c.copy_from_slice(&(rng.gen_range(-1.7f32..1.7) * sigma).to_le_bytes())),
-        GgmlType::F16 => buf.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&f16(rng.gen_range(-1.7f32..1.7) * sigma))),
+        GgmlType::F32 => buf
+            .chunks_exact_mut(4)
+            .for_each(|c| c.copy_from_slice(&(rng.gen_range(-1.7f32..1.7) * sigma).to_le_bytes())),
+        GgmlType::F16 => buf
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&f16(rng.gen_range(-1.7f32..1.7) * sigma))),
         GgmlType::BF16 => buf.chunks_exact_mut(2).for_each(|c| {
             let v = rng.gen_range(-1.7f32..1.7) * sigma;
             c.copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes())
@@ -121,11 +178,15 @@ pub fn random_weights(ty: GgmlType, cols: usize, seed: u64, buf: &mut [u8]) {
             // Overwrite each block's scales with values that give an RMS near sigma.
             for b in buf.chunks_exact_mut(ts) {
                 match ty {
-                    GgmlType::Q4_0 | GgmlType::Q5_0 => b[0..2].copy_from_slice(&f16(sigma / 4.6 * if ty == GgmlType::Q5_0 { 0.5 } else { 1.0 })),
+                    GgmlType::Q4_0 | GgmlType::Q5_0 => b[0..2].copy_from_slice(&f16(
+                        sigma / 4.6 * if ty == GgmlType::Q5_0 { 0.5 } else { 1.0 }
+                    )),
                     GgmlType::Q4_1 | GgmlType::Q5_1 => {
                         let d = sigma / 4.6 * if ty == GgmlType::Q5_1 { 0.5 } else { 1.0 };
                         b[0..2].copy_from_slice(&f16(d));
-                        b[2..4].copy_from_slice(&f16(-d * if ty == GgmlType::Q5_1 { 15.5 } else { 7.5 }));
+                        b[2..4].copy_from_slice(&f16(
+                            -d * if ty == GgmlType::Q5_1 { 15.5 } else { 7.5 }
+                        ));
                     }
                     GgmlType::Q8_0 => b[0..2].copy_from_slice(&f16(sigma / 74.0)),
                     GgmlType::Q4K | GgmlType::Q5K => {
@@ -153,7 +214,10 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
     let head_dim = s.n_embd / s.n_head;
     let mut w = GgufWriter::new();
     w.meta_str("general.architecture", "llama")
-        .meta_str("general.name", &format!("synthetic {} {}", s.name, spec.quant))
+        .meta_str(
+            "general.name",
+            &format!("synthetic {} {}", s.name, spec.quant),
+        )
         .meta_bool("general.synthetic", true)
         .meta_u32("general.file_type", file_type_of(spec.quant))
         .meta_u32("llama.block_count", s.n_layer as u32)
@@ -170,7 +234,10 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
         .meta_str("tokenizer.ggml.pre", "default");
     let (tokens, types) = vocab(s.n_vocab);
     w.meta_strings("tokenizer.ggml.tokens", tokens)
-        .meta("tokenizer.ggml.token_type", MetaValue::Array(MetaArray::I32(types)))
+        .meta(
+            "tokenizer.ggml.token_type",
+            MetaValue::Array(MetaArray::I32(types)),
+        )
         .meta_strings("tokenizer.ggml.merges", Vec::new())
         .meta_u32("tokenizer.ggml.bos_token_id", 256)
         .meta_u32("tokenizer.ggml.eos_token_id", 258)
@@ -178,21 +245,35 @@ pub fn writer(spec: &SyntheticSpec) -> GgufWriter {
 
     let mut seed = spec.seed;
     let mut next_seed = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         seed
     };
     let mut matrix = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
         let sd = next_seed();
-        w.tensor_fill(name, &[cols as u64, rows as u64], ty, Box::new(move |buf| {
-            // Row blocks are generated in parallel-friendly chunks of rows, each with its own seed.
-            let row_bytes = buf.len() / rows;
-            for (i, chunk) in buf.chunks_mut(row_bytes * 64).enumerate() {
-                random_weights(ty, cols, sd ^ (i as u64).wrapping_mul(0x9E3779B97F4A7C15), chunk);
-            }
-        }));
+        w.tensor_fill(
+            name,
+            &[cols as u64, rows as u64],
+            ty,
+            Box::new(move |buf| {
+                // Row blocks are generated in parallel-friendly chunks of rows, each with its own seed.
+                let row_bytes = buf.len() / rows;
+                for (i, chunk) in buf.chunks_mut(row_bytes * 64).enumerate() {
+                    random_weights(
+                        ty,
+                        cols,
+                        sd ^ (i as u64).wrapping_mul(0x9E3779B97F4A7C15),
+                        chunk,
+                    );
+                }
+            }),
+        );
     };
     let norm = |w: &mut GgufWriter, name: &str| {
-        let v: Vec<u8> = (0..s.n_embd).flat_map(|i| (1.0f32 + 0.01 * ((i % 7) as f32 - 3.0)).to_le_bytes()).collect();
+        let v: Vec<u8> = (0..s.n_embd)
+            .flat_map(|i| (1.0f32 + 0.01 * ((i % 7) as f32 - 3.0)).to_le_bytes())
+            .collect();
         w.tensor(name, &[s.n_embd as u64], GgmlType::F32, v);
     };
     let (d, q, kv) = (s.n_embd, s.n_head * head_dim, s.n_head_kv * head_dim);

@@ -11,7 +11,12 @@ use crate::synthetic::{self, LlamaShape, SyntheticSpec};
 /// A tiny valid Llama model (2 layers, 64 wide, vocab 320) in `quant`.
 pub fn tiny_model(quant: GgmlType, seed: u64) -> GgufWriter {
     let shape = LlamaShape::preset("tiny").expect("tiny preset");
-    synthetic::writer(&SyntheticSpec { shape, quant, output: None, seed })
+    synthetic::writer(&SyntheticSpec {
+        shape,
+        quant,
+        output: None,
+        seed,
+    })
 }
 
 /// The real SmolLM2 model if present: `$ROCFORGE_TEST_MODEL`, else the fetch-model cache.
@@ -68,22 +73,44 @@ fn patch_u64(bytes: &mut [u8], at: usize, v: u64) {
 
 /// Offset just past the first occurrence of `needle`.
 fn find(bytes: &[u8], needle: &[u8]) -> usize {
-    bytes.windows(needle.len()).position(|w| w == needle).expect("needle present") + needle.len()
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle present")
+        + needle.len()
 }
 
 /// The corpus of broken GGUF files, each derived from a valid tiny model.
 pub fn broken_corpus() -> Vec<BrokenFile> {
     let good = tiny_model(GgmlType::Q8_0, 1).to_bytes();
     let mut out = Vec::new();
-    let mut push = |name, bytes, expect| out.push(BrokenFile { name, bytes, expect });
+    let mut push = |name, bytes, expect| {
+        out.push(BrokenFile {
+            name,
+            bytes,
+            expect,
+        })
+    };
 
     push("empty", Vec::new(), "truncated");
-    push("bad-magic", b"GGML\x03\0\0\0".iter().chain(&good[8..]).copied().collect(), "not a GGUF file");
+    push(
+        "bad-magic",
+        b"GGML\x03\0\0\0"
+            .iter()
+            .chain(&good[8..])
+            .copied()
+            .collect(),
+        "not a GGUF file",
+    );
     let mut v = good.clone();
     v[4..8].copy_from_slice(&99u32.to_le_bytes());
     push("bad-version", v, "unsupported GGUF version 99");
     push("truncated-header", good[..200].to_vec(), "truncated");
-    push("truncated-tensor-data", good[..good.len() - 100].to_vec(), "truncated");
+    push(
+        "truncated-tensor-data",
+        good[..good.len() - 100].to_vec(),
+        "truncated",
+    );
     let mut v = good.clone();
     patch_u64(&mut v, 8, 1 << 60);
     push("absurd-tensor-count", v, "tensor count");
@@ -97,7 +124,11 @@ pub fn broken_corpus() -> Vec<BrokenFile> {
     // tokenizer.ggml.tokens: key, then type u32 (9), element type u32 (8), then the count.
     let at = find(&v, b"tokenizer.ggml.tokens") + 8;
     patch_u64(&mut v, at, 1 << 59);
-    push("absurd-array-length", v, "length of array `tokenizer.ggml.tokens`");
+    push(
+        "absurd-array-length",
+        v,
+        "length of array `tokenizer.ggml.tokens`",
+    );
     let mut v = good.clone();
     // The first tensor's record: name, n_dims u32, dims, type u32, offset u64.
     let at = find(&v, b"token_embd.weight") + 4 + 16 + 4;
@@ -147,7 +178,11 @@ pub fn broken_corpus() -> Vec<BrokenFile> {
         push("wrong-shape", wrong_shape.to_bytes(), "blk.0.attn_k.weight");
     }
     w.meta("general.architecture", MetaValue::String("mamba".into()));
-    push("unsupported-architecture", w.to_bytes(), "unsupported architecture `mamba`");
+    push(
+        "unsupported-architecture",
+        w.to_bytes(),
+        "unsupported architecture `mamba`",
+    );
     out
 }
 
@@ -177,7 +212,11 @@ pub fn refs_file(name: &str) -> PathBuf {
         .flatten()
         .map(|d| d.join(name))
         .find(|p| p.exists())
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(name)
+        })
 }
 
 /// One reference continuation: the chosen ids, the runner-up at each step and the top-2 gap.
@@ -213,10 +252,17 @@ pub fn greedy_refs(path: &Path) -> Result<Vec<RefCase>, String> {
 /// step where the run takes the reference's runner-up and the top-2 gap there is below
 /// `max_gap` (a numeric near-tie). Returns the step it parted at, or a description of the
 /// first real disagreement.
-pub fn agrees_with(run: &[u32], reference: &RefContinuation, max_gap: f32) -> Result<Option<usize>, String> {
+pub fn agrees_with(
+    run: &[u32],
+    reference: &RefContinuation,
+    max_gap: f32,
+) -> Result<Option<usize>, String> {
     for (i, &want) in reference.generated_ids.iter().enumerate() {
         let Some(&got) = run.get(i) else {
-            return Err(format!("the run stopped after {i} tokens, the reference has {}", reference.generated_ids.len()));
+            return Err(format!(
+                "the run stopped after {i} tokens, the reference has {}",
+                reference.generated_ids.len()
+            ));
         };
         if got == want {
             continue;
@@ -225,7 +271,10 @@ pub fn agrees_with(run: &[u32], reference: &RefContinuation, max_gap: f32) -> Re
         if reference.second_ids.get(i) == Some(&got) && gap < max_gap {
             return Ok(Some(i));
         }
-        return Err(format!("step {i}: got {got}, reference {want} (runner-up {:?}, gap {gap})", reference.second_ids.get(i)));
+        return Err(format!(
+            "step {i}: got {got}, reference {want} (runner-up {:?}, gap {gap})",
+            reference.second_ids.get(i)
+        ));
     }
     Ok(None)
 }

@@ -27,11 +27,25 @@ fn metadata_and_tensors_round_trip() {
         .meta("i64", MetaValue::I64(-(1 << 40)))
         .meta("f64", MetaValue::F64(-2.5))
         .meta("arr_f32", MetaValue::Array(MetaArray::F32(vec![1.0, 2.0])))
-        .meta("arr_str", MetaValue::Array(MetaArray::String(vec!["a".into(), "".into(), "ccc".into()])))
-        .meta("arr_arr", MetaValue::Array(MetaArray::Array(vec![MetaArray::U8(vec![1, 2]), MetaArray::Bool(vec![true])])));
+        .meta(
+            "arr_str",
+            MetaValue::Array(MetaArray::String(vec!["a".into(), "".into(), "ccc".into()])),
+        )
+        .meta(
+            "arr_arr",
+            MetaValue::Array(MetaArray::Array(vec![
+                MetaArray::U8(vec![1, 2]),
+                MetaArray::Bool(vec![true]),
+            ])),
+        );
     let t1: Vec<u8> = (0..4 * 3 * 2).map(|i| i as u8).collect();
     let t2: Vec<u8> = vec![9; 34 * 2];
-    w.tensor("a", &[3, 2], GgmlType::F32, t1.clone()).tensor("b", &[64], GgmlType::Q8_0, t2.clone());
+    w.tensor("a", &[3, 2], GgmlType::F32, t1.clone()).tensor(
+        "b",
+        &[64],
+        GgmlType::Q8_0,
+        t2.clone(),
+    );
     let p = temp("roundtrip.gguf");
     w.write_file(&p).unwrap();
     let f = GgufFile::open(&p).unwrap();
@@ -40,10 +54,23 @@ fn metadata_and_tensors_round_trip() {
     assert_eq!(f.get("u16"), Some(&MetaValue::U16(65535)));
     assert_eq!(f.get("str").and_then(|v| v.as_str()), Some("héllo"));
     assert_eq!(f.get("i64"), Some(&MetaValue::I64(-(1 << 40))));
-    assert_eq!(f.get("arr_str"), Some(&MetaValue::Array(MetaArray::String(vec!["a".into(), "".into(), "ccc".into()]))));
-    assert_eq!(f.get("arr_arr").and_then(|v| v.as_array()).map(|a| a.len()), Some(2));
+    assert_eq!(
+        f.get("arr_str"),
+        Some(&MetaValue::Array(MetaArray::String(vec![
+            "a".into(),
+            "".into(),
+            "ccc".into()
+        ])))
+    );
+    assert_eq!(
+        f.get("arr_arr").and_then(|v| v.as_array()).map(|a| a.len()),
+        Some(2)
+    );
     let a = f.tensor("a").unwrap();
-    assert_eq!((a.ty, a.dims.clone(), a.size), (GgmlType::F32, vec![3, 2], 24));
+    assert_eq!(
+        (a.ty, a.dims.clone(), a.size),
+        (GgmlType::F32, vec![3, 2], 24)
+    );
     assert_eq!(f.tensor_data(a), &t1[..]);
     let b = f.tensor("b").unwrap();
     assert_eq!(b.offset % 32, 0);
@@ -56,10 +83,27 @@ fn tiny_model_loads_with_expected_config() {
     tiny_model(GgmlType::Q4_0, 3).write_file(&p).unwrap();
     let m = Model::load(&p).unwrap();
     let c = &m.config;
-    assert_eq!((c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab), (2, 64, 4, 2, 16, 160, 320));
+    assert_eq!(
+        (
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            c.n_head_kv,
+            c.head_dim,
+            c.n_ff,
+            c.n_vocab
+        ),
+        (2, 64, 4, 2, 16, 160, 320)
+    );
     assert!(m.weights.tied_output);
     assert_eq!(m.weights.layers[1].ffn_down.ty, GgmlType::Q4_0);
-    assert_eq!((m.weights.layers[0].attn_k.rows, m.weights.layers[0].attn_k.cols), (32, 64));
+    assert_eq!(
+        (
+            m.weights.layers[0].attn_k.rows,
+            m.weights.layers[0].attn_k.cols
+        ),
+        (32, 64)
+    );
 }
 
 #[test]
@@ -71,14 +115,28 @@ fn every_broken_file_gives_its_error() {
         std::fs::write(&p, &b.bytes).unwrap();
         let err = Model::load(&p).expect_err(b.name);
         let msg = err.to_string();
-        assert!(msg.contains(b.expect), "{}: message `{msg}` lacks `{}`", b.name, b.expect);
-        assert!(msg.contains(&p.display().to_string()), "{}: message `{msg}` does not name the file", b.name);
+        assert!(
+            msg.contains(b.expect),
+            "{}: message `{msg}` lacks `{}`",
+            b.name,
+            b.expect
+        );
+        assert!(
+            msg.contains(&p.display().to_string()),
+            "{}: message `{msg}` does not name the file",
+            b.name
+        );
         match (&err, b.name) {
             (Error::Gguf(GgufError::BadMagic { .. }), "bad-magic") => {}
             (Error::Gguf(GgufError::UnsupportedVersion { version: 99, .. }), "bad-version") => {}
-            (Error::Gguf(GgufError::AbsurdCount { .. }), n) if n.starts_with("absurd") || n == "truncated-header" => {}
-            (Error::Gguf(GgufError::Truncated { .. }), n) if n.contains("truncated") || n == "empty" || n == "offset-past-end" => {}
-            (Error::Gguf(GgufError::Tensor { .. }), "unknown-tensor-type" | "misaligned-offset") => {}
+            (Error::Gguf(GgufError::AbsurdCount { .. }), n)
+                if n.starts_with("absurd") || n == "truncated-header" => {}
+            (Error::Gguf(GgufError::Truncated { .. }), n)
+                if n.contains("truncated") || n == "empty" || n == "offset-past-end" => {}
+            (
+                Error::Gguf(GgufError::Tensor { .. }),
+                "unknown-tensor-type" | "misaligned-offset",
+            ) => {}
             (Error::Tensor { .. }, "missing-tensor" | "wrong-shape") => {}
             (Error::UnsupportedArchitecture { .. }, "unsupported-architecture") => {}
             (e, n) => panic!("{n}: unexpected error variant {e:?}"),
@@ -94,7 +152,11 @@ fn every_prefix_of_a_valid_file_is_rejected_without_panic() {
     let header_end = 6000.min(good.len());
     for cut in (0..header_end).chain((header_end..good.len()).step_by(997)) {
         std::fs::write(&p, &good[..cut]).unwrap();
-        assert!(GgufFile::open(&p).is_err(), "a file cut at {cut} of {} bytes was accepted", good.len());
+        assert!(
+            GgufFile::open(&p).is_err(),
+            "a file cut at {cut} of {} bytes was accepted",
+            good.len()
+        );
     }
 }
 

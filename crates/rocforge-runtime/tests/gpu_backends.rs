@@ -8,13 +8,19 @@
 //! The backends differ on purpose in two places, which the tolerances absorb: the CPU
 //! quantizes activations to 8 bits for quantized dot products (llama.cpp's method) while the
 //! GPU dots in f32, and the GPU keeps an f16 KV cache where the device has f16.
-#![cfg(any(feature = "wgpu", all(feature = "device-tests", any(feature = "cuda", feature = "hip"))))]
+#![cfg(any(
+    feature = "wgpu",
+    all(feature = "device-tests", any(feature = "cuda", feature = "hip"))
+))]
 
 use std::sync::Arc;
 
 use rocforge_kernels::GgmlType;
 use rocforge_runtime::backend::{self, Backend, BackendKind, BackendOptions};
-use rocforge_runtime::testing::{agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, tiny_model, RefContinuation, FETCH_SMOLLM2};
+use rocforge_runtime::testing::{
+    agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, tiny_model, RefContinuation,
+    FETCH_SMOLLM2,
+};
 use rocforge_runtime::Model;
 
 /// NMSE budget of the logits per weight format (see the header for why they are not zero).
@@ -32,8 +38,16 @@ const TOLERANCE: &[(GgmlType, f64)] = &[
 fn nmse(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     assert!(got.iter().all(|v| v.is_finite()), "non-finite GPU logits");
-    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
-    num / want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().max(1e-30)
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    num / want
+        .iter()
+        .map(|&b| (b as f64).powi(2))
+        .sum::<f64>()
+        .max(1e-30)
 }
 
 fn tiny(ty: GgmlType) -> Arc<Model> {
@@ -52,7 +66,10 @@ fn gap(logits: &[f32], token: usize) -> f32 {
 fn tiny_model_logits_match_cpu_backend(kind: BackendKind) {
     for &(ty, tol) in TOLERANCE {
         let model = tiny(ty);
-        let opts = BackendOptions { ctx: 64, max_batch: 16 };
+        let opts = BackendOptions {
+            ctx: 64,
+            max_batch: 16,
+        };
         let mut cpu = backend::create(BackendKind::Cpu, model.clone(), &opts).unwrap();
         let mut gpu = backend::create(kind, model.clone(), &opts).unwrap();
         assert_eq!(gpu.kind(), kind);
@@ -63,7 +80,10 @@ fn tiny_model_logits_match_cpu_backend(kind: BackendKind) {
         cpu.forward(&prompt, 0, true).unwrap();
         gpu.forward(&prompt, 0, true).unwrap();
         let e = nmse(gpu.logits().unwrap(), cpu.logits().unwrap());
-        eprintln!("{ty}: prefill (all logits) nmse {e:.2e}, {} launches", gpu.launches_last_forward());
+        eprintln!(
+            "{ty}: prefill (all logits) nmse {e:.2e}, {} launches",
+            gpu.launches_last_forward()
+        );
         assert!(e <= tol, "{ty}: prefill logits nmse {e:.2e} > {tol:.0e}");
 
         let nv = model.config.n_vocab;
@@ -73,14 +93,24 @@ fn tiny_model_logits_match_cpu_backend(kind: BackendKind) {
         for step in 0..6 {
             cpu.forward(&[token], pos, false).unwrap();
             gpu.forward(&[token], pos, false).unwrap();
-            let (c, g) = (cpu.logits().unwrap().to_vec(), gpu.logits().unwrap().to_vec());
+            let (c, g) = (
+                cpu.logits().unwrap().to_vec(),
+                gpu.logits().unwrap().to_vec(),
+            );
             let e = nmse(&g, &c);
-            assert!(e <= tol, "{ty}: decode step {step} logits nmse {e:.2e} > {tol:.0e}");
+            assert!(
+                e <= tol,
+                "{ty}: decode step {step} logits nmse {e:.2e} > {tol:.0e}"
+            );
             let (tc, tg) = (cpu.argmax().unwrap(), gpu.argmax().unwrap());
             // A different argmax is legitimate within the noise the tolerance allows.
             let rms = (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt();
             let allowed = 4.0 * (tol as f32).sqrt() * rms;
-            assert!(tc == tg || gap(&c, tg as usize) < allowed, "{ty}: step {step} argmax {tg} vs cpu {tc} (gap {} > {allowed})", gap(&c, tg as usize));
+            assert!(
+                tc == tg || gap(&c, tg as usize) < allowed,
+                "{ty}: step {step} argmax {tg} vs cpu {tc} (gap {} > {allowed})",
+                gap(&c, tg as usize)
+            );
             pos += 1;
             token = tc;
         }
@@ -96,35 +126,127 @@ fn tiny_model_logits_match_cpu_backend(kind: BackendKind) {
             GgmlType::F32 | GgmlType::F16 => 8..=9,
             _ => 6..=7,
         };
-        assert!((2 + per_layer.start() * n_layer..=3 + per_layer.end() * n_layer).contains(&launches), "{ty}: {launches} decode launches");
+        assert!(
+            (2 + per_layer.start() * n_layer..=3 + per_layer.end() * n_layer).contains(&launches),
+            "{ty}: {launches} decode launches"
+        );
         // Per-op profile: every family of the forward pass shows up, with its launches.
         gpu.set_profiling(true);
         gpu.forward(&[token], pos, false).unwrap();
         let prof = gpu.op_profile();
         gpu.set_profiling(false);
-        for op in ["embed", "matmul", "rope_kv_store", "attention", "output"] {
-            assert!(prof.iter().any(|o| o.op == op && o.calls > 0 && o.total_ms >= 0.0), "{ty}: no `{op}` in {prof:?}");
+        for op in [
+            "embed",
+            "attn_in",
+            "rope_store",
+            "attention",
+            "attn_out",
+            "ffn_in",
+            "ffn_out",
+            "logits",
+        ] {
+            assert!(
+                prof.iter()
+                    .any(|o| o.op == op && o.calls > 0 && o.total_ms >= 0.0),
+                "{ty}: no `{op}` in {prof:?}"
+            );
         }
         let mem = gpu.memory();
-        assert!(mem.weights_bytes > 0 && mem.kv_cache_bytes > 0 && mem.scratch_bytes > 0, "{mem:?}");
+        assert!(
+            mem.weights_bytes > 0 && mem.kv_cache_bytes > 0 && mem.scratch_bytes > 0,
+            "{mem:?}"
+        );
     }
 }
 
 fn backend_errors_are_clear(kind: BackendKind) {
     let model = tiny(GgmlType::Q8_0);
-    let opts = BackendOptions { ctx: 8, max_batch: 4 };
+    let opts = BackendOptions {
+        ctx: 8,
+        max_batch: 4,
+    };
     let mut gpu = backend::create(kind, model.clone(), &opts).unwrap();
     assert!(!gpu.device_name().is_empty());
-    assert!(gpu.forward(&[1; 9], 0, false).is_err(), "more tokens than max_batch");
+    assert!(
+        gpu.forward(&[1; 9], 0, false).is_err(),
+        "more tokens than max_batch"
+    );
     assert!(gpu.forward(&[1, 2], 7, false).is_err(), "past the context");
-    assert!(gpu.forward(&[100_000], 0, false).is_err(), "token outside the vocabulary");
+    assert!(
+        gpu.forward(&[100_000], 0, false).is_err(),
+        "token outside the vocabulary"
+    );
     if !BackendKind::Hip.compiled() {
-        let err = backend::create(BackendKind::Hip, model.clone(), &opts).err().expect("no hip in this build");
+        let err = backend::create(BackendKind::Hip, model.clone(), &opts)
+            .err()
+            .expect("no hip in this build");
         assert!(err.to_string().contains("--features hip"), "{err}");
     }
     // Auto never picks a CPU adapter such as lavapipe: here it is a real GPU or the CPU backend.
     let auto = backend::create(BackendKind::Auto, model, &opts).unwrap();
     eprintln!("auto picked {} on {}", auto.kind(), auto.device_name());
+}
+
+/// Property: for random prompt lengths, batch sizes 1-16 and small contexts, a session on the
+/// GPU gives the CPU's logits after the prefill (run in chunks of the batch size) and after
+/// each decode step up to the full context, and then refuses one more token with an error.
+fn random_batches_match_cpu_backend(kind: BackendKind) {
+    use proptest::prelude::*;
+    use rocforge_runtime::Session;
+    let formats = [
+        (GgmlType::Q8_0, 1e-3),
+        (GgmlType::Q4_1, 3e-3),
+        (GgmlType::F16, 1e-5),
+    ];
+    let models: Vec<_> = formats
+        .iter()
+        .map(|&(ty, tol)| (tiny(ty), ty, tol))
+        .collect();
+    let config = ProptestConfig {
+        cases: 12,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let strategy = (
+        0..models.len(),
+        1usize..=20,
+        1usize..=16,
+        0usize..=4,
+        any::<u64>(),
+    );
+    runner
+        .run(&strategy, |(m, len, max_batch, spare, seed)| {
+            let (model, ty, tol) = &models[m];
+            let ctx = len + spare + 1;
+            let opts = BackendOptions { ctx, max_batch };
+            let mut rng = seed;
+            let prompt: Vec<u32> = (0..len)
+                .map(|_| {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((rng >> 33) % 250) as u32
+                })
+                .collect();
+            let mut cpu = Session::new(model.clone(), BackendKind::Cpu, opts.clone()).unwrap();
+            let mut gpu = Session::new(model.clone(), kind, opts).unwrap();
+            cpu.prefill(&prompt).unwrap();
+            gpu.prefill(&prompt).unwrap();
+            loop {
+                let (c, g) = (cpu.logits().unwrap().to_vec(), gpu.logits().unwrap().to_vec());
+                let e = nmse(&g, &c);
+                let at = cpu.tokens().len();
+                prop_assert!(e <= *tol, "{ty}: len {len} batch {max_batch} ctx {ctx}: logits at {at} nmse {e:.2e} > {tol:.0e}");
+                let next = rocforge_runtime::sampler::argmax(&c) as u32;
+                if at == ctx {
+                    prop_assert!(gpu.decode(next).is_err(), "a token past the context was accepted");
+                    break;
+                }
+                cpu.decode(next).unwrap();
+                gpu.decode(next).unwrap();
+            }
+            Ok(())
+        })
+        .unwrap();
 }
 
 /// Greedy ids of `n` steps after `prompt`.
@@ -151,16 +273,33 @@ fn real_model_greedy_matches_references(kind: BackendKind) {
         Err(e) => return skip_or_fail("references", &format!("{e}; set ROCFORGE_REFS")),
     };
     let model = Model::load(path).unwrap();
-    let opts = BackendOptions { ctx: 256, max_batch: 64 };
+    let opts = BackendOptions {
+        ctx: 256,
+        max_batch: 64,
+    };
     let mut gpu = backend::create(kind, model.clone(), &opts).unwrap();
     for case in &refs {
         let prompt = model.tokenizer.encode(&case.prompt, true, true).unwrap();
         assert_eq!(prompt, case.prompt_ids, "prompt ids of {:?}", case.prompt);
-        let n = case.llama_cpp.generated_ids.len().max(case.exact_f32.generated_ids.len());
+        let n = case
+            .llama_cpp
+            .generated_ids
+            .len()
+            .max(case.exact_f32.generated_ids.len());
         let ids = greedy(gpu.as_mut(), &prompt, n);
-        let (vs_llama, vs_exact) = (agrees_with(&ids, &case.llama_cpp, 0.5), agrees_with(&ids, &case.exact_f32, 0.5));
-        eprintln!("{kind} {:?}: {ids:?}\n  vs llama.cpp {vs_llama:?}, vs exact f32 {vs_exact:?}", case.prompt);
-        assert!(vs_llama.is_ok() || vs_exact.is_ok(), "{kind} {:?} agrees with neither reference: {ids:?}", case.prompt);
+        let (vs_llama, vs_exact) = (
+            agrees_with(&ids, &case.llama_cpp, 0.5),
+            agrees_with(&ids, &case.exact_f32, 0.5),
+        );
+        eprintln!(
+            "{kind} {:?}: {ids:?}\n  vs llama.cpp {vs_llama:?}, vs exact f32 {vs_exact:?}",
+            case.prompt
+        );
+        assert!(
+            vs_llama.is_ok() || vs_exact.is_ok(),
+            "{kind} {:?} agrees with neither reference: {ids:?}",
+            case.prompt
+        );
     }
 }
 
@@ -171,24 +310,49 @@ fn real_model_greedy_tokens_match_cpu_backend(kind: BackendKind) {
         return skip_or_fail("real model", FETCH_SMOLLM2);
     };
     let model = Model::load(path).unwrap();
-    let prompt = model.tokenizer.encode("The capital of France is", true, true).unwrap();
-    let opts = BackendOptions { ctx: 256, max_batch: 64 };
+    let prompt = model
+        .tokenizer
+        .encode("The capital of France is", true, true)
+        .unwrap();
+    let opts = BackendOptions {
+        ctx: 256,
+        max_batch: 64,
+    };
     let mut cpu = backend::create(BackendKind::Cpu, model.clone(), &opts).unwrap();
     let mut gpu = backend::create(kind, model.clone(), &opts).unwrap();
     let n = 20;
-    let (ids_cpu, ids_gpu) = (greedy(cpu.as_mut(), &prompt, n), greedy(gpu.as_mut(), &prompt, n));
-    let same = ids_cpu.iter().zip(&ids_gpu).take_while(|(a, b)| a == b).count();
-    eprintln!("cpu {ids_cpu:?}\ngpu {ids_gpu:?}\n{same} agree; decode launches {}; {:?}", gpu.launches_last_forward(), gpu.memory());
+    let (ids_cpu, ids_gpu) = (
+        greedy(cpu.as_mut(), &prompt, n),
+        greedy(gpu.as_mut(), &prompt, n),
+    );
+    let same = ids_cpu
+        .iter()
+        .zip(&ids_gpu)
+        .take_while(|(a, b)| a == b)
+        .count();
+    eprintln!(
+        "cpu {ids_cpu:?}\ngpu {ids_gpu:?}\n{same} agree; decode launches {}; {:?}",
+        gpu.launches_last_forward(),
+        gpu.memory()
+    );
     if same < 16 {
-        let refs = greedy_refs(&refs_file("smollm2-greedy.json")).expect("references, to judge the parting");
-        let case = refs.iter().find(|c| c.prompt_ids == prompt).expect("reference case");
+        let refs = greedy_refs(&refs_file("smollm2-greedy.json"))
+            .expect("references, to judge the parting");
+        let case = refs
+            .iter()
+            .find(|c| c.prompt_ids == prompt)
+            .expect("reference case");
         let short = |r: &RefContinuation| RefContinuation {
             generated_ids: r.generated_ids[..n.min(r.generated_ids.len())].to_vec(),
             second_ids: r.second_ids[..n.min(r.second_ids.len())].to_vec(),
             top2_gap: r.top2_gap[..n.min(r.top2_gap.len())].to_vec(),
         };
-        let ok = agrees_with(&ids_gpu, &short(&case.llama_cpp), 0.5).is_ok() || agrees_with(&ids_gpu, &short(&case.exact_f32), 0.5).is_ok();
-        assert!(ok, "gpu parted from the cpu after {same} tokens and agrees with neither reference");
+        let ok = agrees_with(&ids_gpu, &short(&case.llama_cpp), 0.5).is_ok()
+            || agrees_with(&ids_gpu, &short(&case.exact_f32), 0.5).is_ok();
+        assert!(
+            ok,
+            "gpu parted from the cpu after {same} tokens and agrees with neither reference"
+        );
     }
 }
 
@@ -200,6 +364,10 @@ macro_rules! backend_tests {
             #[test]
             fn tiny_model_logits_match_cpu_backend() {
                 super::tiny_model_logits_match_cpu_backend($kind)
+            }
+            #[test]
+            fn random_batches_match_cpu_backend() {
+                super::random_batches_match_cpu_backend($kind)
             }
             #[test]
             fn backend_errors_are_clear() {

@@ -47,20 +47,44 @@ pub fn add_assign_kernel(x: &mut Array<f32>, y: &Array<f32>, n: u32) {
 
 /// SwiGLU in place over the first `n` elements of `gate`.
 pub fn launch_swiglu<R: Runtime>(gpu: &Gpu<R>, gate: &Buf, up: &Buf, n: usize) {
-    assert!(n <= gate.len() && n <= up.len(), "swiglu: {n} elements out of range");
+    assert!(
+        n <= gate.len() && n <= up.len(),
+        "swiglu: {n} elements out of range"
+    );
     let (count, dim) = elementwise(n);
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within both buffers.
-    unsafe { swiglu_kernel::launch_unchecked::<R>(gpu.client(), count, dim, gate.arg(), up.arg(), n as u32) }
+    unsafe {
+        swiglu_kernel::launch_unchecked::<R>(
+            gpu.client(),
+            count,
+            dim,
+            gate.arg(),
+            up.arg(),
+            n as u32,
+        )
+    }
 }
 
 /// Residual add in place over the first `n` elements of `x`.
 pub fn launch_add_assign<R: Runtime>(gpu: &Gpu<R>, x: &Buf, y: &Buf, n: usize) {
-    assert!(n <= x.len() && n <= y.len(), "add_assign: {n} elements out of range");
+    assert!(
+        n <= x.len() && n <= y.len(),
+        "add_assign: {n} elements out of range"
+    );
     let (count, dim) = elementwise(n);
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within both buffers.
-    unsafe { add_assign_kernel::launch_unchecked::<R>(gpu.client(), count, dim, x.arg(), y.arg(), n as u32) }
+    unsafe {
+        add_assign_kernel::launch_unchecked::<R>(
+            gpu.client(),
+            count,
+            dim,
+            x.arg(),
+            y.arg(),
+            n as u32,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,13 @@ pub(crate) const ARGMAX_CUBE: usize = 256;
 /// One cube: unit `u` scans `x[row0 + u], x[row0 + u + block], ...`, then a shared-memory
 /// reduction keeps the larger value, or the lower index on a tie.
 #[cube(launch_unchecked)]
-pub fn argmax_kernel(x: &Array<f32>, out: &mut Array<u32>, row0: u32, n: u32, #[comptime] block: usize) {
+pub fn argmax_kernel(
+    x: &Array<f32>,
+    out: &mut Array<u32>,
+    row0: u32,
+    n: u32,
+    #[comptime] block: usize,
+) {
     let u = UNIT_POS as usize;
     let base = row0 as usize;
     let mut best_v = f32::new(-3.0e38);
@@ -74,7 +80,10 @@ pub fn argmax_kernel(x: &Array<f32>, out: &mut Array<u32>, row0: u32, n: u32, #[
 
 /// Index of the largest of `x[row0 .. row0 + n]`, into `out[0]`.
 pub fn launch_argmax<R: Runtime>(gpu: &Gpu<R>, x: &Buf, row0: usize, n: usize, out: &Buf) {
-    assert!(n >= 1 && row0 + n <= x.len() && !out.is_empty(), "argmax: range out of bounds");
+    assert!(
+        n >= 1 && row0 + n <= x.len() && !out.is_empty(),
+        "argmax: range out of bounds"
+    );
     gpu.count();
     // SAFETY: units read x[row0 + i] for i < n, asserted above.
     unsafe {

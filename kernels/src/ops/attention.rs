@@ -97,9 +97,25 @@ pub struct KvCache {
 
 impl KvCache {
     /// A zeroed cache of `n_layer` layers of `capacity` positions.
-    pub fn new<R: Runtime>(gpu: &Gpu<R>, n_layer: usize, capacity: usize, kv_dim: usize, ty: KvType) -> Self {
-        let alloc = || (0..n_layer).map(|_| gpu.zeros_of(capacity * kv_dim, ty.bytes())).collect();
-        Self { k: alloc(), v: alloc(), ty, capacity, kv_dim }
+    pub fn new<R: Runtime>(
+        gpu: &Gpu<R>,
+        n_layer: usize,
+        capacity: usize,
+        kv_dim: usize,
+        ty: KvType,
+    ) -> Self {
+        let alloc = || {
+            (0..n_layer)
+                .map(|_| gpu.zeros_of(capacity * kv_dim, ty.bytes()))
+                .collect()
+        };
+        Self {
+            k: alloc(),
+            v: alloc(),
+            ty,
+            capacity,
+            kv_dim,
+        }
     }
     pub fn ty(&self) -> KvType {
         self.ty
@@ -115,7 +131,11 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(Buf::bytes).sum()
     }
     /// Layer `layer`'s K and V as f32 (tests and debug dumps).
-    pub fn read_layer<R: Runtime>(&self, gpu: &Gpu<R>, layer: usize) -> Result<(Vec<f32>, Vec<f32>), super::gpu::GpuError> {
+    pub fn read_layer<R: Runtime>(
+        &self,
+        gpu: &Gpu<R>,
+        layer: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), super::gpu::GpuError> {
         let read = |b: &Buf| -> Result<Vec<f32>, super::gpu::GpuError> {
             Ok(match self.ty {
                 KvType::F32 => gpu.read_f32(b)?,
@@ -128,6 +148,8 @@ impl KvCache {
 
 /// Keys one split covers before decode splits the sequence further.
 pub const SPLIT_KEYS: usize = 256;
+/// Largest head dimension the kernels take (a unit per dimension in one cube).
+pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
 pub const MAX_DECODE_SPLITS: usize = 32;
 
@@ -143,7 +165,11 @@ impl AttnScratch {
     /// Room for `max_batch` tokens of `n_head` heads, or one token with the most splits.
     pub fn new<R: Runtime>(gpu: &Gpu<R>, max_batch: usize, shape: AttnShape) -> Self {
         let rows = shape.n_heads * max_batch.max(MAX_DECODE_SPLITS);
-        Self { part_o: gpu.zeros(rows * shape.head_dim), part_ml: gpu.zeros(rows * 2), rows }
+        Self {
+            part_o: gpu.zeros(rows * shape.head_dim),
+            part_ml: gpu.zeros(rows * 2),
+            rows,
+        }
     }
     pub fn bytes(&self) -> u64 {
         self.part_o.bytes() + self.part_ml.bytes()
@@ -152,13 +178,17 @@ impl AttnScratch {
 
 /// How a call splits its keys: `(splits, keys per split)`. More splits only when the cubes
 /// of one split per query would leave the GPU idle (decode on a long context).
-pub fn plan_splits(n_tokens: usize, n_head: usize, kv_len: usize, scratch_rows: usize) -> (usize, usize) {
+pub fn plan_splits(
+    n_tokens: usize,
+    n_head: usize,
+    kv_len: usize,
+    scratch_rows: usize,
+) -> (usize, usize) {
     let want = kv_len.div_ceil(SPLIT_KEYS);
     let fit = scratch_rows / (n_tokens * n_head);
     let splits = want.min(fit).clamp(1, MAX_DECODE_SPLITS);
     (splits, kv_len.div_ceil(splits))
 }
-
 
 /// Cube `(t, h, s)` (row-major) with `head_dim` units: attention of query `t`, head `h` over
 /// keys `s * chunk .. min((s + 1) * chunk, pos + t + 1)`. With `finalize` (one split) it writes
@@ -255,7 +285,13 @@ pub fn attention_kernel<K: Float>(
 
 /// Cube `(t, h)` with `head_dim` units: merges the `n_splits` partial results of that query.
 #[cube(launch_unchecked)]
-pub fn attention_combine_kernel(part_o: &Array<f32>, part_ml: &Array<f32>, out: &mut Array<f32>, n_splits: u32, #[comptime] hd: usize) {
+pub fn attention_combine_kernel(
+    part_o: &Array<f32>,
+    part_ml: &Array<f32>,
+    out: &mut Array<f32>,
+    n_splits: u32,
+    #[comptime] hd: usize,
+) {
     let splits = n_splits as usize;
     let u = UNIT_POS as usize;
     let row = CUBE_POS;
@@ -289,11 +325,24 @@ pub fn launch_attention<R: Runtime>(
     n: usize,
     shape: AttnShape,
 ) {
-    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = shape;
     let q_dim = n_heads * hd;
-    assert!(n >= 1 && n * q_dim <= q.len().min(out.len()), "attention: {n} queries out of range");
-    assert!(pos + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd, "attention: cache too small");
-    assert!(n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=1024).contains(&hd), "attention: bad shape {shape:?}");
+    assert!(
+        n >= 1 && n * q_dim <= q.len().min(out.len()),
+        "attention: {n} queries out of range"
+    );
+    assert!(
+        pos + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd,
+        "attention: cache too small"
+    );
+    assert!(
+        n_kv_heads >= 1 && n_heads % n_kv_heads == 0 && (1..=MAX_HEAD_DIM).contains(&hd),
+        "attention: bad shape {shape:?}"
+    );
     let kv_len = pos + n;
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
     let finalize = splits == 1;
@@ -355,7 +404,11 @@ mod tests {
 
     #[test]
     fn matches_two_pass_softmax() {
-        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
         let k: Vec<f32> = (0..12).map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5).collect();
         let v: Vec<f32> = (0..12).map(|i| ((i * 3) % 7) as f32 * 0.2 - 0.4).collect();
         let q = [0.4f32, -0.2, 0.9, 0.1];

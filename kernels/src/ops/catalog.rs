@@ -12,22 +12,86 @@ use super::{activation, argmax, attention, dequant, embedding, norm, rope};
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// `(name, definition)` of every kernel variant, built with `client`'s device properties.
-pub fn kernel_definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<(String, KernelDefinition)> {
-    let settings = |threads: usize| KernelSettings::default().cube_dim(CubeDim::new_1d(threads as u32)).address_type(AddressType::U32);
+pub fn kernel_definitions<R: Runtime>(
+    client: &ComputeClient<R>,
+) -> Vec<(String, KernelDefinition)> {
+    let settings = |threads: usize| {
+        KernelSettings::default()
+            .cube_dim(CubeDim::new_1d(threads as u32))
+            .address_type(AddressType::U32)
+    };
     let c = || client.clone();
     // Compilation arguments: one per array (none in place) and `()` per scalar, in order.
     let a = || ArrayCompilationArg { inplace: None };
     let mut out: Vec<(String, KernelDefinition)> = Vec::new();
     let row = norm::ROW_CUBE;
-    out.push(("rms_norm".into(), norm::rms_norm_kernel::RmsNormKernel::<R>::new(settings(row), c(), a(), a(), a(), (), (), row).define()));
-    out.push(("add_rms_norm".into(), norm::add_rms_norm_kernel::AddRmsNormKernel::<R>::new(settings(row), c(), a(), a(), a(), a(), (), (), row).define()));
-    out.push(("swiglu".into(), activation::swiglu_kernel::SwigluKernel::<R>::new(settings(256), c(), a(), a(), ()).define()));
-    out.push(("add_assign".into(), activation::add_assign_kernel::AddAssignKernel::<R>::new(settings(256), c(), a(), a(), ()).define()));
+    out.push((
+        "rms_norm".into(),
+        norm::rms_norm_kernel::RmsNormKernel::<R>::new(
+            settings(row),
+            c(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            row,
+        )
+        .define(),
+    ));
+    out.push((
+        "add_rms_norm".into(),
+        norm::add_rms_norm_kernel::AddRmsNormKernel::<R>::new(
+            settings(row),
+            c(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            row,
+        )
+        .define(),
+    ));
+    out.push((
+        "swiglu".into(),
+        activation::swiglu_kernel::SwigluKernel::<R>::new(settings(256), c(), a(), a(), ())
+            .define(),
+    ));
+    out.push((
+        "add_assign".into(),
+        activation::add_assign_kernel::AddAssignKernel::<R>::new(settings(256), c(), a(), a(), ())
+            .define(),
+    ));
     let rope_scalars = || ((), (), (), (), (), (), (), (), (), (), ());
     macro_rules! rope_def {
         ($k:ty) => {{
             let s = rope_scalars();
-            rope::rope_store_kernel::RopeStoreKernel::<$k, R>::new(settings(256), c(), a(), a(), a(), a(), a(), a(), a(), a(), s.0, s.1, s.2, s.3, s.4, s.5, s.6, s.7, s.8, s.9, s.10).define()
+            rope::rope_store_kernel::RopeStoreKernel::<$k, R>::new(
+                settings(256),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                s.0,
+                s.1,
+                s.2,
+                s.3,
+                s.4,
+                s.5,
+                s.6,
+                s.7,
+                s.8,
+                s.9,
+                s.10,
+            )
+            .define()
         }};
     }
     out.push(("rope_store_f32".into(), rope_def!(f32)));
@@ -37,16 +101,59 @@ pub fn kernel_definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<(String,
             let tag = if finalize { "single" } else { "split" };
             out.push((
                 format!("attention_f32_hd{hd}_{tag}"),
-                attention::attention_kernel::AttentionKernel::<f32, R>::new(settings(hd), c(), a(), a(), a(), a(), a(), (), (), (), (), (), (), hd, finalize).define(),
+                attention::attention_kernel::AttentionKernel::<f32, R>::new(
+                    settings(hd),
+                    c(),
+                    a(),
+                    a(),
+                    a(),
+                    a(),
+                    a(),
+                    (),
+                    (),
+                    (),
+                    (),
+                    (),
+                    (),
+                    hd,
+                    finalize,
+                )
+                .define(),
             ));
             out.push((
                 format!("attention_f16_hd{hd}_{tag}"),
-                attention::attention_kernel::AttentionKernel::<half::f16, R>::new(settings(hd), c(), a(), a(), a(), a(), a(), (), (), (), (), (), (), hd, finalize).define(),
+                attention::attention_kernel::AttentionKernel::<half::f16, R>::new(
+                    settings(hd),
+                    c(),
+                    a(),
+                    a(),
+                    a(),
+                    a(),
+                    a(),
+                    (),
+                    (),
+                    (),
+                    (),
+                    (),
+                    (),
+                    hd,
+                    finalize,
+                )
+                .define(),
             ));
         }
         out.push((
             format!("attention_combine_hd{hd}"),
-            attention::attention_combine_kernel::AttentionCombineKernel::<R>::new(settings(hd), c(), a(), a(), a(), (), hd).define(),
+            attention::attention_combine_kernel::AttentionCombineKernel::<R>::new(
+                settings(hd),
+                c(),
+                a(),
+                a(),
+                a(),
+                (),
+                hd,
+            )
+            .define(),
         ));
     }
     for ty in DEVICE_FORMATS {
@@ -54,16 +161,53 @@ pub fn kernel_definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<(String,
             let tag = if from_scalar { "one" } else { "batch" };
             out.push((
                 format!("embedding_{ty}_{tag}"),
-                embedding::embedding_kernel::EmbeddingKernel::<R>::new(settings(256), c(), a(), a(), a(), (), (), (), (), ty.id(), from_scalar).define(),
+                embedding::embedding_kernel::EmbeddingKernel::<R>::new(
+                    settings(256),
+                    c(),
+                    a(),
+                    a(),
+                    a(),
+                    (),
+                    (),
+                    (),
+                    (),
+                    ty.id(),
+                    from_scalar,
+                )
+                .define(),
             ));
         }
         out.push((
             format!("linear_plain_{ty}"),
-            dequant::linear_plain_kernel::LinearPlainKernel::<R>::new(settings(dequant::LINEAR_CUBE), c(), a(), a(), a(), (), (), (), (), ty.id(), dequant::LINEAR_CUBE)
-                .define(),
+            dequant::linear_plain_kernel::LinearPlainKernel::<R>::new(
+                settings(dequant::LINEAR_CUBE),
+                c(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                (),
+                (),
+                ty.id(),
+                dequant::LINEAR_CUBE,
+            )
+            .define(),
         ));
     }
-    out.push(("argmax".into(), argmax::argmax_kernel::ArgmaxKernel::<R>::new(settings(argmax::ARGMAX_CUBE), c(), a(), a(), (), (), argmax::ARGMAX_CUBE).define()));
+    out.push((
+        "argmax".into(),
+        argmax::argmax_kernel::ArgmaxKernel::<R>::new(
+            settings(argmax::ARGMAX_CUBE),
+            c(),
+            a(),
+            a(),
+            (),
+            (),
+            argmax::ARGMAX_CUBE,
+        )
+        .define(),
+    ));
     // The quantized mat-vec / fused SwiGLU / dequantize kernels: every (format, variant) the
     // matmul API launches, under each mat-vec config HIP (wave64, wave32) or `client` uses.
     out.extend(super::matmul::catalog::kernel_definitions(client));

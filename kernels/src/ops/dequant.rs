@@ -141,17 +141,34 @@ pub struct UnsupportedFormat {
 
 impl DeviceWeight {
     /// Uploads `bytes` (GGUF layout, `rows` rows of `cols`) once.
-    pub fn upload<R: Runtime>(gpu: &Gpu<R>, ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<Self, UnsupportedFormat> {
+    pub fn upload<R: Runtime>(
+        gpu: &Gpu<R>,
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, UnsupportedFormat> {
         if !DEVICE_FORMATS.contains(&ty) || cols % 32 != 0 {
             return Err(UnsupportedFormat { ty });
         }
         let row_bytes = ty.row_bytes(cols as u64).expect("cols are whole blocks") as usize;
-        assert_eq!(bytes.len(), rows * row_bytes, "weight bytes do not match ({rows}, {cols}) {ty}");
-        Ok(Self { buf: gpu.words(bytes), ty, rows, cols })
+        assert_eq!(
+            bytes.len(),
+            rows * row_bytes,
+            "weight bytes do not match ({rows}, {cols}) {ty}"
+        );
+        Ok(Self {
+            buf: gpu.words(bytes),
+            ty,
+            rows,
+            cols,
+        })
     }
 
     pub fn row_bytes(&self) -> usize {
-        self.ty.row_bytes(self.cols as u64).expect("validated at upload") as usize
+        self.ty
+            .row_bytes(self.cols as u64)
+            .expect("validated at upload") as usize
     }
 
     pub fn bytes(&self) -> u64 {
@@ -196,8 +213,19 @@ pub fn linear_plain_kernel(
 }
 
 /// `out[t] = W · x[t]` for the first `n` rows of `x`.
-pub fn launch_linear_plain<R: Runtime>(gpu: &Gpu<R>, w: &DeviceWeight, x: &Buf, out: &Buf, n: usize) {
-    assert!(n >= 1 && n * w.cols <= x.len() && n * w.rows <= out.len(), "linear {}x{}: {n} rows out of range", w.rows, w.cols);
+pub fn launch_linear_plain<R: Runtime>(
+    gpu: &Gpu<R>,
+    w: &DeviceWeight,
+    x: &Buf,
+    out: &Buf,
+    n: usize,
+) {
+    assert!(
+        n >= 1 && n * w.cols <= x.len() && n * w.rows <= out.len(),
+        "linear {}x{}: {n} rows out of range",
+        w.rows,
+        w.cols
+    );
     gpu.count();
     // SAFETY: every cube reads row r < rows of W and row t < n of x, both asserted above.
     unsafe {

@@ -7,7 +7,13 @@ use super::dequant::{element, DeviceWeight};
 use super::gpu::{elementwise, Buf, Gpu};
 
 /// Reference: the row of `token` as f32 (what the CPU backend does per token).
-pub fn embed_row(ty: crate::GgmlType, table: &[u8], n_cols: usize, token: usize, out: &mut [f32]) -> Result<(), crate::quant::QuantError> {
+pub fn embed_row(
+    ty: crate::GgmlType,
+    table: &[u8],
+    n_cols: usize,
+    token: usize,
+    out: &mut [f32],
+) -> Result<(), crate::quant::QuantError> {
     let row_bytes = ty.row_bytes(n_cols as u64).unwrap_or(0) as usize;
     crate::quant::dequantize_row(ty, &table[token * row_bytes..(token + 1) * row_bytes], out)
 }
@@ -49,13 +55,26 @@ pub enum Tokens<'a> {
 
 /// Embeds the tokens into rows `0..n` of `out`. Token ids must be below `w.rows` (the caller
 /// validates them on the host, where they come from).
-pub fn launch_embedding<R: Runtime>(gpu: &Gpu<R>, w: &DeviceWeight, tokens: Tokens<'_>, dummy: &Buf, out: &Buf) {
+pub fn launch_embedding<R: Runtime>(
+    gpu: &Gpu<R>,
+    w: &DeviceWeight,
+    tokens: Tokens<'_>,
+    dummy: &Buf,
+    out: &Buf,
+) {
     let (ids, n, token0, from_scalar) = match tokens {
         Tokens::One(t) => (dummy, 1, t, true),
         Tokens::Device(b, n) => (b, n, 0, false),
     };
-    assert!(n >= 1 && n <= ids.len() && n * w.cols <= out.len(), "embedding: {n} tokens out of range");
-    assert!(token0 < w.rows as u32, "embedding: token {token0} outside {} rows", w.rows);
+    assert!(
+        n >= 1 && n <= ids.len() && n * w.cols <= out.len(),
+        "embedding: {n} tokens out of range"
+    );
+    assert!(
+        token0 < w.rows as u32,
+        "embedding: token {token0} outside {} rows",
+        w.rows
+    );
     let (count, dim) = elementwise(n * w.cols);
     gpu.count();
     // SAFETY: the kernel guards its unit count; token ids are below `w.rows` (caller contract).

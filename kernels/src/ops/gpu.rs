@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cubecl;
-pub use cubecl::prelude::{ComputeClient, Runtime};
 use cubecl::prelude::*;
+pub use cubecl::prelude::{ComputeClient, Runtime};
 use cubecl::server::Handle;
 
 /// What can go wrong talking to a device after it was created.
@@ -57,7 +57,10 @@ impl Buf {
 
 impl<R: Runtime> Gpu<R> {
     pub fn new(client: ComputeClient<R>) -> Self {
-        Self { client, launches: AtomicU64::new(0) }
+        Self {
+            client,
+            launches: AtomicU64::new(0),
+        }
     }
 
     /// A client on `device`. Creating a client for an absent device may panic (CUDA, wgpu)
@@ -92,7 +95,11 @@ impl<R: Runtime> Gpu<R> {
         } else {
             self.client.create_from_slice(bytes)
         };
-        Buf { handle, len: len.max(1), elem_bytes }
+        Buf {
+            handle,
+            len: len.max(1),
+            elem_bytes,
+        }
     }
 
     pub fn f32s(&self, data: &[f32]) -> Buf {
@@ -126,7 +133,10 @@ impl<R: Runtime> Gpu<R> {
     }
 
     fn read_bytes(&self, buf: &Buf) -> Result<Vec<u8>, GpuError> {
-        let bytes = self.client.read_one(buf.handle.clone()).map_err(|e| GpuError::Read(format!("{e:?}")))?;
+        let bytes = self
+            .client
+            .read_one(buf.handle.clone())
+            .map_err(|e| GpuError::Read(format!("{e:?}")))?;
         Ok(bytes[..buf.bytes() as usize].to_vec())
     }
 
@@ -136,7 +146,10 @@ impl<R: Runtime> Gpu<R> {
 
     /// Reads the first `n` f32 values into `out` (`out.len() >= n`).
     pub fn read_f32_into(&self, buf: &Buf, n: usize, out: &mut [f32]) -> Result<(), GpuError> {
-        let h = self.client.read_one(buf.handle.clone()).map_err(|e| GpuError::Read(format!("{e:?}")))?;
+        let h = self
+            .client
+            .read_one(buf.handle.clone())
+            .map_err(|e| GpuError::Read(format!("{e:?}")))?;
         let src: &[u8] = &h[..n * 4];
         for (o, c) in out[..n].iter_mut().zip(src.chunks_exact(4)) {
             *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -159,17 +172,22 @@ impl<R: Runtime> Gpu<R> {
 
     /// `(bytes in use, bytes reserved)` as the device allocator reports them.
     pub fn memory_usage(&self) -> Option<(u64, u64)> {
-        self.client.memory_usage().ok().map(|m| (m.bytes_in_use, m.bytes_reserved))
+        self.client
+            .memory_usage()
+            .ok()
+            .map(|m| (m.bytes_in_use, m.bytes_reserved))
     }
 
     /// Whether kernels may use f16 values (storage and arithmetic).
     pub fn supports_f16(&self) -> bool {
-        self.client.properties().supports_type(half::f16::as_type_native_unchecked())
+        self.client
+            .properties()
+            .supports_type(half::f16::as_type_native_unchecked())
     }
 }
 
 /// Most cubes along one grid axis that every runtime accepts (wgpu: 65535).
-const MAX_GRID_X: u32 = 65535;
+pub const MAX_GRID_X: u32 = 65535;
 
 /// A grid of at least `n` cubes, folded into two axes when `n` exceeds one axis. Kernels read
 /// their index from `CUBE_POS` and return when it is `>= n`.
@@ -184,7 +202,10 @@ pub(crate) fn grid(n: usize) -> CubeCount {
 
 /// One cube per row, for kernels that index rows by `CUBE_POS` without a bound check.
 pub(crate) fn row_grid(rows: usize) -> CubeCount {
-    assert!(rows >= 1 && rows <= MAX_GRID_X as usize, "{rows} rows: one launch takes 1 to {MAX_GRID_X}");
+    assert!(
+        rows >= 1 && rows <= MAX_GRID_X as usize,
+        "{rows} rows: one launch takes 1 to {MAX_GRID_X}"
+    );
     CubeCount::Static(rows as u32, 1, 1)
 }
 
@@ -193,5 +214,8 @@ pub(crate) const ELEMENTWISE_CUBE: u32 = 256;
 
 /// The grid of an element-wise kernel over `n` elements (one unit each).
 pub(crate) fn elementwise(n: usize) -> (CubeCount, CubeDim) {
-    (grid(n.div_ceil(ELEMENTWISE_CUBE as usize)), CubeDim::new_1d(ELEMENTWISE_CUBE))
+    (
+        grid(n.div_ceil(ELEMENTWISE_CUBE as usize)),
+        CubeDim::new_1d(ELEMENTWISE_CUBE),
+    )
 }

@@ -2,15 +2,15 @@
 //! every backend is tested against, and the CPU backend's implementation) and, beside it,
 //! the CubeCL kernels of the same op.
 pub mod activation;
-pub mod attention;
-pub mod norm;
-pub mod rope;
-pub mod gpu;
 pub mod argmax;
+pub mod attention;
+pub mod catalog;
 pub mod dequant;
 pub mod embedding;
+pub mod gpu;
 pub mod matmul;
-pub mod catalog;
+pub mod norm;
+pub mod rope;
 
 /// f32 dot product with eight independent partial sums, so the compiler can vectorize it (a
 /// plain `.sum()` is a serial chain of adds, since float addition is not associative).

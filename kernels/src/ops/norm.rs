@@ -44,7 +44,16 @@ pub(crate) fn cube_sum(v: f32, #[comptime] block: usize) -> f32 {
 /// Writes `weight * x / rms(x)` of the row that starts at `src` into `out[dst..]`. Every unit
 /// reads back only the elements it accumulated, so `x` may have been written by the same unit.
 #[cube]
-fn normalize_row(x: &Array<f32>, weight: &Array<f32>, out: &mut Array<f32>, src: usize, dst: usize, sum_sq: f32, eps: f32, #[comptime] block: usize) {
+fn normalize_row(
+    x: &Array<f32>,
+    weight: &Array<f32>,
+    out: &mut Array<f32>,
+    src: usize,
+    dst: usize,
+    sum_sq: f32,
+    eps: f32,
+    #[comptime] block: usize,
+) {
     let d = weight.len();
     let scale = 1.0 / f32::sqrt(sum_sq / f32::cast_from(d) + eps);
     let mut i = UNIT_POS as usize;
@@ -56,7 +65,14 @@ fn normalize_row(x: &Array<f32>, weight: &Array<f32>, out: &mut Array<f32>, src:
 
 /// `out[r] = rmsnorm(x[row0 + r]) * weight` for each cube `r`.
 #[cube(launch_unchecked)]
-pub fn rms_norm_kernel(x: &Array<f32>, weight: &Array<f32>, out: &mut Array<f32>, row0: u32, eps: f32, #[comptime] block: usize) {
+pub fn rms_norm_kernel(
+    x: &Array<f32>,
+    weight: &Array<f32>,
+    out: &mut Array<f32>,
+    row0: u32,
+    eps: f32,
+    #[comptime] block: usize,
+) {
     let d = weight.len();
     let r = CUBE_POS;
     let src = (row0 as usize + r) * d;
@@ -98,9 +114,20 @@ pub fn add_rms_norm_kernel(
 }
 
 /// Rows `row0..row0 + rows` of `x` (rows of `weight.len()`), normalised into `out[0..rows]`.
-pub fn launch_rms_norm<R: Runtime>(gpu: &Gpu<R>, x: &Buf, weight: &Buf, out: &Buf, row0: usize, rows: usize, eps: f32) {
+pub fn launch_rms_norm<R: Runtime>(
+    gpu: &Gpu<R>,
+    x: &Buf,
+    weight: &Buf,
+    out: &Buf,
+    row0: usize,
+    rows: usize,
+    eps: f32,
+) {
     let d = weight.len();
-    assert!((row0 + rows) * d <= x.len() && rows * d <= out.len(), "rms_norm: rows out of range");
+    assert!(
+        (row0 + rows) * d <= x.len() && rows * d <= out.len(),
+        "rms_norm: rows out of range"
+    );
     gpu.count();
     // SAFETY: every index is below the lengths checked above.
     unsafe {
@@ -120,9 +147,21 @@ pub fn launch_rms_norm<R: Runtime>(gpu: &Gpu<R>, x: &Buf, weight: &Buf, out: &Bu
 
 /// `x += y` on rows `row0..row0 + rows`, then those rows normalised into `out[0..rows]`.
 #[allow(clippy::too_many_arguments)]
-pub fn launch_add_rms_norm<R: Runtime>(gpu: &Gpu<R>, x: &Buf, y: &Buf, weight: &Buf, out: &Buf, row0: usize, rows: usize, eps: f32) {
+pub fn launch_add_rms_norm<R: Runtime>(
+    gpu: &Gpu<R>,
+    x: &Buf,
+    y: &Buf,
+    weight: &Buf,
+    out: &Buf,
+    row0: usize,
+    rows: usize,
+    eps: f32,
+) {
     let d = weight.len();
-    assert!((row0 + rows) * d <= x.len().min(y.len()) && rows * d <= out.len(), "add_rms_norm: rows out of range");
+    assert!(
+        (row0 + rows) * d <= x.len().min(y.len()) && rows * d <= out.len(),
+        "add_rms_norm: rows out of range"
+    );
     gpu.count();
     // SAFETY: every index is below the lengths checked above.
     unsafe {

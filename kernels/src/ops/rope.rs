@@ -47,7 +47,12 @@ pub fn rope_tables(ctx: usize, inv_freqs: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let half = inv_freqs.len();
     let (mut cos, mut sin) = (vec![0.0f32; ctx * half], vec![0.0f32; ctx * half]);
     for p in 0..ctx {
-        rope_cache(p, inv_freqs, &mut cos[p * half..(p + 1) * half], &mut sin[p * half..(p + 1) * half]);
+        rope_cache(
+            p,
+            inv_freqs,
+            &mut cos[p * half..(p + 1) * half],
+            &mut sin[p * half..(p + 1) * half],
+        );
     }
     (cos, sin)
 }
@@ -98,7 +103,12 @@ pub fn rope_store_kernel<K: Float>(
     q_stride: u32,
     kv_stride: u32,
 ) {
-    let (n_head, n_kv, hd, rot) = (n_head as usize, n_kv as usize, head_dim as usize, rot_pairs as usize);
+    let (n_head, n_kv, hd, rot) = (
+        n_head as usize,
+        n_kv as usize,
+        head_dim as usize,
+        rot_pairs as usize,
+    );
     let pairs = hd / 2;
     let idx = ABSOLUTE_POS;
     if idx < n_tokens as usize * (n_head + n_kv) * pairs {
@@ -149,12 +159,23 @@ pub fn launch_rope_store<R: Runtime>(
     n: usize,
     shape: RopeShape,
 ) {
-    let RopeShape { n_head, n_kv_heads, head_dim, rot_pairs } = shape;
+    let RopeShape {
+        n_head,
+        n_kv_heads,
+        head_dim,
+        rot_pairs,
+    } = shape;
     let (q_dim, kv_dim) = (n_head * head_dim, n_kv_heads * head_dim);
-    assert!(head_dim % 2 == 0 && rot_pairs * 2 <= head_dim, "rope: bad head shape {shape:?}");
+    assert!(
+        head_dim % 2 == 0 && rot_pairs * 2 <= head_dim,
+        "rope: bad head shape {shape:?}"
+    );
     let (q, k, v, offs, strides) = match src {
         RopeSrc::Separate { q, k, v } => {
-            assert!(n * q_dim <= q.len() && n * kv_dim <= k.len().min(v.len()), "rope: {n} tokens out of range");
+            assert!(
+                n * q_dim <= q.len() && n * kv_dim <= k.len().min(v.len()),
+                "rope: {n} tokens out of range"
+            );
             (q, k, v, [0, 0, 0], [q_dim, kv_dim])
         }
         RopeSrc::Fused(qkv) => {
@@ -163,9 +184,19 @@ pub fn launch_rope_store<R: Runtime>(
             (qkv, qkv, qkv, [0, q_dim, q_dim + kv_dim], [row, row])
         }
     };
-    assert!(n * q_dim <= q_out.len(), "rope: q_out too small for {n} tokens");
-    assert!((pos + n) * rot_pairs <= cos.len().min(sin.len()), "rope: table too short for position {}", pos + n);
-    assert!((pos + n) * kv_dim <= cache.capacity() * kv_dim && kv_dim == cache.kv_dim(), "rope: cache too small");
+    assert!(
+        n * q_dim <= q_out.len(),
+        "rope: q_out too small for {n} tokens"
+    );
+    assert!(
+        (pos + n) * rot_pairs <= cos.len().min(sin.len()),
+        "rope: table too short for position {}",
+        pos + n
+    );
+    assert!(
+        (pos + n) * kv_dim <= cache.capacity() * kv_dim && kv_dim == cache.kv_dim(),
+        "rope: cache too small"
+    );
     let (count, dim) = elementwise(n * (n_head + n_kv_heads) * head_dim / 2);
     let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
     gpu.count();

@@ -183,7 +183,10 @@ impl GgmlType {
     /// Whether ROCforge can compute with weights of this type (dequantize and dot).
     pub fn is_supported_weight(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K)
+        matches!(
+            self,
+            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K
+        )
     }
 }
 

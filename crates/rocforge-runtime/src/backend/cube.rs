@@ -12,12 +12,15 @@ use std::sync::Arc;
 use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, KvType};
 use rocforge_kernels::ops::dequant::{self, DeviceWeight};
 use rocforge_kernels::ops::embedding::{self, Tokens};
-use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Runtime};
-use rocforge_kernels::ops::matmul::{self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS};
+use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Runtime, MAX_GRID_X};
+use rocforge_kernels::ops::matmul::{
+    self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS,
+};
 use rocforge_kernels::ops::rope::{self, RopeShape, RopeSrc};
 use rocforge_kernels::ops::{activation, argmax, norm};
 
 use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler};
+use crate::arch::{self, unsupported, Activation, Executor, Limits, RopeKind, Step};
 use crate::error::{Error, Result};
 use crate::model::{Model, Weight};
 
@@ -36,10 +39,20 @@ enum Matrix<R: Runtime> {
 }
 
 impl<R: Runtime> Matrix<R> {
-    fn upload(gpu: &Gpu<R>, ty: rocforge_kernels::GgmlType, bytes: &[u8], rows: usize, cols: usize) -> std::result::Result<Self, String> {
+    fn upload(
+        gpu: &Gpu<R>,
+        ty: rocforge_kernels::GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Self, String> {
         match QWeight::upload(gpu.client(), ty, rows, cols, bytes) {
             Ok(w) => Ok(Self::Tuned(w)),
-            Err(mm::MatmulError::UnsupportedType(_)) => DeviceWeight::upload(gpu, ty, bytes, rows, cols).map(Self::Plain).map_err(|e| e.to_string()),
+            Err(mm::MatmulError::UnsupportedType(_)) => {
+                DeviceWeight::upload(gpu, ty, bytes, rows, cols)
+                    .map(Self::Plain)
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -63,28 +76,136 @@ impl<R: Runtime> Matrix<R> {
 /// one weight with their rows stacked (one launch; each token's output row holds Q, K, V back
 /// to back, which `rope_store` reads as `RopeSrc::Fused`), else three matrices.
 enum Qkv<R: Runtime> {
-    Fused(QWeight<R>),         // (n_head*head_dim + 2*n_head_kv*head_dim, n_embd)
+    Fused(QWeight<R>),        // (n_head*head_dim + 2*n_head_kv*head_dim, n_embd)
     Separate([Matrix<R>; 3]), // attn_q, attn_k, attn_v
 }
 
 impl<R: Runtime> Qkv<R> {
     fn matrices(&self) -> Vec<(usize, usize, u64)> {
         match self {
-            Self::Fused(w) => vec![(w.rows, w.cols, w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64)],
-            Self::Separate(ms) => ms.iter().map(|m| (m.shape().0, m.shape().1, m.bytes())).collect(),
+            Self::Fused(w) => vec![(
+                w.rows,
+                w.cols,
+                w.ty.row_bytes(w.cols as u64).unwrap_or(0) * w.rows as u64,
+            )],
+            Self::Separate(ms) => ms
+                .iter()
+                .map(|m| (m.shape().0, m.shape().1, m.bytes()))
+                .collect(),
         }
     }
 }
 
 /// One block's weights on the device; shapes as in [`crate::model::LayerWeights`].
 struct DeviceLayer<R: Runtime> {
-    attn_norm: Buf,             // (n_embd)
-    attn_qkv: Qkv<R>,           // attn_q (n_head*head_dim, n_embd), attn_k/attn_v (n_head_kv*head_dim, n_embd)
-    attn_output: Matrix<R>,     // (n_embd, n_head*head_dim)
-    ffn_norm: Buf,              // (n_embd)
-    ffn_gate: Matrix<R>,        // (n_ff, n_embd)
-    ffn_up: Matrix<R>,          // (n_ff, n_embd)
-    ffn_down: Matrix<R>,        // (n_embd, n_ff)
+    attn_norm: Buf,         // (n_embd)
+    attn_qkv: Qkv<R>, // attn_q (n_head*head_dim, n_embd), attn_k/attn_v (n_head_kv*head_dim, n_embd)
+    attn_output: Matrix<R>, // (n_embd, n_head*head_dim)
+    ffn_norm: Buf,    // (n_embd)
+    ffn_gate: Matrix<R>, // (n_ff, n_embd)
+    ffn_up: Matrix<R>, // (n_ff, n_embd)
+    ffn_down: Matrix<R>, // (n_embd, n_ff)
+    /// A single token's QKV projection takes `attn_norm` folded in (fused QKV, coalesced format).
+    qkv_folds_norm: bool,
+    /// A single token's gate/up projection takes `ffn_norm` folded in.
+    ffn_folds_norm: bool,
+}
+
+/// Device memory a session needs, estimated from the model before anything is uploaded, so
+/// that a model or context too large for the device is refused with numbers instead of failing
+/// inside the runtime's allocator.
+struct DeviceNeeds {
+    weights: u64,
+    /// KV cache and RoPE tables, per token of context.
+    per_token: u64,
+    scratch: u64,
+    /// Elements of the largest layer matrix (the prefill dequantize scratch).
+    largest_layer_matrix: usize,
+}
+
+impl DeviceNeeds {
+    fn of(model: &Model, b: usize, kv: KvType, fused_qkv: bool) -> Self {
+        let (c, w) = (&model.config, &model.weights);
+        let bytes = |m: &Weight| model.bytes(m).len() as u64;
+        fn layer_matrices(l: &crate::model::LayerWeights) -> [&Weight; 7] {
+            [
+                &l.attn_q,
+                &l.attn_k,
+                &l.attn_v,
+                &l.attn_output,
+                &l.ffn_gate,
+                &l.ffn_up,
+                &l.ffn_down,
+            ]
+        }
+        let tied_shared = w.tied_output && KernelFormat::from_ggml(w.token_embd.ty).is_some();
+        let weights = w
+            .layers
+            .iter()
+            .flat_map(layer_matrices)
+            .map(bytes)
+            .sum::<u64>()
+            + bytes(&w.token_embd)
+            + if tied_shared { 0 } else { bytes(&w.output) }
+            + 4 * ((2 * c.n_layer + 1) * c.n_embd) as u64;
+        let largest_layer_matrix = w
+            .layers
+            .iter()
+            .flat_map(layer_matrices)
+            .map(|m| m.rows * m.cols)
+            .max()
+            .unwrap_or(0);
+        let per_token = (2 * c.n_layer * c.kv_dim() * kv.bytes() + 4 * c.rope_dim) as u64;
+        let qkv = if fused_qkv {
+            c.q_dim() + 2 * c.kv_dim()
+        } else {
+            0
+        };
+        let activations =
+            b * (3 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff + qkv) + c.n_vocab + 2;
+        let attn = c.n_head * b.max(attention::MAX_DECODE_SPLITS) * (c.head_dim + 2);
+        let dequant = if b > MAX_MATVEC_TOKENS {
+            largest_layer_matrix
+        } else {
+            0
+        };
+        Self {
+            weights,
+            per_token,
+            scratch: 4 * (activations + attn + dequant) as u64,
+            largest_layer_matrix,
+        }
+    }
+
+    /// Refuses a session that would not fit in `free` bytes, naming the largest `--ctx` that would.
+    fn check(&self, free: u64, ctx: usize) -> std::result::Result<(), String> {
+        // The allocator rounds buffers up to its pages and the runtime keeps staging memory:
+        // leave 5 % and 256 MiB of the free memory alone.
+        let budget = (free as f64 / 1.05) as u64 - (256 << 20).min(free / 2);
+        let kv = self.per_token.saturating_mul(ctx as u64);
+        let total = self.weights.saturating_add(kv).saturating_add(self.scratch);
+        if total <= budget {
+            return Ok(());
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let fixed = self.weights + self.scratch;
+        let hint = if fixed < budget {
+            format!(
+                "the largest --ctx that fits is {}",
+                (budget - fixed) / self.per_token.max(1)
+            )
+        } else {
+            "the weights alone do not fit".to_string()
+        };
+        Err(format!(
+            "not enough device memory: the session needs {:.2} GiB (weights {:.2} GiB, KV cache {:.2} GiB for --ctx {ctx}, scratch {:.2} GiB) and the device has {:.2} GiB free; {hint}",
+            gib(total),
+            gib(self.weights),
+            gib(kv),
+            gib(self.scratch),
+            gib(free),
+        ))
+    }
 }
 
 /// The run state on a CubeCL device.
@@ -100,9 +221,9 @@ pub struct CubeBackend<R: Runtime> {
     output: Matrix<R>,     // (n_vocab, n_embd), the same device buffers as token_embd when tied
     layers: Vec<DeviceLayer<R>>,
     dequant: Option<DequantScratch<R>>, // (largest matrix) f32, for prefill mat-mats
-    output_norm: Buf, // (n_embd)
-    cos: Buf,         // (ctx, rope_dim/2)
-    sin: Buf,         // (ctx, rope_dim/2)
+    output_norm: Buf,                   // (n_embd)
+    cos: Buf,                           // (ctx, rope_dim/2)
+    sin: Buf,                           // (ctx, rope_dim/2)
     // Activations, one row per token in the batch.
     x: Buf,      // (batch, n_embd) residual stream
     xn: Buf,     // (batch, n_embd) normalised input of a block
@@ -127,43 +248,120 @@ pub struct CubeBackend<R: Runtime> {
     profiler: std::sync::Mutex<Profiler>,
     /// Whether `profiler` is on: checked before any lock, so an unprofiled step takes none.
     profiling: bool,
-    /// Every projection takes the coalesced kernels, so a decode step folds the RMSNorms into
-    /// the projections after them and the residual adds into the ones before (see `decode_fused`).
-    fused_decode: bool,
+    /// The output projection takes the norm-folding mat-vec.
+    output_folds_norm: bool,
+    /// The vocabulary projection's dequantize scratch, made on first use where perplexity's
+    /// all-token logits cannot run as aligned multi-token mat-vecs (see `logits`).
+    dequant_logits: Option<DequantScratch<R>>,
+    /// The architecture's forward pass, run by [`arch::forward`].
+    plan: Arc<[Step]>,
+    // The batch of the forward call under way.
+    n: usize,
+    pos: usize,
+    all_logits: bool,
+    /// `proj` holds a residual not yet added to `x` (the next norm adds it).
+    pending_add: bool,
+    launch_start: u64,
 }
 
 impl<R: Runtime> CubeBackend<R> {
-    /// Uploads `model` to `gpu` and allocates every buffer.
-    pub fn new(gpu: Gpu<R>, kind: BackendKind, device_name: String, model: Arc<Model>, opts: &BackendOptions) -> Result<Self> {
+    /// Uploads `model` to `gpu` and allocates every buffer, after checking that the kernels
+    /// take the model's shapes and that everything fits in `free_bytes` of device memory (when
+    /// the driver reports it).
+    pub fn new(
+        gpu: Gpu<R>,
+        kind: BackendKind,
+        device_name: String,
+        free_bytes: Option<u64>,
+        model: Arc<Model>,
+        opts: &BackendOptions,
+    ) -> Result<Self> {
         let c = &model.config;
         let w = &model.weights;
-        let (ctx, b) = (opts.ctx, opts.max_batch.min(opts.ctx));
+        let fail = |problem: String| Error::Backend {
+            backend: kind.name().into(),
+            problem,
+        };
+        // The attention kernel runs a unit per head dimension and a cube per (token, head,
+        // split); one grid axis holds 65 535 cubes, so the batch is cut to fit rather than
+        // asserting in the launcher (the session runs prompts in chunks of max_batch).
+        if c.head_dim > attention::MAX_HEAD_DIM || c.head_dim % 2 != 0 {
+            return Err(fail(format!(
+                "head dimension {} is not supported by the GPU kernels (even, at most {})",
+                c.head_dim,
+                attention::MAX_HEAD_DIM
+            )));
+        }
+        let max_rows = MAX_GRID_X as usize;
+        if c.n_head * attention::MAX_DECODE_SPLITS > max_rows {
+            return Err(fail(format!(
+                "{} attention heads exceed the GPU kernels' limit of {}",
+                c.n_head,
+                max_rows / attention::MAX_DECODE_SPLITS
+            )));
+        }
+        let ctx = opts.ctx;
+        let b = opts.max_batch.min(ctx).min(max_rows / c.n_head);
+        let kv_type = if gpu.supports_f16() {
+            KvType::F16
+        } else {
+            KvType::F32
+        };
+        let fits_qkv = |l: &crate::model::LayerWeights| {
+            let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
+            q.ty == k.ty
+                && k.ty == v.ty
+                && q.cols == k.cols
+                && k.cols == v.cols
+                && KernelFormat::from_ggml(q.ty).is_some()
+        };
+        let fused = w.layers.iter().any(fits_qkv);
+        let need = DeviceNeeds::of(&model, b, kv_type, fused);
+        if let Some(free) = free_bytes {
+            need.check(free, ctx).map_err(fail)?;
+        }
+
         let upload = |wt: &Weight| -> Result<Matrix<R>> {
             Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
-                .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensor `{}`: {e}", wt.name) })
+                .map_err(|e| fail(format!("tensor `{}`: {e}", wt.name)))
         };
         let token_embd = upload(&w.token_embd)?;
-        let qkv = |l: &crate::model::LayerWeights| -> Result<Qkv<R>> {
-            let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
-            if q.ty == k.ty && k.ty == v.ty && q.cols == k.cols && k.cols == v.cols && KernelFormat::from_ggml(q.ty).is_some() {
-                let bytes = [model.bytes(q), model.bytes(k), model.bytes(v)].concat();
-                let fused = QWeight::upload(gpu.client(), q.ty, q.rows + k.rows + v.rows, q.cols, &bytes)
-                    .map_err(|e| Error::Backend { backend: kind.name().into(), problem: format!("tensors `{}`+k+v: {e}", q.name) })?;
-                return Ok(Qkv::Fused(fused));
-            }
-            Ok(Qkv::Separate([upload(q)?, upload(k)?, upload(v)?]))
-        };
+        let norm_fusable = |m: &QWeight<R>| mm::fuses_norm(gpu.client(), m);
         let layers = w
             .layers
             .iter()
             .map(|l| {
+                let attn_qkv = if fits_qkv(l) {
+                    let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
+                    let bytes = [model.bytes(q), model.bytes(k), model.bytes(v)].concat();
+                    let fused = QWeight::upload(
+                        gpu.client(),
+                        q.ty,
+                        q.rows + k.rows + v.rows,
+                        q.cols,
+                        &bytes,
+                    )
+                    .map_err(|e| fail(format!("tensors `{}`+k+v: {e}", q.name)))?;
+                    Qkv::Fused(fused)
+                } else {
+                    Qkv::Separate([upload(&l.attn_q)?, upload(&l.attn_k)?, upload(&l.attn_v)?])
+                };
+                let (ffn_gate, ffn_up) = (upload(&l.ffn_gate)?, upload(&l.ffn_up)?);
+                let ffn_folds_norm = match (&ffn_gate, &ffn_up) {
+                    (Matrix::Tuned(g), Matrix::Tuned(u)) => {
+                        (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) && norm_fusable(g)
+                    }
+                    _ => false,
+                };
                 Ok(DeviceLayer {
                     attn_norm: gpu.f32s(&l.attn_norm),
-                    attn_qkv: qkv(l)?,
+                    qkv_folds_norm: matches!(&attn_qkv, Qkv::Fused(w) if norm_fusable(w)),
+                    attn_qkv,
                     attn_output: upload(&l.attn_output)?,
                     ffn_norm: gpu.f32s(&l.ffn_norm),
-                    ffn_gate: upload(&l.ffn_gate)?,
-                    ffn_up: upload(&l.ffn_up)?,
+                    ffn_gate,
+                    ffn_up,
+                    ffn_folds_norm,
                     ffn_down: upload(&l.ffn_down)?,
                 })
             })
@@ -173,32 +371,18 @@ impl<R: Runtime> CubeBackend<R> {
             (Matrix::Tuned(t), true) => Matrix::Tuned(t.clone()),
             _ => upload(&w.output)?,
         };
-        // Batches above MAX_MATVEC_TOKENS dequantize a matrix into this scratch and multiply.
-        let largest = layers
-            .iter()
-            .flat_map(|l| {
-                let others = [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].map(|m| m.shape().0 * m.shape().1);
-                l.attn_qkv.matrices().into_iter().map(|(r, c, _)| r * c).chain(others)
-            })
-            .chain([output.shape().0 * output.shape().1])
-            .max()
-            .unwrap_or(0);
-        let fused = layers.iter().any(|l| matches!(l.attn_qkv, Qkv::Fused(_)));
-        let norm_fusable = |m: &Matrix<R>| matches!(m, Matrix::Tuned(w) if mm::fuses_norm(gpu.client(), w));
-        let fused_decode = norm_fusable(&output)
-            && layers.iter().all(|l| {
-                let qkv = matches!(&l.attn_qkv, Qkv::Fused(w) if mm::fuses_norm(gpu.client(), w));
-                let ffn = match (&l.ffn_gate, &l.ffn_up) {
-                    (Matrix::Tuned(g), Matrix::Tuned(u)) => (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) && mm::fuses_norm(gpu.client(), g),
-                    _ => false,
-                };
-                qkv && ffn && matches!(l.attn_output, Matrix::Tuned(_)) && matches!(l.ffn_down, Matrix::Tuned(_))
-            });
-        let dequant = (b > MAX_MATVEC_TOKENS).then(|| DequantScratch::new(gpu.client(), largest));
+        let output_folds_norm = matches!(&output, Matrix::Tuned(w) if norm_fusable(w));
+        // Batches above MAX_MATVEC_TOKENS dequantize a layer matrix into this scratch and
+        // multiply; the vocabulary projection gets its own only if perplexity asks for it.
+        let dequant = (b > MAX_MATVEC_TOKENS)
+            .then(|| DequantScratch::new(gpu.client(), need.largest_layer_matrix));
         let inv_freqs = rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref());
         let (cos, sin) = rope::rope_tables(ctx, &inv_freqs);
-        let kv_type = if gpu.supports_f16() { KvType::F16 } else { KvType::F32 };
-        let shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
+        let shape = AttnShape {
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
         Ok(Self {
             token_embd,
             output,
@@ -209,7 +393,11 @@ impl<R: Runtime> CubeBackend<R> {
             sin: gpu.f32s(&sin),
             x: gpu.zeros(b * c.n_embd),
             xn: gpu.zeros(b * c.n_embd),
-            qkv: gpu.zeros(if fused { b * (c.q_dim() + 2 * c.kv_dim()) } else { 1 }),
+            qkv: gpu.zeros(if fused {
+                b * (c.q_dim() + 2 * c.kv_dim())
+            } else {
+                1
+            }),
             q: gpu.zeros(b * c.q_dim()),
             k: gpu.zeros(b * c.kv_dim()),
             v: gpu.zeros(b * c.kv_dim()),
@@ -228,7 +416,14 @@ impl<R: Runtime> CubeBackend<R> {
             launches_last: 0,
             profiler: Default::default(),
             profiling: false,
-            fused_decode,
+            output_folds_norm,
+            dequant_logits: None,
+            plan: arch::plan(c)?.into(),
+            n: 0,
+            pos: 0,
+            all_logits: false,
+            pending_add: false,
+            launch_start: 0,
             ctx,
             max_batch: b,
             kind,
@@ -239,7 +434,10 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     fn err(&self, e: GpuError) -> Error {
-        Error::Backend { backend: self.kind.name().into(), problem: e.to_string() }
+        Error::Backend {
+            backend: self.kind.name().into(),
+            problem: e.to_string(),
+        }
     }
 
     /// The element type of the KV cache (f16 where the device has it).
@@ -252,45 +450,34 @@ impl<R: Runtime> CubeBackend<R> {
     fn lap(&self, op: &str) {
         if self.profiling {
             let _ = self.gpu.sync();
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).lap(op);
+            self.profiler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lap(op);
         }
     }
 
     fn backend_err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Backend { backend: self.kind.name().into(), problem: e.to_string() }
-    }
-
-    /// `x[t] = token_embd[tokens[t]]`; a single token travels as a kernel argument.
-    fn embed(&self, tokens: &[u32]) -> Result<()> {
-        let n = tokens.len();
-        let ids = (n > 1).then(|| self.gpu.u32s(tokens));
-        match &self.token_embd {
-            Matrix::Tuned(w) => {
-                self.gpu.count_launches(1);
-                let (ids, token0) = match &ids {
-                    Some(b) => (b.handle(), None),
-                    None => (self.no_ids.handle(), Some(tokens[0])),
-                };
-                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle()).map_err(|e| self.backend_err(e))
-            }
-            Matrix::Plain(w) => {
-                let toks = match &ids {
-                    Some(b) => Tokens::Device(b, n),
-                    None => Tokens::One(tokens[0]),
-                };
-                embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
-                Ok(())
-            }
+        Error::Backend {
+            backend: self.kind.name().into(),
+            problem: e.to_string(),
         }
     }
 
-    /// `h = silu(W_gate · x) * (W_up · x)` for the first `n` rows of `x` (into `gate`): one
-    /// fused launch for a single token where both weights take the tuned kernels.
-    fn ffn_in(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize) -> Result<()> {
+    /// `h = silu(W_gate · xn) * (W_up · xn)` for the batch's rows (into `gate`): one fused
+    /// launch for a single token where both weights take the tuned kernels.
+    fn gated_ffn(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize) -> Result<()> {
         if let (1, Matrix::Tuned(g), Matrix::Tuned(u)) = (n, gate, up) {
             if (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) {
                 self.gpu.count_launches(1);
-                return mm::matvec_swiglu(self.gpu.client(), g, u, self.xn.handle(), self.gate.handle()).map_err(|e| self.backend_err(e));
+                return mm::matvec_swiglu(
+                    self.gpu.client(),
+                    g,
+                    u,
+                    self.xn.handle(),
+                    self.gate.handle(),
+                )
+                .map_err(|e| self.backend_err(e));
             }
         }
         self.linear(gate, &self.xn, &self.gate, n)?;
@@ -299,55 +486,48 @@ impl<R: Runtime> CubeBackend<R> {
         Ok(())
     }
 
-    /// The tuned weight of `m` (the fused decode step is only taken when every matrix has one).
-    fn tuned<'a>(&self, m: &'a Matrix<R>) -> Result<&'a QWeight<R>> {
-        match m {
-            Matrix::Tuned(w) => Ok(w),
-            Matrix::Plain(_) => Err(self.backend_err("fused decode needs tuned weights")),
+    /// `xn = rmsnorm(x) * weight` for the batch's rows, adding a pending residual first.
+    fn norm(&mut self, weight: &Buf) -> Result<()> {
+        let (n, eps) = (self.n, self.model.config.rms_eps);
+        if std::mem::take(&mut self.pending_add) {
+            norm::launch_add_rms_norm(&self.gpu, &self.x, &self.proj, weight, &self.xn, 0, n, eps);
+        } else {
+            norm::launch_rms_norm(&self.gpu, &self.x, weight, &self.xn, 0, n, eps);
         }
+        Ok(())
     }
 
-    /// One decode step with the fewest launches: per layer QKV with `attn_norm` folded in, RoPE,
-    /// attention, `x += W_o · att`, gate/up/SwiGLU with `ffn_norm` folded in, `x += W_down · h`;
-    /// then the logits with `output_norm` folded in. 6 launches per layer (7 when attention
-    /// splits) + 2. Same math as the general path; only the order of the norm's sum differs.
-    fn decode_fused(&self, token: u32, pos: usize) -> Result<()> {
-        let model = self.model.clone();
-        let c = &model.config;
-        let (g, client) = (&self.gpu, self.gpu.client());
-        let err = |e: mm::MatmulError| self.backend_err(e);
-        let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
-        let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
-        if self.profiling {
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
+    /// Whether a step may fold its RMSNorm into the projection after it (one token, no residual
+    /// add waiting in `proj`, and a weight the norm-folding kernels take).
+    fn folds_norm(&self, fusable: bool) -> bool {
+        self.n == 1 && !self.pending_add && fusable
+    }
+
+    /// `x += W · h`: for one token in the mat-vec's epilogue, otherwise into `proj`, left
+    /// pending for the next norm to add (`add_rms_norm`), which saves a launch per projection.
+    fn project_add(&mut self, w: &Matrix<R>, h: &Buf) -> Result<()> {
+        if self.pending_add {
+            activation::launch_add_assign(
+                &self.gpu,
+                &self.x,
+                &self.proj,
+                self.n * self.model.config.n_embd,
+            );
+            self.pending_add = false;
         }
-        self.embed(&[token])?;
-        self.lap("embed");
-        for (l, layer) in self.layers.iter().enumerate() {
-            let Qkv::Fused(qkv) = &layer.attn_qkv else {
-                return Err(self.backend_err("fused decode needs a fused QKV weight"));
-            };
-            g.count_launches(1);
-            mm::matvec_norm(client, qkv, self.x.handle(), layer.attn_norm.handle(), c.rms_eps, self.qkv.handle()).map_err(err)?;
-            self.lap("matmul_norm");
-            rope::launch_rope_store(g, RopeSrc::Fused(&self.qkv), &self.q, &self.cos, &self.sin, &self.cache, l, pos, 1, rope_shape);
-            self.lap("rope_kv_store");
-            attention::launch_attention(g, &self.q, &self.cache, l, &self.scratch, &self.att, pos, 1, attn_shape);
-            self.lap("attention");
-            g.count_launches(1);
-            mm::matvec(client, self.tuned(&layer.attn_output)?, self.att.handle(), self.x.handle(), Epilogue::Accumulate).map_err(err)?;
-            self.lap("matmul");
-            g.count_launches(1);
-            let (gate, up) = (self.tuned(&layer.ffn_gate)?, self.tuned(&layer.ffn_up)?);
-            mm::matvec_swiglu_norm(client, gate, up, self.x.handle(), layer.ffn_norm.handle(), c.rms_eps, self.gate.handle()).map_err(err)?;
-            self.lap("matmul_swiglu_norm");
-            g.count_launches(1);
-            mm::matvec(client, self.tuned(&layer.ffn_down)?, self.gate.handle(), self.x.handle(), Epilogue::Accumulate).map_err(err)?;
-            self.lap("matmul");
+        if let (1, Matrix::Tuned(w)) = (self.n, w) {
+            self.gpu.count_launches(1);
+            return mm::matvec(
+                self.gpu.client(),
+                w,
+                h.handle(),
+                self.x.handle(),
+                Epilogue::Accumulate,
+            )
+            .map_err(|e| self.backend_err(e));
         }
-        g.count_launches(1);
-        mm::matvec_norm(client, self.tuned(&self.output)?, self.x.handle(), self.output_norm.handle(), c.rms_eps, self.logits.handle()).map_err(err)?;
-        self.lap("output");
+        self.linear(w, h, &self.proj, self.n)?;
+        self.pending_add = true;
         Ok(())
     }
 
@@ -363,18 +543,318 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     /// [`Self::linear`] on the tuned kernels: one mat-vec up to `MAX_MATVEC_TOKENS` tokens,
-    /// above that a dequantize pass and cubek's matmul.
+    /// above that a dequantize pass into the scratch and cubek's matmul.
     fn linear_tuned(&self, w: &QWeight<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
         let client = self.gpu.client();
         let r = if n == 1 {
             self.gpu.count_launches(1);
             mm::matvec(client, w, x.handle(), out.handle(), Epilogue::Store)
+        } else if n <= MAX_MATVEC_TOKENS {
+            self.gpu.count_launches(1);
+            mm::matmul(client, w, x.handle(), out.handle(), n, None)
         } else {
-            self.gpu.count_launches(if n <= MAX_MATVEC_TOKENS { 1 } else { 2 });
-            let scratch = self.dequant.as_ref().expect("allocated when max_batch allows such batches");
-            mm::matmul(client, w, x.handle(), out.handle(), n, scratch)
+            self.gpu.count_launches(2);
+            let scratch = [&self.dequant, &self.dequant_logits]
+                .into_iter()
+                .flatten()
+                .find(|s| s.elems() >= w.rows * w.cols)
+                .ok_or_else(|| {
+                    self.backend_err(format!(
+                        "no dequantize scratch for a {}x{} matrix",
+                        w.rows, w.cols
+                    ))
+                })?;
+            mm::matmul(client, w, x.handle(), out.handle(), n, Some(scratch))
         };
         r.map_err(|e| self.backend_err(e))
+    }
+}
+
+/// The GPU runs each step of the model definition with its fused kernels: a single token
+/// folds every RMSNorm into the projection after it (`matvec_norm`, `matvec_swiglu_norm`) and
+/// every residual add into the projection before it (the `Accumulate` epilogue), 6 launches
+/// per layer (7 when attention splits) + 2; a batch adds each residual inside the next norm.
+impl<R: Runtime> Executor for CubeBackend<R> {
+    fn limits(&self) -> Limits {
+        Limits {
+            ctx: self.ctx,
+            max_batch: self.max_batch,
+            n_vocab: self.model.config.n_vocab,
+        }
+    }
+
+    fn begin(&mut self, n: usize, pos: usize, all_logits: bool) -> Result<()> {
+        (self.n, self.pos, self.all_logits, self.pending_add) = (n, pos, all_logits, false);
+        self.launch_start = self.gpu.launches();
+        if self.profiling {
+            self.profiler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start();
+        }
+        Ok(())
+    }
+
+    fn embed(&mut self, tokens: &[u32], scale: f32) -> Result<()> {
+        if scale != 1.0 {
+            return Err(unsupported(self.kind.name(), "a scaled embedding"));
+        }
+        let n = tokens.len();
+        let ids = (n > 1).then(|| self.gpu.u32s(tokens));
+        match &self.token_embd {
+            Matrix::Tuned(w) => {
+                self.gpu.count_launches(1);
+                let (ids, token0) = match &ids {
+                    Some(b) => (b.handle(), None),
+                    None => (self.no_ids.handle(), Some(tokens[0])),
+                };
+                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle())
+                    .map_err(|e| self.backend_err(e))
+            }
+            Matrix::Plain(w) => {
+                let toks = match &ids {
+                    Some(b) => Tokens::Device(b, n),
+                    None => Tokens::One(tokens[0]),
+                };
+                embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
+                Ok(())
+            }
+        }
+    }
+
+    fn attn_in(&mut self, l: usize) -> Result<()> {
+        let layer = &self.layers[l];
+        if let (Qkv::Fused(w), true) = (&layer.attn_qkv, self.folds_norm(layer.qkv_folds_norm)) {
+            self.gpu.count_launches(1);
+            let eps = self.model.config.rms_eps;
+            return mm::matvec_norm(
+                self.gpu.client(),
+                w,
+                self.x.handle(),
+                layer.attn_norm.handle(),
+                eps,
+                self.qkv.handle(),
+            )
+            .map_err(|e| self.backend_err(e));
+        }
+        let norm_w = layer.attn_norm.clone();
+        self.norm(&norm_w)?;
+        let (layer, n) = (&self.layers[l], self.n);
+        match &layer.attn_qkv {
+            Qkv::Fused(w) => self.linear_tuned(w, &self.xn, &self.qkv, n),
+            Qkv::Separate([wq, wk, wv]) => {
+                self.linear(wq, &self.xn, &self.att, n)?;
+                self.linear(wk, &self.xn, &self.k, n)?;
+                self.linear(wv, &self.xn, &self.v, n)
+            }
+        }
+    }
+
+    fn rope_store(&mut self, l: usize, qk_norm: bool, rope: RopeKind) -> Result<()> {
+        if qk_norm || rope != RopeKind::Global {
+            return Err(unsupported(
+                self.kind.name(),
+                "per-head q/k norm or a second RoPE table",
+            ));
+        }
+        let c = &self.model.config;
+        let shape = RopeShape {
+            n_head: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+            rot_pairs: c.rope_dim / 2,
+        };
+        let src = match &self.layers[l].attn_qkv {
+            Qkv::Fused(_) => RopeSrc::Fused(&self.qkv),
+            Qkv::Separate(_) => RopeSrc::Separate {
+                q: &self.att,
+                k: &self.k,
+                v: &self.v,
+            },
+        };
+        rope::launch_rope_store(
+            &self.gpu,
+            src,
+            &self.q,
+            &self.cos,
+            &self.sin,
+            &self.cache,
+            l,
+            self.pos,
+            self.n,
+            shape,
+        );
+        Ok(())
+    }
+
+    fn attention(&mut self, l: usize, window: Option<usize>) -> Result<()> {
+        if window.is_some() {
+            return Err(unsupported(self.kind.name(), "sliding-window attention"));
+        }
+        let c = &self.model.config;
+        let shape = AttnShape {
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
+        attention::launch_attention(
+            &self.gpu,
+            &self.q,
+            &self.cache,
+            l,
+            &self.scratch,
+            &self.att,
+            self.pos,
+            self.n,
+            shape,
+        );
+        Ok(())
+    }
+
+    fn attn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
+        if post_norm {
+            return Err(unsupported(self.kind.name(), "a post-projection norm"));
+        }
+        let layers = std::mem::take(&mut self.layers);
+        let att = self.att.clone();
+        let r = self.project_add(&layers[l].attn_output, &att);
+        self.layers = layers;
+        r
+    }
+
+    fn ffn_in(&mut self, l: usize, act: Activation) -> Result<()> {
+        if act != Activation::Silu {
+            return Err(unsupported(self.kind.name(), "a GELU feed-forward"));
+        }
+        let layer = &self.layers[l];
+        if let (Matrix::Tuned(gate), Matrix::Tuned(up), true) = (
+            &layer.ffn_gate,
+            &layer.ffn_up,
+            self.folds_norm(layer.ffn_folds_norm),
+        ) {
+            self.gpu.count_launches(1);
+            let eps = self.model.config.rms_eps;
+            return mm::matvec_swiglu_norm(
+                self.gpu.client(),
+                gate,
+                up,
+                self.x.handle(),
+                layer.ffn_norm.handle(),
+                eps,
+                self.gate.handle(),
+            )
+            .map_err(|e| self.backend_err(e));
+        }
+        let norm_w = layer.ffn_norm.clone();
+        self.norm(&norm_w)?;
+        let layer = &self.layers[l];
+        self.gated_ffn(&layer.ffn_gate, &layer.ffn_up, self.n)
+    }
+
+    fn ffn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
+        if post_norm {
+            return Err(unsupported(self.kind.name(), "a post-projection norm"));
+        }
+        let layers = std::mem::take(&mut self.layers);
+        let h = self.gate.clone();
+        let r = self.project_add(&layers[l].ffn_down, &h);
+        self.layers = layers;
+        r
+    }
+
+    fn logits(&mut self) -> Result<()> {
+        let (n, c) = (self.n, &self.model.config);
+        let (n_vocab, eps) = (c.n_vocab, c.rms_eps);
+        let first = if self.all_logits { 0 } else { n - 1 };
+        let rows = n - first;
+        self.n_logit_rows = rows;
+        if let (Matrix::Tuned(w), true) = (&self.output, self.folds_norm(self.output_folds_norm)) {
+            self.gpu.count_launches(1);
+            return mm::matvec_norm(
+                self.gpu.client(),
+                w,
+                self.x.handle(),
+                self.output_norm.handle(),
+                eps,
+                self.logits.handle(),
+            )
+            .map_err(|e| self.backend_err(e));
+        }
+        if std::mem::take(&mut self.pending_add) {
+            norm::launch_add_rms_norm(
+                &self.gpu,
+                &self.x,
+                &self.proj,
+                &self.output_norm,
+                &self.xn,
+                first,
+                rows,
+                eps,
+            );
+        } else {
+            norm::launch_rms_norm(
+                &self.gpu,
+                &self.x,
+                &self.output_norm,
+                &self.xn,
+                first,
+                rows,
+                eps,
+            );
+        }
+        if self.logits.len() < rows * n_vocab {
+            // Only perplexity asks for all-token logits; generation never reaches this.
+            self.logits = self.gpu.zeros(rows * n_vocab);
+            self.host_logits.resize(rows * n_vocab, 0.0);
+        }
+        if let Matrix::Tuned(w) = &self.output {
+            let elems = w.rows * w.cols;
+            let fits =
+                |s: &Option<DequantScratch<R>>| s.as_ref().is_some_and(|s| s.elems() >= elems);
+            // Buffer views start at multiples of 256 bytes everywhere (wgpu's binding offsets).
+            let aligned = (MAX_MATVEC_TOKENS * 4 * w.cols) % 256 == 0
+                && (MAX_MATVEC_TOKENS * 4 * n_vocab) % 256 == 0;
+            if rows > MAX_MATVEC_TOKENS
+                && !fits(&self.dequant)
+                && !aligned
+                && !fits(&self.dequant_logits)
+            {
+                self.dequant_logits = Some(DequantScratch::new(self.gpu.client(), elems));
+            }
+            if rows > MAX_MATVEC_TOKENS && !fits(&self.dequant) && aligned {
+                // Only perplexity multiplies the vocabulary projection by a batch. Rather than a
+                // vocabulary-sized scratch (2 GiB on an 8B model), it runs as multi-token
+                // mat-vecs, each reading the weight once for up to MAX_MATVEC_TOKENS rows.
+                let (client, cols) = (self.gpu.client(), w.cols);
+                for first in (0..rows).step_by(MAX_MATVEC_TOKENS) {
+                    let k = MAX_MATVEC_TOKENS.min(rows - first);
+                    let x = self
+                        .xn
+                        .handle()
+                        .clone()
+                        .offset_start((first * cols * 4) as u64);
+                    let y = self
+                        .logits
+                        .handle()
+                        .clone()
+                        .offset_start((first * n_vocab * 4) as u64);
+                    self.gpu.count_launches(1);
+                    mm::matmul(client, w, &x, &y, k, None).map_err(|e| self.backend_err(e))?;
+                }
+                return Ok(());
+            }
+        }
+        self.linear(&self.output, &self.xn, &self.logits, rows)
+    }
+
+    fn probe(&mut self, step: &Step) {
+        self.lap(step.name());
+    }
+
+    fn end(&mut self) -> Result<()> {
+        self.host_fresh = false;
+        self.launches_last = self.gpu.launches() - self.launch_start;
+        Ok(())
     }
 }
 
@@ -396,96 +876,16 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     }
 
     fn forward(&mut self, tokens: &[u32], pos: usize, all_logits: bool) -> Result<()> {
-        let n = tokens.len();
-        if n == 0 || n > self.max_batch {
-            return Err(Error::InvalidArgument(format!("forward takes 1 to {} tokens, got {n}", self.max_batch)));
-        }
-        if pos + n > self.ctx {
-            return Err(Error::ContextFull { needed: pos + n, capacity: self.ctx });
-        }
-        let model = self.model.clone();
-        let c = &model.config;
-        if let Some(&tok) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(Error::InvalidArgument(format!("token id {tok} is outside the vocabulary of {}", c.n_vocab)));
-        }
-        let g = &self.gpu;
-        let start = g.launches();
-        let attn_shape = AttnShape { n_heads: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim };
-        let rope_shape = RopeShape { n_head: c.n_head, n_kv_heads: c.n_head_kv, head_dim: c.head_dim, rot_pairs: c.rope_dim / 2 };
-
-        if n == 1 && !all_logits && self.fused_decode {
-            self.decode_fused(tokens[0], pos)?;
-            self.n_logit_rows = 1;
-            self.host_fresh = false;
-            self.launches_last = g.launches() - start;
-            return Ok(());
-        }
-        if self.profiling {
-            self.profiler.lock().unwrap_or_else(|e| e.into_inner()).start();
-        }
-        self.embed(tokens)?;
-        self.lap("embed");
-
-        for (l, layer) in self.layers.iter().enumerate() {
-            // Attention block: x += W_o · attention(rope(W_q·xn), rope(W_k·xn), W_v·xn). The
-            // previous block's residual add is fused into this norm.
-            if l == 0 {
-                norm::launch_rms_norm(g, &self.x, &layer.attn_norm, &self.xn, 0, n, c.rms_eps);
-            } else {
-                norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.attn_norm, &self.xn, 0, n, c.rms_eps);
-            }
-            self.lap("rms_norm");
-            let src = match &layer.attn_qkv {
-                Qkv::Fused(w) => {
-                    self.linear_tuned(w, &self.xn, &self.qkv, n)?;
-                    RopeSrc::Fused(&self.qkv)
-                }
-                Qkv::Separate([wq, wk, wv]) => {
-                    self.linear(wq, &self.xn, &self.att, n)?;
-                    self.linear(wk, &self.xn, &self.k, n)?;
-                    self.linear(wv, &self.xn, &self.v, n)?;
-                    RopeSrc::Separate { q: &self.att, k: &self.k, v: &self.v }
-                }
-            };
-            self.lap("matmul");
-            rope::launch_rope_store(g, src, &self.q, &self.cos, &self.sin, &self.cache, l, pos, n, rope_shape);
-            self.lap("rope_kv_store");
-            attention::launch_attention(g, &self.q, &self.cache, l, &self.scratch, &self.att, pos, n, attn_shape);
-            self.lap("attention");
-            self.linear(&layer.attn_output, &self.att, &self.proj, n)?;
-            self.lap("matmul");
-
-            // Feed-forward block: x += W_down · (silu(W_gate·xn) * (W_up·xn))
-            norm::launch_add_rms_norm(g, &self.x, &self.proj, &layer.ffn_norm, &self.xn, 0, n, c.rms_eps);
-            self.lap("rms_norm");
-            self.ffn_in(&layer.ffn_gate, &layer.ffn_up, n)?;
-            self.lap("matmul_swiglu");
-            self.linear(&layer.ffn_down, &self.gate, &self.proj, n)?;
-            self.lap("matmul");
-        }
-
-        // logits = W_out · rmsnorm(x + last residual), for the last token or all of them
-        let first = if all_logits { 0 } else { n - 1 };
-        let rows = n - first;
-        norm::launch_add_rms_norm(g, &self.x, &self.proj, &self.output_norm, &self.xn, first, rows, c.rms_eps);
-        self.lap("rms_norm");
-        if self.logits.len() < rows * c.n_vocab {
-            // Only perplexity asks for all-token logits; decode never reaches this.
-            self.logits = g.zeros(rows * c.n_vocab);
-            self.host_logits.resize(rows * c.n_vocab, 0.0);
-        }
-        self.linear(&self.output, &self.xn, &self.logits, rows)?;
-        self.lap("output");
-        self.n_logit_rows = rows;
-        self.host_fresh = false;
-        self.launches_last = g.launches() - start;
-        Ok(())
+        let plan = self.plan.clone();
+        arch::forward(self, &plan, tokens, pos, all_logits)
     }
 
     fn logits(&mut self) -> Result<&[f32]> {
         let n = self.n_logit_rows * self.model.config.n_vocab;
         if !self.host_fresh {
-            self.gpu.read_f32_into(&self.logits, n, &mut self.host_logits).map_err(|e| self.err(e))?;
+            self.gpu
+                .read_f32_into(&self.logits, n, &mut self.host_logits)
+                .map_err(|e| self.err(e))?;
             self.host_fresh = true;
         }
         Ok(&self.host_logits[..n])
@@ -493,14 +893,23 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn argmax(&mut self) -> Result<u32> {
         let nv = self.model.config.n_vocab;
-        argmax::launch_argmax(&self.gpu, &self.logits, (self.n_logit_rows - 1) * nv, nv, &self.best);
+        argmax::launch_argmax(
+            &self.gpu,
+            &self.logits,
+            (self.n_logit_rows - 1) * nv,
+            nv,
+            &self.best,
+        );
         let id = self.gpu.read_u32(&self.best).map_err(|e| self.err(e))?;
         Ok(id[0])
     }
 
     fn memory(&self) -> MemoryUsage {
         let layer_bytes = |l: &DeviceLayer<R>| -> u64 {
-            [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down].iter().map(|w| w.bytes()).sum::<u64>()
+            [&l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down]
+                .iter()
+                .map(|w| w.bytes())
+                .sum::<u64>()
                 + l.attn_qkv.matrices().iter().map(|m| m.2).sum::<u64>()
                 + l.attn_norm.bytes()
                 + l.ffn_norm.bytes()
@@ -512,10 +921,22 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             + self.output_norm.bytes()
             + self.cos.bytes()
             + self.sin.bytes();
-        let scratch = [&self.x, &self.xn, &self.qkv, &self.q, &self.k, &self.v, &self.att, &self.proj, &self.gate, &self.up, &self.logits]
-            .iter()
-            .map(|b| b.bytes())
-            .sum::<u64>()
+        let scratch = [
+            &self.x,
+            &self.xn,
+            &self.qkv,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.proj,
+            &self.gate,
+            &self.up,
+            &self.logits,
+        ]
+        .iter()
+        .map(|b| b.bytes())
+        .sum::<u64>()
             + self.scratch.bytes();
         let (in_use, reserved) = self.gpu.memory_usage().unwrap_or((0, 0));
         MemoryUsage {
@@ -533,33 +954,60 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn set_profiling(&mut self, on: bool) {
         self.profiling = on;
-        self.profiler.get_mut().unwrap_or_else(|e| e.into_inner()).set(on);
+        self.profiler
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(on);
     }
 
     fn op_profile(&self) -> Vec<OpTiming> {
-        self.profiler.lock().unwrap_or_else(|e| e.into_inner()).report()
+        self.profiler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report()
     }
 }
 
 fn no_backend(kind: BackendKind, problem: impl Into<String>) -> Error {
-    Error::Backend { backend: kind.name().into(), problem: problem.into() }
+    Error::Backend {
+        backend: kind.name().into(),
+        problem: problem.into(),
+    }
 }
 
 /// Creates the GPU backend `kind`, after checking its device is really there (a HIP client on
 /// a machine without an AMD GPU aborts the process, so it is never created blind).
-pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+pub fn create(
+    kind: BackendKind,
+    model: Arc<Model>,
+    opts: &BackendOptions,
+) -> Result<Box<dyn Backend>> {
     match kind {
         #[cfg(feature = "hip")]
         BackendKind::Hip => {
             let found = probe::hip_devices().map_err(|p| no_backend(kind, p))?;
             let gpu = Gpu::on(&Default::default());
-            Ok(Box::new(Hip::new(gpu, kind, found.name, model, opts)?))
+            Ok(Box::new(Hip::new(
+                gpu,
+                kind,
+                found.name,
+                found.free_bytes,
+                model,
+                opts,
+            )?))
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             let found = probe::cuda_devices().map_err(|p| no_backend(kind, p))?;
             let gpu = Gpu::on(&Default::default());
-            Ok(Box::new(Cuda::new(gpu, kind, found.name, model, opts)?))
+            Ok(Box::new(Cuda::new(
+                gpu,
+                kind,
+                found.name,
+                found.free_bytes,
+                model,
+                opts,
+            )?))
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
@@ -567,9 +1015,12 @@ pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Re
             let gpu = std::panic::catch_unwind(|| Gpu::on(&device))
                 .map_err(|_| no_backend(kind, "no wgpu adapter could be opened (is a Vulkan, Metal or DX12 driver installed?)"))?;
             let name = format!("{device:?} via {}", Runtime::name(gpu.client()));
-            Ok(Box::new(Wgpu::new(gpu, kind, name, model, opts)?))
+            Ok(Box::new(Wgpu::new(gpu, kind, name, None, model, opts)?))
         }
-        k => Err(no_backend(k, format!("this build has no `{k}` backend; rebuild with `--features {k}`"))),
+        k => Err(no_backend(
+            k,
+            format!("this build has no `{k}` backend; rebuild with `--features {k}`"),
+        )),
     }
 }
 
@@ -600,6 +1051,8 @@ mod probe {
     pub struct Found {
         /// Device 0's name and the driver version, e.g. `NVIDIA H200 (CUDA driver 13.0)`.
         pub name: String,
+        /// Device 0's free memory in bytes, where the driver says.
+        pub free_bytes: Option<u64>,
     }
 
     /// Driver entry points probed, by symbol name.
@@ -633,26 +1086,41 @@ mod probe {
             };
             unsafe {
                 if let Some(init) = sym.init {
-                    let f: libloading::Symbol<Init> = lib.get(init).map_err(|e| format!("{lib_name}: {e}"))?;
+                    let f: libloading::Symbol<Init> =
+                        lib.get(init).map_err(|e| format!("{lib_name}: {e}"))?;
                     let rc = f(0);
                     if rc != 0 {
                         return Err(format!("{what} driver initialisation failed (error {rc}): no usable {what} GPU"));
                     }
                 }
-                let f: libloading::Symbol<Count> = lib.get(sym.count).map_err(|e| format!("{lib_name}: {e}"))?;
+                let f: libloading::Symbol<Count> =
+                    lib.get(sym.count).map_err(|e| format!("{lib_name}: {e}"))?;
                 let mut n = 0i32;
                 let rc = f(&mut n);
                 if rc != 0 || n <= 0 {
-                    return Err(format!("no {what} GPU found (device count {n}, error {rc})"));
+                    return Err(format!(
+                        "no {what} GPU found (device count {n}, error {rc})"
+                    ));
                 }
                 // The name is a nicety: any failure leaves a generic one.
                 let mut name = format!("{what} GPU 0 of {n}");
-                if let (Ok(get), Ok(get_name)) = (lib.get::<Get>(sym.get), lib.get::<Name>(sym.name)) {
+                if let (Ok(get), Ok(get_name)) =
+                    (lib.get::<Get>(sym.get), lib.get::<Name>(sym.name))
+                {
                     let (mut dev, mut buf) = (0i32, [0 as std::ffi::c_char; 256]);
-                    if get(&mut dev, 0) == 0 && get_name(buf.as_mut_ptr(), buf.len() as i32 - 1, dev) == 0 {
-                        let s = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().trim().to_string();
+                    if get(&mut dev, 0) == 0
+                        && get_name(buf.as_mut_ptr(), buf.len() as i32 - 1, dev) == 0
+                    {
+                        let s = std::ffi::CStr::from_ptr(buf.as_ptr())
+                            .to_string_lossy()
+                            .trim()
+                            .to_string();
                         if !s.is_empty() {
-                            name = if n > 1 { format!("{s} (device 0 of {n})") } else { s };
+                            name = if n > 1 {
+                                format!("{s} (device 0 of {n})")
+                            } else {
+                                s
+                            };
                         }
                     }
                 }
@@ -662,19 +1130,57 @@ mod probe {
                         name = format!("{name}, {what} driver {}.{}", v / 1000, (v % 1000) / 10);
                     }
                 }
+                let free_bytes = free_memory(&lib, what);
                 // Keep the library loaded: the runtime will use it.
                 std::mem::forget(lib);
-                return Ok(Found { name });
+                return Ok(Found { name, free_bytes });
             }
         }
-        Err(format!("the {what} runtime library is not installed (tried {})", tried.join("; ")))
+        Err(format!(
+            "the {what} runtime library is not installed (tried {})",
+            tried.join("; ")
+        ))
+    }
+
+    /// Free memory of device 0. CUDA needs a current context for `cuMemGetInfo`: the
+    /// device's primary context, which the CubeCL runtime retains too, is retained and made
+    /// current on this thread for the query (and kept retained, so it is not torn down
+    /// between this query and the runtime's own retain).
+    #[cfg(any(feature = "hip", feature = "cuda"))]
+    unsafe fn free_memory(lib: &libloading::Library, what: &str) -> Option<u64> {
+        type MemInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+        let (mut free, mut total) = (0usize, 0usize);
+        if what == "HIP" {
+            let info: libloading::Symbol<MemInfo> = lib.get(b"hipMemGetInfo\0").ok()?;
+            return (info(&mut free, &mut total) == 0).then_some(free as u64);
+        }
+        type Ctx = *mut std::ffi::c_void;
+        type Get = unsafe extern "C" fn(*mut i32, i32) -> i32;
+        type Retain = unsafe extern "C" fn(*mut Ctx, i32) -> i32;
+        type Push = unsafe extern "C" fn(Ctx) -> i32;
+        type Pop = unsafe extern "C" fn(*mut Ctx) -> i32;
+        let get: libloading::Symbol<Get> = lib.get(b"cuDeviceGet\0").ok()?;
+        let retain: libloading::Symbol<Retain> = lib.get(b"cuDevicePrimaryCtxRetain\0").ok()?;
+        let push: libloading::Symbol<Push> = lib.get(b"cuCtxPushCurrent_v2\0").ok()?;
+        let pop: libloading::Symbol<Pop> = lib.get(b"cuCtxPopCurrent_v2\0").ok()?;
+        let info: libloading::Symbol<MemInfo> = lib.get(b"cuMemGetInfo_v2\0").ok()?;
+        let (mut dev, mut ctx): (i32, Ctx) = (0, std::ptr::null_mut());
+        if get(&mut dev, 0) != 0 || retain(&mut ctx, dev) != 0 || push(ctx) != 0 {
+            return None;
+        }
+        let rc = info(&mut free, &mut total);
+        let mut popped: Ctx = std::ptr::null_mut();
+        pop(&mut popped);
+        (rc == 0).then_some(free as u64)
     }
 
     /// Number of AMD GPUs HIP sees.
     #[cfg(feature = "hip")]
     pub fn hip_devices() -> Result<Found, String> {
         if !std::path::Path::new("/dev/kfd").exists() && cfg!(target_os = "linux") {
-            return Err("no AMD GPU: /dev/kfd is missing (ROCm driver not loaded or no device)".into());
+            return Err(
+                "no AMD GPU: /dev/kfd is missing (ROCm driver not loaded or no device)".into(),
+            );
         }
         let mut libs: Vec<String> = ["ROCM_PATH", "HIP_PATH"]
             .iter()
@@ -712,11 +1218,16 @@ mod probe {
     /// A real GPU adapter for wgpu (discrete first, then integrated), if any.
     #[cfg(feature = "wgpu")]
     pub fn wgpu_gpu() -> Option<rocforge_kernels::ops::gpu::cubecl::wgpu::WgpuDevice> {
-        use rocforge_kernels::ops::gpu::cubecl::wgpu::{AutoGraphicsApi, GraphicsApi, WgpuDevice, WgpuRuntime};
+        use rocforge_kernels::ops::gpu::cubecl::wgpu::{
+            AutoGraphicsApi, GraphicsApi, WgpuDevice, WgpuRuntime,
+        };
         use rocforge_kernels::ops::gpu::Runtime;
         let backend = AutoGraphicsApi::backend();
         let found = std::panic::catch_unwind(|| {
-            (!WgpuRuntime::enumerate_devices(0, &backend).is_empty(), !WgpuRuntime::enumerate_devices(1, &backend).is_empty())
+            (
+                !WgpuRuntime::enumerate_devices(0, &backend).is_empty(),
+                !WgpuRuntime::enumerate_devices(1, &backend).is_empty(),
+            )
         });
         match found {
             Ok((true, _)) => Some(WgpuDevice::DiscreteGpu(0)),

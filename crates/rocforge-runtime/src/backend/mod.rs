@@ -55,7 +55,11 @@ impl std::str::FromStr for BackendKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown backend `{s}` (choose auto, cpu, hip, cuda or wgpu)")))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown backend `{s}` (choose auto, cpu, hip, cuda or wgpu)"
+                ))
+            })
     }
 }
 
@@ -91,7 +95,10 @@ pub struct BackendOptions {
 
 impl Default for BackendOptions {
     fn default() -> Self {
-        Self { ctx: 2048, max_batch: 512 }
+        Self {
+            ctx: 2048,
+            max_batch: 512,
+        }
     }
 }
 
@@ -175,7 +182,11 @@ impl Profiler {
                 o.calls += 1;
                 o.total_ms += ms;
             }
-            None => self.ops.push(OpTiming { op: op.to_string(), calls: 1, total_ms: ms }),
+            None => self.ops.push(OpTiming {
+                op: op.to_string(),
+                calls: 1,
+                total_ms: ms,
+            }),
         }
     }
     pub fn report(&self) -> Vec<OpTiming> {
@@ -185,9 +196,15 @@ impl Profiler {
 
 /// Creates a backend of `kind` for `model`. `Auto` picks the first GPU backend whose device is
 /// really present (HIP, CUDA, then wgpu on a real GPU adapter) and falls back to the CPU.
-pub fn create(kind: BackendKind, model: Arc<Model>, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+pub fn create(
+    kind: BackendKind,
+    model: Arc<Model>,
+    opts: &BackendOptions,
+) -> Result<Box<dyn Backend>> {
     if opts.ctx == 0 || opts.max_batch == 0 {
-        return Err(Error::InvalidArgument("context and batch sizes must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "context and batch sizes must be at least 1".into(),
+        ));
     }
     match kind {
         BackendKind::Cpu => Ok(Box::new(CpuBackend::new(model, opts)?)),

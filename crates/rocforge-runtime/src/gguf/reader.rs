@@ -169,7 +169,10 @@ impl GgufFile {
             metadata.push((key, value));
         }
 
-        let alignment = match metadata_index.get("general.alignment").map(|&i| &metadata[i].1) {
+        let alignment = match metadata_index
+            .get("general.alignment")
+            .map(|&i| &metadata[i].1)
+        {
             None => DEFAULT_ALIGNMENT,
             Some(MetaValue::U32(a)) if *a > 0 && a.is_power_of_two() => *a as u64,
             Some(v) => {
@@ -336,7 +339,10 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
-        Ok(self.bytes(N as u64, what)?.try_into().expect("length checked"))
+        Ok(self
+            .bytes(N as u64, what)?
+            .try_into()
+            .expect("length checked"))
     }
     fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
         Ok(u32::from_le_bytes(self.array(what)?))
@@ -407,14 +413,20 @@ impl<'a> Reader<'a> {
 
     fn array_value(&mut self, key: &str, depth: u32) -> Result<MetaArray, GgufError> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(self.meta_err(format!("`{key}` nests arrays deeper than {MAX_ARRAY_DEPTH}")));
+            return Err(self.meta_err(format!(
+                "`{key}` nests arrays deeper than {MAX_ARRAY_DEPTH}"
+            )));
         }
         let elem_id = self.u32(&format!("the element type of `{key}`"))?;
         let elem = ValueType::from_id(elem_id).ok_or_else(|| {
             self.meta_err(format!("`{key}` is an array of unknown type {elem_id}"))
         })?;
         let count = self.u64(&format!("the length of `{key}`"))?;
-        self.check_count(count, elem.min_encoded_size(), &format!("the length of array `{key}`"))?;
+        self.check_count(
+            count,
+            elem.min_encoded_size(),
+            &format!("the length of array `{key}`"),
+        )?;
         let n = count as usize;
         let w = format!("the elements of `{key}`");
         macro_rules! fixed {

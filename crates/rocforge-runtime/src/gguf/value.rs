@@ -212,7 +212,11 @@ impl MetaValue {
     pub fn summary(&self) -> String {
         match self {
             MetaValue::String(s) if s.chars().count() > 80 => {
-                format!("{:?}… ({} chars)", s.chars().take(60).collect::<String>(), s.chars().count())
+                format!(
+                    "{:?}… ({} chars)",
+                    s.chars().take(60).collect::<String>(),
+                    s.chars().count()
+                )
             }
             MetaValue::String(s) => format!("{s:?}"),
             MetaValue::Array(a) => format!("[{}; {}]", a.type_name(), a.len()),

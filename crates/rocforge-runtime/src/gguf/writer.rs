@@ -72,7 +72,13 @@ impl GgufWriter {
     }
 
     /// Adds a tensor whose bytes are produced while the file is written.
-    pub fn tensor_fill(&mut self, name: &str, dims: &[u64], ty: GgmlType, fill: FillFn) -> &mut Self {
+    pub fn tensor_fill(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ty: GgmlType,
+        fill: FillFn,
+    ) -> &mut Self {
         self.tensors.push(PendingTensor {
             name: name.to_string(),
             dims: dims.to_vec(),
@@ -85,7 +91,10 @@ impl GgufWriter {
     fn tensor_size(t: &PendingTensor) -> u64 {
         let n: u64 = t.dims.iter().product();
         t.ty.row_bytes(n).unwrap_or_else(|| {
-            panic!("tensor {}: {} elements are not whole {} blocks", t.name, n, t.ty)
+            panic!(
+                "tensor {}: {} elements are not whole {} blocks",
+                t.name, n, t.ty
+            )
         })
     }
 
@@ -126,7 +135,12 @@ impl GgufWriter {
             let size = Self::tensor_size(t);
             match &t.data {
                 Data::Bytes(b) => {
-                    assert_eq!(b.len() as u64, size, "tensor {}: byte length does not match its shape", t.name);
+                    assert_eq!(
+                        b.len() as u64,
+                        size,
+                        "tensor {}: byte length does not match its shape",
+                        t.name
+                    );
                     w.write_all(b)?;
                 }
                 Data::Fill(f) => {

@@ -153,6 +153,11 @@ impl<R: Runtime> DequantScratch<R> {
         }
     }
 
+    /// Elements the buffer holds.
+    pub fn elems(&self) -> usize {
+        self.elems
+    }
+
     /// The buffer: after [`dequantize`], the weight as row-major `f32` `[rows, cols]`.
     pub fn handle(&self) -> &Handle {
         &self.handle
@@ -322,18 +327,24 @@ pub fn matvec_swiglu_norm<R: Runtime>(
 
 /// `Y[t, r] = W[r, :] · X[t, :]` for `n_tokens` tokens: `x` is row-major `[n_tokens, cols]`,
 /// `y` row-major `[n_tokens, rows]`, both `f32`. Batches up to [`MAX_MATVEC_TOKENS`] run as a
-/// multi-token mat-vec and leave `scratch` untouched.
+/// multi-token mat-vec and need no `scratch`; larger ones need one of at least `rows * cols`
+/// elements.
 pub fn matmul<R: Runtime>(
     client: &ComputeClient<R>,
     w: &QWeight<R>,
     x: &Handle,
     y: &Handle,
     n_tokens: usize,
-    scratch: &DequantScratch<R>,
+    scratch: Option<&DequantScratch<R>>,
 ) -> Result<(), MatmulError> {
     if n_tokens <= MAX_MATVEC_TOKENS {
         return launch_matvec(client, w, x, y, n_tokens, Epilogue::Store);
     }
+    let scratch = scratch.ok_or(MatmulError::BufferTooSmall {
+        what: "scratch",
+        needed: (w.rows * w.cols) as u64 * 4,
+        got: 0,
+    })?;
     check_buffer("x", x, n_tokens * w.cols)?;
     check_buffer("y", y, n_tokens * w.rows)?;
     dequantize(client, w, scratch)?;
@@ -370,12 +381,20 @@ pub fn embed<R: Runtime>(
 ) -> Result<(), MatmulError> {
     if let Some(t) = token0 {
         if n != 1 || t as usize >= w.rows {
-            return Err(MatmulError::BadShape { ty: w.ty, rows: t as usize, cols: w.cols });
+            return Err(MatmulError::BadShape {
+                ty: w.ty,
+                rows: t as usize,
+                cols: w.cols,
+            });
         }
     } else {
         let needed = n as u64 * 4;
         if ids.size_in_used() < needed {
-            return Err(MatmulError::BufferTooSmall { what: "ids", needed, got: ids.size_in_used() });
+            return Err(MatmulError::BufferTooSmall {
+                what: "ids",
+                needed,
+                got: ids.size_in_used(),
+            });
         }
     }
     check_buffer("out", out, n * w.cols)?;

@@ -67,10 +67,19 @@ pub fn variants() -> Vec<KernelVariant> {
         push(format!("dequantize_{format}"), KernelKind::Dequantize);
         if format.coalesced() {
             push(format!("matvec_norm_{format}"), KernelKind::MatvecNorm);
-            push(format!("swiglu_norm_{format}"), KernelKind::MatvecSwigluNorm);
+            push(
+                format!("swiglu_norm_{format}"),
+                KernelKind::MatvecSwigluNorm,
+            );
         }
-        push(format!("embed_{format}_one"), KernelKind::Embed { from_scalar: true });
-        push(format!("embed_{format}_batch"), KernelKind::Embed { from_scalar: false });
+        push(
+            format!("embed_{format}_one"),
+            KernelKind::Embed { from_scalar: true },
+        );
+        push(
+            format!("embed_{format}_batch"),
+            KernelKind::Embed { from_scalar: false },
+        );
     }
     out
 }
@@ -96,7 +105,7 @@ pub fn launch_variant<R: Runtime>(
             accumulate: true, ..
         } => api::matvec(client, &w, &x, &y, Epilogue::Accumulate),
         KernelKind::Matvec { tokens, .. } => {
-            api::matmul(client, &w, &x, &y, tokens as usize, &scratch)
+            api::matmul(client, &w, &x, &y, tokens as usize, Some(&scratch))
         }
         KernelKind::MatvecSwiglu => api::matvec_swiglu(client, &w, &w, &x, &y),
         KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
@@ -170,21 +179,23 @@ pub fn definition<R: Runtime>(
             )
             .define()
         }
-        KernelKind::MatvecSwiglu if coalesced => kernels::matvec_swiglu_q_kernel::MatvecSwigluQKernel::<R>::new(
-            settings(mv_dim),
-            c(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            v.format,
-            cfg,
-        )
-        .define(),
+        KernelKind::MatvecSwiglu if coalesced => {
+            kernels::matvec_swiglu_q_kernel::MatvecSwigluQKernel::<R>::new(
+                settings(mv_dim),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                v.format,
+                cfg,
+            )
+            .define()
+        }
         KernelKind::Matvec { tokens, accumulate } => {
             kernels::matvec_kernel::MatvecKernel::<R>::new(
                 settings(mv_dim),
@@ -247,24 +258,26 @@ pub fn definition<R: Runtime>(
             cfg,
         )
         .define(),
-        KernelKind::MatvecSwigluNorm => kernels::matvec_swiglu_norm_q_kernel::MatvecSwigluNormQKernel::<R>::new(
-            settings(mv_dim),
-            c(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            (),
-            (),
-            v.format,
-            cfg,
-        )
-        .define(),
+        KernelKind::MatvecSwigluNorm => {
+            kernels::matvec_swiglu_norm_q_kernel::MatvecSwigluNormQKernel::<R>::new(
+                settings(mv_dim),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                (),
+                (),
+                v.format,
+                cfg,
+            )
+            .define()
+        }
         KernelKind::Embed { from_scalar } => kernels::embed_kernel::EmbedKernel::<R>::new(
             settings(CubeDim::new_1d(DEQUANT_THREADS)),
             c(),

@@ -257,7 +257,9 @@ pub fn decode_unit(
 pub fn slot_col(slot: u32, g: u32, #[comptime] fmt: KernelFormat) -> u32 {
     match fmt {
         // Byte k of word `slot` holds weights 4*slot + k (low nibble) and 16 + 4*slot + k.
-        KernelFormat::Q4_0 | KernelFormat::Q4_1 | KernelFormat::Q5_0 | KernelFormat::Q5_1 => 4 * slot + 16 * g,
+        KernelFormat::Q4_0 | KernelFormat::Q4_1 | KernelFormat::Q5_0 | KernelFormat::Q5_1 => {
+            4 * slot + 16 * g
+        }
         // Words 2*slot and 2*slot + 1: weights 8*slot .. 8*slot + 8.
         KernelFormat::Q8_0 => 8 * slot + 4 * g,
         // qs word `slot` of chunk j = slot / 8: weights 64j + l0 + k (low), 64j + 32 + l0 + k.
@@ -272,7 +274,14 @@ pub fn slot_col(slot: u32, g: u32, #[comptime] fmt: KernelFormat) -> u32 {
 /// `vals[4 * g + k]`, the weight at column `slot_col(slot, g) + k` of the block. Operation
 /// order per weight follows `quant::reference`, like [`decode_unit`].
 #[cube]
-pub fn decode_slot(w: &Array<u32>, scales: &Array<u32>, block: u32, slot: u32, vals: &mut Array<f32>, #[comptime] fmt: KernelFormat) {
+pub fn decode_slot(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    block: u32,
+    slot: u32,
+    vals: &mut Array<f32>,
+    #[comptime] fmt: KernelFormat,
+) {
     let wb = block * comptime![fmt.words_per_block()];
     match fmt {
         KernelFormat::Q4_0 => {

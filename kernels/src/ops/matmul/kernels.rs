@@ -139,7 +139,13 @@ pub fn matvec_kernel(
 
 /// Dot of the decoded slot `vals` with `x` at vec4 index `x4_at(g)` for each run `g`.
 #[cube]
-fn dot_slot(vals: &Array<f32>, x4: &Array<Vector<f32, Const<4>>>, base: u32, slot: u32, #[comptime] fmt: KernelFormat) -> f32 {
+fn dot_slot(
+    vals: &Array<f32>,
+    x4: &Array<Vector<f32, Const<4>>>,
+    base: u32,
+    slot: u32,
+    #[comptime] fmt: KernelFormat,
+) -> f32 {
     let mut s = 0.0f32;
     #[unroll]
     for g in 0..comptime![fmt.groups_per_slot()] {
@@ -153,7 +159,13 @@ fn dot_slot(vals: &Array<f32>, x4: &Array<Vector<f32, Const<4>>>, base: u32, slo
 /// `1 / sqrt(mean(x^2) + eps)` over `x4[0..n4]` (`cols` values), computed by the whole cube
 /// (every unit must call it); `smem` holds one `f32` per unit.
 #[cube]
-fn cube_rms_inv(x4: &Array<Vector<f32, Const<4>>>, n4: u32, cols: u32, eps: f32, smem: &mut SharedMemory<f32>) -> f32 {
+fn cube_rms_inv(
+    x4: &Array<Vector<f32, Const<4>>>,
+    n4: u32,
+    cols: u32,
+    eps: f32,
+    smem: &mut SharedMemory<f32>,
+) -> f32 {
     let tid = UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X;
     let threads = CUBE_DIM_X * CUBE_DIM_Y;
     let mut ss = 0.0f32;
@@ -198,7 +210,10 @@ fn dot_slot_weighted(
         let xv = x4[i];
         let wv = w4[i];
         let o = (4 * g) as usize;
-        s += vals[o] * (xv[0] * wv[0]) + vals[o + 1] * (xv[1] * wv[1]) + vals[o + 2] * (xv[2] * wv[2]) + vals[o + 3] * (xv[3] * wv[3]);
+        s += vals[o] * (xv[0] * wv[0])
+            + vals[o + 1] * (xv[1] * wv[1])
+            + vals[o + 2] * (xv[2] * wv[2])
+            + vals[o + 3] * (xv[3] * wv[3]);
     }
     s
 }

@@ -486,10 +486,23 @@ mod tests {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4K, GgmlType::F16] {
             let mut a = PreparedActs::new();
             a.prepare(ty, &x).unwrap();
-            let ptrs = (a.f32s.as_ptr(), a.q8_0.as_ptr(), a.q8_1.as_ptr(), a.q8k.as_ptr());
+            let ptrs = (
+                a.f32s.as_ptr(),
+                a.q8_0.as_ptr(),
+                a.q8_1.as_ptr(),
+                a.q8k.as_ptr(),
+            );
             a.prepare(ty, &x[..256]).unwrap();
             a.prepare(ty, &x).unwrap();
-            assert_eq!(ptrs, (a.f32s.as_ptr(), a.q8_0.as_ptr(), a.q8_1.as_ptr(), a.q8k.as_ptr()));
+            assert_eq!(
+                ptrs,
+                (
+                    a.f32s.as_ptr(),
+                    a.q8_0.as_ptr(),
+                    a.q8_1.as_ptr(),
+                    a.q8k.as_ptr()
+                )
+            );
             assert_eq!((a.len(), a.dot_type()), (512, ty.vec_dot_type().unwrap()));
         }
     }
