@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 mod bench;
 mod compare;
 mod fetch_model;
+mod fuzz;
 mod gen_model;
 mod test;
 
@@ -20,6 +21,8 @@ tasks:
                           run the benchmark suite; results under target/rocforge-bench/<timestamp>/
   compare OLD.json NEW.json [--threshold PCT] | --llama-bench FILE.json [RESULTS.json]
                           change per metric; exits 1 on a regression
+  fuzz [--seconds N] [--runs N] [--target T]
+                          run each cargo-fuzz target of fuzz/ (nightly) for N seconds (default 60) or N executions
   gen-model --shape smollm2-135m|tinyllama-1.1b|llama2-7b|llama3-8b --quant q4_0|q4_1|q8_0|q4_k|q6_k|f16 --out FILE
                           write a GGUF with deterministic random (synthetic) weights";
 
@@ -44,6 +47,7 @@ fn run(args: &[String]) -> Result<()> {
         "bench" => bench::run(rest),
         "compare" => compare::run(rest),
         "gen-model" => gen_model::run(rest),
+        "fuzz" => fuzz::run(rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())

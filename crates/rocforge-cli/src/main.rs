@@ -4,126 +4,35 @@
 //! error is one line on stderr and a non-zero exit (1 for failures, 2 for bad usage).
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use rocforge_cli::{Generate, Inspect, Perplexity, Run, Settings};
 use rocforge_runtime::gguf::GgufFile;
 use rocforge_runtime::tokenizer::ChatMessage;
-use rocforge_runtime::{
-    info, BackendKind, BackendOptions, GenerateOptions, Model, SamplerConfig, Session,
-};
-
-#[derive(Parser)]
-#[command(
-    name = "rocforge",
-    version,
-    about = "ROCforge: LLM inference on ROCm, CUDA, wgpu and the CPU"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Generate text from a prompt, streaming it as it is produced.
-    Generate(GenerateArgs),
-    /// Perplexity of a text file (llama.cpp's method: non-overlapping chunks, second halves scored).
-    Perplexity(PerplexityArgs),
-    /// Show a GGUF file's architecture, hyperparameters, quant format and tensors.
-    Inspect(InspectArgs),
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Path of a GGUF model.
-    #[arg(long, short)]
-    model: PathBuf,
-    /// auto, cpu, hip, cuda or wgpu.
-    #[arg(long, default_value = "auto")]
-    backend: String,
-    /// KV-cache size in tokens (default: the model's training context, at most 4096).
-    #[arg(long)]
-    ctx: Option<usize>,
-    /// Most tokens per forward call during prefill.
-    #[arg(long, default_value_t = 512)]
-    batch: usize,
-    /// Print one JSON object on stdout at the end instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    #[command(flatten)]
-    run: RunArgs,
-    /// The prompt.
-    #[arg(long, short)]
-    prompt: String,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 128)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f32,
-    /// Keep the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    /// Nucleus sampling threshold (1.0 = off).
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    /// Repetition penalty over the last 64 tokens (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0x5eed)]
-    seed: u64,
-    /// Wrap the prompt in the model's chat template as a user message.
-    #[arg(long)]
-    chat: bool,
-    /// System message for --chat.
-    #[arg(long, requires = "chat")]
-    system: Option<String>,
-    /// Keep generating past end-of-generation tokens.
-    #[arg(long)]
-    ignore_eos: bool,
-}
-
-#[derive(Args)]
-struct PerplexityArgs {
-    #[command(flatten)]
-    run: RunArgs,
-    /// Text file to score.
-    #[arg(long, short)]
-    file: PathBuf,
-    /// Score at most this many chunks.
-    #[arg(long)]
-    chunks: Option<usize>,
-}
-
-#[derive(Args)]
-struct InspectArgs {
-    /// Path of a GGUF file.
-    #[arg(long, short)]
-    model: PathBuf,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-}
+use rocforge_runtime::{info, Model, Session};
 
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("rocforge: internal error: {info}");
     }));
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Generate(a) => generate(a),
-        Command::Perplexity(a) => perplexity(a),
-        Command::Inspect(a) => inspect(a),
+    let settings = match rocforge_cli::parse(std::env::args_os()) {
+        Ok(s) => s,
+        Err(e) if e.is_help() => {
+            print!("{}", e.render());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("rocforge: error: {e}");
+            return ExitCode::from(e.exit_code().clamp(1, 255) as u8);
+        }
+    };
+    let result = match settings {
+        Settings::Generate(a) => generate(a),
+        Settings::Perplexity(a) => perplexity(a),
+        Settings::Inspect(a) => inspect(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,49 +52,54 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_session(run: &RunArgs, model: std::sync::Arc<Model>) -> Result<Session> {
-    let kind: BackendKind = run.backend.parse()?;
-    let ctx = run.ctx.unwrap_or(model.config.n_ctx_train.min(4096));
-    let opts = BackendOptions {
-        ctx,
-        max_batch: run.batch,
-    };
-    Ok(Session::new(model, kind, opts)?)
+/// Loads the model and prints the tokenizer's warnings (metadata llama.cpp also only warns about).
+fn load(run: &Run) -> Result<std::sync::Arc<Model>> {
+    let model = Model::load_with(&run.model, &run.load)?;
+    for w in model.tokenizer.warnings() {
+        eprintln!("rocforge: warning: {}: {w}", run.model.display());
+    }
+    Ok(model)
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
-    let model = Model::load(&a.run.model)?;
+fn open_session(run: &Run, model: std::sync::Arc<Model>, default_ctx: usize) -> Result<Session> {
+    let opts = run.backend_options(default_ctx);
+    Ok(Session::new(model, run.backend, opts)?)
+}
+
+/// The chat prompt: the model's template, or ChatML with a warning when it fails (a template
+/// that errors, runs out of fuel or writes too much), or ChatML when the model has none.
+fn chat_prompt(model: &Model, a: &Generate) -> String {
     let tok = &model.tokenizer;
-    let text = if a.chat {
-        let mut messages = Vec::new();
-        if let Some(s) = &a.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: s.clone(),
-            });
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::new("system", s.clone()));
+    }
+    messages.push(ChatMessage::new("user", a.prompt.clone()));
+    match tok.render_chat_template(&messages, true) {
+        Some(Ok(text)) => text,
+        Some(Err(e)) => {
+            let e = e.to_string().replace('\n', " ");
+            eprintln!(
+                "rocforge: warning: {}: the chat template failed ({e}); using ChatML",
+                a.run.model.display()
+            );
+            tok.chatml(&messages, true)
         }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: a.prompt.clone(),
-        });
-        tok.apply_chat_template(&messages, true)?
+        None => tok.chatml(&messages, true),
+    }
+}
+
+fn generate(a: Generate) -> Result<()> {
+    let model = load(&a.run)?;
+    let text = if a.chat {
+        chat_prompt(&model, &a)
     } else {
         a.prompt.clone()
     };
-    let prompt = tok.encode(&text, true, true)?;
-    let mut session = open_session(&a.run, model.clone())?;
-    let opts = GenerateOptions {
-        max_tokens: a.max_tokens,
-        sampler: SamplerConfig {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repeat_penalty: a.repeat_penalty,
-            repeat_last_n: 64,
-            seed: a.seed,
-        },
-        stop_at_eog: !a.ignore_eos,
-    };
+    let prompt = model.tokenizer.encode(&text, true, true)?;
+    let default_ctx = model.config.n_ctx_train.min(4096);
+    let mut session = open_session(&a.run, model.clone(), default_ctx)?;
+    let opts = a.options.clone();
     let json = a.run.json;
     let mut stdout = std::io::stdout().lock();
     let out = session.generate(&prompt, &opts, |piece| {
@@ -233,23 +147,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn perplexity(a: PerplexityArgs) -> Result<()> {
+fn perplexity(a: Perplexity) -> Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("{}: cannot read", a.file.display()))?;
-    let model = Model::load(&a.run.model)?;
-    let ctx = a.run.ctx.unwrap_or(512);
+    let model = load(&a.run)?;
+    let ctx = a.ctx;
     let mut tokens = model.tokenizer.encode(&text, true, false)?;
     if let Some(n) = a.chunks {
         tokens.truncate(n.saturating_mul(ctx));
     }
-    let run = RunArgs {
-        ctx: Some(ctx),
-        backend: a.run.backend.clone(),
-        model: a.run.model.clone(),
-        batch: a.run.batch,
-        json: a.run.json,
-    };
-    let mut session = open_session(&run, model)?;
+    let mut session = open_session(&a.run, model, ctx)?;
     let start = Instant::now();
     let json = a.run.json;
     let p = rocforge_runtime::perplexity(&mut session, &tokens, ctx, |i, ppl| {
@@ -276,7 +183,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-fn inspect(a: InspectArgs) -> Result<()> {
+fn inspect(a: Inspect) -> Result<()> {
     let file = GgufFile::open(&a.model)?;
     let quant = info::quant_summary(&file);
     let tensors = info::tensor_table(&file);

@@ -79,12 +79,227 @@ fn broken_files_give_one_clear_line_fast_and_small() {
 }
 
 #[test]
-fn usage_errors_exit_2_and_unknown_backend_exits_1() {
+fn usage_errors_exit_2_with_one_line() {
     let out = rocforge(&["generate", "--prompt", "x"]);
     assert_eq!(out.status.code(), Some(2));
     let dir = temp_dir("usage");
     let p = dir.join("tiny.gguf");
     tiny_model(GgmlType::Q8_0, 1).write_file(&p).unwrap();
+    let p = p.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--backend", "tpu"], "unknown backend `tpu`"),
+        (
+            &["--temperature", "nan"],
+            "--temperature NaN is out of range (allowed: a finite number >= 0",
+        ),
+        (&["--temperature", "-1"], "--temperature -1 is out of range"),
+        (
+            &["--top-p", "1.5"],
+            "--top-p 1.5 is out of range (allowed: 0 to 1",
+        ),
+        (
+            &["--repeat-penalty", "0"],
+            "--repeat-penalty 0 is out of range (allowed: a finite number > 0",
+        ),
+        (
+            &["--repeat-penalty", "inf"],
+            "--repeat-penalty inf is out of range",
+        ),
+        (
+            &["--ctx", "0"],
+            "--ctx 0 is out of range (allowed: 1 to 1048576)",
+        ),
+        (&["--ctx", "8000000"], "--ctx 8000000 is out of range"),
+        (
+            &["--batch", "0"],
+            "--batch 0 is out of range (allowed: 1 to 65536)",
+        ),
+        (
+            &["--batch", "18446744073709551615"],
+            "--batch 18446744073709551615 is out of range",
+        ),
+        (&["--max-tokens", "18446744073709551616"], "--max-tokens"),
+        (&["--max-tokens", "-1"], "--max-tokens"),
+        (&["--top-k", "lots"], "--top-k"),
+        (&["--seed", "1.5"], "--seed"),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (extra, expect) in cases {
+        let mut args = vec!["generate", "--model", p, "--prompt", "x"];
+        args.extend_from_slice(extra);
+        let out = rocforge(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{extra:?}: not one line: {stderr}"
+        );
+        assert!(
+            stderr.starts_with("rocforge: error: ") && stderr.contains(expect),
+            "{extra:?}: `{stderr}` lacks `{expect}`"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = rocforge(&["perplexity", "--model", p, "--file", p, "--ctx", "3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ctx 3 is out of range (allowed: 4 to"));
+    let out = rocforge(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+}
+
+fn generate_json(model: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "hello",
+        "--backend",
+        "cpu",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = rocforge(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{extra:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let v = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    (out, v)
+}
+
+#[test]
+fn huge_max_tokens_stops_at_the_full_context() {
+    let dir = temp_dir("max-tokens");
+    let p = dir.join("tiny.gguf");
+    tiny_model(GgmlType::Q8_0, 1).write_file(&p).unwrap();
+    let t = Instant::now();
+    let (_, v) = generate_json(
+        p.to_str().unwrap(),
+        &[
+            "-n",
+            "18446744073709551615",
+            "--ctx",
+            "32",
+            "--ignore-eos",
+            "--temperature",
+            "0.9",
+            "--repeat-penalty",
+            "1e-30",
+        ],
+    );
+    assert_eq!(v["stop_reason"], "context_full");
+    assert_eq!(
+        v["prompt_tokens"].as_array().unwrap().len()
+            + v["generated_tokens"].as_array().unwrap().len(),
+        33
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn no_mmap_generates_the_same_tokens() {
+    let dir = temp_dir("no-mmap");
+    let p = dir.join("tiny.gguf");
+    tiny_model(GgmlType::Q4_1, 4).write_file(&p).unwrap();
+    let p = p.to_str().unwrap();
+    let (_, mapped) = generate_json(p, &["-n", "8", "--temperature", "0", "--ignore-eos"]);
+    let (_, copied) = generate_json(
+        p,
+        &["-n", "8", "--temperature", "0", "--ignore-eos", "--no-mmap"],
+    );
+    assert_eq!(mapped["generated_tokens"].as_array().unwrap().len(), 8);
+    assert_eq!(mapped["generated_tokens"], copied["generated_tokens"]);
+}
+
+/// The tiny model with extra or replaced metadata, written to `dir/name`.
+fn tiny_with(
+    dir: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut rocforge_runtime::gguf::GgufWriter),
+) -> std::path::PathBuf {
+    let mut w = tiny_model(GgmlType::Q8_0, 1);
+    edit(&mut w);
+    let p = dir.join(name);
+    w.write_file(&p).unwrap();
+    p
+}
+
+#[test]
+fn a_chat_template_that_never_ends_falls_back_to_chatml_with_a_warning() {
+    let dir = temp_dir("template");
+    let hostile = [
+        ("loop", "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}"),
+        ("flood", "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}"),
+        ("recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
+    ];
+    for (name, template) in hostile {
+        let p = tiny_with(&dir, &format!("{name}.gguf"), |w| {
+            w.meta_str("tokenizer.chat_template", template);
+        });
+        let t = Instant::now();
+        let (out, v) = generate_json(
+            p.to_str().unwrap(),
+            &["--chat", "-n", "2", "--temperature", "0"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{name}: took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+        assert!(
+            stderr.contains("warning")
+                && stderr.contains("the chat template failed")
+                && stderr.contains("using ChatML"),
+            "{name}: {stderr}"
+        );
+        // The ChatML prompt: <|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n.
+        assert!(
+            v["prompt_tokens"].as_array().unwrap().len() > 5,
+            "{name}: {v}"
+        );
+    }
+}
+
+#[test]
+fn special_ids_outside_the_vocabulary_warn_and_run() {
+    let dir = temp_dir("special-ids");
+    let p = tiny_with(&dir, "eos.gguf", |w| {
+        w.meta_u32("tokenizer.ggml.eos_token_id", 1_000_000);
+    });
+    let (out, v) = generate_json(p.to_str().unwrap(), &["-n", "4", "--temperature", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("warning")
+            && stderr.contains("eos_token_id = 1000000 is outside the vocabulary"),
+        "{stderr}"
+    );
+    assert!(v["generated_tokens"].as_array().is_some());
+}
+
+#[test]
+fn a_token_list_beyond_the_cap_is_refused_before_the_tokenizer_is_built() {
+    let dir = temp_dir("vocab-cap");
+    // 2^20 + 1 one-byte tokens: a 9 MiB list; the model's rows do not matter, the cap comes first.
+    let p = tiny_with(&dir, "vocab.gguf", |w| {
+        w.meta_strings(
+            "tokenizer.ggml.tokens",
+            (0..(1u32 << 20) + 1)
+                .map(|i| (b'a' + (i % 26) as u8) as char)
+                .map(String::from)
+                .collect(),
+        );
+    });
+    let before = children_max_rss();
+    let t = Instant::now();
     let out = rocforge(&[
         "generate",
         "--model",
@@ -92,10 +307,28 @@ fn usage_errors_exit_2_and_unknown_backend_exits_1() {
         "--prompt",
         "x",
         "--backend",
-        "tpu",
+        "cpu",
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend `tpu`"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    // `llama.vocab_size` (320) or the cap (2^20) refuses it, whichever the file states.
+    assert!(
+        stderr.contains("tokenizer.ggml.tokens")
+            && (stderr.contains("more than 1048576") || stderr.contains("1048577 tokens")),
+        "{stderr}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let rss = children_max_rss().max(before);
+    assert!(
+        rss < 400 << 20,
+        "a 10 MiB file made rocforge use {} MiB",
+        rss >> 20
+    );
 }
 
 #[test]

@@ -43,6 +43,13 @@ pub enum Error {
     ContextFull { needed: usize, capacity: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A setting outside its allowed range; `name` is the setting (`temperature`, `ctx`...).
+    #[error("{name} = {value} is out of range (allowed: {allowed})")]
+    OutOfRange {
+        name: String,
+        value: String,
+        allowed: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -16,6 +16,7 @@ pub mod backend;
 pub mod error;
 pub mod gguf;
 pub mod info;
+pub mod limits;
 pub mod model;
 pub mod sampler;
 pub mod session;
@@ -26,7 +27,8 @@ pub mod tokenizer;
 
 pub use backend::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming};
 pub use error::{Error, Result};
-pub use model::{Model, ModelConfig};
+pub use limits::{MAX_BATCH, MAX_CTX};
+pub use model::{LoadOptions, Model, ModelConfig};
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::{
     perplexity, GenerateOptions, Generation, Perplexity, Session, StopReason, Timings,

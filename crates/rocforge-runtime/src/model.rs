@@ -98,6 +98,19 @@ pub struct Weights {
     pub rope_freqs: Option<Vec<f32>>,
 }
 
+/// How [`Model::load_with`] reads the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Map the file (the default; weights are paged in on use) instead of copying it into memory.
+    pub mmap: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { mmap: true }
+    }
+}
+
 /// A model ready to run: the mapped file, its configuration, weights and tokenizer.
 pub struct Model {
     file: GgufFile,
@@ -124,7 +137,17 @@ impl Model {
     /// # Ok::<(), rocforge_runtime::Error>(())
     /// ```
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Model>> {
-        let file = GgufFile::open(path.as_ref())?;
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options: `mmap: false` reads the file into memory, so replacing
+    /// or truncating it while the model is in use cannot raise SIGBUS.
+    pub fn load_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Arc<Model>> {
+        let file = if opts.mmap {
+            GgufFile::open(path.as_ref())?
+        } else {
+            GgufFile::read(path.as_ref())?
+        };
         Self::from_gguf(file).map(Arc::new)
     }
 
@@ -132,21 +155,25 @@ impl Model {
     pub fn from_gguf(file: GgufFile) -> Result<Model> {
         let config = read_config(&file)?;
         let weights = read_weights(&file, &config)?;
+        // The tokenizer keeps several tables per token: check the list's length before building it.
+        let n_tokens = file
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .map_or(0, |a| a.len());
+        if n_tokens > 0 && n_tokens != config.n_vocab {
+            return Err(vocab_mismatch(&file, n_tokens, config.n_vocab));
+        }
         let spec = TokenizerSpec::from_gguf(&file);
         let tokenizer = Tokenizer::from_spec(&spec).map_err(|source| Error::Tokenizer {
             path: file.path().to_path_buf(),
             source,
         })?;
         if tokenizer.vocab_size() != config.n_vocab {
-            return Err(Error::Metadata {
-                path: file.path().to_path_buf(),
-                key: "tokenizer.ggml.tokens".into(),
-                problem: format!(
-                    "{} tokens, but the model's vocabulary has {} rows",
-                    tokenizer.vocab_size(),
-                    config.n_vocab
-                ),
-            });
+            return Err(vocab_mismatch(
+                &file,
+                tokenizer.vocab_size(),
+                config.n_vocab,
+            ));
         }
         Ok(Model {
             file,
@@ -175,6 +202,14 @@ impl Model {
     pub fn n_params(&self) -> u64 {
         self.file.tensors().iter().map(|t| t.n_elements()).sum()
     }
+}
+
+fn vocab_mismatch(file: &GgufFile, tokens: usize, n_vocab: usize) -> Error {
+    meta_err(
+        file,
+        "tokenizer.ggml.tokens",
+        format!("{tokens} tokens, but the model's vocabulary has {n_vocab} rows"),
+    )
 }
 
 fn meta_err(file: &GgufFile, key: &str, problem: impl Into<String>) -> Error {
@@ -263,6 +298,14 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
     let n_vocab = match file.get(&format!("{arch}.vocab_size")) {
         Some(_) => int("vocab_size", None)?,
         None => match file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            // Capped like every dimension before the tokenizer builds its tables from the list.
+            Some(a) if a.len() as u64 > MAX_DIM => {
+                return Err(meta_err(
+                    file,
+                    "tokenizer.ggml.tokens",
+                    format!("{} tokens, more than {MAX_DIM}", a.len()),
+                ))
+            }
             Some(a) if !a.is_empty() => a.len(),
             _ => file
                 .tensor("token_embd.weight")

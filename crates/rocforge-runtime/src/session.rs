@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use crate::backend::{self, Backend, BackendKind, BackendOptions, MemoryUsage};
 use crate::error::{Error, Result};
+use crate::limits;
 use crate::model::Model;
 use crate::sampler::{Sampler, SamplerConfig};
 
@@ -105,8 +106,11 @@ pub struct Session {
 }
 
 impl Session {
-    /// Creates a session on `kind` with a KV cache of `opts.ctx` tokens.
+    /// Creates a session on `kind` with a KV cache of `opts.ctx` tokens. The sizes are checked
+    /// first ([`limits::check_backend_options`]): in range, no overflow, and on the CPU within
+    /// the available memory.
     pub fn new(model: Arc<Model>, kind: BackendKind, opts: BackendOptions) -> Result<Self> {
+        limits::check_backend_options(&model.config, kind, &opts)?;
         let backend = backend::create(kind, model.clone(), &opts)?;
         Ok(Self {
             model,
@@ -207,8 +211,7 @@ impl Session {
 
     /// Picks the next token: on the device for greedy decoding, else with `sampler`.
     pub fn sample(&mut self, sampler: &mut Sampler) -> Result<u32> {
-        let penalize = sampler.config.repeat_penalty != 1.0;
-        if sampler.config.is_greedy() && !penalize {
+        if !sampler.penalizes() && sampler.config().is_greedy() {
             return self.backend.argmax();
         }
         let n = self.model.config.n_vocab;
@@ -218,7 +221,7 @@ impl Session {
     }
 
     /// Runs `prompt` (after any tokens already held), then samples up to `opts.max_tokens`
-    /// tokens, calling `on_text` with each new piece of text as soon as it is complete UTF-8;
+    /// tokens (any value: generation also stops when the context is full), calling `on_text` with each new piece of text as soon as it is complete UTF-8;
     /// `on_text` returning false stops generation.
     pub fn generate(
         &mut self,
@@ -226,12 +229,16 @@ impl Session {
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        let mut sampler = Sampler::new(opts.sampler.clone());
+        let mut sampler = Sampler::new(opts.sampler.clone())?;
         let mut timings = Timings {
             prompt_tokens: prompt.len(),
             ..Default::default()
         };
-        let mut generated = Vec::with_capacity(opts.max_tokens);
+        // At most the free context can be generated, whatever `max_tokens` says.
+        let mut generated = Vec::with_capacity(
+            opts.max_tokens
+                .min(self.capacity().saturating_sub(self.tokens.len()) + 1),
+        );
         let model = self.model.clone();
         let mut stream = model.tokenizer.stream();
         let mut text = String::new();

@@ -142,6 +142,11 @@ pub fn broken_corpus() -> Vec<BrokenFile> {
     let at = find(&v, b"token_embd.weight") + 4 + 16 + 4;
     patch_u64(&mut v, at, 3);
     push("misaligned-offset", v, "not aligned");
+    let mut v = good.clone();
+    // blk.0.attn_k points at token_embd's bytes (offset 0): in bounds and aligned, but overlapping.
+    let at = find(&v, b"blk.0.attn_k.weight") + 4 + 16 + 4;
+    patch_u64(&mut v, at, 0);
+    push("overlapping-tensors", v, "overlaps");
 
     let mut w = tiny_model(GgmlType::Q8_0, 1);
     let mut missing = GgufWriter::new();

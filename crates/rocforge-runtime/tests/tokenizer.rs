@@ -361,13 +361,21 @@ fn bad_specs_are_errors() {
         }),
         TokenizerError::LengthMismatch { .. }
     ));
-    assert!(matches!(
-        err(TokenizerSpec {
-            eos_id: Some(1 << 20),
-            ..gpt2_spec("gpt-2")
-        }),
-        TokenizerError::SpecialIdOutOfRange { name: "eos", .. }
-    ));
+    // As in llama.cpp, a special id outside the vocabulary is a warning and the default id.
+    let tok = Tokenizer::from_spec(&TokenizerSpec {
+        eos_id: Some(1 << 20),
+        ..gpt2_spec("gpt-2")
+    })
+    .unwrap();
+    assert_eq!(tok.warnings().len(), 1, "{:?}", tok.warnings());
+    assert!(
+        tok.warnings()[0].contains("eos_token_id = 1048576"),
+        "{:?}",
+        tok.warnings()
+    );
+    assert!(tok
+        .eos_id()
+        .is_none_or(|id| (id as usize) < tok.vocab_size()));
     let mut spec = gpt2_spec("gpt-2");
     spec.merges.push("nospace".into());
     assert!(matches!(err(spec), TokenizerError::BadMerge { .. }));

@@ -3,7 +3,9 @@
 //! Every count and length read from the file is checked against the bytes that remain
 //! *before* anything is allocated from it, so a hostile or truncated file yields a
 //! [`GgufError`] and never a panic, an abort or an allocation larger than the file justifies.
-//! Tensor data is not copied: [`GgufFile`] keeps the file memory-mapped and hands out slices.
+//! Tensor data is not copied: [`GgufFile`] keeps the file memory-mapped and hands out slices
+//! ([`GgufFile::open`]), or owns a copy of the bytes ([`GgufFile::read`], [`GgufFile::from_bytes`]),
+//! which a file replaced or truncated while in use cannot turn into SIGBUS.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -81,10 +83,49 @@ impl TensorInfo {
     }
 }
 
-/// An open, validated GGUF file: metadata parsed, tensor data memory-mapped.
+/// Where the file's bytes live.
+enum Storage {
+    Mapped(Mmap),
+    /// 64-byte aligned chunks, so tensor data keeps the alignment a page-aligned map gives it
+    /// for every `general.alignment` up to 64.
+    Owned {
+        chunks: Vec<Align64>,
+        len: usize,
+    },
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Align64([u8; 64]);
+
+impl Storage {
+    fn owned(bytes: &[u8]) -> Self {
+        let mut chunks = vec![Align64([0; 64]); bytes.len().div_ceil(64)];
+        for (c, b) in chunks.iter_mut().zip(bytes.chunks(64)) {
+            c.0[..b.len()].copy_from_slice(b);
+        }
+        Storage::Owned {
+            chunks,
+            len: bytes.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned { chunks, len } => {
+                // SAFETY: `Align64` is 64 plain bytes without padding, so the chunks are
+                // `chunks.len() * 64 >= len` initialized bytes.
+                unsafe { std::slice::from_raw_parts(chunks.as_ptr().cast::<u8>(), *len) }
+            }
+        }
+    }
+}
+
+/// An open, validated GGUF file: metadata parsed, tensor data memory-mapped or in memory.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    data: Storage,
     version: u32,
     alignment: u64,
     data_offset: u64,
@@ -124,15 +165,46 @@ impl GgufFile {
                 file_len: len,
             });
         }
-        // SAFETY: the map is read-only; like every mmap user we assume the file is not
-        // truncated underneath us while open (documented in docs/architecture.md).
+        // SAFETY: the map is read-only. A file truncated underneath us while open raises
+        // SIGBUS on the next read of the lost pages; `GgufFile::read` avoids that
+        // (docs/architecture.md, "Inputs we distrust").
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Self::parse(path, mmap)
+        Self::parse(path, Storage::Mapped(mmap))
     }
 
-    fn parse(path: PathBuf, mmap: Mmap) -> Result<Self, GgufError> {
+    /// Like [`GgufFile::open`], but reads the whole file into memory instead of mapping it.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = std::fs::read(&path).map_err(|source| GgufError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Validates a GGUF file given as bytes (copied); `path` only names it in errors.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: &[u8]) -> Result<Self, GgufError> {
+        Self::parse(path.into(), Storage::owned(bytes))
+    }
+
+    /// Whether the tensor data is a memory map of the file (else a copy in memory).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Storage::Mapped(_))
+    }
+
+    fn parse(path: PathBuf, data: Storage) -> Result<Self, GgufError> {
+        let buf = data.bytes();
+        if buf.len() < 4 {
+            return Err(GgufError::Truncated {
+                path,
+                what: "the magic number".into(),
+                offset: 0,
+                needed: 4,
+                file_len: buf.len() as u64,
+            });
+        }
         let mut r = Reader {
-            buf: &mmap,
+            buf,
             pos: 0,
             path: &path,
         };
@@ -239,7 +311,7 @@ impl GgufFile {
         }
 
         let data_offset = align_up(r.pos as u64, alignment);
-        let file_len = mmap.len() as u64;
+        let file_len = buf.len() as u64;
         for t in &tensors {
             let end = data_offset
                 .checked_add(t.offset)
@@ -258,9 +330,35 @@ impl GgufFile {
             }
         }
 
+        // llama.cpp's rule (gguf_init_from_file_impl): tensors lie in table order, each at the
+        // running size of those before it padded to the alignment. So no two overlap and the
+        // data section holds nothing else (a small file cannot name many large tensors).
+        let mut expected = 0u64;
+        for t in &tensors {
+            if t.offset != expected {
+                return Err(GgufError::Tensor {
+                    path: path.clone(),
+                    name: t.name.clone(),
+                    problem: format!(
+                        "data offset {} overlaps or leaves a gap: tensors must be stored in table order, this one at offset {expected}",
+                        t.offset
+                    ),
+                });
+            }
+            expected = t
+                .size
+                .checked_next_multiple_of(alignment)
+                .and_then(|padded| expected.checked_add(padded))
+                .ok_or_else(|| GgufError::Tensor {
+                    path: path.clone(),
+                    name: t.name.clone(),
+                    problem: "the data section size overflows".into(),
+                })?;
+        }
+
         Ok(GgufFile {
             path,
-            mmap,
+            data,
             version,
             alignment,
             data_offset,
@@ -282,7 +380,7 @@ impl GgufFile {
     }
     /// Size of the file in bytes.
     pub fn file_len(&self) -> u64 {
-        self.mmap.len() as u64
+        self.data.bytes().len() as u64
     }
     /// Metadata in file order.
     pub fn metadata(&self) -> &[(String, MetaValue)] {
@@ -303,7 +401,7 @@ impl GgufFile {
     /// The bytes of a tensor, in its GGUF layout (bounds were checked at open).
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + info.offset) as usize;
-        &self.mmap[start..start + info.size as usize]
+        &self.data.bytes()[start..start + info.size as usize]
     }
 }
 
@@ -472,5 +570,59 @@ impl<'a> Reader<'a> {
                 MetaArray::Array(v)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::tiny_model;
+
+    fn tiny() -> Vec<u8> {
+        tiny_model(GgmlType::Q8_0, 1).to_bytes()
+    }
+
+    /// Offset field of tensor `name` (rank 2) in the header.
+    fn offset_at(bytes: &[u8], name: &[u8]) -> usize {
+        bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16 + 4
+    }
+
+    #[test]
+    fn bytes_and_file_read_the_same() {
+        let bytes = tiny();
+        let dir = std::env::temp_dir().join(format!("rocforge-reader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("tiny.gguf");
+        std::fs::write(&p, &bytes).unwrap();
+        let (mapped, read) = (GgufFile::open(&p).unwrap(), GgufFile::read(&p).unwrap());
+        let owned = GgufFile::from_bytes("mem", &bytes).unwrap();
+        assert!(mapped.is_mapped() && !read.is_mapped() && !owned.is_mapped());
+        for f in [&read, &owned] {
+            assert_eq!(f.tensors().len(), mapped.tensors().len());
+            for (a, b) in f.tensors().iter().zip(mapped.tensors()) {
+                assert_eq!(f.tensor_data(a), mapped.tensor_data(b));
+                // In-memory data keeps the alignment the map gives.
+                assert_eq!(f.tensor_data(a).as_ptr() as usize % 32, 0, "{}", a.name);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tensors_must_follow_each_other_like_llama_cpp() {
+        let good = tiny();
+        let first = GgufFile::from_bytes("t", &good).unwrap();
+        let k = first.tensor("blk.0.attn_k.weight").unwrap().offset;
+        // Pointing at another tensor's bytes (overlap) and leaving a gap are both refused.
+        for bad in [0, k + 32, k - 32] {
+            let mut v = good.clone();
+            let at = offset_at(&v, b"blk.0.attn_k.weight");
+            v[at..at + 8].copy_from_slice(&bad.to_le_bytes());
+            let err = GgufFile::from_bytes("t", &v).unwrap_err().to_string();
+            assert!(
+                err.contains("blk.0.attn_k.weight") && err.contains("overlaps or leaves a gap"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

@@ -2,6 +2,12 @@
 //! rendered with minijinja under the settings `transformers` uses (trim_blocks,
 //! lstrip_blocks, Python string methods, `raise_exception`, `strftime_now`), with ChatML
 //! as the fallback for models without a usable template.
+//!
+//! The template comes from the model file, so it is untrusted code: it runs with a fuel
+//! limit (minijinja counts one unit per instruction, so a loop cannot run forever) and its
+//! output is capped. minijinja itself caps recursion, `range` and `str * n`. What stays
+//! unbounded is string concatenation (`s ~ s` doubled in a recursive macro or a namespace
+//! loop): a few dozen instructions can ask for gigabytes (docs/architecture.md).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,7 +30,37 @@ impl ChatMessage {
     }
 }
 
-/// Renders `template` for `messages`; errors when it does not compile or render.
+/// Instructions a template may execute: real templates use a few hundred per message.
+pub const FUEL_BASE: u64 = 1_000_000;
+/// Extra instructions allowed per message.
+pub const FUEL_PER_MESSAGE: u64 = 10_000;
+/// Output cap: this much plus [`OUTPUT_PER_INPUT_BYTE`] times the messages' text.
+pub const OUTPUT_BASE: usize = 1 << 20;
+pub const OUTPUT_PER_INPUT_BYTE: usize = 4;
+
+/// A writer that fails once more than `limit` bytes were written.
+struct Capped {
+    out: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders `template` for `messages`; errors when it does not compile or render, runs out of
+/// fuel, or writes more than the output cap.
 pub fn render_template(
     template: &str,
     messages: &[ChatMessage],
@@ -43,10 +79,36 @@ pub fn render_template(
         },
     );
     env.add_function("strftime_now", strftime_now);
-    env.render_str(
-        template,
-        context! { messages, add_generation_prompt, bos_token, eos_token },
-    )
+    let n = messages.len() as u64;
+    env.set_fuel(Some(
+        FUEL_BASE.saturating_add(FUEL_PER_MESSAGE.saturating_mul(n)),
+    ));
+    let input: usize = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len())
+        .sum();
+    let limit = OUTPUT_BASE.saturating_add(OUTPUT_PER_INPUT_BYTE.saturating_mul(input));
+    let mut out = Capped {
+        out: Vec::new(),
+        limit,
+        overflowed: false,
+    };
+    let compiled = env.template_from_str(template)?;
+    let rendered = compiled
+        .render_captured_to(
+            context! { messages, add_generation_prompt, bos_token, eos_token },
+            &mut out,
+        )
+        .map(|_| ());
+    match rendered {
+        Ok(()) => String::from_utf8(out.out)
+            .map_err(|_| Error::new(ErrorKind::InvalidOperation, "the output is not UTF-8")),
+        Err(_) if out.overflowed => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("the rendered prompt exceeds {limit} bytes"),
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// ChatML, the format of the SmolLM and Qwen families.
@@ -111,6 +173,52 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn user(text: &str) -> Vec<ChatMessage> {
+        vec![ChatMessage::new("user", text)]
+    }
+
+    #[track_caller]
+    fn fails_fast(template: &str, expect: &str) {
+        let t = std::time::Instant::now();
+        let err =
+            render_template(template, &user("hi"), true, "<s>", "</s>").expect_err("must fail");
+        assert!(err.to_string().contains(expect), "{err}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn endless_loops_run_out_of_fuel() {
+        fails_fast(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "out of fuel",
+        );
+        fails_fast("{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ m.role }}{% endfor %}{% endfor %}{% endfor %}", "");
+    }
+
+    #[test]
+    fn output_is_capped() {
+        // 100 000 × 100 bytes = 10 MB, over the 1 MiB + 4 × input cap, within the fuel.
+        fails_fast(
+            "{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}",
+            "exceeds",
+        );
+        // A long message is not refused for being long.
+        let long = "z".repeat(3 << 20);
+        let out = render_template(
+            "{{ messages[0].content }}{{ messages[0].content }}",
+            &user(&long),
+            true,
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(out.len(), 6 << 20);
+    }
 
     #[test]
     fn civil_dates() {

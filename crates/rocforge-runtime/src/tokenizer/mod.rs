@@ -13,7 +13,7 @@ mod spec;
 mod spm;
 mod vocab;
 
-pub use chat::ChatMessage;
+pub use chat::{render_template as render_chat_template_str, ChatMessage};
 pub use decode::TokenStream;
 pub use vocab::{ModelKind, TokenKind};
 
@@ -62,12 +62,6 @@ pub enum TokenizerError {
         field: &'static str,
         got: usize,
         expected: usize,
-    },
-    #[error("special token {name} = {id} is outside the vocabulary of {vocab_size} tokens")]
-    SpecialIdOutOfRange {
-        name: &'static str,
-        id: u32,
-        vocab_size: usize,
     },
     #[error("the tokenizer adds a {0} token but the vocabulary names none")]
     MissingSpecialToken(&'static str),
@@ -230,8 +224,9 @@ impl Tokenizer {
     }
 
     /// The prompt for `messages` from the model's chat template, or ChatML when the
-    /// model has none or it fails to render (so this does not fail today; the `Result`
-    /// leaves room for a strict mode).
+    /// model has none or it fails to render, runs out of fuel or exceeds the output cap
+    /// (so this does not fail today; the `Result` leaves room for a strict mode). Callers
+    /// that want to report the fallback use [`Tokenizer::render_chat_template`] first.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
@@ -251,8 +246,20 @@ impl Tokenizer {
         Ok(rendered.unwrap_or_else(|| chat::render_chatml(messages, add_generation_prompt)))
     }
 
+    /// ChatML for `messages`, the fallback of [`Tokenizer::apply_chat_template`].
+    pub fn chatml(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> String {
+        chat::render_chatml(messages, add_generation_prompt)
+    }
+
+    /// Warnings about the file's tokenizer metadata that llama.cpp also only warns about
+    /// (special token ids outside the vocabulary, which fall back to the defaults).
+    pub fn warnings(&self) -> &[String] {
+        &self.vocab.warnings
+    }
+
     /// Like [`Tokenizer::apply_chat_template`] without the fallback: the template's own
-    /// compile or render error, or `None` when the model has no template.
+    /// compile or render error (fuel and output cap included), or `None` when the model has
+    /// no template.
     pub fn render_chat_template(
         &self,
         messages: &[ChatMessage],

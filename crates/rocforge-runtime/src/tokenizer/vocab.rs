@@ -98,6 +98,8 @@ pub struct Vocab {
     /// llama.cpp `clean_spaces`: strip spaces before punctuation when detokenizing.
     pub clean_spaces: bool,
     eog: BTreeSet<u32>,
+    /// Problems llama.cpp only warns about (see [`super::Tokenizer::warnings`]).
+    pub warnings: Vec<String>,
     /// Control, user-defined and unknown tokens, longest text first (`cache_special_tokens`).
     specials: Vec<u32>,
 }
@@ -154,25 +156,33 @@ impl Vocab {
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
 
-        let checked = |name: &'static str, id: Option<u32>| match id {
-            Some(id) if id as usize >= n => Err(TokenizerError::SpecialIdOutOfRange {
-                name,
-                id,
-                vocab_size: n,
-            }),
-            _ => Ok(id),
-        };
-        // llama.cpp's historical defaults, used only where the file names no id.
+        // llama.cpp's historical defaults, used where the file names no id or an id outside
+        // the vocabulary (which llama.cpp reports as "bad special token" and ignores).
         let in_range = |id: u32| (id as usize) < n;
         let (default_bos, default_eos, default_unk) = match model {
             ModelKind::Spm => (Some(1), Some(2), Some(0)),
             ModelKind::Bpe => (Some(11), Some(11), None),
         };
-        let bos = checked("bos", spec.bos_id)?.or(default_bos.filter(|&i| in_range(i)));
-        let eos = checked("eos", spec.eos_id)?.or(default_eos.filter(|&i| in_range(i)));
-        let unk = checked("unk", spec.unk_id)?.or(default_unk.filter(|&i| in_range(i)));
-        let pad = checked("pad", spec.pad_id)?;
-        let mut eot = checked("eot", spec.eot_id)?;
+        let mut warnings = Vec::new();
+        let mut special = |key: &str, id: Option<u32>, default: Option<u32>| {
+            let default = default.filter(|&i| in_range(i));
+            match id {
+                Some(id) if in_range(id) => Some(id),
+                Some(id) => {
+                    let fallback = default.map_or("none".to_string(), |d| d.to_string());
+                    warnings.push(format!(
+                        "tokenizer.ggml.{key} = {id} is outside the vocabulary of {n} tokens; using {fallback}"
+                    ));
+                    default
+                }
+                None => default,
+            }
+        };
+        let bos = special("bos_token_id", spec.bos_id, default_bos);
+        let eos = special("eos_token_id", spec.eos_id, default_eos);
+        let unk = special("unknown_token_id", spec.unk_id, default_unk);
+        let pad = special("padding_token_id", spec.pad_id, None);
+        let mut eot = special("eot_token_id", spec.eot_id, None);
 
         let (add_bos, add_eos, add_space_prefix, clean_spaces) = match model {
             ModelKind::Spm => (true, false, true, false),
@@ -232,6 +242,7 @@ impl Vocab {
             add_space_prefix,
             clean_spaces,
             eog,
+            warnings,
             specials,
         })
     }
