@@ -43,6 +43,11 @@ enum Needs {
 /// The suites, in the order they run: (name, what it tests, what it needs).
 const SUITES: &[(&str, &str, Needs)] = &[
     (
+        "fmt",
+        "cargo fmt --all --check (rustfmt's default style)",
+        Needs::Nothing,
+    ),
+    (
         "kernels-unit",
         "rocforge-kernels unit tests: CPU reference ops, quant block layouts",
         Needs::Nothing,
@@ -287,6 +292,31 @@ pub fn run(args: &[String]) -> Result<()> {
     let env = hip_env()?;
 
     let skipped = |name: &str| skip.iter().any(|s| s == name);
+    // fmt needs no build.
+    if skipped("fmt") {
+        rows.push(Row {
+            name: "fmt".into(),
+            outcome: Outcome::Skipped,
+            counts: None,
+            secs: 0.0,
+        });
+    } else {
+        let t = Instant::now();
+        let ok = cargo_cmd(&["fmt", "--all", "--check"], &[])
+            .status()
+            .is_ok_and(|s| s.success());
+        let outcome = if ok {
+            Outcome::Ran
+        } else {
+            Outcome::Failed("not in rustfmt's style (run `cargo fmt --all`)".into())
+        };
+        rows.push(Row {
+            name: "fmt".into(),
+            outcome,
+            counts: None,
+            secs: t.elapsed().as_secs_f64(),
+        });
+    }
     let t = Instant::now();
     let built = build(&env);
     let build_secs = t.elapsed().as_secs_f64();
@@ -307,7 +337,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 counts: None,
                 secs: build_secs,
             });
-            for (name, _, _) in SUITES {
+            for (name, _, _) in &SUITES[1..] {
                 let outcome = if skipped(name) {
                     Outcome::Skipped
                 } else {
@@ -328,7 +358,7 @@ pub fn run(args: &[String]) -> Result<()> {
     for b in bins {
         by_suite.entry(b.suite.clone()).or_default().push(b);
     }
-    let mut names: Vec<String> = SUITES.iter().map(|(n, _, _)| n.to_string()).collect();
+    let mut names: Vec<String> = SUITES[1..].iter().map(|(n, _, _)| n.to_string()).collect();
     // A test target missing from SUITES still runs, under its own name.
     let extra: Vec<String> = by_suite
         .keys()
@@ -1003,7 +1033,11 @@ mod tests {
     #[test]
     fn every_integration_test_file_has_a_listed_suite_and_back() {
         let root = workspace_root();
-        let mut found = vec!["doc".to_string(), "hip-check".to_string()];
+        let mut found = vec![
+            "fmt".to_string(),
+            "doc".to_string(),
+            "hip-check".to_string(),
+        ];
         for dir in [
             "kernels/tests",
             "crates/rocforge-runtime/tests",
