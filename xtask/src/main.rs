@@ -12,7 +12,10 @@ const USAGE: &str = "usage: cargo xtask <task> [args]
 
 tasks:
   hip-check               compile every kernel to HIP C++ and through hipcc (gfx90a, gfx1030); HIPCC overrides the compiler
-  test [CARGO TEST ARGS]  the whole test suite, as CI runs it (profile ci, features wgpu,hip; then hip-check)
+  test [--skip SUITE,..] [-- TEST ARGS]
+                          the whole test suite, as CI runs it: installs missing system packages (as root), fetches
+                          the models, builds once (profile ci, features wgpu,hip), runs every suite (listed by
+                          `cargo xtask test --help`; a suite that cannot run fails) and prints a summary table
   fetch-model [smollm2|gemma3]
                           download a real test model into the cache and print its path
   bench [--quick] [--backend auto|cpu|hip|cuda|wgpu[,..]] [--model PATH] [--save-baseline NAME] [--baseline NAME]

@@ -4,7 +4,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use rocforge_kernels::GgmlType;
-use rocforge_runtime::testing::{real_model, tiny_model, write_broken_corpus};
+use rocforge_runtime::testing::{
+    real_model, skip_or_fail, tiny_model, write_broken_corpus, FETCH_SMOLLM2,
+};
 
 fn rocforge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rocforge"))
@@ -380,7 +382,7 @@ fn inspect_reports_format_and_tensors() {
 #[test]
 fn real_model_greedy_capital_of_france() {
     let Some(m) = real_model() else {
-        return eprintln!("SKIPPED: real model absent (cargo xtask fetch-model smollm2)");
+        return skip_or_fail("real model", FETCH_SMOLLM2);
     };
     let out = rocforge(&[
         "generate",

@@ -48,6 +48,12 @@ fn cached_model(env_var: &str, file_name: &str) -> Option<PathBuf> {
         let p = PathBuf::from(p);
         return p.exists().then_some(p);
     }
+    cached_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// `file_name` in the fetch-model cache (`$ROCFORGE_CACHE_DIR`, else `$XDG_CACHE_HOME/rocforge`,
+/// else `~/.cache/rocforge`, as `cargo xtask fetch-model` writes it) if present.
+pub fn cached_model(file_name: &str) -> Option<PathBuf> {
     let cache = if let Some(d) = std::env::var_os("ROCFORGE_CACHE_DIR") {
         PathBuf::from(d)
     } else if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
@@ -58,6 +64,24 @@ fn cached_model(env_var: &str, file_name: &str) -> Option<PathBuf> {
     let p = cache.join("models").join(file_name);
     p.exists().then_some(p)
 }
+
+/// Whether an absent model or reference fails a test instead of skipping it:
+/// `ROCFORGE_REQUIRE_MODELS=1`, which `cargo xtask test` sets (it has fetched them all).
+pub fn inputs_required() -> bool {
+    std::env::var_os("ROCFORGE_REQUIRE_MODELS").is_some_and(|v| v == "1")
+}
+
+/// A test that cannot run because `what` is absent: says SKIPPED on stderr, or panics when
+/// inputs are required ([`inputs_required`]). `how` says how to get it.
+pub fn skip_or_fail(what: &str, how: &str) {
+    if inputs_required() {
+        panic!("{what} absent ({how}); ROCFORGE_REQUIRE_MODELS=1 (set by `cargo xtask test`) makes that a failure, not a skip");
+    }
+    eprintln!("SKIPPED: {what} absent ({how})");
+}
+
+/// How to get the real SmolLM2 model, for [`skip_or_fail`].
+pub const FETCH_SMOLLM2: &str = "run `cargo xtask fetch-model smollm2` or set ROCFORGE_TEST_MODEL";
 
 /// One broken file: a name, its bytes, and a phrase its error message must contain.
 pub struct BrokenFile {

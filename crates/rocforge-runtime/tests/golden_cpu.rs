@@ -1,8 +1,10 @@
-//! Golden tests on the real SmolLM2 model (skipped with a message when it is absent; CI
-//! fetches it with `cargo xtask fetch-model smollm2`): prompt ids, greedy continuations and
+//! Golden tests on the real SmolLM2 model (skipped with a message when it is absent, failed
+//! under `cargo xtask test`, which fetches it): prompt ids, greedy continuations and
 //! perplexity against llama.cpp and an exact-f32 computation (`shared/refs`).
 
-use rocforge_runtime::testing::{agrees_with, greedy_refs, real_model, refs_file};
+use rocforge_runtime::testing::{
+    agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, FETCH_SMOLLM2,
+};
 use rocforge_runtime::{
     BackendKind, BackendOptions, GenerateOptions, Model, SamplerConfig, Session,
 };
@@ -11,7 +13,7 @@ fn model() -> Option<std::sync::Arc<Model>> {
     match real_model() {
         Some(p) => Some(Model::load(p).expect("the real model loads")),
         None => {
-            eprintln!("SKIPPED: real model absent (run `cargo xtask fetch-model smollm2` or set ROCFORGE_TEST_MODEL)");
+            skip_or_fail("real model", FETCH_SMOLLM2);
             None
         }
     }
@@ -64,7 +66,12 @@ fn perplexity_matches_llama_cpp() {
     let Some(model) = model() else { return };
     let text = match std::fs::read_to_string("/usr/share/common-licenses/GPL-3") {
         Ok(t) => t,
-        Err(_) => return eprintln!("SKIPPED: /usr/share/common-licenses/GPL-3 absent"),
+        Err(_) => {
+            return skip_or_fail(
+                "/usr/share/common-licenses/GPL-3",
+                "Debian's base-files package",
+            )
+        }
     };
     // shared/refs: llama.cpp scores this text at 24.2800 with ctx 128 (59 chunks), 18.3459 with
     // ctx 512 (checked by `rocforge perplexity`, docs/performance.md). ctx 128 is the cheaper run.

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use rocforge_kernels::GgmlType;
 use rocforge_runtime::backend::{self, Backend, BackendKind, BackendOptions};
 use rocforge_runtime::testing::{
-    agrees_with, greedy_refs, real_model, refs_file, tiny_model, RefContinuation,
+    agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, tiny_model, RefContinuation,
+    FETCH_SMOLLM2,
 };
 use rocforge_runtime::Model;
 
@@ -265,15 +266,11 @@ fn greedy(b: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
 /// until the end, or until the run takes the reference's runner-up at a top-2 gap below 0.5).
 fn real_model_greedy_matches_references(kind: BackendKind) {
     let Some(path) = real_model() else {
-        eprintln!("SKIPPED: real model absent (run `cargo xtask fetch-model smollm2` or set ROCFORGE_TEST_MODEL)");
-        return;
+        return skip_or_fail("real model", FETCH_SMOLLM2);
     };
     let refs = match greedy_refs(&refs_file("smollm2-greedy.json")) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("SKIPPED: references absent ({e}; set ROCFORGE_REFS)");
-            return;
-        }
+        Err(e) => return skip_or_fail("references", &format!("{e}; set ROCFORGE_REFS")),
     };
     let model = Model::load(path).unwrap();
     let opts = BackendOptions {
@@ -310,8 +307,7 @@ fn real_model_greedy_matches_references(kind: BackendKind) {
 /// tokens, or part from them only where the references allow (see above).
 fn real_model_greedy_tokens_match_cpu_backend(kind: BackendKind) {
     let Some(path) = real_model() else {
-        eprintln!("SKIPPED: real model absent (run `cargo xtask fetch-model smollm2` or set ROCFORGE_TEST_MODEL)");
-        return;
+        return skip_or_fail("real model", FETCH_SMOLLM2);
     };
     let model = Model::load(path).unwrap();
     let prompt = model

@@ -1,9 +1,10 @@
 //! Tokenizer tests: tiny hand-made vocabularies for each model type (fast, always run),
 //! and golden checks on the real SmolLM2 GGUF against llama.cpp's ids (skipped with a
-//! message when the model or the references are absent).
+//! message when the model is absent, failed under `cargo xtask test`).
 
 use std::path::PathBuf;
 
+use rocforge_runtime::testing;
 use rocforge_runtime::tokenizer::{ChatMessage, Tokenizer, TokenizerError, TokenizerSpec};
 
 // ---------------------------------------------------------------- tiny vocabularies
@@ -434,19 +435,9 @@ fn chat_template_renders_and_falls_back_to_chatml() {
 
 // ---------------------------------------------------------------- real model (SmolLM2)
 
-fn real_model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("ROCFORGE_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/rocforge/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    path.exists().then_some(path)
-}
-
 fn real_tokenizer() -> Option<Tokenizer> {
-    let Some(path) = real_model_path() else {
-        eprintln!("skipped: SmolLM2 GGUF not found (set ROCFORGE_TEST_MODEL)");
+    let Some(path) = testing::real_model() else {
+        testing::skip_or_fail("real model", testing::FETCH_SMOLLM2);
         return None;
     };
     let file = rocforge_runtime::gguf::GgufFile::open(&path).expect("open GGUF");
