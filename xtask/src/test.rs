@@ -97,6 +97,16 @@ const SUITES: &[(&str, &str, Needs)] = &[
         "the wgpu backend vs the CPU backend: tiny models and real SmolLM2, on lavapipe",
         Needs::ModelsVulkan,
     ),
+    (
+        "golden-gemma3-cpu",
+        "real Gemma-3-270M on the CPU backend: prompt ids, greedy continuations and perplexity vs llama.cpp",
+        Needs::Models,
+    ),
+    (
+        "gpu-gemma3",
+        "Gemma 3 on the wgpu backend vs the CPU backend (tiny synthetic Gemma 3 on lavapipe)",
+        Needs::ModelsVulkan,
+    ),
     ("cli-unit", "rocforge-cli unit tests", Needs::Nothing),
     (
         "cli",
@@ -125,6 +135,11 @@ const SUITES: &[(&str, &str, Needs)] = &[
         "hip-check",
         "every kernel's HIP source through hipcc for gfx90a and gfx1030",
         Needs::Hipcc,
+    ),
+    (
+        "fuzz",
+        "each cargo-fuzz target of fuzz/ for 15 s (nightly toolchain; cargo-fuzz installed if missing)",
+        Needs::Nothing,
     ),
 ];
 
@@ -385,6 +400,7 @@ pub fn run(args: &[String]) -> Result<()> {
         let (outcome, counts) = match name.as_str() {
             "doc" => run_doc(&env, &test_args),
             "hip-check" => run_hip_check(&hip_check_bin),
+            "fuzz" => run_fuzz(),
             _ => match by_suite.get(&name) {
                 Some(bins) => run_bins(&name, bins, &test_args),
                 None => (
@@ -891,6 +907,41 @@ fn hipcc_installed() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Every fuzz target briefly (`cargo xtask fuzz --seconds 15`), its build cached in the target
+/// directory. Needs the nightly toolchain; installs cargo-fuzz from crates.io when it is missing.
+fn run_fuzz() -> (Outcome, Option<Counts>) {
+    let ok = |args: &[&str]| {
+        Command::new("cargo")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&["+nightly", "--version"]) {
+        return (
+            Outcome::Failed("no nightly toolchain (rustup toolchain install nightly)".into()),
+            None,
+        );
+    }
+    if !ok(&["+nightly", "fuzz", "--version"]) {
+        eprintln!("xtask test: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
+        if !ok(&["install", "cargo-fuzz", "--locked"]) {
+            return (
+                Outcome::Failed("cargo install cargo-fuzz failed".into()),
+                None,
+            );
+        }
+    }
+    if std::env::var_os("ROCFORGE_FUZZ_TARGET_DIR").is_none() {
+        std::env::set_var("ROCFORGE_FUZZ_TARGET_DIR", target_dir().join("fuzz"));
+    }
+    match crate::fuzz::run(&["--seconds".to_string(), "15".to_string()]) {
+        Ok(()) => (Outcome::Ran, None),
+        Err(e) => (Outcome::Failed(format!("{e:#}")), None),
+    }
+}
+
 fn run_hip_check(bin: &Option<PathBuf>) -> (Outcome, Option<Counts>) {
     if !hipcc_installed() {
         return (Outcome::Failed("hipcc not found (apt-get install hipcc libamdhip64-dev rocm-device-libs, or set HIPCC)".into()), None);
@@ -1037,6 +1088,7 @@ mod tests {
             "fmt".to_string(),
             "doc".to_string(),
             "hip-check".to_string(),
+            "fuzz".to_string(),
         ];
         for dir in [
             "kernels/tests",
