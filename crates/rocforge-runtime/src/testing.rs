@@ -33,22 +33,22 @@ pub fn tiny_gemma3(quant: GgmlType, seed: u64) -> GgufWriter {
 
 /// The real SmolLM2 model if present: `$ROCFORGE_TEST_MODEL`, else the fetch-model cache.
 pub fn real_model() -> Option<PathBuf> {
-    cached_model("ROCFORGE_TEST_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    env_or_cached_model("ROCFORGE_TEST_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// The real Gemma-3-270M Q4_K_M model if present: `$ROCFORGE_GEMMA3_MODEL`, else the
 /// fetch-model cache (`cargo xtask fetch-model gemma3`).
 pub fn real_gemma3() -> Option<PathBuf> {
-    cached_model("ROCFORGE_GEMMA3_MODEL", "gemma-3-270m-q4_k_m.gguf")
+    env_or_cached_model("ROCFORGE_GEMMA3_MODEL", "gemma-3-270m-q4_k_m.gguf")
 }
 
 /// `$env_var` if set (and present), else `file_name` in the fetch-model cache.
-fn cached_model(env_var: &str, file_name: &str) -> Option<PathBuf> {
+fn env_or_cached_model(env_var: &str, file_name: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env_var) {
         let p = PathBuf::from(p);
         return p.exists().then_some(p);
     }
-    cached_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    cached_model(file_name)
 }
 
 /// `file_name` in the fetch-model cache (`$ROCFORGE_CACHE_DIR`, else `$XDG_CACHE_HOME/rocforge`,

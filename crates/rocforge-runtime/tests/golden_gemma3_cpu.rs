@@ -11,7 +11,10 @@ fn model() -> Option<std::sync::Arc<Model>> {
     match real_gemma3() {
         Some(p) => Some(Model::load(p).expect("the Gemma 3 model loads")),
         None => {
-            eprintln!("SKIPPED: Gemma 3 model absent (run `cargo xtask fetch-model gemma3` or set ROCFORGE_GEMMA3_MODEL)");
+            rocforge_runtime::testing::skip_or_fail(
+                "the Gemma 3 model",
+                "run `cargo xtask fetch-model gemma3` or set ROCFORGE_GEMMA3_MODEL",
+            );
             None
         }
     }
@@ -87,7 +90,12 @@ fn gemma3_perplexity_matches_llama_cpp() {
     let Some(model) = model() else { return };
     let text = match std::fs::read_to_string("/usr/share/common-licenses/GPL-3") {
         Ok(t) => t,
-        Err(_) => return eprintln!("SKIPPED: /usr/share/common-licenses/GPL-3 absent"),
+        Err(_) => {
+            return rocforge_runtime::testing::skip_or_fail(
+                "/usr/share/common-licenses/GPL-3",
+                "Debian's base-files package",
+            )
+        }
     };
     // shared/refs: llama-perplexity scores this text at 13.9062 with ctx 512 (14 chunks), BOS
     // in the first position of every chunk.

@@ -98,8 +98,10 @@ fn greedy(b: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
 /// file's rule.
 fn real_gemma3_greedy_matches_llama_cpp(kind: BackendKind) {
     let Some(path) = real_gemma3() else {
-        eprintln!("SKIPPED: Gemma 3 model absent (run `cargo xtask fetch-model gemma3` or set ROCFORGE_GEMMA3_MODEL)");
-        return;
+        return rocforge_runtime::testing::skip_or_fail(
+            "the Gemma 3 model",
+            "run `cargo xtask fetch-model gemma3` or set ROCFORGE_GEMMA3_MODEL",
+        );
     };
     if kind == BackendKind::Wgpu {
         // Gemma's 262,144 x 640 embedding (also the output) is one 160 MiB quant plane on the
