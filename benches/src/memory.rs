@@ -61,7 +61,10 @@ mod tests {
     #[test]
     fn reads_proc_status() {
         if cfg!(target_os = "linux") {
-            let (peak, now) = (super::host_peak_rss_bytes(), super::host_rss_bytes());
+            // RSS first: the high-water mark read afterwards is at least any earlier RSS
+            // (the other order races with the test harness's own allocations).
+            let now = super::host_rss_bytes();
+            let peak = super::host_peak_rss_bytes();
             assert!(now > 0 && peak >= now, "VmHWM {peak} VmRSS {now}");
         }
     }
