@@ -178,6 +178,12 @@ impl<R: Runtime> Gpu<R> {
             .map(|m| (m.bytes_in_use, m.bytes_reserved))
     }
 
+    /// The largest single buffer the device binds (wgpu: the storage-buffer binding limit,
+    /// 128 MiB on Mesa's lavapipe; CUDA and HIP: a quarter of the device memory).
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.client.properties().memory.max_page_size
+    }
+
     /// Whether kernels may use f16 values (storage and arithmetic).
     pub fn supports_f16(&self) -> bool {
         self.client

@@ -323,9 +323,53 @@ impl<R: Runtime> CubeBackend<R> {
         } else {
             KvType::F32
         };
+        // One weight is one device buffer: refuse what the device cannot bind, instead of
+        // failing inside the runtime (split weights are not implemented).
+        let max_buffer = gpu.max_buffer_bytes();
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        for wt in w
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.attn_q,
+                    &l.attn_k,
+                    &l.attn_v,
+                    &l.attn_output,
+                    &l.ffn_gate,
+                    &l.ffn_up,
+                    &l.ffn_down,
+                ]
+            })
+            .chain([&w.token_embd, &w.output])
+        {
+            let bytes = model.bytes(wt).len() as u64;
+            if bytes > max_buffer {
+                return Err(fail(format!(
+                    "tensor `{}` needs a {:.0} MiB device buffer and this device binds at most {:.0} MiB per buffer",
+                    wt.name,
+                    mib(bytes),
+                    mib(max_buffer)
+                )));
+            }
+        }
+        let kv_layer_bytes = (opts.ctx * c.kv_dim() * kv_type.bytes()) as u64;
+        if kv_layer_bytes > max_buffer {
+            return Err(fail(format!(
+                "a KV cache layer of --ctx {} needs {:.0} MiB and this device binds at most {:.0} MiB per buffer; lower --ctx",
+                opts.ctx,
+                mib(kv_layer_bytes),
+                mib(max_buffer)
+            )));
+        }
         let fits_qkv = |l: &crate::model::LayerWeights| {
             let (q, k, v) = (&l.attn_q, &l.attn_k, &l.attn_v);
-            q.ty == k.ty
+            let stacked = [q, k, v]
+                .iter()
+                .map(|t| model.bytes(t).len() as u64)
+                .sum::<u64>();
+            stacked <= max_buffer
+                && q.ty == k.ty
                 && k.ty == v.ty
                 && q.cols == k.cols
                 && k.cols == v.cols
