@@ -713,6 +713,38 @@ impl<R: Runtime> CubeBackend<R> {
     }
 }
 
+/// Which block output a residual step projects: the attention's or the feed-forward's.
+#[derive(Clone, Copy)]
+enum Hidden {
+    Attention,
+    FeedForward,
+}
+
+impl<R: Runtime> CubeBackend<R> {
+    /// `x += post_norm?(W · h)` for layer `l`'s output projection of `which` block.
+    fn residual(&mut self, l: usize, which: Hidden, h: &Buf, post_norm: bool) -> Result<()> {
+        // The layer list moves out while its weights are borrowed by a `&mut self` step (a
+        // pointer swap, no allocation).
+        let layers = std::mem::take(&mut self.layers);
+        let layer = &layers[l];
+        let (w, post, name) = match which {
+            Hidden::Attention => (
+                &layer.attn_output,
+                &layer.post_attention_norm,
+                "post_attention_norm",
+            ),
+            Hidden::FeedForward => (&layer.ffn_down, &layer.post_ffw_norm, "post_ffw_norm"),
+        };
+        let r = if post_norm {
+            self.project_add_normed(w, h, post.as_ref(), l, name)
+        } else {
+            self.project_add(w, h)
+        };
+        self.layers = layers;
+        r
+    }
+}
+
 /// The GPU runs each step of the model definition with its fused kernels: a single token
 /// folds every RMSNorm into the projection after it (`matvec_norm`, `matvec_swiglu_norm`) and
 /// every residual add into the projection before it (the `Accumulate` epilogue), 6 launches
@@ -870,21 +902,8 @@ impl<R: Runtime> Executor for CubeBackend<R> {
     }
 
     fn attn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
-        let layers = std::mem::take(&mut self.layers);
         let att = self.att.clone();
-        let layer = &layers[l];
-        let r = match post_norm {
-            false => self.project_add(&layer.attn_output, &att),
-            true => self.project_add_normed(
-                &layer.attn_output,
-                &att,
-                layer.post_attention_norm.as_ref(),
-                l,
-                "post_attention_norm",
-            ),
-        };
-        self.layers = layers;
-        r
+        self.residual(l, Hidden::Attention, &att, post_norm)
     }
 
     fn ffn_in(&mut self, l: usize, act: Activation) -> Result<()> {
@@ -916,21 +935,8 @@ impl<R: Runtime> Executor for CubeBackend<R> {
     }
 
     fn ffn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
-        let layers = std::mem::take(&mut self.layers);
         let h = self.gate.clone();
-        let layer = &layers[l];
-        let r = match post_norm {
-            false => self.project_add(&layer.ffn_down, &h),
-            true => self.project_add_normed(
-                &layer.ffn_down,
-                &h,
-                layer.post_ffw_norm.as_ref(),
-                l,
-                "post_ffw_norm",
-            ),
-        };
-        self.layers = layers;
-        r
+        self.residual(l, Hidden::FeedForward, &h, post_norm)
     }
 
     fn logits(&mut self) -> Result<()> {
