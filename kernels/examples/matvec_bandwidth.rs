@@ -1,16 +1,24 @@
-//! Mat-vec bandwidth per weight format (the tuned `ops::matmul::matvec` and the plain
-//! `ops::dequant` kernel) against a plain copy kernel, printed as a markdown
-//! table. Made for the H200 (shapes of Llama-3-8B: 4096x4096, 14336x4096, 4096x14336):
+//! Mat-vec bandwidth per weight format (the tuned `ops::matmul::matvec`, decode's kernel)
+//! against a plain copy kernel, printed as a markdown table. Made for the H200 (shapes of Llama-3-8B: 4096x4096, 14336x4096, 4096x14336):
 //!
 //! ```text
 //! cargo run --release -p rocforge-kernels --features cuda --example matvec_bandwidth
 //! cargo run --release -p rocforge-kernels --features wgpu --example matvec_bandwidth -- --small
 //! ```
 //!
-//! Options: `--iters N` (default 200), `--small` (512x512 and 1024x512, for a CPU adapter).
-//! Times are wall time over `iters` back-to-back launches between two syncs, so a kernel that
-//! runs faster than the host can launch (about 6.5 us) reports the launch rate instead: the
-//! table says so when a call is under 10 us.
+//! Options: `--iters N` (default 200), `--small` (512x512 and 1024x512, for a CPU adapter),
+//! `--hbm-mib M` (default 256: how much distinct weight data each measurement walks).
+//!
+//! The H200's L2 holds about 60 MB, so one matrix run again and again would be served from
+//! cache. Each format is measured two ways over distinct copies of the weight totalling at
+//! least `--hbm-mib`, so that every read comes from HBM, as in a decode step over 32 layers:
+//! - `cycled`: back-to-back launches, one per copy, round robin (a real decode step's pattern;
+//!   a kernel that runs faster than the host can launch, about 5 us, reports the launch rate:
+//!   the table marks calls under 10 us);
+//! - `stacked`: the copies stacked into one tall matrix, one launch per pass, time divided by
+//!   the copies: the kernel's own bandwidth with the host's launch time out of the figure.
+//! Times are wall time between two syncs. Shares are of the copy kernel's rate on a buffer of
+//! the same total size and of 4.23 TB/s (the copy rate measured on the H200).
 
 // Without a runtime to measure on, only `main`'s hint is compiled in.
 #![cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
@@ -18,7 +26,7 @@
 use std::time::Instant;
 
 use cubecl::prelude::*;
-use rocforge_kernels::ops::dequant::{launch_linear_plain, DeviceWeight, DEVICE_FORMATS};
+use rocforge_kernels::ops::dequant::DEVICE_FORMATS;
 use rocforge_kernels::ops::gpu::Gpu;
 use rocforge_kernels::ops::matmul::{matvec, Epilogue, QWeight};
 use rocforge_kernels::quant::quantize_row;
@@ -67,72 +75,105 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     bytes
 }
 
-fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize) {
+/// HBM copy rate of the H200 (copy kernel, large buffers), the issue's reference.
+const H200_COPY_GBS: f64 = 4230.0;
+
+fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize, hbm_bytes: usize) {
     let client = gpu.client().clone();
-    println!("device: {} ({iters} calls per row)\n", R::name(&client));
-    println!("| shape (rows x cols) | kernel | bytes moved | us/call | GB/s | % of copy |");
-    println!("|---|---|---:|---:|---:|---:|");
+    println!(
+        "device: {} ({iters} calls per row, >= {} MiB of distinct weights per measurement)\n",
+        R::name(&client),
+        hbm_bytes >> 20
+    );
+    println!("| shape (rows x cols) | kernel | copies | bytes per call | us/call | GB/s | % of copy | % of 4.23 TB/s |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    // Copy rate on a buffer as large as the walked weights: read + write of `hbm_bytes`.
+    let words = hbm_bytes / 4;
+    let (src, dst) = (
+        client.create_from_slice(&vec![0u8; words * 4]),
+        client.empty(words * 4),
+    );
+    let copy_s = time(&gpu, iters.min(50), || unsafe {
+        copy_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::new_2d(
+                ((words / 4).div_ceil(256) as u32).min(65535),
+                ((words / 4).div_ceil(256 * 65535)) as u32,
+            ),
+            CubeDim::new_1d(256),
+            4usize,
+            ArrayArg::from_raw_parts(src.clone(), words / 4),
+            ArrayArg::from_raw_parts(dst.clone(), words / 4),
+        )
+    });
+    let copy_gbs = (2 * words * 4) as f64 / copy_s / 1e9;
+    println!(
+        "| {} MiB | copy | 1 | {} | {:.1} | {copy_gbs:.1} | 100 | {:.0} |",
+        hbm_bytes >> 20,
+        2 * words * 4,
+        copy_s * 1e6,
+        100.0 * copy_gbs / H200_COPY_GBS
+    );
+    drop((src, dst));
+    let note = |s: f64| if s < 10e-6 { " (launch-bound)" } else { "" };
     for &(rows, cols) in shapes {
-        // The copy moves as many bytes as a q4_0 mat-vec reads, twice over (read + write).
-        let words = (rows * cols / 8).div_ceil(4) * 4;
-        let (src, dst) = (
-            client.create_from_slice(&vec![0u8; words * 4]),
-            client.empty(words * 4),
-        );
-        let vec4 = 4usize;
-        let copy_s = time(&gpu, iters, || unsafe {
-            copy_kernel::launch_unchecked::<R>(
-                &client,
-                CubeCount::Static((words / vec4).div_ceil(256) as u32, 1, 1),
-                CubeDim::new_1d(256),
-                vec4,
-                ArrayArg::from_raw_parts(src.clone(), words / vec4),
-                ArrayArg::from_raw_parts(dst.clone(), words / vec4),
-            )
-        });
-        let copy_gbs = (2 * words * 4) as f64 / copy_s / 1e9;
-        let note = |s: f64| if s < 10e-6 { " (launch-bound)" } else { "" };
-        println!(
-            "| {rows}x{cols} | copy | {} | {:.1}{} | {copy_gbs:.1} | 100 |",
-            2 * words * 4,
-            copy_s * 1e6,
-            note(copy_s)
-        );
         let x = gpu.f32s(&vec![0.5f32; cols]);
-        let out = gpu.zeros(rows);
         for ty in DEVICE_FORMATS.into_iter().chain(K_QUANTS) {
             let bytes_w = if K_QUANTS.contains(&ty) {
                 random_k_blocks(ty, rows, cols)
             } else {
                 weights(ty, rows, cols)
             };
+            let copies = hbm_bytes.div_ceil(bytes_w.len()).max(1);
             let bytes = bytes_w.len() + cols * 4 + rows * 4;
-            let row = |kernel: &str, s: f64| {
+            let row = |kernel: &str, s: f64, launches_per_call: bool| {
                 let gbs = bytes as f64 / s / 1e9;
                 println!(
-                    "| {rows}x{cols} | {kernel} {ty} | {bytes} | {:.1}{} | {gbs:.1} | {:.0} |",
+                    "| {rows}x{cols} | {kernel} {ty} | {copies} | {bytes} | {:.1}{} | {gbs:.1} | {:.0} | {:.0} |",
                     s * 1e6,
-                    note(s),
-                    100.0 * gbs / copy_gbs
+                    if launches_per_call { note(s) } else { "" },
+                    100.0 * gbs / copy_gbs,
+                    100.0 * gbs / H200_COPY_GBS
                 );
             };
             // The tuned mat-vec of `ops::matmul` (decode's kernel), where it reads the format.
-            if let Ok(q) = QWeight::upload(&client, ty, rows, cols, &bytes_w) {
-                row(
-                    "matvec",
-                    time(&gpu, iters, || {
-                        matvec(&client, &q, x.handle(), out.handle(), Epilogue::Store)
-                            .expect("matvec")
-                    }),
-                );
+            let Ok(first) = QWeight::upload(&client, ty, rows, cols, &bytes_w) else {
+                continue;
+            };
+            let mut qs = vec![first];
+            for _ in 1..copies {
+                qs.push(QWeight::upload(&client, ty, rows, cols, &bytes_w).expect("upload"));
             }
-            // The plain per-row kernel, where it reads the format.
-            if let Ok(w) = DeviceWeight::upload(&gpu, ty, &bytes_w, rows, cols) {
-                row(
-                    "linear_plain",
-                    time(&gpu, iters, || launch_linear_plain(&gpu, &w, &x, &out, 1)),
-                );
-            }
+            let out = gpu.zeros(rows);
+            let mut next = 0;
+            let cycled = time(&gpu, iters, || {
+                matvec(
+                    &client,
+                    &qs[next % copies],
+                    x.handle(),
+                    out.handle(),
+                    Epilogue::Store,
+                )
+                .expect("matvec");
+                next += 1;
+            });
+            row("matvec cycled", cycled, true);
+            drop(qs);
+            let tall = QWeight::upload(&client, ty, rows * copies, cols, &bytes_w.repeat(copies))
+                .expect("upload");
+            let tall_out = gpu.zeros(rows * copies);
+            let passes = (iters / copies).clamp(3, 50);
+            let stacked = time(&gpu, passes, || {
+                matvec(
+                    &client,
+                    &tall,
+                    x.handle(),
+                    tall_out.handle(),
+                    Epilogue::Store,
+                )
+                .expect("matvec")
+            }) / copies as f64;
+            row("matvec stacked", stacked, false);
         }
     }
 }
@@ -176,6 +217,12 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.parse().expect("--iters takes a number"))
         .unwrap_or(200);
+    let hbm_mib: usize = args
+        .iter()
+        .position(|a| a == "--hbm-mib")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("--hbm-mib takes a number"))
+        .unwrap_or(256);
     let shapes: &[(usize, usize)] = if args.iter().any(|a| a == "--small") {
         &[(512, 512), (1024, 512)]
     } else {
@@ -186,16 +233,18 @@ fn main() {
         Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()),
         shapes,
         iters,
+        hbm_mib << 20,
     );
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
     return run(
         Gpu::<cubecl::wgpu::WgpuRuntime>::on(&Default::default()),
         shapes,
         iters,
+        hbm_mib << 20,
     );
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
-        let _ = (shapes, iters);
+        let _ = (shapes, iters, hbm_mib);
         eprintln!("build with --features cuda (or wgpu)");
     }
 }

@@ -8,9 +8,10 @@
 
 use cubecl::prelude::*;
 use half::f16;
+use rocforge_kernels::ops::activation::{self, GateAct};
 use rocforge_kernels::ops::matmul::catalog;
 use rocforge_kernels::ops::matmul::{
-    self as mm, DequantScratch, Epilogue, KernelFormat, MatmulError, QWeight,
+    self as mm, DequantScratch, Epilogue, KernelFormat, MatmulError, Matvec, QWeight,
 };
 use rocforge_kernels::quant::dequantize_row;
 use rocforge_kernels::GgmlType;
@@ -36,9 +37,11 @@ const NMSE_TOLERANCE: &[(KernelFormat, f64)] = &[
 const PREFILL_NMSE_TOLERANCE: f64 = 1e-6;
 
 /// `(rows, blocks per row)` cases: one row of one block, rows that are not a multiple of the
-/// cube's rows, several blocks per row. Plain types use odd column counts instead of blocks.
+/// cube's rows, several blocks per row. Plain types use column counts that are not a multiple
+/// of a cube's lanes instead (the mat-vec reads `x` as vec4, so they stay multiples of 4; odd
+/// widths are refused, see `check_errors`).
 const SHAPES: &[(usize, usize)] = &[(1, 1), (7, 3), (37, 8)];
-const PLAIN_COLS: &[usize] = &[5, 67, 300];
+const PLAIN_COLS: &[usize] = &[4, 68, 300];
 
 // ---------------------------------------------------------------------------------------
 // CPU side: random blocks and the scalar oracle.
@@ -134,10 +137,6 @@ fn matmul_cpu(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize) -> 
     y
 }
 
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
-}
-
 fn assert_close(case: &str, fmt: KernelFormat, got: &[f32], want: &[f32]) {
     let tol = NMSE_TOLERANCE
         .iter()
@@ -230,19 +229,27 @@ fn check_matvec<R: Runtime>(fmt: KernelFormat, epilogue: Epilogue) {
     }
 }
 
-fn check_swiglu<R: Runtime>(fmt: KernelFormat) {
+fn act_cpu(act: GateAct) -> fn(f32) -> f32 {
+    match act {
+        GateAct::Silu => activation::silu,
+        GateAct::GeluTanh => activation::gelu_tanh,
+    }
+}
+
+fn check_gated<R: Runtime>(fmt: KernelFormat, act: GateAct) {
     let mut c = Case::<R>::new(0x5151 ^ fmt as u64);
     for (rows, cols) in Case::<R>::shapes(fmt) {
         let (gate, gf) = c.weight(fmt, rows, cols);
         let (up, uf) = c.weight(fmt, rows, cols);
         let x = c.rng.vec(cols);
         let h = c.client.empty(rows * 4);
-        mm::matvec_swiglu(&c.client, &gate, &up, &c.upload(&x), &h).expect("swiglu");
+        mm::matvec_gated(&c.client, &gate, &up, act, &c.upload(&x), &h).expect("gated");
         let g = matmul_cpu(&gf, rows, cols, &x, 1);
         let u = matmul_cpu(&uf, rows, cols, &x, 1);
-        let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        let f = act_cpu(act);
+        let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| f(g) * u).collect();
         assert_close(
-            &format!("swiglu {fmt} {rows}x{cols}"),
+            &format!("gated {act:?} {fmt} {rows}x{cols}"),
             fmt,
             &c.read(h),
             &want,
@@ -269,10 +276,16 @@ fn check_norm_fused<R: Runtime>(fmt: KernelFormat) {
             continue;
         }
         mm::matvec_norm(&c.client, &gate, &xh, &nwh, 1e-5, &y).expect("matvec_norm");
-        mm::matvec_swiglu_norm(&c.client, &gate, &up, &xh, &nwh, 1e-5, &h).expect("swiglu_norm");
+        let act = if rows % 2 == 0 {
+            GateAct::Silu
+        } else {
+            GateAct::GeluTanh
+        };
+        mm::matvec_gated_norm(&c.client, &gate, &up, act, &xh, &nwh, 1e-5, &h).expect("gated_norm");
         let g = matmul_cpu(&gf, rows, cols, &xn, 1);
         let u = matmul_cpu(&uf, rows, cols, &xn, 1);
-        let want_h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        let f = act_cpu(act);
+        let want_h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| f(g) * u).collect();
         assert_close(
             &format!("matvec_norm {fmt} {rows}x{cols}"),
             fmt,
@@ -280,7 +293,7 @@ fn check_norm_fused<R: Runtime>(fmt: KernelFormat) {
             &g,
         );
         assert_close(
-            &format!("swiglu_norm {fmt} {rows}x{cols}"),
+            &format!("gated_norm {act:?} {fmt} {rows}x{cols}"),
             fmt,
             &c.read(h),
             &want_h,
@@ -390,8 +403,26 @@ fn check_errors<R: Runtime>() {
     ));
     let w2 = QWeight::<R>::upload(client, GgmlType::Q8_0, 2, 64, &[0; 2 * 2 * 34]).unwrap();
     assert!(matches!(
-        mm::matvec_swiglu(client, &w, &w2, &c.upload(&[0.0; 64]), &y),
+        mm::matvec_gated(client, &w, &w2, GateAct::Silu, &c.upload(&[0.0; 64]), &y),
         Err(MatmulError::Mismatch(_))
+    ));
+    // The norm and the gated pair are single-token fusions.
+    let x2 = c.upload(&[0.0; 128]);
+    let y2 = client.empty(32);
+    let op = Matvec {
+        tokens: 2,
+        norm: Some((&x2, 1e-5)),
+        ..Matvec::new(&w, &x2, &y2)
+    };
+    assert!(matches!(
+        mm::launch_matvec(client, &op),
+        Err(MatmulError::Fusion(_))
+    ));
+    // The mat-vec reads `x` as vec4: a plain weight of odd width is refused, not misread.
+    let odd = QWeight::<R>::upload(client, GgmlType::F32, 2, 5, &[0; 2 * 5 * 4]).unwrap();
+    assert!(matches!(
+        mm::matvec(client, &odd, &c.upload(&[0.0; 8]), &y, Epilogue::Store),
+        Err(MatmulError::BadShape { cols: 5, .. })
     ));
 }
 
@@ -412,9 +443,13 @@ macro_rules! format_tests {
             #[test]
             fn matvec_accumulate() { check_matvec::<$runtime>(FMT, Epilogue::Accumulate) }
             #[test]
-            fn swiglu() { check_swiglu::<$runtime>(FMT) }
+            fn swiglu() { check_gated::<$runtime>(FMT, GateAct::Silu) }
+            #[test]
+            fn geglu() { check_gated::<$runtime>(FMT, GateAct::GeluTanh) }
             #[test]
             fn matmul_small_batch() { check_matmul::<$runtime>(FMT, 3) }
+            #[test]
+            fn matmul_max_matvec_batch() { check_matmul::<$runtime>(FMT, mm::MAX_MATVEC_TOKENS) }
             #[test]
             fn matmul_prefill() { check_matmul::<$runtime>(FMT, 11) }
             #[test]

@@ -114,16 +114,14 @@ fn tiny_model_logits_match_cpu_backend(kind: BackendKind) {
             pos += 1;
             token = tc;
         }
-        // Decode launches. Quantized formats take the fused step: embedding; per layer QKV with
-        // its norm, rope, attention (+ combine when split), output (+= x), gate/up/SwiGLU with
-        // its norm, down (+= x); the output with its norm: 6-7 per layer + 2. F32/F16: norm, QKV,
-        // rope, attention, output, norm, gate/up/SwiGLU, down (8-9) + 3; BF16 (plain kernels,
-        // nothing fused): 12-13 + 3.
+        // Decode launches. Every format of the tuned mat-vec takes the fused step: embedding;
+        // per layer QKV with its norm, rope, attention (+ combine when split), output (+= x),
+        // gate/up/SwiGLU with its norm, down (+= x); the output with its norm: 6-7 per layer
+        // + 2. BF16 (plain kernels, nothing fused): 12-13 + 3.
         let n_layer = model.config.n_layer as u64;
         let launches = gpu.launches_last_forward();
         let per_layer = match ty {
             GgmlType::BF16 => 12..=13,
-            GgmlType::F32 | GgmlType::F16 => 8..=9,
             _ => 6..=7,
         };
         assert!(

@@ -46,7 +46,14 @@ impl<R: Runtime> Matrix<R> {
         rows: usize,
         cols: usize,
     ) -> std::result::Result<Self, String> {
-        match QWeight::upload(gpu.client(), ty, rows, cols, bytes) {
+        // The tuned mat-vec reads `x` as vec4: a float matrix of odd width (never seen in a
+        // real model) takes the plain kernel.
+        let tuned = if cols % 4 == 0 {
+            QWeight::upload(gpu.client(), ty, rows, cols, bytes)
+        } else {
+            Err(mm::MatmulError::UnsupportedType(ty))
+        };
+        match tuned {
             Ok(w) => Ok(Self::Tuned(w)),
             Err(mm::MatmulError::UnsupportedType(_)) => {
                 DeviceWeight::upload(gpu, ty, bytes, rows, cols)
@@ -373,6 +380,7 @@ impl<R: Runtime> CubeBackend<R> {
                 && k.ty == v.ty
                 && q.cols == k.cols
                 && k.cols == v.cols
+                && q.cols % 4 == 0
                 && KernelFormat::from_ggml(q.ty).is_some()
         };
         let fused = w.layers.iter().any(fits_qkv);
@@ -541,15 +549,20 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     /// `h = act(W_gate · xn) * (W_up · xn)` for the batch's rows (into `gate`): one fused
-    /// launch for a single token where both weights take the tuned kernels and act is SiLU.
+    /// launch for a single token where both weights take the tuned kernels alike.
     fn gated_ffn(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize, act: Activation) -> Result<()> {
-        if let (1, Matrix::Tuned(g), Matrix::Tuned(u), Activation::Silu) = (n, gate, up, act) {
+        let act = match act {
+            Activation::Silu => activation::GateAct::Silu,
+            Activation::GeluTanh => activation::GateAct::GeluTanh,
+        };
+        if let (1, Matrix::Tuned(g), Matrix::Tuned(u)) = (n, gate, up) {
             if (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) {
                 self.gpu.count_launches(1);
-                return mm::matvec_swiglu(
+                return mm::matvec_gated(
                     self.gpu.client(),
                     g,
                     u,
+                    act,
                     self.xn.handle(),
                     self.gate.handle(),
                 )
@@ -558,10 +571,6 @@ impl<R: Runtime> CubeBackend<R> {
         }
         self.linear(gate, &self.xn, &self.gate, n)?;
         self.linear(up, &self.xn, &self.up, n)?;
-        let act = match act {
-            Activation::Silu => activation::GateAct::Silu,
-            Activation::GeluTanh => activation::GateAct::GeluTanh,
-        };
         activation::launch_gated(
             &self.gpu,
             act,
@@ -746,7 +755,7 @@ impl<R: Runtime> CubeBackend<R> {
 }
 
 /// The GPU runs each step of the model definition with its fused kernels: a single token
-/// folds every RMSNorm into the projection after it (`matvec_norm`, `matvec_swiglu_norm`) and
+/// folds every RMSNorm into the projection after it (`matvec_norm`, `matvec_gated_norm`) and
 /// every residual add into the projection before it (the `Accumulate` epilogue), 6 launches
 /// per layer (7 when attention splits) + 2; a batch adds each residual inside the next norm.
 impl<R: Runtime> Executor for CubeBackend<R> {
@@ -908,19 +917,22 @@ impl<R: Runtime> Executor for CubeBackend<R> {
 
     fn ffn_in(&mut self, l: usize, act: Activation) -> Result<()> {
         let layer = &self.layers[l];
-        // The norm-folding gate/up mat-vec applies SiLU only.
-        if let (Matrix::Tuned(gate), Matrix::Tuned(up), true, Activation::Silu) = (
+        if let (Matrix::Tuned(gate), Matrix::Tuned(up), true) = (
             &layer.ffn_gate,
             &layer.ffn_up,
             self.folds_norm(layer.ffn_folds_norm),
-            act,
         ) {
             self.gpu.count_launches(1);
             let eps = self.model.config.rms_eps;
-            return mm::matvec_swiglu_norm(
+            let act = match act {
+                Activation::Silu => activation::GateAct::Silu,
+                Activation::GeluTanh => activation::GateAct::GeluTanh,
+            };
+            return mm::matvec_gated_norm(
                 self.gpu.client(),
                 gate,
                 up,
+                act,
                 self.x.handle(),
                 layer.ffn_norm.handle(),
                 eps,

@@ -1,5 +1,5 @@
-//! Host API: upload a weight once, then mat-vec (decode), fused gate/up SwiGLU (decode) and
-//! mat-mat (prefill) on any `R: Runtime`. Every entry validates shapes and buffer sizes and
+//! Host API: upload a weight once, then mat-vec (decode; one launcher, [`launch_matvec`], for
+//! every fusion) and mat-mat (prefill) on any `R: Runtime`. Every entry validates shapes and buffer sizes and
 //! returns [`MatmulError`]; past that point nothing panics.
 
 use std::marker::PhantomData;
@@ -12,8 +12,9 @@ use cubek::matmul::launch::{launch_ref, Strategy};
 use cubek::std::InputBinding;
 
 use super::format::KernelFormat;
-use super::kernels::{self, MatvecConfig};
+use super::kernels::{self, Fusion, MatvecConfig};
 use super::layout;
+use crate::ops::activation::GateAct;
 use crate::quant::GgmlType;
 
 /// Batches up to this many tokens run as a multi-token mat-vec (one weight read, no scratch);
@@ -49,6 +50,9 @@ pub enum MatmulError {
         needed: u64,
         got: u64,
     },
+    /// The mat-vec's fusions do not combine so (`what` says which were asked).
+    #[error("no mat-vec kernel fuses {0}")]
+    Fusion(String),
     /// Two weights that must agree (gate and up) do not.
     #[error("gate and up weights differ: {0}")]
     Mismatch(String),
@@ -172,71 +176,37 @@ pub fn matvec<R: Runtime>(
     y: &Handle,
     epilogue: Epilogue,
 ) -> Result<(), MatmulError> {
-    launch_matvec(client, w, x, y, 1, epilogue)
+    launch_matvec(
+        client,
+        &Matvec {
+            epilogue,
+            ..Matvec::new(w, x, y)
+        },
+    )
 }
 
-/// `h[r] = silu(gate[r, :] · x) * (up[r, :] · x)` for one token, in one launch.
-pub fn matvec_swiglu<R: Runtime>(
+/// `h[r] = act(gate[r, :] · x) * (up[r, :] · x)` for one token, in one launch.
+pub fn matvec_gated<R: Runtime>(
     client: &ComputeClient<R>,
     gate: &QWeight<R>,
     up: &QWeight<R>,
+    act: GateAct,
     x: &Handle,
     h: &Handle,
 ) -> Result<(), MatmulError> {
-    if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) {
-        return Err(MatmulError::Mismatch(format!(
-            "gate {} {}x{}, up {} {}x{}",
-            gate.ty, gate.rows, gate.cols, up.ty, up.rows, up.cols
-        )));
-    }
-    check_buffer("x", x, gate.cols)?;
-    check_buffer("h", h, gate.rows)?;
-    let cfg = matvec_config(client);
-    if uses_coalesced(gate.format, cfg) {
-        unsafe {
-            kernels::matvec_swiglu_q_kernel::launch_unchecked::<R>(
-                client,
-                matvec_cube_count(gate.rows, cfg),
-                CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
-                gate.quants_arg(),
-                gate.scales_arg(),
-                up.quants_arg(),
-                up.scales_arg(),
-                ArrayArg::from_raw_parts(x.clone(), gate.cols / 4),
-                ArrayArg::from_raw_parts(h.clone(), gate.rows),
-                gate.rows as u32,
-                gate.blocks_per_row,
-                gate.format,
-                cfg,
-            )
-        };
-        return Ok(());
-    }
-    unsafe {
-        kernels::matvec_swiglu_kernel::launch_unchecked::<R>(
-            client,
-            matvec_cube_count(gate.rows, cfg),
-            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
-            gate.quants_arg(),
-            gate.scales_arg(),
-            up.quants_arg(),
-            up.scales_arg(),
-            ArrayArg::from_raw_parts(x.clone(), gate.cols),
-            ArrayArg::from_raw_parts(h.clone(), gate.rows),
-            gate.rows as u32,
-            gate.cols as u32,
-            gate.blocks_per_row,
-            gate.format,
-            cfg,
-        )
-    };
-    Ok(())
+    launch_matvec(
+        client,
+        &Matvec {
+            up: Some((up, act)),
+            ..Matvec::new(gate, x, h)
+        },
+    )
 }
 
-/// Whether [`matvec_norm`] and [`matvec_swiglu_norm`] take `w` on `client` (the coalesced
-/// formats; their columns are whole blocks, so `x` and the norm weight read as vec4).
-pub fn fuses_norm<R: Runtime>(client: &ComputeClient<R>, w: &QWeight<R>) -> bool {
-    uses_coalesced(w.format, matvec_config(client))
+/// Whether [`matvec_norm`] and [`matvec_gated_norm`] take `w`: its columns must read as vec4,
+/// as every mat-vec's do (true for every quantized format, whose blocks are 32 or 256 wide).
+pub fn fuses_norm<R: Runtime>(_client: &ComputeClient<R>, w: &QWeight<R>) -> bool {
+    w.cols % 4 == 0
 }
 
 /// `y[r] = W[r, :] · rmsnorm(x, norm_w, eps)` for one token: `x` and `norm_w` hold `cols`
@@ -250,76 +220,142 @@ pub fn matvec_norm<R: Runtime>(
     eps: f32,
     y: &Handle,
 ) -> Result<(), MatmulError> {
-    if !fuses_norm(client, w) {
-        return Err(MatmulError::UnsupportedType(w.ty));
-    }
-    check_buffer("x", x, w.cols)?;
-    check_buffer("norm_w", norm_w, w.cols)?;
-    check_buffer("y", y, w.rows)?;
-    let cfg = matvec_config(client);
-    unsafe {
-        kernels::matvec_norm_q_kernel::launch_unchecked::<R>(
-            client,
-            matvec_cube_count(w.rows, cfg),
-            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
-            w.quants_arg(),
-            w.scales_arg(),
-            ArrayArg::from_raw_parts(x.clone(), w.cols / 4),
-            ArrayArg::from_raw_parts(norm_w.clone(), w.cols / 4),
-            ArrayArg::from_raw_parts(y.clone(), w.rows),
-            w.rows as u32,
-            w.cols as u32,
-            w.blocks_per_row,
-            eps,
-            w.format,
-            cfg,
-        )
-    };
-    Ok(())
+    launch_matvec(
+        client,
+        &Matvec {
+            norm: Some((norm_w, eps)),
+            ..Matvec::new(w, x, y)
+        },
+    )
 }
 
-/// `h[r] = silu(gate[r, :] · n) * (up[r, :] · n)`, `n = rmsnorm(x, norm_w, eps)`, for one
-/// token in one launch (the FFN's norm, input projections and SwiGLU).
-pub fn matvec_swiglu_norm<R: Runtime>(
+/// `h[r] = act(gate[r, :] · n) * (up[r, :] · n)`, `n = rmsnorm(x, norm_w, eps)`, for one
+/// token in one launch (the feed-forward's norm, input projections and activation).
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_gated_norm<R: Runtime>(
     client: &ComputeClient<R>,
     gate: &QWeight<R>,
     up: &QWeight<R>,
+    act: GateAct,
     x: &Handle,
     norm_w: &Handle,
     eps: f32,
     h: &Handle,
 ) -> Result<(), MatmulError> {
-    if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) {
-        return Err(MatmulError::Mismatch(format!(
-            "gate {} {}x{}, up {} {}x{}",
-            gate.ty, gate.rows, gate.cols, up.ty, up.rows, up.cols
+    launch_matvec(
+        client,
+        &Matvec {
+            up: Some((up, act)),
+            norm: Some((norm_w, eps)),
+            ..Matvec::new(gate, x, h)
+        },
+    )
+}
+
+/// One mat-vec launch with its fusions: `y (+)= W·x` for `tokens` tokens, or with `up` the
+/// gated pair `y = act(W·x) * (up·x)`, with `norm` on `x` first (`up` and `norm`: one token).
+pub struct Matvec<'a, R: Runtime> {
+    pub w: &'a QWeight<R>,
+    pub up: Option<(&'a QWeight<R>, GateAct)>,
+    pub norm: Option<(&'a Handle, f32)>,
+    pub x: &'a Handle,
+    pub y: &'a Handle,
+    pub tokens: usize,
+    pub epilogue: Epilogue,
+}
+
+impl<'a, R: Runtime> Matvec<'a, R> {
+    /// `y = W·x` for one token.
+    pub fn new(w: &'a QWeight<R>, x: &'a Handle, y: &'a Handle) -> Self {
+        Self {
+            w,
+            up: None,
+            norm: None,
+            x,
+            y,
+            tokens: 1,
+            epilogue: Epilogue::Store,
+        }
+    }
+
+    /// The kernel's comptime fusion for this call.
+    pub fn fusion(&self) -> Fusion {
+        Fusion {
+            tokens: self.tokens as u32,
+            accumulate: self.epilogue == Epilogue::Accumulate,
+            norm: self.norm.is_some(),
+            gated: self.up.is_some(),
+            gelu: matches!(self.up, Some((_, GateAct::GeluTanh))),
+        }
+    }
+}
+
+/// The one mat-vec launcher: validates `op` and launches [`kernels::matvec_kernel`].
+pub fn launch_matvec<R: Runtime>(
+    client: &ComputeClient<R>,
+    op: &Matvec<'_, R>,
+) -> Result<(), MatmulError> {
+    let w = op.w;
+    if op.tokens == 0 {
+        return Ok(());
+    }
+    if op.tokens > MAX_MATVEC_TOKENS
+        || ((op.up.is_some() || op.norm.is_some()) && op.tokens != 1)
+        || (op.up.is_some() && op.epilogue == Epilogue::Accumulate)
+    {
+        return Err(MatmulError::Fusion(format!(
+            "{} tokens, gated {}, norm {}, {:?}",
+            op.tokens,
+            op.up.is_some(),
+            op.norm.is_some(),
+            op.epilogue
         )));
     }
-    if !fuses_norm(client, gate) {
-        return Err(MatmulError::UnsupportedType(gate.ty));
+    if w.cols % 4 != 0 {
+        return Err(MatmulError::BadShape {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+        });
     }
-    check_buffer("x", x, gate.cols)?;
-    check_buffer("norm_w", norm_w, gate.cols)?;
-    check_buffer("h", h, gate.rows)?;
-    let cfg = matvec_config(client);
+    if let Some((up, _)) = op.up {
+        if (w.ty, w.rows, w.cols) != (up.ty, up.rows, up.cols) {
+            return Err(MatmulError::Mismatch(format!(
+                "gate {} {}x{}, up {} {}x{}",
+                w.ty, w.rows, w.cols, up.ty, up.rows, up.cols
+            )));
+        }
+    }
+    check_buffer("x", op.x, op.tokens * w.cols)?;
+    check_buffer("y", op.y, op.tokens * w.rows)?;
+    let norm_w = match op.norm {
+        Some((h, _)) => {
+            check_buffer("norm_w", h, w.cols)?;
+            h
+        }
+        None => op.x,
+    };
+    let w2 = op.up.map_or(w, |(up, _)| up);
+    let cfg = cfg_for(matvec_config(client), op.tokens);
     unsafe {
-        kernels::matvec_swiglu_norm_q_kernel::launch_unchecked::<R>(
+        kernels::matvec_kernel::launch_unchecked::<R>(
             client,
-            matvec_cube_count(gate.rows, cfg),
-            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
-            gate.quants_arg(),
-            gate.scales_arg(),
-            up.quants_arg(),
-            up.scales_arg(),
-            ArrayArg::from_raw_parts(x.clone(), gate.cols / 4),
-            ArrayArg::from_raw_parts(norm_w.clone(), gate.cols / 4),
-            ArrayArg::from_raw_parts(h.clone(), gate.rows),
-            gate.rows as u32,
-            gate.cols as u32,
-            gate.blocks_per_row,
-            eps,
-            gate.format,
+            matvec_cube_count(w.rows, cfg),
+            CubeDim::new_2d(cfg.lanes, cfg.planes_per_cube),
+            w.quants_arg(),
+            w.scales_arg(),
+            w2.quants_arg(),
+            w2.scales_arg(),
+            ArrayArg::from_raw_parts(op.x.clone(), op.tokens * w.cols / 4),
+            ArrayArg::from_raw_parts(norm_w.clone(), w.cols / 4),
+            ArrayArg::from_raw_parts(op.y.clone(), op.tokens * w.rows),
+            w.rows as u32,
+            w.cols as u32,
+            w.blocks_per_row,
+            op.norm.map_or(0.0, |(_, eps)| eps),
+            w.format,
             cfg,
+            op.fusion(),
         )
     };
     Ok(())
@@ -338,7 +374,13 @@ pub fn matmul<R: Runtime>(
     scratch: Option<&DequantScratch<R>>,
 ) -> Result<(), MatmulError> {
     if n_tokens <= MAX_MATVEC_TOKENS {
-        return launch_matvec(client, w, x, y, n_tokens, Epilogue::Store);
+        return launch_matvec(
+            client,
+            &Matvec {
+                tokens: n_tokens,
+                ..Matvec::new(w, x, y)
+            },
+        );
     }
     let scratch = scratch.ok_or(MatmulError::BufferTooSmall {
         what: "scratch",
@@ -398,7 +440,7 @@ pub fn embed<R: Runtime>(
         }
     }
     check_buffer("out", out, n * w.cols)?;
-    let units = n as u64 * (w.blocks_per_row * w.format.units_per_block()) as u64;
+    let units = n as u64 * (w.blocks_per_row * w.format.slots_per_block()) as u64;
     check_u32(units)?;
     let id_len = (ids.size_in_used() as usize / 4).max(1);
     unsafe {
@@ -436,7 +478,7 @@ pub fn dequantize<R: Runtime>(
         });
     }
     const THREADS: u32 = ROW_THREADS;
-    let units = w.rows as u64 * (w.blocks_per_row * w.format.units_per_block()) as u64;
+    let units = w.rows as u64 * (w.blocks_per_row * w.format.slots_per_block()) as u64;
     check_u32(units)?;
     unsafe {
         kernels::dequantize_kernel::launch_unchecked::<R>(
@@ -455,64 +497,15 @@ pub fn dequantize<R: Runtime>(
     Ok(())
 }
 
-fn launch_matvec<R: Runtime>(
-    client: &ComputeClient<R>,
-    w: &QWeight<R>,
-    x: &Handle,
-    y: &Handle,
-    tokens: usize,
-    epilogue: Epilogue,
-) -> Result<(), MatmulError> {
-    if tokens == 0 {
-        return Ok(());
-    }
-    check_buffer("x", x, tokens * w.cols)?;
-    check_buffer("y", y, tokens * w.rows)?;
-    let cfg = matvec_config(client);
-    if uses_coalesced(w.format, cfg) {
-        unsafe {
-            kernels::matvec_q_kernel::launch_unchecked::<R>(
-                client,
-                matvec_cube_count(w.rows, cfg),
-                CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
-                w.quants_arg(),
-                w.scales_arg(),
-                ArrayArg::from_raw_parts(x.clone(), tokens * w.cols / 4),
-                ArrayArg::from_raw_parts(y.clone(), tokens * w.rows),
-                w.rows as u32,
-                w.cols as u32,
-                w.blocks_per_row,
-                w.format,
-                cfg,
-                tokens as u32,
-                epilogue == Epilogue::Accumulate,
-            )
-        };
-        return Ok(());
-    }
-    unsafe {
-        kernels::matvec_kernel::launch_unchecked::<R>(
-            client,
-            matvec_cube_count(w.rows, cfg),
-            CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube),
-            w.quants_arg(),
-            w.scales_arg(),
-            ArrayArg::from_raw_parts(x.clone(), tokens * w.cols),
-            ArrayArg::from_raw_parts(y.clone(), tokens * w.rows),
-            w.rows as u32,
-            w.cols as u32,
-            w.blocks_per_row,
-            w.format,
-            cfg,
-            tokens as u32,
-            epilogue == Epilogue::Accumulate,
-        )
-    };
-    Ok(())
-}
+/// Rows a plane computes together for one token (see [`MatvecConfig::rows_per_plane`]);
+/// `ROCFORGE_MATVEC_ROWS` (1, 2 or 4) overrides it for tuning runs. On the H200, 2 rows per
+/// plane took a tall matrix's Q4_0 mat-vec from 0.53 to 1.29 TB/s, but a decode step's
+/// matrices (4096-14336 rows, one launch each) have too few planes to fill the GPU that way:
+/// 8B-shaped decode ran 165.8 t/s at 1, 163.7 at 2, 113.2 at 4 (docs/performance.md).
+pub const ROWS_PER_PLANE: u32 = 1;
 
-/// One plane per row where the runtime has plane ops and one fixed plane width (NVIDIA 32,
-/// CDNA 64); otherwise 32 lanes reduced through shared memory (lavapipe, wave32/64 RDNA).
+/// One plane per row group where the runtime has plane ops and one fixed plane width (NVIDIA
+/// 32, CDNA 64); otherwise 32 lanes reduced through shared memory (lavapipe, wave32/64 RDNA).
 /// Cubes of 128 units either way.
 pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
     let hw = &client.properties().hardware;
@@ -521,21 +514,34 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
         && (8..=64).contains(&hw.plane_size_min);
     let plane_reduce = client.features().plane.contains(Plane::Ops) && fixed_plane;
     let lanes = if plane_reduce { hw.plane_size_min } else { 32 };
+    let rows_per_plane = std::env::var("ROCFORGE_MATVEC_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|r| [1, 2, 4].contains(r))
+        .unwrap_or(ROWS_PER_PLANE);
     MatvecConfig {
         lanes,
-        rows_per_cube: (128 / lanes).max(1),
+        planes_per_cube: (128 / lanes).max(1),
+        rows_per_plane,
         plane_reduce,
     }
 }
 
-/// Whether `fmt` runs on the coalesced kernels under `cfg` (a row needs at least a block's
-/// slots of lanes; the quantized formats' columns are whole blocks, so `x` reads as vec4).
-pub fn uses_coalesced(fmt: KernelFormat, cfg: MatvecConfig) -> bool {
-    fmt.coalesced() && cfg.lanes >= fmt.slots_per_block()
+fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
+    grid((rows as u32).div_ceil(cfg.rows_per_cube()))
 }
 
-fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
-    grid((rows as u32).div_ceil(cfg.rows_per_cube))
+/// `cfg` as launched for `tokens` tokens: several rows per plane share `x` for one token;
+/// batches keep one row per plane (each weight slot is decoded once for all tokens instead).
+pub fn cfg_for(cfg: MatvecConfig, tokens: usize) -> MatvecConfig {
+    if tokens == 1 {
+        cfg
+    } else {
+        MatvecConfig {
+            rows_per_plane: 1,
+            ..cfg
+        }
+    }
 }
 
 /// `n` cubes as a 2D grid (x at most 65535), for backends with 16-bit grid dimensions.

@@ -4,74 +4,84 @@
 
 use cubecl::prelude::*;
 
-use super::api::{self, DequantScratch, Epilogue, MatmulError, QWeight, MAX_MATVEC_TOKENS};
+use super::api::{self, DequantScratch, MatmulError, Matvec, QWeight, MAX_MATVEC_TOKENS};
 use super::format::KernelFormat;
-use super::kernels::{self, MatvecConfig};
+use super::kernels::{self, Fusion, MatvecConfig};
+use crate::ops::activation::GateAct;
 
 /// Which kernel, with its comptime choices other than the format and the launch config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelKind {
-    /// `matvec_kernel` with a comptime token count and epilogue.
-    Matvec { tokens: u32, accumulate: bool },
-    /// `matvec_swiglu_kernel`.
-    MatvecSwiglu,
+    /// `matvec_kernel` with these fusions.
+    Matvec(Fusion),
     /// `dequantize_kernel` (the prefill pass; cubek's matmul follows it).
     Dequantize,
     /// `embed_kernel`: one token as an argument, or ids on the device.
     Embed { from_scalar: bool },
-    /// `matvec_norm_q_kernel` (coalesced formats only).
-    MatvecNorm,
-    /// `matvec_swiglu_norm_q_kernel` (coalesced formats only).
-    MatvecSwigluNorm,
 }
 
 /// One compiled variant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelVariant {
-    /// `matvec_q4_K_t1_acc`, `swiglu_q8_0`, `dequantize_f16`, ...
+    /// `matvec_q4_K_t1_acc`, `matvec_q8_0_t1_norm_swiglu`, `dequantize_f16`, ...
     pub name: String,
     pub format: KernelFormat,
     pub kind: KernelKind,
 }
 
-/// All variants: every format times single-token store/accumulate, the multi-token mat-vecs
-/// `2..=MAX_MATVEC_TOKENS`, the fused SwiGLU and the dequantize pass.
+/// The fusions the runtime launches: 1..=[`MAX_MATVEC_TOKENS`] tokens, the accumulating
+/// single token, and the single token with the norm and/or a gated pair (SiLU or GELU).
+pub fn fusions() -> Vec<Fusion> {
+    let mut out: Vec<Fusion> = (1..=MAX_MATVEC_TOKENS as u32).map(Fusion::plain).collect();
+    let one = Fusion::plain(1);
+    out.push(Fusion {
+        accumulate: true,
+        ..one
+    });
+    for norm in [false, true] {
+        if norm {
+            out.push(Fusion { norm, ..one });
+        }
+        for gelu in [false, true] {
+            out.push(Fusion {
+                norm,
+                gated: true,
+                gelu,
+                ..one
+            });
+        }
+    }
+    out
+}
+
+/// `t1`, `t1_acc`, `t1_norm_geglu`, ...
+pub fn fusion_tag(f: Fusion) -> String {
+    let mut tag = format!("t{}", f.tokens);
+    if f.accumulate {
+        tag.push_str("_acc");
+    }
+    if f.norm {
+        tag.push_str("_norm");
+    }
+    if f.gated {
+        tag.push_str(if f.gelu { "_geglu" } else { "_swiglu" });
+    }
+    tag
+}
+
+/// All variants: every format times every fusion of [`fusions`], the dequantize pass and the
+/// two embedding lookups.
 pub fn variants() -> Vec<KernelVariant> {
     let mut out = Vec::new();
     for format in KernelFormat::ALL {
         let mut push = |name: String, kind| out.push(KernelVariant { name, format, kind });
-        push(
-            format!("matvec_{format}_t1"),
-            KernelKind::Matvec {
-                tokens: 1,
-                accumulate: false,
-            },
-        );
-        push(
-            format!("matvec_{format}_t1_acc"),
-            KernelKind::Matvec {
-                tokens: 1,
-                accumulate: true,
-            },
-        );
-        for tokens in 2..=MAX_MATVEC_TOKENS as u32 {
+        for f in fusions() {
             push(
-                format!("matvec_{format}_t{tokens}"),
-                KernelKind::Matvec {
-                    tokens,
-                    accumulate: false,
-                },
+                format!("matvec_{format}_{}", fusion_tag(f)),
+                KernelKind::Matvec(f),
             );
         }
-        push(format!("swiglu_{format}"), KernelKind::MatvecSwiglu);
         push(format!("dequantize_{format}"), KernelKind::Dequantize);
-        if format.coalesced() {
-            push(format!("matvec_norm_{format}"), KernelKind::MatvecNorm);
-            push(
-                format!("swiglu_norm_{format}"),
-                KernelKind::MatvecSwigluNorm,
-            );
-        }
         push(
             format!("embed_{format}_one"),
             KernelKind::Embed { from_scalar: true },
@@ -94,27 +104,38 @@ pub fn launch_variant<R: Runtime>(
     let bytes = vec![0u8; cols / ty.block_size() * ty.type_size()];
     let w = QWeight::<R>::upload(client, ty, 1, cols, &bytes)?;
     let tokens = match v.kind {
-        KernelKind::Matvec { tokens, .. } => tokens as usize,
+        KernelKind::Matvec(f) => f.tokens as usize,
         _ => 1,
     };
     let x = client.create_from_slice(f32::as_bytes(&vec![0.0; tokens * cols]));
     let y = client.empty(tokens * cols * 4);
     let scratch = DequantScratch::new(client, cols);
     match v.kind {
-        KernelKind::Matvec {
-            accumulate: true, ..
-        } => api::matvec(client, &w, &x, &y, Epilogue::Accumulate),
-        KernelKind::Matvec { tokens, .. } => {
-            api::matmul(client, &w, &x, &y, tokens as usize, Some(&scratch))
+        KernelKind::Matvec(f) => {
+            let act = if f.gelu {
+                GateAct::GeluTanh
+            } else {
+                GateAct::Silu
+            };
+            let op = Matvec {
+                up: f.gated.then_some((&w, act)),
+                norm: f.norm.then_some((&x, 1e-5)),
+                tokens: f.tokens as usize,
+                epilogue: if f.accumulate {
+                    api::Epilogue::Accumulate
+                } else {
+                    api::Epilogue::Store
+                },
+                ..Matvec::new(&w, &x, &y)
+            };
+            debug_assert_eq!(op.fusion(), f);
+            api::launch_matvec(client, &op)
         }
-        KernelKind::MatvecSwiglu => api::matvec_swiglu(client, &w, &w, &x, &y),
         KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
         KernelKind::Embed { from_scalar } => {
             let ids = client.create_from_slice(u32::as_bytes(&[0u32]));
             api::embed(client, &w, &ids, 1, from_scalar.then_some(0), &y)
         }
-        KernelKind::MatvecNorm => api::matvec_norm(client, &w, &x, &x, 1e-5, &y),
-        KernelKind::MatvecSwigluNorm => api::matvec_swiglu_norm(client, &w, &w, &x, &x, 1e-5, &y),
     }
 }
 
@@ -127,7 +148,8 @@ const DEQUANT_THREADS: u32 = api::ROW_THREADS;
 pub fn check_configs<R: Runtime>(client: &ComputeClient<R>) -> Vec<MatvecConfig> {
     let plane = |lanes: u32| MatvecConfig {
         lanes,
-        rows_per_cube: (128 / lanes).max(1),
+        planes_per_cube: (128 / lanes).max(1),
+        rows_per_plane: api::ROWS_PER_PLANE,
         plane_reduce: true,
     };
     let mut out = vec![plane(64), plane(32)];
@@ -138,10 +160,11 @@ pub fn check_configs<R: Runtime>(client: &ComputeClient<R>) -> Vec<MatvecConfig>
     out
 }
 
-/// Short tag of a config for kernel names: `l64p` (plane reduce), `l32s` (shared memory).
+/// Short tag of a config for kernel names: `l64p_r2` (plane reduce, 2 rows per plane), `l32s_r2`
+/// (shared memory).
 pub fn config_tag(cfg: MatvecConfig) -> String {
     let r = if cfg.plane_reduce { 'p' } else { 's' };
-    format!("l{}{r}", cfg.lanes)
+    format!("l{}{r}_r{}", cfg.lanes, cfg.rows_per_plane)
 }
 
 /// `v`'s kernel definition as the API launches it with mat-vec config `cfg` (ignored by the
@@ -158,64 +181,13 @@ pub fn definition<R: Runtime>(
     };
     let a = || ArrayCompilationArg { inplace: None };
     let c = || client.clone();
-    let mv_dim = CubeDim::new_2d(cfg.lanes, cfg.rows_per_cube);
-    let coalesced = api::uses_coalesced(v.format, cfg);
+    let mv = match v.kind {
+        KernelKind::Matvec(f) => api::cfg_for(cfg, f.tokens as usize),
+        _ => cfg,
+    };
     match v.kind {
-        KernelKind::Matvec { tokens, accumulate } if coalesced => {
-            kernels::matvec_q_kernel::MatvecQKernel::<R>::new(
-                settings(mv_dim),
-                c(),
-                a(),
-                a(),
-                a(),
-                a(),
-                (),
-                (),
-                (),
-                v.format,
-                cfg,
-                tokens,
-                accumulate,
-            )
-            .define()
-        }
-        KernelKind::MatvecSwiglu if coalesced => {
-            kernels::matvec_swiglu_q_kernel::MatvecSwigluQKernel::<R>::new(
-                settings(mv_dim),
-                c(),
-                a(),
-                a(),
-                a(),
-                a(),
-                a(),
-                a(),
-                (),
-                (),
-                v.format,
-                cfg,
-            )
-            .define()
-        }
-        KernelKind::Matvec { tokens, accumulate } => {
-            kernels::matvec_kernel::MatvecKernel::<R>::new(
-                settings(mv_dim),
-                c(),
-                a(),
-                a(),
-                a(),
-                a(),
-                (),
-                (),
-                (),
-                v.format,
-                cfg,
-                tokens,
-                accumulate,
-            )
-            .define()
-        }
-        KernelKind::MatvecSwiglu => kernels::matvec_swiglu_kernel::MatvecSwigluKernel::<R>::new(
-            settings(mv_dim),
+        KernelKind::Matvec(fusion) => kernels::matvec_kernel::MatvecKernel::<R>::new(
+            settings(CubeDim::new_2d(mv.lanes, mv.planes_per_cube)),
             c(),
             a(),
             a(),
@@ -223,11 +195,14 @@ pub fn definition<R: Runtime>(
             a(),
             a(),
             a(),
+            a(),
+            (),
             (),
             (),
             (),
             v.format,
-            cfg,
+            mv,
+            fusion,
         )
         .define(),
         KernelKind::Dequantize => kernels::dequantize_kernel::DequantizeKernel::<R>::new(
@@ -242,42 +217,6 @@ pub fn definition<R: Runtime>(
             v.format,
         )
         .define(),
-        KernelKind::MatvecNorm => kernels::matvec_norm_q_kernel::MatvecNormQKernel::<R>::new(
-            settings(mv_dim),
-            c(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            (),
-            (),
-            v.format,
-            cfg,
-        )
-        .define(),
-        KernelKind::MatvecSwigluNorm => {
-            kernels::matvec_swiglu_norm_q_kernel::MatvecSwigluNormQKernel::<R>::new(
-                settings(mv_dim),
-                c(),
-                a(),
-                a(),
-                a(),
-                a(),
-                a(),
-                a(),
-                a(),
-                (),
-                (),
-                (),
-                (),
-                v.format,
-                cfg,
-            )
-            .define()
-        }
         KernelKind::Embed { from_scalar } => kernels::embed_kernel::EmbedKernel::<R>::new(
             settings(CubeDim::new_1d(DEQUANT_THREADS)),
             c(),

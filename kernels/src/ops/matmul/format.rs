@@ -1,10 +1,10 @@
 //! The weight formats the matmul kernels read, with the constants of their upload layout.
 //!
 //! A *block* is the GGUF block (32 or 256 weights; 4 weights for the plain types, whose rows
-//! are padded to 4). A *unit* is the piece of a block one lane decodes at a time: a whole
-//! block for the 32-weight formats, a 64-weight chunk of `Q4_K`/`Q5_K`, a 32-weight quarter of
-//! a `Q6_K` half. Units are sized so a 4096-column row gives every lane of a 32-lane plane
-//! work (64 units for the k-quants).
+//! are padded to 4). A *slot* is the piece of a block that `decode::decode_slot` unpacks: a
+//! word of quants (two for `Q8_0`), 8 or 16 weights in runs of 4 consecutive columns, or a
+//! plain block of 4. The mat-vec gives each lane `slots_per_lane` consecutive slots per block
+//! and `unroll` blocks per trip; both are tuning knobs per format.
 
 use cubecl::prelude::*;
 
@@ -75,24 +75,10 @@ impl KernelFormat {
 
     /// Weights per block in the uploaded layout (4 for the plain types).
     pub fn elems_per_block(self) -> u32 {
-        self.elems_per_unit() * self.units_per_block()
-    }
-
-    /// Weights one lane decodes at a time.
-    pub fn elems_per_unit(self) -> u32 {
         match self {
             Self::F32 | Self::F16 => 4,
-            Self::Q4K | Self::Q5K => 64,
+            Self::Q4K | Self::Q5K | Self::Q6K => 256,
             _ => 32,
-        }
-    }
-
-    /// Units per block.
-    pub fn units_per_block(self) -> u32 {
-        match self {
-            Self::Q4K | Self::Q5K => 4,
-            Self::Q6K => 8,
-            _ => 1,
         }
     }
 
@@ -119,17 +105,12 @@ impl KernelFormat {
         }
     }
 
-    /// Whether the coalesced mat-vec (`kernels::matvec_q_kernel`) reads this format: every
-    /// quantized one; the plain types keep the unit-per-lane kernel.
-    pub fn coalesced(self) -> bool {
-        !matches!(self, Self::F32 | Self::F16)
-    }
-
-    /// Lanes that share one block in the coalesced mat-vec: each takes a *slot*, a `u32` word
-    /// of quants (two for `Q8_0`) whose weights sit in runs of 4 columns, so neighbouring lanes
-    /// read neighbouring words and neighbouring 16-byte runs of `x`.
+    /// Slots per block: each a `u32` word of quants (two for `Q8_0`) whose weights sit in
+    /// runs of 4 columns, so neighbouring lanes read neighbouring words and neighbouring 16-byte
+    /// runs of `x`; a plain block of 4 weights is one slot.
     pub fn slots_per_block(self) -> u32 {
         match self {
+            Self::F32 | Self::F16 => 1,
             Self::Q4K | Self::Q5K => 32,
             Self::Q6K => 16,
             _ => 4,
@@ -139,9 +120,42 @@ impl KernelFormat {
     /// Runs of 4 weights (4 consecutive columns) per slot.
     pub fn groups_per_slot(self) -> u32 {
         match self {
+            Self::F32 | Self::F16 => 1,
             Self::Q6K => 4,
             _ => 2,
         }
+    }
+
+    /// Consecutive slots of a block one mat-vec lane decodes. K-quants: 32 weights (one or
+    /// two sub-block scales decoded per 32 weights instead of per 8). The 32-weight formats
+    /// keep one slot per lane: with a whole block per lane, the lanes' `x` runs sit 128 bytes
+    /// apart and a row of 18 blocks (SmolLM2) leaves most of a plane idle, which measured
+    /// slower on the H200 (docs/kernels.md).
+    pub fn slots_per_lane(self) -> u32 {
+        match self {
+            Self::Q4K | Self::Q5K => 4,
+            Self::Q6K => 2,
+            _ => 1,
+        }
+    }
+
+    /// Lanes that share one block in the mat-vec.
+    pub fn lanes_per_block(self) -> u32 {
+        self.slots_per_block() / self.slots_per_lane()
+    }
+
+    /// Blocks per lane whose loads one mat-vec trip issues together (K-quants: 2; the others
+    /// measured no better unrolled, see `slots_per_lane`).
+    pub fn unroll(self) -> u32 {
+        match self {
+            Self::Q4K | Self::Q5K | Self::Q6K => 2,
+            _ => 1,
+        }
+    }
+
+    /// Whether a weight is `a * q + m` with an offset `m` (a min) rather than `a * q`.
+    pub fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K)
     }
 
     /// Byte offset of the `f16` header inside the GGUF block (`Q6_K` keeps `d` at the end).
@@ -162,6 +176,20 @@ impl std::fmt::Display for KernelFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_tile_each_block() {
+        for f in KernelFormat::ALL {
+            assert_eq!(
+                f.slots_per_block() * f.groups_per_slot() * 4,
+                f.elems_per_block(),
+                "{f}"
+            );
+            assert_eq!(f.slots_per_block() % f.slots_per_lane(), 0, "{f}");
+            // The narrowest plane (8 lanes) still covers a block.
+            assert!(f.lanes_per_block() <= 8, "{f}");
+        }
+    }
 
     #[test]
     fn planes_hold_exactly_the_gguf_bytes() {

@@ -1,31 +1,80 @@
-//! The CubeCL kernels: mat-vec (optionally several tokens, optionally accumulating into the
-//! output), fused gate/up + SwiGLU, and the dequantize pass of the prefill path.
+//! The CubeCL kernels of the matmul module: one mat-vec kernel whose fusions are comptime
+//! parameters ([`Fusion`]: 1-8 tokens, a residual-accumulating epilogue, the RMSNorm before
+//! the projection, a gated pair with SiLU or GELU), and the embedding lookup and prefill
+//! dequantize pass, which unpack weights through the same [`decode_slot`].
 //!
-//! Mat-vec layout: a cube is `lanes x rows_per_cube` units; each row of units owns one weight
-//! row, its lanes stride over the row's units, then the lanes' partial sums are reduced with
-//! `plane_sum` when `lanes` is exactly the plane width, else through shared memory.
+//! Mat-vec layout: a cube is `lanes x planes_per_cube` units; each row of units (a plane) owns
+//! `rows_per_plane` weight rows and loads each run of `x` once for all of them.
+//! `KernelFormat::lanes_per_block` neighbouring lanes share a block, each decoding
+//! `slots_per_lane` consecutive slots, so a plane reads contiguous quant words and 16-byte runs
+//! of `x`; a trip issues `unroll` blocks' loads before their arithmetic. The lanes' partial sums meet in `plane_sum` when `lanes` is the
+//! plane width, else in shared memory.
 
 use cubecl::prelude::*;
 
-use super::decode::{decode_slot, decode_unit, slot_col};
+use super::decode::{decode_slot, slot_col};
 use super::format::KernelFormat;
+use crate::ops::activation::gate_act;
 
 /// Comptime shape of a mat-vec launch.
 #[derive(Clone, Copy, Hash, PartialEq, Eq, Debug)]
 pub struct MatvecConfig {
-    /// Lanes per row (`CUBE_DIM_X`), a power of two.
+    /// Lanes per row group (`CUBE_DIM_X`), a power of two.
     pub lanes: u32,
-    /// Rows per cube (`CUBE_DIM_Y`).
-    pub rows_per_cube: u32,
+    /// Row groups per cube (`CUBE_DIM_Y`).
+    pub planes_per_cube: u32,
+    /// Rows one row group computes together: each lane loads its runs of `x` once and uses
+    /// them for every row (a single token; batches use 1). `x` through L1 is what bounds the
+    /// mat-vec at one row per plane: 4 bytes per weight, whatever the weight's format.
+    pub rows_per_plane: u32,
     /// Reduce with `plane_sum` (`lanes` equals the plane width) instead of shared memory.
     pub plane_reduce: bool,
 }
 
-/// Weight row this unit works on; cubes are numbered over a 2D grid so row counts past 65535
-/// cubes (output projections) fit every backend's grid limits.
+impl MatvecConfig {
+    /// Rows one cube computes.
+    pub fn rows_per_cube(&self) -> u32 {
+        self.planes_per_cube * self.rows_per_plane
+    }
+}
+
+/// What the mat-vec computes around `W·x`; each combination is its own compiled kernel.
+#[derive(Clone, Copy, Hash, PartialEq, Eq, Debug)]
+pub struct Fusion {
+    /// Tokens `t` with `y[t * rows + r] = W[r, :] · x[t * cols ..]`; each slot is decoded once
+    /// for all of them.
+    pub tokens: u32,
+    /// `y += ...` (the residual add after `attn_output`/`ffn_down`) instead of `y = ...`.
+    pub accumulate: bool,
+    /// `x` is replaced by `rmsnorm(x) * norm_w` (one token): each cube recomputes the norm of
+    /// `x`, which is cheap beside its weight rows, and saves the norm's launch.
+    pub norm: bool,
+    /// `y = act(W·x) * (W2·x)` (one token): the gated feed-forward's two input projections and
+    /// its activation in one launch.
+    pub gated: bool,
+    /// The gate's activation is GELU (tanh approximation, Gemma) rather than SiLU (Llama).
+    pub gelu: bool,
+}
+
+impl Fusion {
+    /// The plain product for `tokens` tokens.
+    pub const fn plain(tokens: u32) -> Self {
+        Self {
+            tokens,
+            accumulate: false,
+            norm: false,
+            gated: false,
+            gelu: false,
+        }
+    }
+}
+
+/// First weight row of this unit's row group; cubes are numbered over a 2D grid so row counts
+/// past 65535 cubes (output projections) fit every backend's grid limits.
 #[cube]
 fn cube_row(#[comptime] cfg: MatvecConfig) -> u32 {
-    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * cfg.rows_per_cube + UNIT_POS_Y
+    ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * cfg.planes_per_cube + UNIT_POS_Y)
+        * cfg.rows_per_plane
 }
 
 /// Sum of `v` over the lanes of this row, valid in every lane. Every unit of the cube must
@@ -58,102 +107,6 @@ fn shared_lane_sum(v: f32, smem: &mut SharedMemory<f32>) -> f32 {
     // The next call overwrites the row's slots; everyone must have read the sum first.
     sync_cube();
     out
-}
-
-/// `vals · x[x_off..]` over one unit; `guard` masks columns past `cols` (padded plain rows).
-#[cube]
-fn dot_unit(
-    vals: &Array<f32>,
-    x: &Array<f32>,
-    x_off: u32,
-    col0: u32,
-    cols: u32,
-    #[comptime] fmt: KernelFormat,
-) -> f32 {
-    let mut s = 0.0f32;
-    let guard = comptime![matches!(fmt, KernelFormat::F32 | KernelFormat::F16)];
-    #[unroll]
-    for i in 0..comptime![fmt.elems_per_unit()] {
-        if comptime![guard] {
-            if col0 + i < cols {
-                s += vals[i as usize] * x[(x_off + i) as usize];
-            }
-        } else {
-            s += vals[i as usize] * x[(x_off + i) as usize];
-        }
-    }
-    s
-}
-
-/// `y[t * rows + r] (+)= W[r, :] · x[t * cols ..]` for `tokens` tokens. Each weight unit is
-/// decoded once and used for every token, so small batches cost one weight read.
-#[cube(launch_unchecked)]
-pub fn matvec_kernel(
-    w: &Array<u32>,
-    scales: &Array<u32>,
-    x: &Array<f32>,
-    y: &mut Array<f32>,
-    rows: u32,
-    cols: u32,
-    blocks_per_row: u32,
-    #[comptime] fmt: KernelFormat,
-    #[comptime] cfg: MatvecConfig,
-    #[comptime] tokens: u32,
-    #[comptime] accumulate: bool,
-) {
-    let eu = comptime![fmt.elems_per_unit()];
-    let row = cube_row(cfg);
-    let units = blocks_per_row * comptime![fmt.units_per_block()];
-    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
-    let mut vals = Array::<f32>::new(comptime![eu as usize]);
-    let mut acc = Array::<f32>::new(comptime![tokens as usize]);
-    #[unroll]
-    for t in 0..tokens {
-        acc[t as usize] = 0.0;
-    }
-    if row < rows {
-        let mut unit = UNIT_POS_X;
-        while unit < units {
-            decode_unit(w, scales, row, unit, blocks_per_row, &mut vals, fmt);
-            let col0 = unit * eu;
-            #[unroll]
-            for t in 0..tokens {
-                acc[t as usize] += dot_unit(&vals, x, t * cols + col0, col0, cols, fmt);
-            }
-            unit += CUBE_DIM_X;
-        }
-    }
-    #[unroll]
-    for t in 0..tokens {
-        let sum = lane_sum(acc[t as usize], &mut smem, cfg);
-        if UNIT_POS_X == 0 && row < rows {
-            let out = (t * rows + row) as usize;
-            if comptime![accumulate] {
-                y[out] += sum;
-            } else {
-                y[out] = sum;
-            }
-        }
-    }
-}
-
-/// Dot of the decoded slot `vals` with `x` at vec4 index `x4_at(g)` for each run `g`.
-#[cube]
-fn dot_slot(
-    vals: &Array<f32>,
-    x4: &Array<Vector<f32, Const<4>>>,
-    base: u32,
-    slot: u32,
-    #[comptime] fmt: KernelFormat,
-) -> f32 {
-    let mut s = 0.0f32;
-    #[unroll]
-    for g in 0..comptime![fmt.groups_per_slot()] {
-        let xv = x4[((base + slot_col(slot, g, fmt)) / 4) as usize];
-        let o = (4 * g) as usize;
-        s += vals[o] * xv[0] + vals[o + 1] * xv[1] + vals[o + 2] * xv[2] + vals[o + 3] * xv[3];
-    }
-    s
 }
 
 /// `1 / sqrt(mean(x^2) + eps)` over `x4[0..n4]` (`cols` values), computed by the whole cube
@@ -192,41 +145,76 @@ fn cube_rms_inv(
     1.0 / f32::sqrt(total / f32::cast_from(cols) + eps)
 }
 
-/// [`dot_slot`] with `x` scaled elementwise by the RMSNorm weight `w4` (the `1/rms` factor is
-/// applied once to the row's sum).
+/// Loads the runs of `x` that slot `slot` of the block at column `col` meets (of the token's
+/// row of `x` starting at `base`) into `xs[4g + k]`, with `xsum[g]` their sums where the format
+/// has a min; with `norm`, `x` is scaled by the norm weight `norm4` elementwise first.
 #[cube]
-fn dot_slot_weighted(
-    vals: &Array<f32>,
+fn load_x(
+    xs: &mut Array<f32>,
+    xsum: &mut Array<f32>,
     x4: &Array<Vector<f32, Const<4>>>,
-    w4: &Array<Vector<f32, Const<4>>>,
+    norm4: &Array<Vector<f32, Const<4>>>,
     base: u32,
+    col: u32,
     slot: u32,
+    #[comptime] fmt: KernelFormat,
+    #[comptime] norm: bool,
+) {
+    #[unroll]
+    for g in 0..comptime![fmt.groups_per_slot()] {
+        let c = col + slot_col(slot, g, fmt);
+        let mut xv = x4[((base + c) / 4) as usize];
+        if comptime![norm] {
+            xv = xv * norm4[(c / 4) as usize];
+        }
+        let o = (4 * g) as usize;
+        xs[o] = xv[0];
+        xs[o + 1] = xv[1];
+        xs[o + 2] = xv[2];
+        xs[o + 3] = xv[3];
+        if comptime![fmt.has_min()] {
+            xsum[g as usize] = xv[0] + xv[1] + xv[2] + xv[3];
+        }
+    }
+}
+
+/// `sum_g a[g] * (q[4g..4g+4] · xs[4g..4g+4]) (+ m[g] * xsum[g])`: one decoded slot against
+/// its runs of `x`.
+#[cube]
+fn dot_slot(
+    q: &Array<f32>,
+    a: &Array<f32>,
+    m: &Array<f32>,
+    xs: &Array<f32>,
+    xsum: &Array<f32>,
     #[comptime] fmt: KernelFormat,
 ) -> f32 {
     let mut s = 0.0f32;
     #[unroll]
     for g in 0..comptime![fmt.groups_per_slot()] {
-        let i = ((base + slot_col(slot, g, fmt)) / 4) as usize;
-        let xv = x4[i];
-        let wv = w4[i];
         let o = (4 * g) as usize;
-        s += vals[o] * (xv[0] * wv[0])
-            + vals[o + 1] * (xv[1] * wv[1])
-            + vals[o + 2] * (xv[2] * wv[2])
-            + vals[o + 3] * (xv[3] * wv[3]);
+        let p = q[o] * xs[o] + q[o + 1] * xs[o + 1] + q[o + 2] * xs[o + 2] + q[o + 3] * xs[o + 3];
+        s += a[g as usize] * p;
+        if comptime![fmt.has_min()] {
+            s += m[g as usize] * xsum[g as usize];
+        }
     }
     s
 }
 
-/// `y[r] = W[r, :] · rmsnorm(x)` for one token: the RMSNorm before a projection folded into it
-/// (each cube recomputes the norm of `x`, `cols` values, which is cheap beside its weight rows).
-/// Coalesced like [`matvec_q_kernel`].
+/// `y[t * rows + r] (+)= W[r, :] · x[t * cols ..]`, with the fusions of `fusion`: for a gated
+/// pair `y[r] = act(W[r, :] · x) * (W2[r, :] · x)`; with `norm`, `x` is `rmsnorm(x) * norm_w`.
+/// `x4` is `x` as vec4 (`cols % 4 == 0`); `w2`/`scales2` and `norm4` are read only when the
+/// fusion needs them (the launcher passes `w` and `x` otherwise). A row group computes
+/// `cfg.rows_per_plane` rows from one load of `x` (one token only).
 #[cube(launch_unchecked)]
-pub fn matvec_norm_q_kernel(
+pub fn matvec_kernel(
     w: &Array<u32>,
     scales: &Array<u32>,
+    w2: &Array<u32>,
+    scales2: &Array<u32>,
     x4: &Array<Vector<f32, Const<4>>>,
-    norm_w4: &Array<Vector<f32, Const<4>>>,
+    norm4: &Array<Vector<f32, Const<4>>>,
     y: &mut Array<f32>,
     rows: u32,
     cols: u32,
@@ -234,223 +222,179 @@ pub fn matvec_norm_q_kernel(
     eps: f32,
     #[comptime] fmt: KernelFormat,
     #[comptime] cfg: MatvecConfig,
+    #[comptime] fusion: Fusion,
 ) {
-    let spb = comptime![fmt.slots_per_block()];
-    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
+    let spl = comptime![fmt.slots_per_lane()];
+    let lpb = comptime![fmt.lanes_per_block()];
+    let step = comptime![(cfg.lanes / fmt.lanes_per_block()).max(1)];
+    let unroll = comptime![fmt.unroll()];
     let epb = comptime![fmt.elems_per_block()];
-    let row = cube_row(cfg);
-    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
-    let inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
-    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
-    let mut acc = 0.0f32;
-    if row < rows && UNIT_POS_X < comptime![step * spb] {
-        let slot = UNIT_POS_X % spb;
-        let mut b = UNIT_POS_X / spb;
-        while b < blocks_per_row {
-            decode_slot(w, scales, row * blocks_per_row + b, slot, &mut vals, fmt);
-            acc += dot_slot_weighted(&vals, x4, norm_w4, b * epb, slot, fmt);
-            b += step;
-        }
+    let groups = comptime![fmt.groups_per_slot()];
+    let rpp = comptime![cfg.rows_per_plane];
+    let tokens = comptime![fusion.tokens];
+    let row0 = cube_row(cfg);
+    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.planes_per_cube) as usize]);
+    let mut inv = 1.0f32;
+    if comptime![fusion.norm] {
+        inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
     }
-    let sum = lane_sum(acc, &mut smem, cfg);
-    if UNIT_POS_X == 0 && row < rows {
-        y[row as usize] = sum * inv;
-    }
-}
-
-/// `h[r] = silu(Wg[r, :] · n) * (Wu[r, :] · n)` with `n = rmsnorm(x)`: the FFN's RMSNorm,
-/// both input projections and the SwiGLU in one launch (one token).
-#[cube(launch_unchecked)]
-pub fn matvec_swiglu_norm_q_kernel(
-    w_gate: &Array<u32>,
-    scales_gate: &Array<u32>,
-    w_up: &Array<u32>,
-    scales_up: &Array<u32>,
-    x4: &Array<Vector<f32, Const<4>>>,
-    norm_w4: &Array<Vector<f32, Const<4>>>,
-    h: &mut Array<f32>,
-    rows: u32,
-    cols: u32,
-    blocks_per_row: u32,
-    eps: f32,
-    #[comptime] fmt: KernelFormat,
-    #[comptime] cfg: MatvecConfig,
-) {
-    let spb = comptime![fmt.slots_per_block()];
-    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
-    let epb = comptime![fmt.elems_per_block()];
-    let row = cube_row(cfg);
-    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
-    let inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
-    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
-    let mut gate = 0.0f32;
-    let mut up = 0.0f32;
-    if row < rows && UNIT_POS_X < comptime![step * spb] {
-        let slot = UNIT_POS_X % spb;
-        let mut b = UNIT_POS_X / spb;
-        while b < blocks_per_row {
-            let block = row * blocks_per_row + b;
-            decode_slot(w_gate, scales_gate, block, slot, &mut vals, fmt);
-            gate += dot_slot_weighted(&vals, x4, norm_w4, b * epb, slot, fmt);
-            decode_slot(w_up, scales_up, block, slot, &mut vals, fmt);
-            up += dot_slot_weighted(&vals, x4, norm_w4, b * epb, slot, fmt);
-            b += step;
-        }
-    }
-    let gate = lane_sum(gate, &mut smem, cfg) * inv;
-    let up = lane_sum(up, &mut smem, cfg) * inv;
-    if UNIT_POS_X == 0 && row < rows {
-        h[row as usize] = gate / (1.0 + f32::exp(-gate)) * up;
-    }
-}
-
-/// The quantized formats' mat-vec, coalesced: `KernelFormat::slots_per_block` lanes share a
-/// block, each decoding one slot (a word of quants, runs of 4 weights), so a plane reads
-/// consecutive quant words and 16-byte runs of `x` (`x4`: `x` as vec4, `cols % 4 == 0`).
-/// Same contract as [`matvec_kernel`]: `y[t * rows + r] (+)= W[r, :] · x[t * cols ..]`.
-#[cube(launch_unchecked)]
-pub fn matvec_q_kernel(
-    w: &Array<u32>,
-    scales: &Array<u32>,
-    x4: &Array<Vector<f32, Const<4>>>,
-    y: &mut Array<f32>,
-    rows: u32,
-    cols: u32,
-    blocks_per_row: u32,
-    #[comptime] fmt: KernelFormat,
-    #[comptime] cfg: MatvecConfig,
-    #[comptime] tokens: u32,
-    #[comptime] accumulate: bool,
-) {
-    let spb = comptime![fmt.slots_per_block()];
-    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
-    let epb = comptime![fmt.elems_per_block()];
-    let row = cube_row(cfg);
-    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
-    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
-    let mut acc = Array::<f32>::new(comptime![tokens as usize]);
+    let mut q = Array::<f32>::new(comptime![(4 * groups) as usize]);
+    let mut a = Array::<f32>::new(comptime![groups as usize]);
+    let mut m = Array::<f32>::new(comptime![groups as usize]);
+    let mut xs = Array::<f32>::new(comptime![(4 * groups) as usize]);
+    let mut xsum = Array::<f32>::new(comptime![groups as usize]);
+    // acc[t * rpp + r]: token t, row row0 + r; acc2[r]: the gated pair's second weight.
+    let mut acc = Array::<f32>::new(comptime![(tokens * rpp) as usize]);
+    let mut acc2 = Array::<f32>::new(comptime![rpp as usize]);
     #[unroll]
-    for t in 0..tokens {
-        acc[t as usize] = 0.0;
+    for i in 0..comptime![tokens * rpp] {
+        acc[i as usize] = 0.0;
     }
-    if row < rows && UNIT_POS_X < comptime![step * spb] {
-        let slot = UNIT_POS_X % spb;
-        let mut b = UNIT_POS_X / spb;
+    #[unroll]
+    for r in 0..rpp {
+        acc2[r as usize] = 0.0;
+    }
+    if row0 < rows && UNIT_POS_X < comptime![step * lpb] {
+        let slot0 = (UNIT_POS_X % lpb) * spl;
+        let last = blocks_per_row - 1;
+        let mut b = UNIT_POS_X / lpb;
         while b < blocks_per_row {
-            decode_slot(w, scales, row * blocks_per_row + b, slot, &mut vals, fmt);
+            // Blocks past the row's end are clamped to its last block and their sums dropped
+            // (rows past the matrix's end likewise), so a trip is one straight run of loads the
+            // compiler can issue together.
+            #[unroll]
+            for u in 0..unroll {
+                let bb = b + u * step;
+                let live = bb < blocks_per_row;
+                let bc = select(live, bb, last);
+                let col = bc * epb;
+                #[unroll]
+                for s in 0..spl {
+                    let slot = slot0 + s;
+                    if comptime![tokens == 1] {
+                        load_x(
+                            &mut xs,
+                            &mut xsum,
+                            x4,
+                            norm4,
+                            0,
+                            col,
+                            slot,
+                            fmt,
+                            fusion.norm,
+                        );
+                        #[unroll]
+                        for r in 0..rpp {
+                            let wr = select(row0 + r < rows, row0 + r, rows - 1);
+                            let block = wr * blocks_per_row + bc;
+                            decode_slot(w, scales, block, slot, &mut q, &mut a, &mut m, fmt);
+                            let d = dot_slot(&q, &a, &m, &xs, &xsum, fmt);
+                            acc[r as usize] += select(live, d, 0.0);
+                            if comptime![fusion.gated] {
+                                decode_slot(w2, scales2, block, slot, &mut q, &mut a, &mut m, fmt);
+                                let d = dot_slot(&q, &a, &m, &xs, &xsum, fmt);
+                                acc2[r as usize] += select(live, d, 0.0);
+                            }
+                        }
+                    } else {
+                        // Several tokens (rows_per_plane is 1): each slot decoded once for all.
+                        let block = row0 * blocks_per_row + bc;
+                        decode_slot(w, scales, block, slot, &mut q, &mut a, &mut m, fmt);
+                        #[unroll]
+                        for t in 0..tokens {
+                            load_x(
+                                &mut xs,
+                                &mut xsum,
+                                x4,
+                                norm4,
+                                t * cols,
+                                col,
+                                slot,
+                                fmt,
+                                false,
+                            );
+                            let d = dot_slot(&q, &a, &m, &xs, &xsum, fmt);
+                            acc[t as usize] += select(live, d, 0.0);
+                        }
+                    }
+                }
+            }
+            b += comptime![unroll * step];
+        }
+    }
+    #[unroll]
+    for r in 0..rpp {
+        let row = row0 + r;
+        if comptime![fusion.gated] {
+            let g = lane_sum(acc[r as usize], &mut smem, cfg) * inv;
+            let u = lane_sum(acc2[r as usize], &mut smem, cfg) * inv;
+            if UNIT_POS_X == 0 && row < rows {
+                y[row as usize] = gate_act(g, fusion.gelu) * u;
+            }
+        } else {
             #[unroll]
             for t in 0..tokens {
-                acc[t as usize] += dot_slot(&vals, x4, t * cols + b * epb, slot, fmt);
-            }
-            b += step;
-        }
-    }
-    #[unroll]
-    for t in 0..tokens {
-        let sum = lane_sum(acc[t as usize], &mut smem, cfg);
-        if UNIT_POS_X == 0 && row < rows {
-            let out = (t * rows + row) as usize;
-            if comptime![accumulate] {
-                y[out] += sum;
-            } else {
-                y[out] = sum;
+                let sum = lane_sum(acc[(t * rpp + r) as usize], &mut smem, cfg) * inv;
+                if UNIT_POS_X == 0 && row < rows {
+                    let out = (t * rows + row) as usize;
+                    if comptime![fusion.accumulate] {
+                        y[out] += sum;
+                    } else {
+                        y[out] = sum;
+                    }
+                }
             }
         }
     }
 }
 
-/// [`matvec_swiglu_kernel`] for the quantized formats, coalesced as [`matvec_q_kernel`].
-#[cube(launch_unchecked)]
-pub fn matvec_swiglu_q_kernel(
-    w_gate: &Array<u32>,
-    scales_gate: &Array<u32>,
-    w_up: &Array<u32>,
-    scales_up: &Array<u32>,
-    x4: &Array<Vector<f32, Const<4>>>,
-    h: &mut Array<f32>,
-    rows: u32,
-    blocks_per_row: u32,
-    #[comptime] fmt: KernelFormat,
-    #[comptime] cfg: MatvecConfig,
-) {
-    let spb = comptime![fmt.slots_per_block()];
-    let step = comptime![(cfg.lanes / fmt.slots_per_block()).max(1)];
-    let epb = comptime![fmt.elems_per_block()];
-    let row = cube_row(cfg);
-    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
-    let mut vals = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
-    let mut gate = 0.0f32;
-    let mut up = 0.0f32;
-    if row < rows && UNIT_POS_X < comptime![step * spb] {
-        let slot = UNIT_POS_X % spb;
-        let mut b = UNIT_POS_X / spb;
-        while b < blocks_per_row {
-            let block = row * blocks_per_row + b;
-            decode_slot(w_gate, scales_gate, block, slot, &mut vals, fmt);
-            gate += dot_slot(&vals, x4, b * epb, slot, fmt);
-            decode_slot(w_up, scales_up, block, slot, &mut vals, fmt);
-            up += dot_slot(&vals, x4, b * epb, slot, fmt);
-            b += step;
-        }
-    }
-    let gate = lane_sum(gate, &mut smem, cfg);
-    let up = lane_sum(up, &mut smem, cfg);
-    if UNIT_POS_X == 0 && row < rows {
-        h[row as usize] = gate / (1.0 + f32::exp(-gate)) * up;
-    }
-}
-
-/// `h[r] = silu(Wg[r, :] · x) * (Wu[r, :] · x)`: both FFN input projections and the SwiGLU
-/// in one launch (decode, one token). Gate and up share shape and format.
-#[cube(launch_unchecked)]
-pub fn matvec_swiglu_kernel(
-    w_gate: &Array<u32>,
-    scales_gate: &Array<u32>,
-    w_up: &Array<u32>,
-    scales_up: &Array<u32>,
-    x: &Array<f32>,
-    h: &mut Array<f32>,
-    rows: u32,
+/// Writes the weights of slot `slot` of block `blk` of weight row `wrow` to
+/// `out[orow * cols + ..]` (columns past `cols`, the plain formats' row padding, skipped).
+#[cube]
+fn write_slot(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    out: &mut Array<f32>,
+    wrow: u32,
+    orow: u32,
+    blk: u32,
+    slot: u32,
     cols: u32,
     blocks_per_row: u32,
     #[comptime] fmt: KernelFormat,
-    #[comptime] cfg: MatvecConfig,
 ) {
-    let eu = comptime![fmt.elems_per_unit()];
-    let row = cube_row(cfg);
-    let units = blocks_per_row * comptime![fmt.units_per_block()];
-    let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.rows_per_cube) as usize]);
-    let mut vals = Array::<f32>::new(comptime![eu as usize]);
-    let mut gate = 0.0f32;
-    let mut up = 0.0f32;
-    if row < rows {
-        let mut unit = UNIT_POS_X;
-        while unit < units {
-            let col0 = unit * eu;
-            decode_unit(
-                w_gate,
-                scales_gate,
-                row,
-                unit,
-                blocks_per_row,
-                &mut vals,
-                fmt,
-            );
-            gate += dot_unit(&vals, x, col0, col0, cols, fmt);
-            decode_unit(w_up, scales_up, row, unit, blocks_per_row, &mut vals, fmt);
-            up += dot_unit(&vals, x, col0, col0, cols, fmt);
-            unit += CUBE_DIM_X;
+    let groups = comptime![fmt.groups_per_slot()];
+    let mut q = Array::<f32>::new(comptime![(4 * groups) as usize]);
+    let mut a = Array::<f32>::new(comptime![groups as usize]);
+    let mut m = Array::<f32>::new(comptime![groups as usize]);
+    decode_slot(
+        w,
+        scales,
+        wrow * blocks_per_row + blk,
+        slot,
+        &mut q,
+        &mut a,
+        &mut m,
+        fmt,
+    );
+    #[unroll]
+    for g in 0..groups {
+        let c0 = blk * comptime![fmt.elems_per_block()] + slot_col(slot, g, fmt);
+        #[unroll]
+        for k in 0..4u32 {
+            let mut v = a[g as usize] * q[(4 * g + k) as usize];
+            if comptime![fmt.has_min()] {
+                v += m[g as usize];
+            }
+            if c0 + k < cols {
+                out[(orow * cols + c0 + k) as usize] = v;
+            }
         }
-    }
-    let gate = lane_sum(gate, &mut smem, cfg);
-    let up = lane_sum(up, &mut smem, cfg);
-    if UNIT_POS_X == 0 && row < rows {
-        h[row as usize] = gate / (1.0 + f32::exp(-gate)) * up;
     }
 }
 
-/// Dequantizes the whole matrix into row-major `f32` `out[rows, cols]`, one unit per unit of
-/// work (the prefill path's scratch, fed to cubek's matmul).
+/// Dequantizes the whole matrix into row-major `f32` `out[rows, cols]`, one unit per slot
+/// (the prefill path's scratch, fed to cubek's matmul).
 #[cube(launch_unchecked)]
 pub fn dequantize_kernel(
     w: &Array<u32>,
@@ -461,27 +405,30 @@ pub fn dequantize_kernel(
     blocks_per_row: u32,
     #[comptime] fmt: KernelFormat,
 ) {
-    let eu = comptime![fmt.elems_per_unit()];
-    let units = blocks_per_row * comptime![fmt.units_per_block()];
+    let spb = comptime![fmt.slots_per_block()];
+    let per_row = blocks_per_row * spb;
     let id = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
-    let row = id / units;
-    let unit = id % units;
+    let row = id / per_row;
+    let rem = id % per_row;
     if row < rows {
-        let mut vals = Array::<f32>::new(comptime![eu as usize]);
-        decode_unit(w, scales, row, unit, blocks_per_row, &mut vals, fmt);
-        let col0 = unit * eu;
-        #[unroll]
-        for i in 0..eu {
-            if col0 + i < cols {
-                out[(row * cols + col0 + i) as usize] = vals[i as usize];
-            }
-        }
+        write_slot(
+            w,
+            scales,
+            out,
+            row,
+            row,
+            rem / spb,
+            rem % spb,
+            cols,
+            blocks_per_row,
+            fmt,
+        );
     }
 }
 
 /// `out[t * cols + c] = W[id_t, c]` with `id_t = tokens[t]` (or `token0` for one token passed
 /// as an argument): the embedding lookup on a weight in the mat-vec layout, any format, one
-/// unit per lane, decoded by the same `decode_unit` as every other kernel here.
+/// unit per slot.
 #[cube(launch_unchecked)]
 pub fn embed_kernel(
     w: &Array<u32>,
@@ -495,24 +442,27 @@ pub fn embed_kernel(
     #[comptime] fmt: KernelFormat,
     #[comptime] from_scalar: bool,
 ) {
-    let eu = comptime![fmt.elems_per_unit()];
-    let units = blocks_per_row * comptime![fmt.units_per_block()];
+    let spb = comptime![fmt.slots_per_block()];
+    let per_row = blocks_per_row * spb;
     let id = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
-    let t = id / units;
-    let unit = id % units;
+    let t = id / per_row;
+    let rem = id % per_row;
     if t < n {
         let mut tok = token0;
         if comptime![!from_scalar] {
             tok = tokens[t as usize];
         }
-        let mut vals = Array::<f32>::new(comptime![eu as usize]);
-        decode_unit(w, scales, tok, unit, blocks_per_row, &mut vals, fmt);
-        let col0 = unit * eu;
-        #[unroll]
-        for i in 0..eu {
-            if col0 + i < cols {
-                out[(t * cols + col0 + i) as usize] = vals[i as usize];
-            }
-        }
+        write_slot(
+            w,
+            scales,
+            out,
+            tok,
+            t,
+            rem / spb,
+            rem % spb,
+            cols,
+            blocks_per_row,
+            fmt,
+        );
     }
 }

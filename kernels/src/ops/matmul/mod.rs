@@ -4,19 +4,23 @@
 //! # Files
 //! - [`format`]: the formats as a comptime kernel parameter, with their layout constants.
 //! - [`layout`]: the upload layout (GGUF blocks split into a word plane and an `f16` plane).
-//! - [`decode`]: device code decoding one unit of weights into registers.
-//! - [`kernels`]: the `#[cube(launch_unchecked)]` kernels.
+//! - [`decode`]: device code unpacking one slot of weights into registers (the only one).
+//! - [`kernels`]: the `#[cube(launch_unchecked)]` kernels: the mat-vec family, the embedding
+//!   lookup and the dequantize pass.
 //! - [`api`]: [`QWeight`] and the validated entry points the backend calls.
 //! - [`catalog`]: every kernel variant by name, for offline compilation checks.
 //!
 //! # Decode (mat-vec)
-//! Memory-bound: each weight byte is read once, there is no dequantized copy. A row belongs to
-//! one row of lanes (one plane where the runtime has plane ops); the lanes stride over the
-//! row's units (a 32- or 64-weight piece of a block), decode it in registers and dot it with
-//! `x`; partial sums meet in `plane_sum` or, where plane ops are missing (lavapipe), a
-//! shared-memory tree. Fused variants save launches per token (~6.5 µs of host time each):
-//! `y += W·x` for the residual after `attn_output`/`ffn_down`, and `ffn_gate`/`ffn_up` with
-//! SwiGLU in one launch. `f16` values are decoded from `u32` words with integer ops so the
+//! Memory-bound: each weight byte is read once, there is no dequantized copy. One kernel,
+//! [`kernels::matvec_kernel`], with its fusions as comptime parameters ([`Fusion`]) and one
+//! launcher ([`launch_matvec`]). A row belongs to one row of lanes (one plane where the
+//! runtime has plane ops); neighbouring lanes share a block, each unpacking a few slots
+//! (`decode::decode_slot`) into small integers and a scale per run of 4 weights, and the
+//! lanes stride over the row's blocks several at a time; partial sums meet in `plane_sum` or,
+//! where plane ops are missing (lavapipe), a shared-memory tree. Fusions save launches per
+//! token (~5 µs of host time each): `y += W·x` for the residual after
+//! `attn_output`/`ffn_down`, the RMSNorm before a projection, and `ffn_gate`/`ffn_up` with
+//! their activation (SiLU or GELU) in one launch. `f16` values are decoded from `u32` words with integer ops so the
 //! kernels need no `shader-f16`, which Mesa lavapipe does not offer to wgpu.
 //!
 //! # Prefill (mat-mat)
@@ -38,8 +42,8 @@
 //!
 //! # Kernel definitions
 //! Each kernel is a plain `#[cube(launch_unchecked)]` fn whose only comptime parameters are a
-//! [`KernelFormat`] and small config values; [`catalog::variants`] lists every combination the
-//! API launches and [`catalog::launch_variant`] launches one on tiny inputs, so a check can
+//! [`KernelFormat`] and small config values; [`catalog::variants`] generates every combination
+//! the API launches (format x fusion) and [`catalog::launch_variant`] launches one on tiny inputs, so a check can
 //! compile each (e.g. through a HIP client) without reaching into this module's internals.
 //!
 //! Tests: `kernels/tests/matmul_kernels.rs` (per runtime, every format against
@@ -53,8 +57,9 @@ pub mod kernels;
 pub mod layout;
 
 pub use api::{
-    dequantize, embed, fuses_norm, matmul, matvec, matvec_config, matvec_norm, matvec_swiglu,
-    matvec_swiglu_norm, DequantScratch, Epilogue, MatmulError, QWeight, MAX_MATVEC_TOKENS,
+    dequantize, embed, fuses_norm, launch_matvec, matmul, matvec, matvec_config, matvec_gated,
+    matvec_gated_norm, matvec_norm, DequantScratch, Epilogue, MatmulError, Matvec, QWeight,
+    MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
-pub use kernels::MatvecConfig;
+pub use kernels::{Fusion, MatvecConfig};
