@@ -51,7 +51,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("rocforge: error: {e:#}");
+            // A path or value with a newline in it must not split the line.
+            eprintln!(
+                "rocforge: error: {}",
+                rocforge_cli::one_line(&format!("{e:#}"))
+            );
             ExitCode::from(1)
         }
     }

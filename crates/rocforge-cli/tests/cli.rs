@@ -88,6 +88,8 @@ fn usage_errors_exit_2_with_one_line() {
     let p = p.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["--backend", "tpu"], "unknown backend `tpu`"),
+        // Found by the cli_parse fuzz target: a newline in the value split the message.
+        (&["--backend", "cp\ns"], "unknown backend `cp\\ns`"),
         (
             &["--temperature", "nan"],
             "--temperature NaN is out of range (allowed: a finite number >= 0",
@@ -266,6 +268,15 @@ fn a_chat_template_that_never_ends_falls_back_to_chatml_with_a_warning() {
             "{name}: {v}"
         );
     }
+}
+
+#[test]
+fn a_path_with_a_newline_still_gives_one_line() {
+    let out = rocforge(&["inspect", "--model", "no\nsuch.gguf"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no\\nsuch.gguf"), "{stderr}");
 }
 
 #[test]
