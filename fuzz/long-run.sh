@@ -91,7 +91,8 @@ done <<< "$plan"
 predicted=$((total / N))
 echo "predicted wall time at the measured rates: $predicted s ($total core-seconds on $N cores)"
 if awk -v s="$predicted" -v m="$PLAN_MARGIN" -v b="$SECONDS_BUDGET" 'BEGIN { exit !(s * m > b) }'; then
-  echo "warning: less than a ${PLAN_MARGIN}x margin within $SECONDS_BUDGET s: targets may stop short of $EXECS (BIN=bin-notc is faster)" >&2
+  hint=""; [[ $BIN == bin ]] && hint=" (BIN=bin-notc is faster)"
+  echo "warning: less than a ${PLAN_MARGIN}x margin within $SECONDS_BUDGET s: targets may stop short of $EXECS$hint" >&2
 fi
 
 [[ ${PLAN_ONLY:-0} == 1 ]] && exit 0
