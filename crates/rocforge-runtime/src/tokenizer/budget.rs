@@ -10,8 +10,8 @@
 //! that turn allocation failure into an unwind).
 //!
 //! **The bound holds only in a binary that installs [`TemplateAllocator`]** (`rocforge` and
-//! the fuzz targets do). Elsewhere the scope only counts nothing and the template can still
-//! exhaust memory; the fuel limit and the output cap hold everywhere.
+//! the `chat_template` fuzz target do). Elsewhere the scope counts nothing and a template can
+//! still exhaust memory; the fuel limit and the output cap hold everywhere.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

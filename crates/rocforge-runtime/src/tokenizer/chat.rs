@@ -44,8 +44,8 @@ pub const FUEL_PER_MESSAGE: u64 = 10_000;
 pub const OUTPUT_BASE: usize = 1 << 20;
 pub const OUTPUT_PER_INPUT_BYTE: usize = 4;
 /// Memory a render may hold at once (where [`super::TemplateAllocator`] is installed): this
-/// much plus [`MEMORY_PER_INPUT_BYTE`] times the template's and the messages' bytes. Real
-/// templates need a few hundred KiB.
+/// much plus [`MEMORY_PER_INPUT_BYTE`] times the template's and the messages' bytes: room for
+/// the capped output and the template's own values many times over.
 pub const MEMORY_BASE: usize = 64 << 20;
 pub const MEMORY_PER_INPUT_BYTE: usize = 16;
 

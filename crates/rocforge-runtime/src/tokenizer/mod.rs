@@ -4,8 +4,8 @@
 //!
 //! Layout: `spec` (GGUF metadata in), `vocab` (tokens, special ids, flags, special-token
 //! splitting), `bpe` and `spm` (the two models), `decode` (ids to text, streaming),
-//! `chat` (templates), `budget` (the
-//! templates' memory bound, with the counting allocator binaries install).
+//! `chat` (templates), `budget` (the templates' memory bound, with the counting allocator
+//! binaries install).
 
 mod bpe;
 mod budget;
