@@ -76,6 +76,8 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             "cpu",
         ],
         &["inspect", "-m", "m.gguf", "--json"],
+        // Found by this target: the newline was echoed into a two-line error.
+        &["perplexity", "-m", "m.gg", "-f3", "--backend", "cp\ns"],
         &["--help"],
     ];
     lines

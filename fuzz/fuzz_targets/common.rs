@@ -14,6 +14,12 @@ pub fn seed_dir() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// One rayon thread: a fuzz run starts one process per core, and the CPU backend's matmuls on
+/// tiny models cost more in thread hand-offs than in arithmetic. Call first in `init`.
+pub fn one_thread() {
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+}
+
 pub fn write_seeds(seeds: impl IntoIterator<Item = (String, Vec<u8>)>) {
     if let Some(dir) = seed_dir() {
         for (name, bytes) in seeds {

@@ -1,6 +1,7 @@
-//! `cargo xtask fuzz [--seconds N] [--runs N] [--target T]`: runs each cargo-fuzz target of
-//! `fuzz/` (nightly toolchain, `cargo install cargo-fuzz`) one after the other, for N seconds
-//! each (default 60, CI's budget) or N executions, and prints one line per target: executions,
+//! `cargo xtask fuzz [--seconds N] [--runs N] [--jobs J] [--target T]`: runs each cargo-fuzz
+//! target of `fuzz/` (nightly toolchain, `cargo install cargo-fuzz`) one after the other, for N
+//! seconds each (default 60, CI's budget) or N executions, in J processes (libFuzzer's
+//! `-fork=J`, sharing the corpus; default 1), and prints one line per target: executions,
 //! seconds, crashes. Each target first writes its seed corpus (tiny models, the broken-file
 //! corpus, real-shaped templates and command lines) into fuzz/corpus/<target>; crashes land in
 //! fuzz/artifacts/<target>/. `ROCFORGE_FUZZ_TARGET_DIR` sets cargo's target directory.
@@ -21,7 +22,7 @@ pub const TARGETS: [&str; 5] = [
 ];
 
 pub fn run(args: &[String]) -> Result<()> {
-    let (mut seconds, mut runs, mut targets) = (60u64, None, Vec::new());
+    let (mut seconds, mut runs, mut jobs, mut targets) = (60u64, None, 1u32, Vec::new());
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |flag: &str| {
@@ -42,6 +43,13 @@ pub fn run(args: &[String]) -> Result<()> {
                         .context("--runs takes a whole number")?,
                 )
             }
+            "--jobs" => {
+                jobs = value(a)?
+                    .parse()
+                    .ok()
+                    .filter(|&j| j >= 1)
+                    .context("--jobs takes a whole number of at least 1")?
+            }
             "--target" => {
                 let t = value(a)?;
                 if !TARGETS.contains(&t.as_str()) {
@@ -53,7 +61,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 targets.push(t);
             }
             other => bail!(
-                "unknown flag `{other}` (cargo xtask fuzz [--seconds N] [--runs N] [--target T])"
+                "unknown flag `{other}` (cargo xtask fuzz [--seconds N] [--runs N] [--jobs J] [--target T])"
             ),
         }
     }
@@ -79,13 +87,22 @@ pub fn run(args: &[String]) -> Result<()> {
         };
         // A render or load that takes 10 s is a hang; 2 GiB is far above any tiny input's need.
         cmd.args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"]);
+        if jobs > 1 {
+            // Fork mode: the parent stops at the first crash and reports the children's total.
+            cmd.arg(format!("-fork={jobs}"));
+        }
         cmd.env("ROCFORGE_FUZZ_SEED_DIR", &corpus);
         eprintln!("xtask: {cmd:?}");
         let start = Instant::now();
         let out = cmd.output().with_context(|| "running cargo +nightly fuzz (cargo install cargo-fuzz; rustup toolchain install nightly)")?;
         let secs = start.elapsed().as_secs_f64();
         let log = String::from_utf8_lossy(&out.stderr);
-        let execs = stat(&log, "stat::number_of_executed_units:").unwrap_or(0);
+        let execs = if jobs > 1 {
+            fork_total(&log)
+        } else {
+            stat(&log, "stat::number_of_executed_units:")
+        }
+        .unwrap_or(0);
         let status = if out.status.success() { "ok" } else { "FAILED" };
         println!(
             "fuzz {t:<14} {status:<6} {execs:>12} executions {secs:>8.1} s  corpus {}",
@@ -113,6 +130,29 @@ fn stat(log: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Executions of all children in fork mode: the count of the parent's last `#N: cov: ...` line.
+fn fork_total(log: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix('#')?.split_once(": cov:")?.0.parse().ok())
+}
+
 fn corpus_size(dir: &PathBuf) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_executions_of_a_plain_and_a_fork_run() {
+        let plain = "Done 79356 runs in 6 second(s)\nstat::number_of_executed_units: 79356\nstat::average_exec_per_sec:     13226\n";
+        assert_eq!(stat(plain, "stat::number_of_executed_units:"), Some(79356));
+        let fork = "#10000: cov: 625 ft: 1417 corp: 123 exec/s: 5000 oom/timeout/crash: 0/0/0 time: 2s job: 1 dft_time: 0\n\
+                    #44153: cov: 625 ft: 1417 corp: 123 exec/s: 4910 oom/timeout/crash: 0/0/0 time: 6s job: 3 dft_time: 0\n\
+                    INFO: exiting: 0 time: 6s\n";
+        assert_eq!(fork_total(fork), Some(44153));
+        assert_eq!(fork_total("#1\tINITED cov: 3 ft: 4\n"), None);
+    }
 }

@@ -22,8 +22,8 @@ tasks:
                           run the benchmark suite; results under target/rocforge-bench/<timestamp>/
   compare OLD.json NEW.json [--threshold PCT] | --llama-bench FILE.json [RESULTS.json]
                           change per metric; exits 1 on a regression
-  fuzz [--seconds N] [--runs N] [--target T]
-                          run each cargo-fuzz target of fuzz/ (nightly) for N seconds (default 60) or N executions
+  fuzz [--seconds N] [--runs N] [--jobs J] [--target T]
+                          run each cargo-fuzz target of fuzz/ (nightly) for N seconds (default 60) or N executions, in J processes
   gen-model --shape smollm2-135m|tinyllama-1.1b|llama2-7b|llama3-8b|gemma3-270m --quant q4_0|q4_1|q8_0|q4_k|q6_k|f16 --out FILE
                           write a GGUF with deterministic random (synthetic) weights";
 

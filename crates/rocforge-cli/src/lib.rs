@@ -9,4 +9,6 @@
 
 mod settings;
 
-pub use settings::{parse, Generate, Inspect, ParseError, Perplexity, RawCli, Run, Settings};
+pub use settings::{
+    one_line, parse, Generate, Inspect, ParseError, Perplexity, RawCli, Run, Settings,
+};

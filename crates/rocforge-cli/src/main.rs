@@ -10,8 +10,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use rocforge_cli::{Generate, Inspect, Perplexity, Run, Settings};
 use rocforge_runtime::gguf::GgufFile;
-use rocforge_runtime::tokenizer::ChatMessage;
+use rocforge_runtime::tokenizer::{ChatMessage, TemplateAllocator};
 use rocforge_runtime::{info, Model, Session};
+
+/// Bounds the memory a model's chat template may take while rendering (minijinja has no
+/// limit on value sizes): past the budget, one line on stderr and exit status 1.
+#[global_allocator]
+static ALLOC: TemplateAllocator = TemplateAllocator::exit_on_overrun("rocforge: ");
 
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
@@ -46,7 +51,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("rocforge: error: {e:#}");
+            // A path or value with a newline in it must not split the line.
+            eprintln!(
+                "rocforge: error: {}",
+                rocforge_cli::one_line(&format!("{e:#}"))
+            );
             ExitCode::from(1)
         }
     }

@@ -219,12 +219,26 @@ impl std::fmt::Display for ParseError {
                     .unwrap_or("invalid arguments");
                 f.write_str(first.strip_prefix("error: ").unwrap_or(first))
             }
-            ParseError::Usage(m) => f.write_str(m),
+            ParseError::Usage(m) => f.write_str(&one_line(m)),
         }
     }
 }
 
 impl std::error::Error for ParseError {}
+
+/// `text` with control characters (a newline in a flag's value, echoed by its error) escaped,
+/// so that an error stays one line.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// The flag a runtime setting comes from.
 fn flag_of(name: &str) -> String {
@@ -376,6 +390,11 @@ mod tests {
         refused(
             &["--backend", "tpu"],
             "--backend: invalid argument: unknown backend `tpu`",
+        );
+        // Found by the cli_parse fuzz target: the value's newline was echoed into the message.
+        refused(
+            &["--backend", "cp\ns"],
+            "--backend: invalid argument: unknown backend `cp\\ns`",
         );
         refused(&["--max-tokens", "-1"], "--max-tokens");
         refused(&["--max-tokens", "18446744073709551616"], "--max-tokens");

@@ -88,6 +88,8 @@ fn usage_errors_exit_2_with_one_line() {
     let p = p.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["--backend", "tpu"], "unknown backend `tpu`"),
+        // Found by the cli_parse fuzz target: a newline in the value split the message.
+        (&["--backend", "cp\ns"], "unknown backend `cp\\ns`"),
         (
             &["--temperature", "nan"],
             "--temperature NaN is out of range (allowed: a finite number >= 0",
@@ -261,6 +263,90 @@ fn a_chat_template_that_never_ends_falls_back_to_chatml_with_a_warning() {
             "{name}: {stderr}"
         );
         // The ChatML prompt: <|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n.
+        assert!(
+            v["prompt_tokens"].as_array().unwrap().len() > 5,
+            "{name}: {v}"
+        );
+    }
+}
+
+#[test]
+fn a_path_with_a_newline_still_gives_one_line() {
+    let out = rocforge(&["inspect", "--model", "no\nsuch.gguf"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no\\nsuch.gguf"), "{stderr}");
+}
+
+#[test]
+fn a_chat_template_that_doubles_a_string_exits_1_with_one_line_fast() {
+    let dir = temp_dir("template-memory");
+    let hostile = [
+        ("namespace", "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"),
+        ("macro", "{% macro d(s, n) %}{% if n > 0 %}{{ d(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}{{ d('xy', 60) }}"),
+    ];
+    for (name, template) in hostile {
+        let p = tiny_with(&dir, &format!("{name}.gguf"), |w| {
+            w.meta_str("tokenizer.chat_template", template);
+        });
+        let t = Instant::now();
+        let out = rocforge(&[
+            "generate",
+            "--model",
+            p.to_str().unwrap(),
+            "--prompt",
+            "hello",
+            "--backend",
+            "cpu",
+            "--chat",
+            "-n",
+            "2",
+        ]);
+        let elapsed = t.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "rocforge: error: the model's chat template allocated more than 64 MiB while rendering",
+            "{name}"
+        );
+        assert!(out.stdout.is_empty(), "{name}: generated after the overrun");
+        assert!(elapsed < Duration::from_secs(5), "{name}: took {elapsed:?}");
+    }
+    let rss = children_max_rss();
+    assert!(
+        rss < 512 << 20,
+        "a doubling template took {} MiB",
+        rss >> 20
+    );
+}
+
+#[test]
+fn real_shaped_chat_templates_still_render() {
+    let dir = temp_dir("template-real");
+    let templates = [
+        ("chatml", "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+        ("llama3", "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}{% if m.role == 'system' %}{% set ns.sys = m.content | trim %}{% endif %}{% endfor %}{% for m in messages %}{% if m.role != 'system' %}<|start_header_id|>{{ m.role }}<|end_header_id|>\\n\\n{{ (ns.sys ~ m.content) | trim }}<|eot_id|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\\n\\n{% endif %}"),
+    ];
+    for (name, template) in templates {
+        let p = tiny_with(&dir, &format!("{name}.gguf"), |w| {
+            w.meta_str("tokenizer.chat_template", template);
+        });
+        let (out, v) = generate_json(
+            p.to_str().unwrap(),
+            &[
+                "--chat",
+                "--system",
+                "Be brief.",
+                "-n",
+                "2",
+                "--temperature",
+                "0",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("warning"), "{name}: {stderr}");
         assert!(
             v["prompt_tokens"].as_array().unwrap().len() > 5,
             "{name}: {v}"

@@ -5,14 +5,20 @@
 //!
 //! The template comes from the model file, so it is untrusted code: it runs with a fuel
 //! limit (minijinja counts one unit per instruction, so a loop cannot run forever) and its
-//! output is capped. minijinja itself caps recursion, `range` and `str * n`. What stays
-//! unbounded is string concatenation (`s ~ s` doubled in a recursive macro or a namespace
-//! loop): a few dozen instructions can ask for gigabytes (docs/architecture.md).
+//! output is capped. minijinja itself caps recursion, `range` and `str * n`, but not the size
+//! of a value: string concatenation (`s ~ s` doubled in a recursive macro or a namespace
+//! loop) asks for gigabytes within a few dozen instructions. So the render also runs inside a
+//! memory [`Budget`] ([`MEMORY_BASE`] + [`MEMORY_PER_INPUT_BYTE`] x the template's and the
+//! messages' bytes), which binaries enforce by installing [`super::TemplateAllocator`]:
+//! `rocforge` then exits with status 1 and one line. Without that allocator (a library user's
+//! own binary) concatenation stays unbounded (docs/architecture.md, "Inputs we distrust").
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
+
+use super::budget::Budget;
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +43,17 @@ pub const FUEL_PER_MESSAGE: u64 = 10_000;
 /// Output cap: this much plus [`OUTPUT_PER_INPUT_BYTE`] times the messages' text.
 pub const OUTPUT_BASE: usize = 1 << 20;
 pub const OUTPUT_PER_INPUT_BYTE: usize = 4;
+/// Memory a render may hold at once (where [`super::TemplateAllocator`] is installed): this
+/// much plus [`MEMORY_PER_INPUT_BYTE`] times the template's and the messages' bytes: room for
+/// the capped output and the template's own values many times over.
+pub const MEMORY_BASE: usize = 64 << 20;
+pub const MEMORY_PER_INPUT_BYTE: usize = 16;
+
+/// The memory budget of rendering `template` for messages of `input` bytes.
+pub fn memory_budget(template: &str, input: usize) -> usize {
+    MEMORY_BASE
+        .saturating_add(MEMORY_PER_INPUT_BYTE.saturating_mul(input.saturating_add(template.len())))
+}
 
 /// A writer that fails once more than `limit` bytes were written.
 struct Capped {
@@ -60,7 +77,9 @@ impl std::io::Write for Capped {
 }
 
 /// Renders `template` for `messages`; errors when it does not compile or render, runs out of
-/// fuel, or writes more than the output cap.
+/// fuel, or writes more than the output cap. Where the binary installs
+/// [`super::TemplateAllocator`], a render that holds more than [`memory_budget`] bytes ends the
+/// process (or fails its allocation) instead.
 pub fn render_template(
     template: &str,
     messages: &[ChatMessage],
@@ -88,6 +107,7 @@ pub fn render_template(
         .map(|m| m.role.len() + m.content.len())
         .sum();
     let limit = OUTPUT_BASE.saturating_add(OUTPUT_PER_INPUT_BYTE.saturating_mul(input));
+    let _budget = Budget::enter(memory_budget(template, input));
     let mut out = Capped {
         out: Vec::new(),
         limit,

@@ -4,16 +4,19 @@
 //!
 //! Layout: `spec` (GGUF metadata in), `vocab` (tokens, special ids, flags, special-token
 //! splitting), `bpe` and `spm` (the two models), `decode` (ids to text, streaming),
-//! `chat` (templates).
+//! `chat` (templates), `budget` (the templates' memory bound, with the counting allocator
+//! binaries install).
 
 mod bpe;
+mod budget;
 mod chat;
 mod decode;
 mod spec;
 mod spm;
 mod vocab;
 
-pub use chat::{render_template as render_chat_template_str, ChatMessage};
+pub use budget::{Budget, Overrun, TemplateAllocator};
+pub use chat::{memory_budget, render_template as render_chat_template_str, ChatMessage};
 pub use decode::TokenStream;
 pub use vocab::{ModelKind, TokenKind};
 
