@@ -482,6 +482,9 @@ pub fn dequantize_kernel(
 /// `out[t * cols + c] = W[id_t, c]` with `id_t = tokens[t]` (or `token0` for one token passed
 /// as an argument): the embedding lookup on a weight in the mat-vec layout, any format, one
 /// unit per lane, decoded by the same `decode_unit` as every other kernel here.
+///
+/// With `ranged`, `W` is the row block `row0..row0 + rows` of a larger table: tokens outside it
+/// are skipped (another block's launch writes their rows) and the others read row `id_t - row0`.
 #[cube(launch_unchecked)]
 pub fn embed_kernel(
     w: &Array<u32>,
@@ -492,8 +495,11 @@ pub fn embed_kernel(
     n: u32,
     cols: u32,
     blocks_per_row: u32,
+    row0: u32,
+    rows: u32,
     #[comptime] fmt: KernelFormat,
     #[comptime] from_scalar: bool,
+    #[comptime] ranged: bool,
 ) {
     let eu = comptime![fmt.elems_per_unit()];
     let units = blocks_per_row * comptime![fmt.units_per_block()];
@@ -505,13 +511,22 @@ pub fn embed_kernel(
         if comptime![!from_scalar] {
             tok = tokens[t as usize];
         }
-        let mut vals = Array::<f32>::new(comptime![eu as usize]);
-        decode_unit(w, scales, tok, unit, blocks_per_row, &mut vals, fmt);
-        let col0 = unit * eu;
-        #[unroll]
-        for i in 0..eu {
-            if col0 + i < cols {
-                out[(t * cols + col0 + i) as usize] = vals[i as usize];
+        let mut inside = true;
+        if comptime![ranged] {
+            inside = tok >= row0 && tok < row0 + rows;
+        }
+        if inside {
+            if comptime![ranged] {
+                tok -= row0;
+            }
+            let mut vals = Array::<f32>::new(comptime![eu as usize]);
+            decode_unit(w, scales, tok, unit, blocks_per_row, &mut vals, fmt);
+            let col0 = unit * eu;
+            #[unroll]
+            for i in 0..eu {
+                if col0 + i < cols {
+                    out[(t * cols + col0 + i) as usize] = vals[i as usize];
+                }
             }
         }
     }

@@ -53,8 +53,9 @@ pub mod kernels;
 pub mod layout;
 
 pub use api::{
-    dequantize, embed, fuses_norm, matmul, matvec, matvec_config, matvec_norm, matvec_swiglu,
-    matvec_swiglu_norm, DequantScratch, Epilogue, MatmulError, QWeight, MAX_MATVEC_TOKENS,
+    dequantize, embed, embed_rows, fuses_norm, matmul, matvec, matvec_config, matvec_norm,
+    matvec_swiglu, matvec_swiglu_norm, DequantScratch, Epilogue, MatmulError, QWeight,
+    MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
 pub use kernels::MatvecConfig;
