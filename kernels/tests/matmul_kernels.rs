@@ -352,6 +352,27 @@ fn check_embed<R: Runtime>(fmt: KernelFormat) {
                 "embed {fmt} {rows}x{cols}: row {r}"
             );
         }
+        // The table in two row blocks, one launch per block: each writes its tokens' rows.
+        if rows > 1 {
+            let bytes = random_weight(&mut c.rng, fmt, rows, cols);
+            let wf = dequantize_cpu(fmt, &bytes, rows, cols);
+            let (first, row_bytes) = (rows / 2, bytes.len() / rows);
+            let out = c.client.empty(ids.len() * cols * 4);
+            for (r0, n) in [(0, first), (first, rows - first)] {
+                let part = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
+                let block = QWeight::upload(&c.client, fmt.ggml(), n, cols, part).expect("upload");
+                mm::embed_rows(&c.client, &block, r0, &ids_h, ids.len(), &out).expect("embed rows");
+            }
+            let got = c.read(out);
+            for (t, &r) in ids.iter().enumerate() {
+                let r = r as usize;
+                assert_eq!(
+                    got[t * cols..(t + 1) * cols],
+                    wf[r * cols..(r + 1) * cols],
+                    "embed_rows {fmt} {rows}x{cols}: row {r}"
+                );
+            }
+        }
         let one = c.client.empty(cols * 4);
         mm::embed(&c.client, &w, &ids_h, 1, Some(rows as u32 - 1), &one).expect("embed one");
         assert_eq!(

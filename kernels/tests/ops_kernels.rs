@@ -513,6 +513,21 @@ fn embedding<R: Runtime>(gpu: &Gpu<R>) {
             &gpu.read_f32(&out).unwrap()[..cols],
             &deq[49 * cols..50 * cols],
         );
+        // The table in row blocks 0..32 and 32..50, one launch per block: each writes the
+        // rows of its tokens only, together the whole lookup.
+        let row_bytes = bytes.len() / rows;
+        let out = gpu.zeros(tokens.len() * cols);
+        for (first, n) in [(0, 32), (32, rows - 32)] {
+            let part = &bytes[first * row_bytes..(first + n) * row_bytes];
+            let block = DeviceWeight::upload(gpu, ty, part, n, cols).unwrap();
+            embedding::launch_embedding_rows(gpu, &block, first, &ids, tokens.len(), &out);
+        }
+        check(
+            "embedding",
+            &format!("{ty}_rows"),
+            &gpu.read_f32(&out).unwrap(),
+            &want,
+        );
     }
 }
 

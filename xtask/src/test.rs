@@ -104,7 +104,7 @@ const SUITES: &[(&str, &str, Needs)] = &[
     ),
     (
         "gpu-gemma3",
-        "Gemma 3 on the wgpu backend vs the CPU backend (tiny synthetic Gemma 3 on lavapipe)",
+        "Gemma 3 on the wgpu backend (lavapipe): a tiny synthetic one vs the CPU backend, the real Gemma-3-270M's greedy continuations vs llama.cpp",
         Needs::ModelsVulkan,
     ),
     ("cli-unit", "rocforge-cli unit tests", Needs::Nothing),

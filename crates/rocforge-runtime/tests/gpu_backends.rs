@@ -185,6 +185,78 @@ fn backend_errors_are_clear(kind: BackendKind) {
     eprintln!("auto picked {} on {}", auto.kind(), auto.device_name());
 }
 
+/// The embedding and output matrices split into row blocks, as a device whose buffers are
+/// smaller than a large vocabulary's matrices splits them: the tiny model's 320 x 64 table with
+/// blocks capped at 150 rows' bytes is three blocks of 128, 128 and 64 rows. Logits match the
+/// CPU backend's for a prefill of all-token logits whose ids fall in every block, single tokens
+/// from each block, and a batch's last-token logits; the split costs a launch per extra block.
+fn split_embedding_and_output_match_cpu_backend(kind: BackendKind) {
+    for &(ty, tol) in &[
+        (GgmlType::Q8_0, 1e-3), // tuned kernels, the output's norm folded into its mat-vec
+        (GgmlType::F16, 1e-5),  // tuned kernels, plain-type padding
+        (GgmlType::BF16, 1e-5), // the plain kernels (GGUF layout)
+    ] {
+        let model = tiny(ty);
+        assert_eq!(model.config.n_vocab, 320);
+        let row_bytes = ty.row_bytes(64).unwrap();
+        let opts = BackendOptions {
+            ctx: 64,
+            max_batch: 16,
+        };
+        let create =
+            |bytes| backend::cube::create_with_max_block(kind, model.clone(), &opts, bytes);
+        let mut cpu = backend::create(BackendKind::Cpu, model.clone(), &opts).unwrap();
+        let mut whole = create(None).unwrap();
+        let mut split = create(Some(150 * row_bytes)).unwrap();
+
+        let prompt = [1u32, 300, 9, 33, 130, 7, 250, 3, 319, 64, 128, 200];
+        cpu.forward(&prompt, 0, true).unwrap();
+        split.forward(&prompt, 0, true).unwrap();
+        let e = nmse(split.logits().unwrap(), cpu.logits().unwrap());
+        assert!(
+            e <= tol,
+            "{ty}: split prefill (all logits) nmse {e:.2e} > {tol:.0e}"
+        );
+        whole.forward(&prompt, 0, true).unwrap();
+
+        // One token from each block, the first and last rows of the table included.
+        let mut pos = prompt.len();
+        for token in [0u32, 127, 128, 255, 256, 319] {
+            cpu.forward(&[token], pos, false).unwrap();
+            split.forward(&[token], pos, false).unwrap();
+            whole.forward(&[token], pos, false).unwrap();
+            let e = nmse(split.logits().unwrap(), cpu.logits().unwrap());
+            assert!(
+                e <= tol,
+                "{ty}: split decode of {token} nmse {e:.2e} > {tol:.0e}"
+            );
+            let (s, w) = (split.launches_last_forward(), whole.launches_last_forward());
+            assert_eq!(s, w + 2, "{ty}: launches {s} split, {w} whole");
+            assert_eq!(
+                split.argmax().unwrap(),
+                whole.argmax().unwrap(),
+                "{ty}: argmax"
+            );
+            pos += 1;
+        }
+        let batch = [310u32, 41, 200, 43, 0];
+        cpu.forward(&batch, pos, false).unwrap();
+        split.forward(&batch, pos, false).unwrap();
+        let e = nmse(split.logits().unwrap(), cpu.logits().unwrap());
+        assert!(e <= tol, "{ty}: split batch nmse {e:.2e} > {tol:.0e}");
+
+        // Not even 64 rows fit: refused at creation, naming the tensor.
+        let err = create(Some(63 * row_bytes))
+            .err()
+            .expect("too small a buffer");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("token_embd") && msg.contains("binds at most"),
+            "{msg}"
+        );
+    }
+}
+
 /// Property: for random prompt lengths, batch sizes 1-16 and small contexts, a session on the
 /// GPU gives the CPU's logits after the prefill (run in chunks of the batch size) and after
 /// each decode step up to the full context, and then refuses one more token with an error.
@@ -366,6 +438,10 @@ macro_rules! backend_tests {
             #[test]
             fn random_batches_match_cpu_backend() {
                 super::random_batches_match_cpu_backend($kind)
+            }
+            #[test]
+            fn split_embedding_and_output_match_cpu_backend() {
+                super::split_embedding_and_output_match_cpu_backend($kind)
             }
             #[test]
             fn backend_errors_are_clear() {

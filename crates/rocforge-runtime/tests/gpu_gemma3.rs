@@ -11,7 +11,9 @@
 
 use rocforge_kernels::GgmlType;
 use rocforge_runtime::backend::{self, Backend, BackendKind, BackendOptions};
-use rocforge_runtime::testing::{agrees_with, llama_cpp_refs, real_gemma3, refs_file, tiny_gemma3};
+use rocforge_runtime::testing::{
+    agrees_with, llama_cpp_refs, real_gemma3, refs_file, tiny_gemma3, RefContinuation,
+};
 use rocforge_runtime::Model;
 
 /// NMSE budget of the logits: the CPU quantizes activations to 8 bits for quantized dot
@@ -94,8 +96,16 @@ fn greedy(b: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
     ids
 }
 
-/// Every prompt of `gemma3-greedy.json`: greedy ids on the GPU agree with llama.cpp's by the
-/// file's rule.
+/// Greedy steps per prompt: llama.cpp's 48 on CUDA and HIP; on wgpu the first
+/// `WGPU_STEPS`, because CI runs wgpu on lavapipe (CPU Vulkan), where the 48 steps of the
+/// three prompts took 5 min on the 2-core CI machine under load.
+const WGPU_STEPS: usize = 16;
+
+/// Every prompt of `gemma3-greedy.json`: prompt ids equal llama.cpp's, and greedy ids on the
+/// GPU agree with llama.cpp's continuation by the file's rule (identical, or parted at a
+/// near-tie by taking the runner-up), for all 48 steps, or the first [`WGPU_STEPS`] on wgpu.
+/// On lavapipe (128 MiB per buffer) the 170 MiB embedding, which is also the output matrix, runs
+/// as two row blocks.
 fn real_gemma3_greedy_matches_llama_cpp(kind: BackendKind) {
     let Some(path) = real_gemma3() else {
         return rocforge_runtime::testing::skip_or_fail(
@@ -109,24 +119,33 @@ fn real_gemma3_greedy_matches_llama_cpp(kind: BackendKind) {
         ctx: 256,
         max_batch: 64,
     };
-    let mut gpu = match backend::create(kind, model.clone(), &opts) {
-        Ok(b) => b,
-        // Gemma's 262,144 x 640 embedding (also the output) is one 170 MiB tensor; Mesa's
-        // lavapipe binds at most 128 MiB per storage buffer. Such a device must refuse the model
-        // with that reason at creation (split weights are not implemented).
-        Err(e) if kind == BackendKind::Wgpu && e.to_string().contains("binds at most") => {
-            eprintln!("{kind}: {e}");
-            assert!(e.to_string().contains("token_embd"), "{e}");
-            return;
-        }
-        Err(e) => panic!("{kind}: {e}"),
-    };
+    let t = std::time::Instant::now();
+    let mut gpu = backend::create(kind, model.clone(), &opts).unwrap();
+    eprintln!(
+        "{kind}: backend created in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     for case in &cases {
         let prompt = model.tokenizer.encode(&case.prompt, true, true).unwrap();
         assert_eq!(prompt, case.prompt_ids, "prompt ids of {:?}", case.prompt);
-        let ids = greedy(gpu.as_mut(), &prompt, case.llama_cpp.generated_ids.len());
-        let agreement = agrees_with(&ids, &case.llama_cpp, 0.5);
-        eprintln!("{kind} {:?}: {agreement:?}", case.prompt);
+        let r = &case.llama_cpp;
+        let n = match kind {
+            BackendKind::Wgpu => WGPU_STEPS.min(r.generated_ids.len()),
+            _ => r.generated_ids.len(),
+        };
+        let reference = RefContinuation {
+            generated_ids: r.generated_ids[..n].to_vec(),
+            second_ids: r.second_ids[..n.min(r.second_ids.len())].to_vec(),
+            top2_gap: r.top2_gap[..n.min(r.top2_gap.len())].to_vec(),
+        };
+        let t = std::time::Instant::now();
+        let ids = greedy(gpu.as_mut(), &prompt, n);
+        let agreement = agrees_with(&ids, &reference, 0.5);
+        eprintln!(
+            "{kind} {:?}: {n} steps in {:.1} s, {agreement:?}",
+            case.prompt,
+            t.elapsed().as_secs_f64()
+        );
         assert!(agreement.is_ok(), "{kind} {:?}: {agreement:?}", case.prompt);
     }
 }

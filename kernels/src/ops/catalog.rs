@@ -206,8 +206,11 @@ pub fn kernel_definitions<R: Runtime>(
         ));
     }
     for ty in DEVICE_FORMATS {
-        for from_scalar in [true, false] {
-            let tag = if from_scalar { "one" } else { "batch" };
+        for (tag, from_scalar, ranged) in [
+            ("one", true, false),
+            ("batch", false, false),
+            ("rows", false, true),
+        ] {
             out.push((
                 format!("embedding_{ty}_{tag}"),
                 embedding::embedding_kernel::EmbeddingKernel::<R>::new(
@@ -220,8 +223,11 @@ pub fn kernel_definitions<R: Runtime>(
                     (),
                     (),
                     (),
+                    (),
+                    (),
                     ty.id(),
                     from_scalar,
+                    ranged,
                 )
                 .define(),
             ));

@@ -19,7 +19,9 @@ pub fn embed_row(
 }
 
 /// One unit per (token, column). With `from_scalar` the single token is `token0` (decode:
-/// nothing to upload); otherwise token `t` is `tokens[t]`.
+/// nothing to upload); otherwise token `t` is `tokens[t]`. With `ranged`, `w` is the row block
+/// `row0..row0 + rows` of a larger table: tokens outside it are skipped (another block's launch
+/// writes them) and the others read row `tokens[t] - row0`.
 #[cube(launch_unchecked)]
 pub fn embedding_kernel(
     w: &Array<u32>,
@@ -29,8 +31,11 @@ pub fn embedding_kernel(
     n: u32,
     cols: u32,
     row_bytes: u32,
+    row0: u32,
+    rows: u32,
     #[comptime] ty: u32,
     #[comptime] from_scalar: bool,
+    #[comptime] ranged: bool,
 ) {
     let idx = ABSOLUTE_POS;
     if idx < n as usize * cols as usize {
@@ -40,7 +45,16 @@ pub fn embedding_kernel(
         if comptime!(!from_scalar) {
             tok = tokens[t];
         }
-        out[idx] = element(w, tok as usize * row_bytes as usize, e, ty);
+        let mut inside = true;
+        if comptime!(ranged) {
+            inside = tok >= row0 && tok < row0 + rows;
+        }
+        if inside {
+            if comptime!(ranged) {
+                tok -= row0;
+            }
+            out[idx] = element(w, tok as usize * row_bytes as usize, e, ty);
+        }
     }
 }
 
@@ -67,17 +81,50 @@ pub fn launch_embedding<R: Runtime>(
         Tokens::Device(b, n) => (b, n, 0, false),
     };
     assert!(
-        n >= 1 && n <= ids.len() && n * w.cols <= out.len(),
-        "embedding: {n} tokens out of range"
-    );
-    assert!(
         token0 < w.rows as u32,
         "embedding: token {token0} outside {} rows",
         w.rows
     );
+    launch(gpu, w, ids, n, token0, None, out, from_scalar);
+}
+
+/// The lookup of a table split into row blocks, for the block `w` holding rows
+/// `first_row..first_row + w.rows`: rows `t < n` of `out` whose id in `ids` falls in the block
+/// get that row; the others are left as they are (one launch per block embeds a batch).
+pub fn launch_embedding_rows<R: Runtime>(
+    gpu: &Gpu<R>,
+    w: &DeviceWeight,
+    first_row: usize,
+    ids: &Buf,
+    n: usize,
+    out: &Buf,
+) {
+    assert!(
+        first_row + w.rows <= u32::MAX as usize,
+        "embedding: row block past 32-bit ids"
+    );
+    launch(gpu, w, ids, n, 0, Some(first_row as u32), out, false);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch<R: Runtime>(
+    gpu: &Gpu<R>,
+    w: &DeviceWeight,
+    ids: &Buf,
+    n: usize,
+    token0: u32,
+    first_row: Option<u32>,
+    out: &Buf,
+    from_scalar: bool,
+) {
+    assert!(
+        n >= 1 && (from_scalar || n <= ids.len()) && n * w.cols <= out.len(),
+        "embedding: {n} tokens out of range"
+    );
     let (count, dim) = elementwise(n * w.cols);
     gpu.count();
-    // SAFETY: the kernel guards its unit count; token ids are below `w.rows` (caller contract).
+    // SAFETY: the kernel guards its unit count; token ids are below `w.rows`, or inside the
+    // block's range when ranged (caller contract).
     unsafe {
         embedding_kernel::launch_unchecked::<R>(
             gpu.client(),
@@ -90,8 +137,11 @@ pub fn launch_embedding<R: Runtime>(
             n as u32,
             w.cols as u32,
             w.row_bytes() as u32,
+            first_row.unwrap_or(0),
+            w.rows as u32,
             w.ty.id(),
             from_scalar,
+            first_row.is_some(),
         )
     }
 }

@@ -48,6 +48,28 @@ impl Buf {
     pub fn handle(&self) -> &Handle {
         &self.handle
     }
+    /// Elements `start..start + len` as a buffer of their own (the same memory). Where it
+    /// is bound, `start * elem_bytes` must be a multiple of 256 (wgpu's binding offsets).
+    pub fn view(&self, start: usize, len: usize) -> Buf {
+        assert!(
+            start + len <= self.len,
+            "view {start}..{} of a buffer of {}",
+            start + len,
+            self.len
+        );
+        let handle = match start {
+            0 => self.handle.clone(),
+            _ => self
+                .handle
+                .clone()
+                .offset_start((start * self.elem_bytes) as u64),
+        };
+        Buf {
+            handle,
+            len,
+            elem_bytes: self.elem_bytes,
+        }
+    }
     /// The buffer as a kernel argument over its whole length.
     pub(crate) fn arg<R: Runtime>(&self) -> ArrayArg<R> {
         // SAFETY: `len` elements were allocated with this handle (see `Gpu::upload`).

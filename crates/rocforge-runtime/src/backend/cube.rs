@@ -24,6 +24,9 @@ use crate::arch::{self, unsupported, Activation, Executor, Limits, RopeKind, Ste
 use crate::error::{Error, Result};
 use crate::model::{Model, RopeStyle, Weight};
 
+mod row_blocks;
+use row_blocks::RowBlocks;
+
 #[cfg(feature = "cuda")]
 pub type Cuda = CubeBackend<rocforge_kernels::ops::gpu::cubecl::cuda::CudaRuntime>;
 #[cfg(feature = "hip")]
@@ -238,8 +241,8 @@ pub struct CubeBackend<R: Runtime> {
     ctx: usize,
     max_batch: usize,
     // Weights.
-    token_embd: Matrix<R>, // (n_vocab, n_embd), for the lookup
-    output: Matrix<R>,     // (n_vocab, n_embd), the same device buffers as token_embd when tied
+    token_embd: RowBlocks<R>, // (n_vocab, n_embd), for the lookup; row blocks where too large
+    output: RowBlocks<R>,     // (n_vocab, n_embd), the same device buffers as token_embd when tied
     layers: Vec<DeviceLayer<R>>,
     dequant: Option<DequantScratch<R>>, // (largest matrix) f32, for prefill mat-mats
     output_norm: Buf,                   // (n_embd)
@@ -290,7 +293,9 @@ pub struct CubeBackend<R: Runtime> {
 impl<R: Runtime> CubeBackend<R> {
     /// Uploads `model` to `gpu` and allocates every buffer, after checking that the kernels
     /// take the model's shapes and that everything fits in `free_bytes` of device memory (when
-    /// the driver reports it).
+    /// the driver reports it). The embedding and output matrices are split into row blocks of
+    /// at most the device's largest buffer, or `max_block_bytes` where that is smaller (tests
+    /// split a tiny model's with it).
     pub fn new(
         gpu: Gpu<R>,
         kind: BackendKind,
@@ -298,6 +303,7 @@ impl<R: Runtime> CubeBackend<R> {
         free_bytes: Option<u64>,
         model: Arc<Model>,
         opts: &BackendOptions,
+        max_block_bytes: Option<u64>,
     ) -> Result<Self> {
         let c = &model.config;
         let w = &model.weights;
@@ -330,26 +336,23 @@ impl<R: Runtime> CubeBackend<R> {
         } else {
             KvType::F32
         };
-        // One weight is one device buffer: refuse what the device cannot bind, instead of
-        // failing inside the runtime (split weights are not implemented).
+        // A layer weight is one device buffer: refuse what the device cannot bind, instead of
+        // failing inside the runtime. The embedding and output matrices, the ones that exceed
+        // a buffer in practice, are split into row blocks below (`row_blocks`).
         let max_buffer = gpu.max_buffer_bytes();
+        let max_block = max_buffer.min(max_block_bytes.unwrap_or(u64::MAX));
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-        for wt in w
-            .layers
-            .iter()
-            .flat_map(|l| {
-                [
-                    &l.attn_q,
-                    &l.attn_k,
-                    &l.attn_v,
-                    &l.attn_output,
-                    &l.ffn_gate,
-                    &l.ffn_up,
-                    &l.ffn_down,
-                ]
-            })
-            .chain([&w.token_embd, &w.output])
-        {
+        for wt in w.layers.iter().flat_map(|l| {
+            [
+                &l.attn_q,
+                &l.attn_k,
+                &l.attn_v,
+                &l.attn_output,
+                &l.ffn_gate,
+                &l.ffn_up,
+                &l.ffn_down,
+            ]
+        }) {
             let bytes = model.bytes(wt).len() as u64;
             if bytes > max_buffer {
                 return Err(fail(format!(
@@ -393,7 +396,11 @@ impl<R: Runtime> CubeBackend<R> {
             Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
                 .map_err(|e| fail(format!("tensor `{}`: {e}", wt.name)))
         };
-        let token_embd = upload(&w.token_embd)?;
+        let upload_blocks = |wt: &Weight| -> Result<RowBlocks<R>> {
+            RowBlocks::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols, max_block)
+                .map_err(|e| fail(format!("tensor `{}`: {e}", wt.name)))
+        };
+        let token_embd = upload_blocks(&w.token_embd)?;
         let norm_fusable = |m: &QWeight<R>| mm::fuses_norm(gpu.client(), m);
         let layers = w
             .layers
@@ -440,11 +447,14 @@ impl<R: Runtime> CubeBackend<R> {
             })
             .collect::<Result<Vec<_>>>()?;
         // Tied embeddings: one upload serves the lookup and the output projection.
-        let output = match (&token_embd, w.tied_output) {
-            (Matrix::Tuned(t), true) => Matrix::Tuned(t.clone()),
-            _ => upload(&w.output)?,
+        let output = match token_embd.shared() {
+            Some(shared) if w.tied_output => shared,
+            _ => upload_blocks(&w.output)?,
         };
-        let output_folds_norm = matches!(&output, Matrix::Tuned(w) if norm_fusable(w));
+        let output_folds_norm = output
+            .blocks()
+            .iter()
+            .all(|b| matches!(&b.m, Matrix::Tuned(w) if norm_fusable(w)));
         // Batches above MAX_MATVEC_TOKENS dequantize a layer matrix into this scratch and
         // multiply; the vocabulary projection gets its own only if perplexity asks for it.
         let dequant = (b > MAX_MATVEC_TOKENS)
@@ -626,29 +636,61 @@ impl<R: Runtime> CubeBackend<R> {
         Ok(())
     }
 
-    /// `x[t] = token_embd[tokens[t]]`.
+    /// `x[t] = token_embd[tokens[t]]`: a single token from the block that holds it, a batch
+    /// by one launch per block (each writes the rows of its tokens).
     fn lookup(&mut self, tokens: &[u32]) -> Result<()> {
         let n = tokens.len();
-        let ids = (n > 1).then(|| self.gpu.u32s(tokens));
-        match &self.token_embd {
-            Matrix::Tuned(w) => {
-                self.gpu.count_launches(1);
-                let (ids, token0) = match &ids {
-                    Some(b) => (b.handle(), None),
-                    None => (self.no_ids.handle(), Some(tokens[0])),
-                };
-                mm::embed(self.gpu.client(), w, ids, n, token0, self.x.handle())
-                    .map_err(|e| self.backend_err(e))
-            }
-            Matrix::Plain(w) => {
-                let toks = match &ids {
-                    Some(b) => Tokens::Device(b, n),
-                    None => Tokens::One(tokens[0]),
-                };
-                embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
-                Ok(())
+        if n == 1 {
+            let block = self.token_embd.block_of(tokens[0] as usize);
+            let token0 = tokens[0] - block.first as u32;
+            self.gpu
+                .count_launches(matches!(block.m, Matrix::Tuned(_)) as u64);
+            return match &block.m {
+                Matrix::Tuned(w) => mm::embed(
+                    self.gpu.client(),
+                    w,
+                    self.no_ids.handle(),
+                    1,
+                    Some(token0),
+                    self.x.handle(),
+                )
+                .map_err(|e| self.backend_err(e)),
+                Matrix::Plain(w) => {
+                    let toks = Tokens::One(token0);
+                    embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
+                    Ok(())
+                }
+            };
+        }
+        let ids = self.gpu.u32s(tokens);
+        if let Some(table) = self.token_embd.single() {
+            return match table {
+                Matrix::Tuned(w) => {
+                    self.gpu.count_launches(1);
+                    mm::embed(self.gpu.client(), w, ids.handle(), n, None, self.x.handle())
+                        .map_err(|e| self.backend_err(e))
+                }
+                Matrix::Plain(w) => {
+                    let toks = Tokens::Device(&ids, n);
+                    embedding::launch_embedding(&self.gpu, w, toks, &self.no_ids, &self.x);
+                    Ok(())
+                }
+            };
+        }
+        for b in self.token_embd.blocks() {
+            match &b.m {
+                Matrix::Tuned(w) => {
+                    self.gpu.count_launches(1);
+                    let (client, x) = (self.gpu.client(), self.x.handle());
+                    mm::embed_rows(client, w, b.first, ids.handle(), n, x)
+                        .map_err(|e| self.backend_err(e))?;
+                }
+                Matrix::Plain(w) => {
+                    embedding::launch_embedding_rows(&self.gpu, w, b.first, &ids, n, &self.x)
+                }
             }
         }
+        Ok(())
     }
 
     /// `x += rmsnorm(W · h) * post` (Gemma's post-norms): the projection into `proj`, then
@@ -719,6 +761,32 @@ impl<R: Runtime> CubeBackend<R> {
             mm::matmul(client, w, x.handle(), out.handle(), n, Some(scratch))
         };
         r.map_err(|e| self.backend_err(e))
+    }
+}
+
+impl<R: Runtime> CubeBackend<R> {
+    /// `logits[t] = W_out · xn[t]` for `rows` rows, the output matrix in row blocks: a mat-vec
+    /// per row and block, each writing its block's slice of the row in place. Views of row `t`
+    /// start at 256-byte multiples (wgpu's binding offsets) when n_embd and n_vocab are
+    /// multiples of 64; blocks start at multiples of 64 rows.
+    fn logits_split(&self, rows: usize) -> Result<()> {
+        let c = &self.model.config;
+        let (n_embd, n_vocab) = (c.n_embd, c.n_vocab);
+        if rows > 1 && (n_embd % row_blocks::ROW_ALIGN != 0 || n_vocab % row_blocks::ROW_ALIGN != 0)
+        {
+            return Err(self.backend_err(format!(
+                "all-token logits with the output matrix in row blocks need n_embd and n_vocab multiples of {} (this model: {n_embd}, {n_vocab})",
+                row_blocks::ROW_ALIGN
+            )));
+        }
+        for t in 0..rows {
+            let x = self.xn.view(t * n_embd, n_embd);
+            for b in self.output.blocks() {
+                let y = self.logits.view(t * n_vocab + b.first, b.rows);
+                self.linear(&b.m, &x, &y, 1)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -957,17 +1025,24 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         let first = if self.all_logits { 0 } else { n - 1 };
         let rows = n - first;
         self.n_logit_rows = rows;
-        if let (Matrix::Tuned(w), true) = (&self.output, self.folds_norm(self.output_folds_norm)) {
-            self.gpu.count_launches(1);
-            return mm::matvec_norm(
-                self.gpu.client(),
-                w,
-                self.x.handle(),
-                self.output_norm.handle(),
-                eps,
-                self.logits.handle(),
-            )
-            .map_err(|e| self.backend_err(e));
+        if self.folds_norm(self.output_folds_norm) {
+            // Each row block writes its slice of the logits (one block: the whole row).
+            for b in self.output.blocks() {
+                let Matrix::Tuned(w) = &b.m else {
+                    unreachable!("output_folds_norm holds only for tuned blocks")
+                };
+                self.gpu.count_launches(1);
+                mm::matvec_norm(
+                    self.gpu.client(),
+                    w,
+                    self.x.handle(),
+                    self.output_norm.handle(),
+                    eps,
+                    self.logits.view(b.first, b.rows).handle(),
+                )
+                .map_err(|e| self.backend_err(e))?;
+            }
+            return Ok(());
         }
         if std::mem::take(&mut self.pending_add) {
             norm::launch_add_rms_norm(
@@ -996,7 +1071,10 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             self.logits = self.gpu.zeros(rows * n_vocab);
             self.host_logits.resize(rows * n_vocab, 0.0);
         }
-        if let Matrix::Tuned(w) = &self.output {
+        let Some(output) = self.output.single() else {
+            return self.logits_split(rows);
+        };
+        if let Matrix::Tuned(w) = output {
             let elems = w.rows * w.cols;
             let fits =
                 |s: &Option<DequantScratch<R>>| s.as_ref().is_some_and(|s| s.elems() >= elems);
@@ -1033,7 +1111,7 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                 return Ok(());
             }
         }
-        self.linear(&self.output, &self.xn, &self.logits, rows)
+        self.linear(output, &self.xn, &self.logits, rows)
     }
 
     fn probe(&mut self, step: &Step) {
@@ -1103,7 +1181,7 @@ impl<R: Runtime> Backend for CubeBackend<R> {
                 + l.attn_norm.bytes()
                 + l.ffn_norm.bytes()
         };
-        let tied = self.model.weights.tied_output && matches!(self.token_embd, Matrix::Tuned(_));
+        let tied = self.model.weights.tied_output && self.token_embd.is_tuned();
         let weights = self.layers.iter().map(layer_bytes).sum::<u64>()
             + self.token_embd.bytes()
             + if tied { 0 } else { self.output.bytes() }
@@ -1171,6 +1249,18 @@ pub fn create(
     model: Arc<Model>,
     opts: &BackendOptions,
 ) -> Result<Box<dyn Backend>> {
+    create_with_max_block(kind, model, opts, None)
+}
+
+/// [`create`], with the row blocks of a split embedding or output matrix at most
+/// `max_block_bytes` where that is below the device's largest buffer: tests split a tiny
+/// model's matrices with it as a device with small buffers splits a large model's.
+pub fn create_with_max_block(
+    kind: BackendKind,
+    model: Arc<Model>,
+    opts: &BackendOptions,
+    max_block_bytes: Option<u64>,
+) -> Result<Box<dyn Backend>> {
     match kind {
         #[cfg(feature = "hip")]
         BackendKind::Hip => {
@@ -1183,6 +1273,7 @@ pub fn create(
                 found.free_bytes,
                 model,
                 opts,
+                max_block_bytes,
             )?))
         }
         #[cfg(feature = "cuda")]
@@ -1196,6 +1287,7 @@ pub fn create(
                 found.free_bytes,
                 model,
                 opts,
+                max_block_bytes,
             )?))
         }
         #[cfg(feature = "wgpu")]
@@ -1204,7 +1296,15 @@ pub fn create(
             let gpu = std::panic::catch_unwind(|| Gpu::on(&device))
                 .map_err(|_| no_backend(kind, "no wgpu adapter could be opened (is a Vulkan, Metal or DX12 driver installed?)"))?;
             let name = format!("{device:?} via {}", Runtime::name(gpu.client()));
-            Ok(Box::new(Wgpu::new(gpu, kind, name, None, model, opts)?))
+            Ok(Box::new(Wgpu::new(
+                gpu,
+                kind,
+                name,
+                None,
+                model,
+                opts,
+                max_block_bytes,
+            )?))
         }
         k => Err(no_backend(
             k,

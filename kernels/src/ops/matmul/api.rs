@@ -429,7 +429,36 @@ pub fn embed<R: Runtime>(
                 cols: w.cols,
             });
         }
-    } else {
+    }
+    launch_embed(client, w, ids, n, token0, None, out)
+}
+
+/// The embedding lookup of a table split into row blocks, for the block `w` that holds rows
+/// `first_row..first_row + w.rows`: `out[t, :] = W[id_t - first_row, :]` for the tokens `t < n`
+/// of `ids` inside the block; the other rows of `out` are left as they are. One launch per
+/// block embeds a batch whatever blocks its ids fall in.
+pub fn embed_rows<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    first_row: usize,
+    ids: &Handle,
+    n: usize,
+    out: &Handle,
+) -> Result<(), MatmulError> {
+    check_u32((first_row + w.rows) as u64)?;
+    launch_embed(client, w, ids, n, None, Some(first_row as u32), out)
+}
+
+fn launch_embed<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    ids: &Handle,
+    n: usize,
+    token0: Option<u32>,
+    first_row: Option<u32>,
+    out: &Handle,
+) -> Result<(), MatmulError> {
+    if token0.is_none() {
         let needed = n as u64 * 4;
         if ids.size_in_used() < needed {
             return Err(MatmulError::BufferTooSmall {
@@ -456,8 +485,11 @@ pub fn embed<R: Runtime>(
             n as u32,
             w.cols as u32,
             w.blocks_per_row,
+            first_row.unwrap_or(0),
+            w.rows as u32,
             w.format,
             token0.is_some(),
+            first_row.is_some(),
         )
     };
     Ok(())

@@ -16,8 +16,9 @@ pub enum KernelKind {
     Matvec(Fusion),
     /// `dequantize_kernel` (the prefill pass; cubek's matmul follows it).
     Dequantize,
-    /// `embed_kernel`: one token as an argument, or ids on the device.
-    Embed { from_scalar: bool },
+    /// `embed_kernel`: one token as an argument, or ids on the device; `ranged` for a row
+    /// block of a split table (device ids).
+    Embed { from_scalar: bool, ranged: bool },
 }
 
 /// One compiled variant.
@@ -82,14 +83,19 @@ pub fn variants() -> Vec<KernelVariant> {
             );
         }
         push(format!("dequantize_{format}"), KernelKind::Dequantize);
-        push(
-            format!("embed_{format}_one"),
-            KernelKind::Embed { from_scalar: true },
-        );
-        push(
-            format!("embed_{format}_batch"),
-            KernelKind::Embed { from_scalar: false },
-        );
+        for (tag, from_scalar, ranged) in [
+            ("one", true, false),
+            ("batch", false, false),
+            ("rows", false, true),
+        ] {
+            push(
+                format!("embed_{format}_{tag}"),
+                KernelKind::Embed {
+                    from_scalar,
+                    ranged,
+                },
+            );
+        }
     }
     out
 }
@@ -132,7 +138,11 @@ pub fn launch_variant<R: Runtime>(
             api::launch_matvec(client, &op)
         }
         KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
-        KernelKind::Embed { from_scalar } => {
+        KernelKind::Embed { ranged: true, .. } => {
+            let ids = client.create_from_slice(u32::as_bytes(&[0u32]));
+            api::embed_rows(client, &w, 0, &ids, 1, &y)
+        }
+        KernelKind::Embed { from_scalar, .. } => {
             let ids = client.create_from_slice(u32::as_bytes(&[0u32]));
             api::embed(client, &w, &ids, 1, from_scalar.then_some(0), &y)
         }
@@ -217,7 +227,10 @@ pub fn definition<R: Runtime>(
             v.format,
         )
         .define(),
-        KernelKind::Embed { from_scalar } => kernels::embed_kernel::EmbedKernel::<R>::new(
+        KernelKind::Embed {
+            from_scalar,
+            ranged,
+        } => kernels::embed_kernel::EmbedKernel::<R>::new(
             settings(CubeDim::new_1d(DEQUANT_THREADS)),
             c(),
             a(),
@@ -228,8 +241,11 @@ pub fn definition<R: Runtime>(
             (),
             (),
             (),
+            (),
+            (),
             v.format,
             from_scalar,
+            ranged,
         )
         .define(),
     }

@@ -429,6 +429,9 @@ pub fn dequantize_kernel(
 /// `out[t * cols + c] = W[id_t, c]` with `id_t = tokens[t]` (or `token0` for one token passed
 /// as an argument): the embedding lookup on a weight in the mat-vec layout, any format, one
 /// unit per slot.
+///
+/// With `ranged`, `W` is the row block `row0..row0 + rows` of a larger table: tokens outside it
+/// are skipped (another block's launch writes their rows) and the others read row `id_t - row0`.
 #[cube(launch_unchecked)]
 pub fn embed_kernel(
     w: &Array<u32>,
@@ -439,8 +442,11 @@ pub fn embed_kernel(
     n: u32,
     cols: u32,
     blocks_per_row: u32,
+    row0: u32,
+    rows: u32,
     #[comptime] fmt: KernelFormat,
     #[comptime] from_scalar: bool,
+    #[comptime] ranged: bool,
 ) {
     let spb = comptime![fmt.slots_per_block()];
     let per_row = blocks_per_row * spb;
@@ -452,17 +458,26 @@ pub fn embed_kernel(
         if comptime![!from_scalar] {
             tok = tokens[t as usize];
         }
-        write_slot(
-            w,
-            scales,
-            out,
-            tok,
-            t,
-            rem / spb,
-            rem % spb,
-            cols,
-            blocks_per_row,
-            fmt,
-        );
+        let mut inside = true;
+        if comptime![ranged] {
+            inside = tok >= row0 && tok < row0 + rows;
+        }
+        if inside {
+            if comptime![ranged] {
+                tok -= row0;
+            }
+            write_slot(
+                w,
+                scales,
+                out,
+                tok,
+                t,
+                rem / spb,
+                rem % spb,
+                cols,
+                blocks_per_row,
+                fmt,
+            );
+        }
     }
 }
