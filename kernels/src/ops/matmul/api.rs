@@ -546,11 +546,15 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
         && (8..=64).contains(&hw.plane_size_min);
     let plane_reduce = client.features().plane.contains(Plane::Ops) && fixed_plane;
     let lanes = if plane_reduce { hw.plane_size_min } else { 32 };
-    let rows_per_plane = std::env::var("ROCFORGE_MATVEC_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|r| [1, 2, 4].contains(r))
-        .unwrap_or(ROWS_PER_PLANE);
+    // Read once: this runs on every launch.
+    static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let rows_per_plane = *ROWS.get_or_init(|| {
+        std::env::var("ROCFORGE_MATVEC_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|r| [1, 2, 4].contains(r))
+            .unwrap_or(ROWS_PER_PLANE)
+    });
     MatvecConfig {
         lanes,
         planes_per_cube: (128 / lanes).max(1),
