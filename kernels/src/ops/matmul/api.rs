@@ -536,6 +536,10 @@ pub fn dequantize<R: Runtime>(
 /// 8B-shaped decode ran 165.8 t/s at 1, 163.7 at 2, 113.2 at 4 (docs/performance.md).
 pub const ROWS_PER_PLANE: u32 = 1;
 
+/// Planes that share a row group (see [`MatvecConfig::planes_per_row`]); 1 until measured on
+/// a GPU. `ROCFORGE_MATVEC_SPLIT` (1, 2 or 4) overrides it for tuning runs.
+pub const PLANES_PER_ROW: u32 = 1;
+
 /// One plane per row group where the runtime has plane ops and one fixed plane width (NVIDIA
 /// 32, CDNA 64); otherwise 32 lanes reduced through shared memory (lavapipe, wave32/64 RDNA).
 /// Cubes of 128 units either way.
@@ -555,10 +559,21 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
             .filter(|r| [1, 2, 4].contains(r))
             .unwrap_or(ROWS_PER_PLANE)
     });
+    let planes_per_cube = (128 / lanes).max(1);
+    // Read once as well; must divide the cube's planes.
+    static SPLIT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let planes_per_row = *SPLIT.get_or_init(|| {
+        std::env::var("ROCFORGE_MATVEC_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| [1, 2, 4].contains(s))
+            .unwrap_or(PLANES_PER_ROW)
+    });
     MatvecConfig {
         lanes,
-        planes_per_cube: (128 / lanes).max(1),
+        planes_per_cube,
         rows_per_plane,
+        planes_per_row: planes_per_row.min(planes_per_cube),
         plane_reduce,
     }
 }

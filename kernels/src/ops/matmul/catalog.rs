@@ -160,6 +160,7 @@ pub fn check_configs<R: Runtime>(client: &ComputeClient<R>) -> Vec<MatvecConfig>
         lanes,
         planes_per_cube: (128 / lanes).max(1),
         rows_per_plane: api::ROWS_PER_PLANE,
+        planes_per_row: api::PLANES_PER_ROW,
         plane_reduce: true,
     };
     let mut out = vec![plane(64), plane(32)];
@@ -174,7 +175,12 @@ pub fn check_configs<R: Runtime>(client: &ComputeClient<R>) -> Vec<MatvecConfig>
 /// (shared memory).
 pub fn config_tag(cfg: MatvecConfig) -> String {
     let r = if cfg.plane_reduce { 'p' } else { 's' };
-    format!("l{}{r}_r{}", cfg.lanes, cfg.rows_per_plane)
+    let split = if cfg.planes_per_row > 1 {
+        format!("_s{}", cfg.planes_per_row)
+    } else {
+        String::new()
+    };
+    format!("l{}{r}_r{}{split}", cfg.lanes, cfg.rows_per_plane)
 }
 
 /// `v`'s kernel definition as the API launches it with mat-vec config `cfg` (ignored by the

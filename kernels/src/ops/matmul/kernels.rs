@@ -27,6 +27,10 @@ pub struct MatvecConfig {
     /// them for every row (a single token; batches use 1). `x` through L1 is what bounds the
     /// mat-vec at one row per plane: 4 bytes per weight, whatever the weight's format.
     pub rows_per_plane: u32,
+    /// Planes that share one row group, each taking every `planes_per_row`-th trip of its
+    /// blocks, their sums meeting in shared memory: more planes in flight for a matrix with few
+    /// rows. Divides `planes_per_cube`.
+    pub planes_per_row: u32,
     /// Reduce with `plane_sum` (`lanes` equals the plane width) instead of shared memory.
     pub plane_reduce: bool,
 }
@@ -34,7 +38,7 @@ pub struct MatvecConfig {
 impl MatvecConfig {
     /// Rows one cube computes.
     pub fn rows_per_cube(&self) -> u32 {
-        self.planes_per_cube * self.rows_per_plane
+        self.planes_per_cube / self.planes_per_row * self.rows_per_plane
     }
 }
 
@@ -73,8 +77,32 @@ impl Fusion {
 /// past 65535 cubes (output projections) fit every backend's grid limits.
 #[cube]
 fn cube_row(#[comptime] cfg: MatvecConfig) -> u32 {
-    ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * cfg.planes_per_cube + UNIT_POS_Y)
+    let groups = comptime![cfg.planes_per_cube / cfg.planes_per_row];
+    ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * groups + UNIT_POS_Y / cfg.planes_per_row)
         * cfg.rows_per_plane
+}
+
+/// Sum of `v` (a plane's total, valid in every lane) over the `planes_per_row` planes of this
+/// row group, valid in every unit; `v` itself when a row group is one plane. Every unit of the
+/// cube must call it.
+#[cube]
+fn group_sum(v: f32, part: &mut SharedMemory<f32>, #[comptime] cfg: MatvecConfig) -> f32 {
+    let mut out = v;
+    if comptime![cfg.planes_per_row > 1] {
+        if UNIT_POS_X == 0 {
+            part[UNIT_POS_Y as usize] = v;
+        }
+        sync_cube();
+        let first = UNIT_POS_Y - UNIT_POS_Y % cfg.planes_per_row;
+        out = 0.0;
+        #[unroll]
+        for p in 0..cfg.planes_per_row {
+            out += part[(first + p) as usize];
+        }
+        // The next call overwrites `part`; everyone must have read it first.
+        sync_cube();
+    }
+    out
 }
 
 /// Sum of `v` over the lanes of this row, valid in every lane. Every unit of the cube must
@@ -231,9 +259,12 @@ pub fn matvec_kernel(
     let epb = comptime![fmt.elems_per_block()];
     let groups = comptime![fmt.groups_per_slot()];
     let rpp = comptime![cfg.rows_per_plane];
+    // Blocks between one plane's consecutive blocks: the row group's planes interleave.
+    let pstep = comptime![(cfg.lanes / fmt.lanes_per_block()).max(1) * cfg.planes_per_row];
     let tokens = comptime![fusion.tokens];
     let row0 = cube_row(cfg);
     let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.planes_per_cube) as usize]);
+    let mut part = SharedMemory::<f32>::new(comptime![cfg.planes_per_cube as usize]);
     let mut inv = 1.0f32;
     if comptime![fusion.norm] {
         inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
@@ -257,14 +288,14 @@ pub fn matvec_kernel(
     if row0 < rows && UNIT_POS_X < comptime![step * lpb] {
         let slot0 = (UNIT_POS_X % lpb) * spl;
         let last = blocks_per_row - 1;
-        let mut b = UNIT_POS_X / lpb;
+        let mut b = UNIT_POS_X / lpb + (UNIT_POS_Y % cfg.planes_per_row) * step;
         while b < blocks_per_row {
             // Blocks past the row's end are clamped to its last block and their sums dropped
             // (rows past the matrix's end likewise), so a trip is one straight run of loads the
             // compiler can issue together.
             #[unroll]
             for u in 0..unroll {
-                let bb = b + u * step;
+                let bb = b + u * pstep;
                 let live = bb < blocks_per_row;
                 let bc = select(live, bb, last);
                 let col = bc * epb;
@@ -319,23 +350,24 @@ pub fn matvec_kernel(
                     }
                 }
             }
-            b += comptime![unroll * step];
+            b += comptime![unroll * pstep];
         }
     }
     #[unroll]
     for r in 0..rpp {
         let row = row0 + r;
         if comptime![fusion.gated] {
-            let g = lane_sum(acc[r as usize], &mut smem, cfg) * inv;
-            let u = lane_sum(acc2[r as usize], &mut smem, cfg) * inv;
-            if UNIT_POS_X == 0 && row < rows {
+            let g = group_sum(lane_sum(acc[r as usize], &mut smem, cfg), &mut part, cfg) * inv;
+            let u = group_sum(lane_sum(acc2[r as usize], &mut smem, cfg), &mut part, cfg) * inv;
+            if UNIT_POS_X == 0 && UNIT_POS_Y % cfg.planes_per_row == 0 && row < rows {
                 y[row as usize] = gate_act(g, fusion.gelu) * u;
             }
         } else {
             #[unroll]
             for t in 0..tokens {
-                let sum = lane_sum(acc[(t * rpp + r) as usize], &mut smem, cfg) * inv;
-                if UNIT_POS_X == 0 && row < rows {
+                let sum = lane_sum(acc[(t * rpp + r) as usize], &mut smem, cfg);
+                let sum = group_sum(sum, &mut part, cfg) * inv;
+                if UNIT_POS_X == 0 && UNIT_POS_Y % cfg.planes_per_row == 0 && row < rows {
                     let out = (t * rows + row) as usize;
                     if comptime![fusion.accumulate] {
                         y[out] += sum;
