@@ -157,6 +157,21 @@ pub struct LayerWeights {
     pub post_ffw_norm: Option<Vec<f32>>, // (n_embd)
 }
 
+impl LayerWeights {
+    /// The layer's seven projection matrices, in GGUF order of use.
+    pub fn matrices(&self) -> [&Weight; 7] {
+        [
+            &self.attn_q,
+            &self.attn_k,
+            &self.attn_v,
+            &self.attn_output,
+            &self.ffn_gate,
+            &self.ffn_up,
+            &self.ffn_down,
+        ]
+    }
+}
+
 /// All weights of a model.
 #[derive(Debug, Clone)]
 pub struct Weights {

@@ -142,22 +142,11 @@ impl DeviceNeeds {
     fn of(model: &Model, b: usize, kv: KvType, fused_qkv: bool) -> Self {
         let (c, w) = (&model.config, &model.weights);
         let bytes = |m: &Weight| model.bytes(m).len() as u64;
-        fn layer_matrices(l: &crate::model::LayerWeights) -> [&Weight; 7] {
-            [
-                &l.attn_q,
-                &l.attn_k,
-                &l.attn_v,
-                &l.attn_output,
-                &l.ffn_gate,
-                &l.ffn_up,
-                &l.ffn_down,
-            ]
-        }
         let tied_shared = w.tied_output && KernelFormat::from_ggml(w.token_embd.ty).is_some();
         let weights = w
             .layers
             .iter()
-            .flat_map(layer_matrices)
+            .flat_map(|l| l.matrices())
             .map(bytes)
             .sum::<u64>()
             + bytes(&w.token_embd)
@@ -166,7 +155,7 @@ impl DeviceNeeds {
         let largest_layer_matrix = w
             .layers
             .iter()
-            .flat_map(layer_matrices)
+            .flat_map(|l| l.matrices())
             .map(|m| m.rows * m.cols)
             .max()
             .unwrap_or(0)
@@ -342,17 +331,7 @@ impl<R: Runtime> CubeBackend<R> {
         let max_buffer = gpu.max_buffer_bytes();
         let max_block = max_buffer.min(max_block_bytes.unwrap_or(u64::MAX));
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-        for wt in w.layers.iter().flat_map(|l| {
-            [
-                &l.attn_q,
-                &l.attn_k,
-                &l.attn_v,
-                &l.attn_output,
-                &l.ffn_gate,
-                &l.ffn_up,
-                &l.ffn_down,
-            ]
-        }) {
+        for wt in w.layers.iter().flat_map(|l| l.matrices()) {
             let bytes = model.bytes(wt).len() as u64;
             if bytes > max_buffer {
                 return Err(fail(format!(

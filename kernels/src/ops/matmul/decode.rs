@@ -130,39 +130,33 @@ pub fn decode_slot(
             }
             a[0] = 1.0;
         }
-        KernelFormat::Q4_0 | KernelFormat::Q4_1 => {
-            // Q4_0: `(n - 8) * d`; Q4_1: `n * d + m` (`d`, `m` the block's two halves).
+        KernelFormat::Q4_0 | KernelFormat::Q4_1 | KernelFormat::Q5_0 | KernelFormat::Q5_1 => {
+            // Q4_0: `(n - 8) * d`; Q4_1: `n * d + m` (`d`, `m` the block's two halves); Q5_0 and
+            // Q5_1 add a fifth bit per weight from the block's `qh` word (Q5_0's offset is 16).
+            let five = comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)];
             let min = comptime![fmt.has_min()];
-            let offset = comptime![if fmt.has_min() { 0.0f32 } else { 8.0f32 }];
+            let offset = comptime![match (fmt.has_min(), five) {
+                (true, _) => 0.0f32,
+                (false, false) => 8.0f32,
+                (false, true) => 16.0f32,
+            }];
             let halves = comptime![fmt.halves_per_block()];
             let d = half_at(scales, halves * block);
-            let word = w[(wb + slot) as usize];
+            // Q5_x keep `qh` in their first quant word, the nibbles after it.
+            let nibbles = comptime![if five { 1u32 } else { 0u32 }];
+            let word = w[(wb + nibbles + slot) as usize];
+            let mut qh = 0u32;
+            if comptime![five] {
+                qh = w[wb as usize] >> (4 * slot);
+            }
             #[unroll]
             for k in 0..4u32 {
-                q[k as usize] = int_f32((word >> (8 * k)) & 0xF, offset);
-                q[(4 + k) as usize] = int_f32((word >> (8 * k + 4)) & 0xF, offset);
-            }
-            a[0] = d;
-            a[1] = d;
-            if comptime![min] {
-                let mn = half_at(scales, 2 * block + 1);
-                m[0] = mn;
-                m[1] = mn;
-            }
-        }
-        KernelFormat::Q5_0 | KernelFormat::Q5_1 => {
-            // As Q4_0/Q4_1 with a fifth bit per weight from the block's `qh` word; Q5_0's
-            // offset is 16.
-            let min = comptime![fmt.has_min()];
-            let offset = comptime![if fmt.has_min() { 0.0f32 } else { 16.0f32 }];
-            let halves = comptime![fmt.halves_per_block()];
-            let d = half_at(scales, halves * block);
-            let qh = w[wb as usize] >> (4 * slot);
-            let word = w[(wb + 1 + slot) as usize];
-            #[unroll]
-            for k in 0..4u32 {
-                let lo = ((word >> (8 * k)) & 0xF) | (((qh >> k) & 1) << 4);
-                let hi = ((word >> (8 * k + 4)) & 0xF) | (((qh >> (k + 16)) & 1) << 4);
+                let mut lo = (word >> (8 * k)) & 0xF;
+                let mut hi = (word >> (8 * k + 4)) & 0xF;
+                if comptime![five] {
+                    lo |= ((qh >> k) & 1) << 4;
+                    hi |= ((qh >> (k + 16)) & 1) << 4;
+                }
                 q[k as usize] = int_f32(lo, offset);
                 q[(4 + k) as usize] = int_f32(hi, offset);
             }
