@@ -64,6 +64,8 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
 
 use cubecl::prelude::*;
 
+use super::launch::{self, array_arg, Arg};
+
 use super::gpu::{elementwise, Buf, Gpu};
 
 /// `act(g)` on the device; `gelu` picks GELU (tanh) over SiLU at compile time.
@@ -117,14 +119,22 @@ pub fn launch_gated<R: Runtime>(gpu: &Gpu<R>, act: GateAct, gate: &Buf, up: &Buf
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within both buffers.
     unsafe {
-        gated_act_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            gated_act_kernel::GatedActKernel::<R>::new(
+                launch::settings(dim),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                (),
+                act == GateAct::GeluTanh,
+            ),
             count,
-            dim,
-            gate.arg(),
-            up.arg(),
-            n as u32,
-            act == GateAct::GeluTanh,
+            &[
+                Arg::buf::<f32>(&gate),
+                Arg::buf::<f32>(&up),
+                Arg::U32(n as u32),
+            ],
         )
     }
 }
@@ -140,7 +150,20 @@ pub fn launch_scale<R: Runtime>(gpu: &Gpu<R>, x: &Buf, s: f32, n: usize) {
     let (count, dim) = elementwise(n);
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within the buffer.
-    unsafe { scale_kernel::launch_unchecked::<R>(gpu.client(), count, dim, x.arg(), s, n as u32) }
+    unsafe {
+        launch::launch(
+            gpu.client(),
+            scale_kernel::ScaleKernel::<R>::new(
+                launch::settings(dim),
+                gpu.client().clone(),
+                array_arg(),
+                (),
+                (),
+            ),
+            count,
+            &[Arg::buf::<f32>(x), Arg::F32(s), Arg::U32(n as u32)],
+        )
+    }
 }
 
 /// Residual add in place over the first `n` elements of `x`.
@@ -153,13 +176,17 @@ pub fn launch_add_assign<R: Runtime>(gpu: &Gpu<R>, x: &Buf, y: &Buf, n: usize) {
     gpu.count();
     // SAFETY: the kernel guards `i < n`, and n is within both buffers.
     unsafe {
-        add_assign_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            add_assign_kernel::AddAssignKernel::<R>::new(
+                launch::settings(dim),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                (),
+            ),
             count,
-            dim,
-            x.arg(),
-            y.arg(),
-            n as u32,
+            &[Arg::buf::<f32>(&x), Arg::buf::<f32>(&y), Arg::U32(n as u32)],
         )
     }
 }

@@ -3,6 +3,8 @@
 
 use cubecl::prelude::*;
 
+use super::launch::{self, array_arg, Arg};
+
 use super::gpu::{Buf, Gpu};
 
 /// Reference: first index of the maximum (NaN never wins).
@@ -87,15 +89,24 @@ pub fn launch_argmax<R: Runtime>(gpu: &Gpu<R>, x: &Buf, row0: usize, n: usize, o
     gpu.count();
     // SAFETY: units read x[row0 + i] for i < n, asserted above.
     unsafe {
-        argmax_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            argmax_kernel::ArgmaxKernel::<R>::new(
+                launch::settings(CubeDim::new_1d(ARGMAX_CUBE as u32)),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                (),
+                (),
+                ARGMAX_CUBE,
+            ),
             CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(ARGMAX_CUBE as u32),
-            x.arg(),
-            out.arg(),
-            row0 as u32,
-            n as u32,
-            ARGMAX_CUBE,
+            &[
+                Arg::buf::<f32>(&x),
+                Arg::buf::<u32>(&out),
+                Arg::U32(row0 as u32),
+                Arg::U32(n as u32),
+            ],
         )
     }
 }

@@ -84,7 +84,9 @@ pub fn attend_head_window(
 
 use cubecl::prelude::*;
 
-use super::gpu::{row_grid, Buf, Gpu};
+use super::launch::{self, array_arg, Arg};
+
+use super::gpu::{row_grid, Buf, Gpu, Pos};
 
 /// Element type of the device KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +117,8 @@ pub struct KvCache {
     ty: KvType,
     capacity: usize,
     kv_dim: usize,
+    /// One 0: the device position the kernels add when the host passes it ([`Pos::Host`]).
+    pub(crate) zero: Buf,
 }
 
 impl KvCache {
@@ -137,6 +141,7 @@ impl KvCache {
             ty,
             capacity,
             kv_dim,
+            zero: gpu.zeros(1),
         }
     }
     pub fn ty(&self) -> KvType {
@@ -224,6 +229,7 @@ pub fn attention_kernel<K: Float>(
     v_cache: &Array<K>,
     out: &mut Array<f32>,
     part_ml: &mut Array<f32>,
+    pos_dev: &Array<u32>,
     pos: u32,
     chunk: u32,
     n_splits: u32,
@@ -235,6 +241,7 @@ pub fn attention_kernel<K: Float>(
     #[comptime] finalize: bool,
 ) {
     let (n_head, n_kv, splits) = (n_head as usize, n_kv as usize, n_splits as usize);
+    let pos = pos + pos_dev[0];
     let u = UNIT_POS as usize;
     let row = CUBE_POS;
     let s = row % splits;
@@ -359,18 +366,19 @@ pub fn launch_attention<R: Runtime>(
 
 /// [`launch_attention`] with an optional sliding window of `window` keys.
 #[allow(clippy::too_many_arguments)]
-pub fn launch_attention_window<R: Runtime>(
+pub fn launch_attention_window<'a, R: Runtime>(
     gpu: &Gpu<R>,
     q: &Buf,
     cache: &KvCache,
     layer: usize,
     scratch: &AttnScratch,
     out: &Buf,
-    pos: usize,
+    pos: impl Into<Pos<'a>>,
     n: usize,
     shape: AttnShape,
     window: Option<usize>,
 ) {
+    let pos: Pos<'a> = pos.into();
     let AttnShape {
         n_heads,
         n_kv_heads,
@@ -382,7 +390,7 @@ pub fn launch_attention_window<R: Runtime>(
         "attention: {n} queries out of range"
     );
     assert!(
-        pos + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd,
+        pos.bound() + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd,
         "attention: cache too small"
     );
     assert!(
@@ -393,7 +401,8 @@ pub fn launch_attention_window<R: Runtime>(
         window.is_none_or(|w| (1..=u32::MAX as usize).contains(&w)),
         "attention: window {window:?} out of range"
     );
-    let kv_len = pos + n;
+    // A device position plans for the largest it may hold: splits past its keys find none.
+    let kv_len = pos.bound() + n;
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
     let finalize = splits == 1;
     let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
@@ -405,24 +414,43 @@ pub fn launch_attention_window<R: Runtime>(
             // SAFETY: cube (t, h, s) reads q row t, cache rows below pos + n, and writes row
             // (t, h, s) of `dst`, all within the lengths asserted above.
             unsafe {
-                attention_kernel::launch_unchecked::<$k, R>(
+                launch::launch(
                     gpu.client(),
+                    attention_kernel::AttentionKernel::<$k, R>::new(
+                        launch::settings(CubeDim::new_1d(hd as u32)),
+                        gpu.client().clone(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        hd,
+                        finalize,
+                    ),
                     row_grid(n * n_heads * splits),
-                    CubeDim::new_1d(hd as u32),
-                    q.arg(),
-                    kc.arg(),
-                    vc.arg(),
-                    dst.arg(),
-                    scratch.part_ml.arg(),
-                    pos as u32,
-                    chunk as u32,
-                    splits as u32,
-                    n_heads as u32,
-                    n_kv_heads as u32,
-                    scale,
-                    window.unwrap_or(0) as u32,
-                    hd,
-                    finalize,
+                    &[
+                        Arg::buf::<f32>(q),
+                        Arg::buf::<$k>(kc),
+                        Arg::buf::<$k>(vc),
+                        Arg::buf::<f32>(dst),
+                        Arg::buf::<f32>(&scratch.part_ml),
+                        Arg::buf::<u32>(pos.buf(&cache.zero)),
+                        Arg::U32(pos.scalar()),
+                        Arg::U32(chunk as u32),
+                        Arg::U32(splits as u32),
+                        Arg::U32(n_heads as u32),
+                        Arg::U32(n_kv_heads as u32),
+                        Arg::F32(scale),
+                        Arg::U32(window.unwrap_or(0) as u32),
+                    ],
                 )
             }
         };
@@ -435,15 +463,24 @@ pub fn launch_attention_window<R: Runtime>(
         gpu.count();
         // SAFETY: cube (t, h) reads its `splits` partial rows and writes row (t, h) of `out`.
         unsafe {
-            attention_combine_kernel::launch_unchecked::<R>(
+            launch::launch(
                 gpu.client(),
+                attention_combine_kernel::AttentionCombineKernel::<R>::new(
+                    launch::settings(CubeDim::new_1d(hd as u32)),
+                    gpu.client().clone(),
+                    array_arg(),
+                    array_arg(),
+                    array_arg(),
+                    (),
+                    hd,
+                ),
                 row_grid(n * n_heads),
-                CubeDim::new_1d(hd as u32),
-                scratch.part_o.arg(),
-                scratch.part_ml.arg(),
-                out.arg(),
-                splits as u32,
-                hd,
+                &[
+                    Arg::buf::<f32>(&scratch.part_o),
+                    Arg::buf::<f32>(&scratch.part_ml),
+                    Arg::buf::<f32>(&out),
+                    Arg::U32(splits as u32),
+                ],
             )
         }
     }

@@ -122,6 +122,7 @@ pub fn kernel_definitions<R: Runtime>(
                 a(),
                 a(),
                 a(),
+                a(),
                 s.0,
                 s.1,
                 s.2,
@@ -156,6 +157,7 @@ pub fn kernel_definitions<R: Runtime>(
                     a(),
                     a(),
                     a(),
+                    a(),
                     (),
                     (),
                     (),
@@ -173,6 +175,7 @@ pub fn kernel_definitions<R: Runtime>(
                 attention::attention_kernel::AttentionKernel::<half::f16, R>::new(
                     settings(hd),
                     c(),
+                    a(),
                     a(),
                     a(),
                     a(),

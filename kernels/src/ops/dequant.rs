@@ -7,6 +7,8 @@
 
 use cubecl::prelude::*;
 
+use super::launch::{self, array_arg, Arg};
+
 use super::gpu::{grid, Buf, Gpu};
 use super::norm::cube_sum;
 use crate::GgmlType;
@@ -229,19 +231,31 @@ pub fn launch_linear_plain<R: Runtime>(
     gpu.count();
     // SAFETY: every cube reads row r < rows of W and row t < n of x, both asserted above.
     unsafe {
-        linear_plain_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            linear_plain_kernel::LinearPlainKernel::<R>::new(
+                launch::settings(CubeDim::new_1d(LINEAR_CUBE as u32)),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                array_arg(),
+                (),
+                (),
+                (),
+                (),
+                w.ty.id(),
+                LINEAR_CUBE,
+            ),
             grid(n * w.rows),
-            CubeDim::new_1d(LINEAR_CUBE as u32),
-            w.buf.arg(),
-            x.arg(),
-            out.arg(),
-            w.rows as u32,
-            w.cols as u32,
-            w.row_bytes() as u32,
-            n as u32,
-            w.ty.id(),
-            LINEAR_CUBE,
+            &[
+                Arg::buf::<u32>(&w.buf),
+                Arg::buf::<f32>(&x),
+                Arg::buf::<f32>(&out),
+                Arg::U32(w.rows as u32),
+                Arg::U32(w.cols as u32),
+                Arg::U32(w.row_bytes() as u32),
+                Arg::U32(n as u32),
+            ],
         )
     }
 }

@@ -3,6 +3,8 @@
 
 use cubecl::prelude::*;
 
+use super::launch::{self, array_arg, Arg};
+
 use super::dequant::{element, DeviceWeight};
 use super::gpu::{elementwise, Buf, Gpu};
 
@@ -126,22 +128,36 @@ fn launch<R: Runtime>(
     // SAFETY: the kernel guards its unit count; token ids are below `w.rows`, or inside the
     // block's range when ranged (caller contract).
     unsafe {
-        embedding_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            embedding_kernel::EmbeddingKernel::<R>::new(
+                launch::settings(dim),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                array_arg(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                w.ty.id(),
+                from_scalar,
+                first_row.is_some(),
+            ),
             count,
-            dim,
-            w.buf.arg(),
-            ids.arg(),
-            out.arg(),
-            token0,
-            n as u32,
-            w.cols as u32,
-            w.row_bytes() as u32,
-            first_row.unwrap_or(0),
-            w.rows as u32,
-            w.ty.id(),
-            from_scalar,
-            first_row.is_some(),
+            &[
+                Arg::buf::<u32>(&w.buf),
+                Arg::buf::<u32>(&ids),
+                Arg::buf::<f32>(&out),
+                Arg::U32(token0),
+                Arg::U32(n as u32),
+                Arg::U32(w.cols as u32),
+                Arg::U32(w.row_bytes() as u32),
+                Arg::U32(first_row.unwrap_or(0)),
+                Arg::U32(w.rows as u32),
+            ],
         )
     }
 }

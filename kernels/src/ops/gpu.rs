@@ -70,11 +70,6 @@ impl Buf {
             elem_bytes: self.elem_bytes,
         }
     }
-    /// The buffer as a kernel argument over its whole length.
-    pub(crate) fn arg<R: Runtime>(&self) -> ArrayArg<R> {
-        // SAFETY: `len` elements were allocated with this handle (see `Gpu::upload`).
-        unsafe { ArrayArg::from_raw_parts(self.handle.clone(), self.len) }
-    }
 }
 
 impl<R: Runtime> Gpu<R> {
@@ -211,6 +206,46 @@ impl<R: Runtime> Gpu<R> {
         self.client
             .properties()
             .supports_type(half::f16::as_type_native_unchecked())
+    }
+}
+
+/// Where a launch finds the position of its first token.
+#[derive(Clone, Copy, Debug)]
+pub enum Pos<'a> {
+    /// Passed as an argument.
+    Host(usize),
+    /// Read from `buf[0]` on the device, at most `max`: a replayed decode step keeps every
+    /// launch argument fixed while the position moves (kernels add `buf[0]` to the argument).
+    Device { buf: &'a Buf, max: usize },
+}
+
+impl Pos<'_> {
+    /// The largest position the launch may see (checks and grids are sized for it).
+    pub fn bound(&self) -> usize {
+        match *self {
+            Pos::Host(p) => p,
+            Pos::Device { max, .. } => max,
+        }
+    }
+    /// The scalar argument (0 when the device holds the position).
+    pub(crate) fn scalar(&self) -> u32 {
+        match *self {
+            Pos::Host(p) => p as u32,
+            Pos::Device { .. } => 0,
+        }
+    }
+    /// The device buffer added to the argument: `zero` (one 0) when the host passes it.
+    pub(crate) fn buf<'b>(&'b self, zero: &'b Buf) -> &'b Buf {
+        match self {
+            Pos::Host(_) => zero,
+            Pos::Device { buf, .. } => buf,
+        }
+    }
+}
+
+impl From<usize> for Pos<'_> {
+    fn from(p: usize) -> Self {
+        Pos::Host(p)
     }
 }
 

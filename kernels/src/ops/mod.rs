@@ -8,6 +8,9 @@ pub mod catalog;
 pub mod dequant;
 pub mod embedding;
 pub mod gpu;
+#[cfg(any(feature = "cuda", feature = "hip"))]
+pub mod graph;
+pub mod launch;
 pub mod matmul;
 pub mod norm;
 pub mod rope;

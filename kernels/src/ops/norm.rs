@@ -40,6 +40,8 @@ pub fn rms_norm_heads(x: &mut [f32], weight: &[f32], eps: f32) {
 
 use cubecl::prelude::*;
 
+use super::launch::{self, array_arg, Arg};
+
 use super::gpu::{row_grid, Buf, Gpu};
 
 /// Threads per cube of the row kernels (a power of two: the sum halves it).
@@ -227,16 +229,26 @@ pub fn launch_rms_norm<R: Runtime>(
     gpu.count();
     // SAFETY: every index is below the lengths checked above.
     unsafe {
-        rms_norm_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            rms_norm_kernel::RmsNormKernel::<R>::new(
+                launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                array_arg(),
+                (),
+                (),
+                ROW_CUBE,
+            ),
             row_grid(rows),
-            CubeDim::new_1d(ROW_CUBE as u32),
-            x.arg(),
-            weight.arg(),
-            out.arg(),
-            row0 as u32,
-            eps,
-            ROW_CUBE,
+            &[
+                Arg::buf::<f32>(&x),
+                Arg::buf::<f32>(&weight),
+                Arg::buf::<f32>(&out),
+                Arg::U32(row0 as u32),
+                Arg::F32(eps),
+            ],
         )
     }
 }
@@ -261,17 +273,28 @@ pub fn launch_add_rms_norm<R: Runtime>(
     gpu.count();
     // SAFETY: every index is below the lengths checked above.
     unsafe {
-        add_rms_norm_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            add_rms_norm_kernel::AddRmsNormKernel::<R>::new(
+                launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                array_arg(),
+                array_arg(),
+                (),
+                (),
+                ROW_CUBE,
+            ),
             row_grid(rows),
-            CubeDim::new_1d(ROW_CUBE as u32),
-            x.arg(),
-            y.arg(),
-            weight.arg(),
-            out.arg(),
-            row0 as u32,
-            eps,
-            ROW_CUBE,
+            &[
+                Arg::buf::<f32>(&x),
+                Arg::buf::<f32>(&y),
+                Arg::buf::<f32>(&weight),
+                Arg::buf::<f32>(&out),
+                Arg::U32(row0 as u32),
+                Arg::F32(eps),
+            ],
         )
     }
 }
@@ -293,15 +316,24 @@ pub fn launch_add_rms_normed<R: Runtime>(
     gpu.count();
     // SAFETY: every index is below the lengths checked above.
     unsafe {
-        add_rms_normed_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            add_rms_normed_kernel::AddRmsNormedKernel::<R>::new(
+                launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                array_arg(),
+                (),
+                ROW_CUBE,
+            ),
             row_grid(rows),
-            CubeDim::new_1d(ROW_CUBE as u32),
-            x.arg(),
-            p.arg(),
-            weight.arg(),
-            eps,
-            ROW_CUBE,
+            &[
+                Arg::buf::<f32>(&x),
+                Arg::buf::<f32>(&p),
+                Arg::buf::<f32>(&weight),
+                Arg::F32(eps),
+            ],
         )
     }
 }
@@ -338,17 +370,28 @@ pub fn launch_rms_norm_heads<R: Runtime>(
     gpu.count();
     // SAFETY: cube r touches token r / heads, head r % heads, within the length checked above.
     unsafe {
-        rms_norm_heads_kernel::launch_unchecked::<R>(
+        launch::launch(
             gpu.client(),
+            rms_norm_heads_kernel::RmsNormHeadsKernel::<R>::new(
+                launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
+                gpu.client().clone(),
+                array_arg(),
+                array_arg(),
+                (),
+                (),
+                (),
+                (),
+                ROW_CUBE,
+            ),
             row_grid(tokens * heads),
-            CubeDim::new_1d(ROW_CUBE as u32),
-            x.arg(),
-            weight.arg(),
-            off as u32,
-            stride as u32,
-            heads as u32,
-            eps,
-            ROW_CUBE,
+            &[
+                Arg::buf::<f32>(&x),
+                Arg::buf::<f32>(&weight),
+                Arg::U32(off as u32),
+                Arg::U32(stride as u32),
+                Arg::U32(heads as u32),
+                Arg::F32(eps),
+            ],
         )
     }
 }

@@ -53,7 +53,8 @@ pub fn rope_neox(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 use cubecl::prelude::*;
 
 use super::attention::{KvCache, KvType};
-use super::gpu::{elementwise, Buf, Gpu};
+use super::gpu::{elementwise, Buf, Gpu, Pos};
+use super::launch::{self, array_arg, Arg};
 
 /// The cos and sin tables for positions `0..ctx`, each `(ctx, rope_dim/2)`, row-major.
 pub fn rope_tables(ctx: usize, inv_freqs: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -106,6 +107,7 @@ pub fn rope_store_kernel<K: Float>(
     sin: &Array<f32>,
     k_cache: &mut Array<K>,
     v_cache: &mut Array<K>,
+    pos_dev: &Array<u32>,
     pos: u32,
     n_tokens: u32,
     n_head: u32,
@@ -131,7 +133,7 @@ pub fn rope_store_kernel<K: Float>(
         let i = idx % pairs;
         let slot = (idx / pairs) % (n_head + n_kv);
         let t = idx / (pairs * (n_head + n_kv));
-        let p = pos as usize + t;
+        let p = (pos + pos_dev[0]) as usize + t;
         let mut c = 1.0f32;
         let mut s = 0.0f32;
         if i < rot {
@@ -191,7 +193,7 @@ pub fn launch_rope_store<R: Runtime>(
 
 /// [`launch_rope_store`] in normal mode, or NeoX mode when `neox`.
 #[allow(clippy::too_many_arguments)]
-pub fn launch_rope_store_mode<R: Runtime>(
+pub fn launch_rope_store_mode<'a, R: Runtime>(
     gpu: &Gpu<R>,
     src: RopeSrc<'_>,
     q_out: &Buf,
@@ -199,11 +201,12 @@ pub fn launch_rope_store_mode<R: Runtime>(
     sin: &Buf,
     cache: &KvCache,
     layer: usize,
-    pos: usize,
+    pos: impl Into<Pos<'a>>,
     n: usize,
     shape: RopeShape,
     neox: bool,
 ) {
+    let pos: Pos<'a> = pos.into();
     let RopeShape {
         n_head,
         n_kv_heads,
@@ -234,12 +237,12 @@ pub fn launch_rope_store_mode<R: Runtime>(
         "rope: q_out too small for {n} tokens"
     );
     assert!(
-        (pos + n) * rot_pairs <= cos.len().min(sin.len()),
+        (pos.bound() + n) * rot_pairs <= cos.len().min(sin.len()),
         "rope: table too short for position {}",
-        pos + n
+        pos.bound() + n
     );
     assert!(
-        (pos + n) * kv_dim <= cache.capacity() * kv_dim && kv_dim == cache.kv_dim(),
+        (pos.bound() + n) * kv_dim <= cache.capacity() * kv_dim && kv_dim == cache.kv_dim(),
         "rope: cache too small"
     );
     let (count, dim) = elementwise(n * (n_head + n_kv_heads) * head_dim / 2);
@@ -250,30 +253,56 @@ pub fn launch_rope_store_mode<R: Runtime>(
             // SAFETY: the kernel guards its unit count; the indices it derives are within the
             // lengths asserted above.
             unsafe {
-                rope_store_kernel::launch_unchecked::<$k, R>(
+                launch::launch(
                     gpu.client(),
+                    rope_store_kernel::RopeStoreKernel::<$k, R>::new(
+                        launch::settings(dim),
+                        gpu.client().clone(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        neox,
+                    ),
                     count,
-                    dim,
-                    q.arg(),
-                    k.arg(),
-                    v.arg(),
-                    q_out.arg(),
-                    cos.arg(),
-                    sin.arg(),
-                    kc.arg(),
-                    vc.arg(),
-                    pos as u32,
-                    n as u32,
-                    n_head as u32,
-                    n_kv_heads as u32,
-                    head_dim as u32,
-                    rot_pairs as u32,
-                    offs[0] as u32,
-                    offs[1] as u32,
-                    offs[2] as u32,
-                    strides[0] as u32,
-                    strides[1] as u32,
-                    neox,
+                    &[
+                        Arg::buf::<f32>(q),
+                        Arg::buf::<f32>(k),
+                        Arg::buf::<f32>(v),
+                        Arg::buf::<f32>(q_out),
+                        Arg::buf::<f32>(cos),
+                        Arg::buf::<f32>(sin),
+                        Arg::buf::<$k>(kc),
+                        Arg::buf::<$k>(vc),
+                        Arg::buf::<u32>(pos.buf(&cache.zero)),
+                        Arg::U32(pos.scalar()),
+                        Arg::U32(n as u32),
+                        Arg::U32(n_head as u32),
+                        Arg::U32(n_kv_heads as u32),
+                        Arg::U32(head_dim as u32),
+                        Arg::U32(rot_pairs as u32),
+                        Arg::U32(offs[0] as u32),
+                        Arg::U32(offs[1] as u32),
+                        Arg::U32(offs[2] as u32),
+                        Arg::U32(strides[0] as u32),
+                        Arg::U32(strides[1] as u32),
+                    ],
                 )
             }
         };

@@ -6,13 +6,17 @@
 //! table also in its GGUF layout for the lookup. Activations, the KV cache and the logits live on
 //! the device. A decode step passes its token as a kernel argument, allocates nothing and
 //! synchronises once: when the host reads the argmax (one `u32`) or the logits.
+//!
+//! On CUDA and HIP a single-token step is replayed ([`Replay`]): recorded once per attention
+//! bucket with the token and position read from device buffers, captured into a graph, and
+//! replayed with one driver call (docs/architecture.md, "Decode replay").
 
 use std::sync::Arc;
 
 use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, KvType};
 use rocforge_kernels::ops::dequant::{self, DeviceWeight};
 use rocforge_kernels::ops::embedding::{self, Tokens};
-use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Runtime, MAX_GRID_X};
+use rocforge_kernels::ops::gpu::{Buf, Gpu, GpuError, Pos, Runtime, MAX_GRID_X};
 use rocforge_kernels::ops::matmul::{
     self as mm, DequantScratch, Epilogue, KernelFormat, QWeight, MAX_MATVEC_TOKENS,
 };
@@ -277,6 +281,69 @@ pub struct CubeBackend<R: Runtime> {
     /// `proj` holds a residual not yet added to `x` (the next norm adds it).
     pending_add: bool,
     launch_start: u64,
+    /// Device inputs of a replayed step: the token id and the position (one `u32` each).
+    token_dev: Buf,
+    pos_dev: Buf,
+    /// While a step is recorded for replay: the attention bucket (most keys) it serves; the
+    /// step then reads its token and position from `token_dev` and `pos_dev`.
+    device_step: Option<usize>,
+    /// CubeCL's stream has work a replay must wait for.
+    cube_dirty: bool,
+    /// The argmax of the last forward call when it was replayed (read with the replay).
+    replayed: Option<u32>,
+    /// Graph replay allowed ([`Backend::set_replay`]).
+    replay_on: bool,
+    #[cfg(any(feature = "cuda", feature = "hip"))]
+    replay: Option<Replay>,
+}
+
+/// Graph replay of single-token steps: the replayer (our stream, compiled kernels, graphs) and
+/// one graph per attention bucket.
+#[cfg(any(feature = "cuda", feature = "hip"))]
+struct Replay {
+    replayer: Box<dyn rocforge_kernels::ops::graph::Replayer>,
+    /// `(bucket, graph)`: a bucket is the most keys its graph's attention grid covers.
+    graphs: Vec<(usize, usize)>,
+    /// Launches of the graph replayed last.
+    nodes: usize,
+    /// Replays and the host time spent enqueuing them (inputs written, graph launched), for
+    /// `ROCFORGE_GRAPH_STATS=1`, which prints them when the backend is dropped.
+    steps: u64,
+    enqueue: std::time::Duration,
+}
+
+#[cfg(any(feature = "cuda", feature = "hip"))]
+impl Drop for Replay {
+    fn drop(&mut self) {
+        if self.steps > 0 && std::env::var_os("ROCFORGE_GRAPH_STATS").is_some() {
+            eprintln!(
+                "rocforge: {} replayed steps, {} graphs, {} nodes in the last; host enqueue {:.1} us per step",
+                self.steps,
+                self.graphs.len(),
+                self.nodes,
+                self.enqueue.as_secs_f64() * 1e6 / self.steps as f64
+            );
+        }
+    }
+}
+
+/// I/O slots of the replayer: token in, position in, argmax out.
+#[cfg(any(feature = "cuda", feature = "hip"))]
+const IO_TOKEN: usize = 0;
+#[cfg(any(feature = "cuda", feature = "hip"))]
+const IO_POS: usize = 1;
+#[cfg(any(feature = "cuda", feature = "hip"))]
+const IO_BEST: usize = 2;
+
+/// The attention bucket of a step whose keys number `kv_len`: a power of two of at least
+/// `SPLIT_KEYS`, at most the context. Its graph plans the attention's splits for the bucket's
+/// full length; splits past the real keys find none.
+pub fn replay_bucket(kv_len: usize, ctx: usize) -> usize {
+    kv_len
+        .max(attention::SPLIT_KEYS)
+        .next_power_of_two()
+        .min(ctx)
+        .max(kv_len)
 }
 
 impl<R: Runtime> CubeBackend<R> {
@@ -497,6 +564,14 @@ impl<R: Runtime> CubeBackend<R> {
             all_logits: false,
             pending_add: false,
             launch_start: 0,
+            token_dev: gpu.zeros(1),
+            pos_dev: gpu.zeros(1),
+            device_step: None,
+            cube_dirty: true,
+            replayed: None,
+            replay_on: true,
+            #[cfg(any(feature = "cuda", feature = "hip"))]
+            replay: None,
             ctx,
             max_batch: b,
             kind,
@@ -617,9 +692,21 @@ impl<R: Runtime> CubeBackend<R> {
 
     /// `x[t] = token_embd[tokens[t]]`: a single token from the block that holds it, a batch
     /// by one launch per block (each writes the rows of its tokens).
+    /// The position argument of this step's launches: the host's, or `pos_dev` while a step
+    /// is recorded for replay (bounded by its bucket).
+    fn pos_arg(&self) -> Pos<'_> {
+        match self.device_step {
+            Some(bucket) => Pos::Device {
+                buf: &self.pos_dev,
+                max: bucket - self.n,
+            },
+            None => Pos::Host(self.pos),
+        }
+    }
+
     fn lookup(&mut self, tokens: &[u32]) -> Result<()> {
         let n = tokens.len();
-        if n == 1 {
+        if n == 1 && self.device_step.is_none() {
             let block = self.token_embd.block_of(tokens[0] as usize);
             let token0 = tokens[0] - block.first as u32;
             self.gpu
@@ -641,7 +728,10 @@ impl<R: Runtime> CubeBackend<R> {
                 }
             };
         }
-        let ids = self.gpu.u32s(tokens);
+        let ids = match self.device_step {
+            Some(_) => self.token_dev.clone(),
+            None => self.gpu.u32s(tokens),
+        };
         if let Some(table) = self.token_embd.single() {
             return match table {
                 Matrix::Tuned(w) => {
@@ -927,7 +1017,7 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             sin,
             &self.cache,
             l,
-            self.pos,
+            self.pos_arg(),
             self.n,
             shape,
             c.rope_style == RopeStyle::Neox,
@@ -949,7 +1039,7 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             l,
             &self.scratch,
             &self.att,
-            self.pos,
+            self.pos_arg(),
             self.n,
             shape,
             window,
@@ -1104,6 +1194,128 @@ impl<R: Runtime> Executor for CubeBackend<R> {
     }
 }
 
+#[cfg(any(feature = "cuda", feature = "hip"))]
+impl<R: Runtime> CubeBackend<R> {
+    /// Runs a single-token step as a graph replay; `None` where replay is off (wgpu, profiling,
+    /// `ROCFORGE_GRAPH=0`, or a capture that failed, which turns it off for this backend and
+    /// leaves the plain launches to run the step). Returns the step's argmax.
+    fn replay_step(&mut self, token: u32, pos: usize) -> Result<Option<u32>> {
+        if self.profiling || !self.replay_on || !graphs_enabled() {
+            return Ok(None);
+        }
+        if self.replay.is_none() {
+            let io = [
+                self.token_dev.handle(),
+                self.pos_dev.handle(),
+                self.best.handle(),
+            ];
+            match rocforge_kernels::ops::graph::replayer(self.gpu.client(), &io) {
+                Ok(replayer) => {
+                    self.replay = Some(Replay {
+                        replayer,
+                        graphs: Vec::new(),
+                        nodes: 0,
+                        steps: 0,
+                        enqueue: Default::default(),
+                    })
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+        if pos >= self.ctx {
+            return Ok(None);
+        }
+        let bucket = replay_bucket(pos + 1, self.ctx);
+        let known = self
+            .replay
+            .as_ref()
+            .and_then(|r| r.graphs.iter().find(|(b, _)| *b == bucket).map(|&(_, g)| g));
+        if self.cube_dirty {
+            self.gpu.sync().map_err(|e| self.err(e))?;
+            self.cube_dirty = false;
+        }
+        let graph = match known {
+            Some(g) => g,
+            None => match self.record_step(token, pos, bucket)? {
+                Some(g) => g,
+                None => return Ok(None),
+            },
+        };
+        let Some(r) = self.replay.as_mut() else {
+            return Ok(None);
+        };
+        let start = std::time::Instant::now();
+        let replayed = r
+            .replayer
+            .write_u32(IO_TOKEN, token)
+            .and_then(|_| r.replayer.write_u32(IO_POS, pos as u32))
+            .and_then(|_| r.replayer.replay(graph))
+            .map(|_| {
+                r.enqueue += start.elapsed();
+                r.steps += 1;
+            })
+            .and_then(|_| r.replayer.read_u32(IO_BEST));
+        r.nodes = r.replayer.nodes(graph);
+        self.launches_last = r.nodes as u64;
+        replayed
+            .map(Some)
+            .map_err(|e| self.backend_err(format!("graph replay: {e}")))
+    }
+
+    /// Records the step for `bucket` (launching nothing) and captures it; `None` (and replay off
+    /// for this backend) when the recording or the capture fails.
+    fn record_step(&mut self, token: u32, pos: usize, bucket: usize) -> Result<Option<usize>> {
+        let plan = self.plan.clone();
+        self.device_step = Some(bucket);
+        let (out, rec) = rocforge_kernels::ops::launch::record(|| -> Result<u64> {
+            arch::forward(self, &plan, &[token], pos, false)?;
+            let nv = self.model.config.n_vocab;
+            argmax::launch_argmax(&self.gpu, &self.logits, 0, nv, &self.best);
+            Ok(self.launches_last + 1)
+        });
+        self.device_step = None;
+        let counted = out?;
+        let Some(r) = self.replay.as_mut() else {
+            return Ok(None);
+        };
+        // Every launch of the step must have gone through the recorder (a launch that reached
+        // CubeCL directly would be missing from the graph).
+        let captured = if rec.nodes.len() as u64 != counted {
+            Err(format!(
+                "the step counted {counted} launches but recorded {}",
+                rec.nodes.len()
+            ))
+        } else {
+            r.replayer.capture(rec)
+        };
+        match captured {
+            Ok(g) => {
+                r.graphs.push((bucket, g));
+                Ok(Some(g))
+            }
+            Err(why) => {
+                eprintln!("rocforge: graph replay off for this backend ({why}); decoding with plain launches");
+                self.replay = None;
+                REPLAY_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Set when a capture failed: later backends in this process launch plainly from the start.
+#[cfg(any(feature = "cuda", feature = "hip"))]
+static REPLAY_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether decode steps may be replayed: not after a failed capture, nor with
+/// `ROCFORGE_GRAPH=0` (for A/B measurements and as an escape hatch).
+#[cfg(any(feature = "cuda", feature = "hip"))]
+fn graphs_enabled() -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !REPLAY_OFF.load(std::sync::atomic::Ordering::Relaxed)
+        && *ENV.get_or_init(|| std::env::var("ROCFORGE_GRAPH").map_or(true, |v| v != "0"))
+}
+
 impl<R: Runtime> Backend for CubeBackend<R> {
     fn kind(&self) -> BackendKind {
         self.kind
@@ -1122,6 +1334,17 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     }
 
     fn forward(&mut self, tokens: &[u32], pos: usize, all_logits: bool) -> Result<()> {
+        self.replayed = None;
+        #[cfg(any(feature = "cuda", feature = "hip"))]
+        if let ([token], false) = (tokens, all_logits) {
+            if let Some(best) = self.replay_step(*token, pos)? {
+                self.replayed = Some(best);
+                self.host_fresh = false;
+                self.n_logit_rows = 1;
+                return Ok(());
+            }
+        }
+        self.cube_dirty = true;
         let plan = self.plan.clone();
         arch::forward(self, &plan, tokens, pos, all_logits)
     }
@@ -1137,7 +1360,18 @@ impl<R: Runtime> Backend for CubeBackend<R> {
         Ok(&self.host_logits[..n])
     }
 
+    fn set_replay(&mut self, on: bool) {
+        self.replay_on = on;
+    }
+
+    fn last_forward_replayed(&self) -> bool {
+        self.replayed.is_some()
+    }
+
     fn argmax(&mut self) -> Result<u32> {
+        if let Some(best) = self.replayed {
+            return Ok(best);
+        }
         let nv = self.model.config.n_vocab;
         argmax::launch_argmax(
             &self.gpu,
@@ -1195,6 +1429,10 @@ impl<R: Runtime> Backend for CubeBackend<R> {
     }
 
     fn launches_last_forward(&self) -> u64 {
+        #[cfg(any(feature = "cuda", feature = "hip"))]
+        if let (Some(_), Some(r)) = (self.replayed, &self.replay) {
+            return r.nodes as u64;
+        }
         self.launches_last
     }
 

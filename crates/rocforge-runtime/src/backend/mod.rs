@@ -127,6 +127,13 @@ pub trait Backend: Send {
     fn launches_last_forward(&self) -> u64 {
         0
     }
+    /// Allows or forbids graph replay of single-token steps (CUDA and HIP; on by default unless
+    /// `ROCFORGE_GRAPH=0`). Other backends ignore it.
+    fn set_replay(&mut self, _on: bool) {}
+    /// Whether the last forward call ran as a graph replay.
+    fn last_forward_replayed(&self) -> bool {
+        false
+    }
     /// Turns per-op timing on (and clears it) or off. Off by default: on a GPU it
     /// synchronizes after every op, which slows the forward pass.
     fn set_profiling(&mut self, _on: bool) {}

@@ -15,6 +15,7 @@ use super::format::KernelFormat;
 use super::kernels::{self, Fusion, MatvecConfig};
 use super::layout;
 use crate::ops::activation::GateAct;
+use crate::ops::launch::{self, array_arg, Arg};
 use crate::quant::GgmlType;
 
 /// Batches up to this many tokens run as a multi-token mat-vec (one weight read, no scratch);
@@ -129,14 +130,13 @@ impl<R: Runtime> QWeight<R> {
         self.format
     }
 
-    fn quants_arg(&self) -> ArrayArg<R> {
-        let len = self.quants.size_in_used() as usize / 4;
-        unsafe { ArrayArg::from_raw_parts(self.quants.clone(), len) }
-    }
-
-    fn scales_arg(&self) -> ArrayArg<R> {
-        let len = self.scales.size_in_used() as usize / 4;
-        unsafe { ArrayArg::from_raw_parts(self.scales.clone(), len) }
+    /// The quants and scales as launch arguments (words).
+    fn args(&self) -> [Arg<'_>; 2] {
+        let words = |h: &Handle| h.size_in_used() as usize / 4;
+        [
+            Arg::of::<u32>(&self.quants, words(&self.quants)),
+            Arg::of::<u32>(&self.scales, words(&self.scales)),
+        ]
     }
 }
 
@@ -337,25 +337,44 @@ pub fn launch_matvec<R: Runtime>(
     };
     let w2 = op.up.map_or(w, |(up, _)| up);
     let cfg = cfg_for(matvec_config(client), op.tokens);
+    let kernel = kernels::matvec_kernel::MatvecKernel::<R>::new(
+        launch::settings(CubeDim::new_2d(cfg.lanes, cfg.planes_per_cube)),
+        client.clone(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        (),
+        (),
+        (),
+        (),
+        w.format,
+        cfg,
+        op.fusion(),
+    );
+    let ([wq, ws], [uq, us]) = (w.args(), w2.args());
+    // SAFETY: the buffers were checked against the shape above; the kernel guards its rows.
     unsafe {
-        kernels::matvec_kernel::launch_unchecked::<R>(
+        launch::launch(
             client,
+            kernel,
             matvec_cube_count(w.rows, cfg),
-            CubeDim::new_2d(cfg.lanes, cfg.planes_per_cube),
-            w.quants_arg(),
-            w.scales_arg(),
-            w2.quants_arg(),
-            w2.scales_arg(),
-            ArrayArg::from_raw_parts(op.x.clone(), op.tokens * w.cols / 4),
-            ArrayArg::from_raw_parts(norm_w.clone(), w.cols / 4),
-            ArrayArg::from_raw_parts(op.y.clone(), op.tokens * w.rows),
-            w.rows as u32,
-            w.cols as u32,
-            w.blocks_per_row,
-            op.norm.map_or(0.0, |(_, eps)| eps),
-            w.format,
-            cfg,
-            op.fusion(),
+            &[
+                wq,
+                ws,
+                uq,
+                us,
+                Arg::vec::<f32>(op.x, op.tokens * w.cols / 4, 4),
+                Arg::vec::<f32>(norm_w, w.cols / 4, 4),
+                Arg::of::<f32>(op.y, op.tokens * w.rows),
+                Arg::U32(w.rows as u32),
+                Arg::U32(w.cols as u32),
+                Arg::U32(w.blocks_per_row),
+                Arg::F32(op.norm.map_or(0.0, |(_, eps)| eps)),
+            ],
         )
     };
     Ok(())
@@ -472,24 +491,42 @@ fn launch_embed<R: Runtime>(
     let units = n as u64 * (w.blocks_per_row * w.format.slots_per_block()) as u64;
     check_u32(units)?;
     let id_len = (ids.size_in_used() as usize / 4).max(1);
+    let kernel = kernels::embed_kernel::EmbedKernel::<R>::new(
+        launch::settings(CubeDim::new_1d(ROW_THREADS)),
+        client.clone(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        w.format,
+        token0.is_some(),
+        first_row.is_some(),
+    );
+    let [wq, ws] = w.args();
+    // SAFETY: `ids` and `out` were checked above; the kernel guards its unit count.
     unsafe {
-        kernels::embed_kernel::launch_unchecked::<R>(
+        launch::launch(
             client,
+            kernel,
             grid(units.div_ceil(ROW_THREADS as u64) as u32),
-            CubeDim::new_1d(ROW_THREADS),
-            w.quants_arg(),
-            w.scales_arg(),
-            ArrayArg::from_raw_parts(ids.clone(), id_len),
-            ArrayArg::from_raw_parts(out.clone(), n * w.cols),
-            token0.unwrap_or(0),
-            n as u32,
-            w.cols as u32,
-            w.blocks_per_row,
-            first_row.unwrap_or(0),
-            w.rows as u32,
-            w.format,
-            token0.is_some(),
-            first_row.is_some(),
+            &[
+                wq,
+                ws,
+                Arg::of::<u32>(ids, id_len),
+                Arg::of::<f32>(out, n * w.cols),
+                Arg::U32(token0.unwrap_or(0)),
+                Arg::U32(n as u32),
+                Arg::U32(w.cols as u32),
+                Arg::U32(w.blocks_per_row),
+                Arg::U32(first_row.unwrap_or(0)),
+                Arg::U32(w.rows as u32),
+            ],
         )
     };
     Ok(())
@@ -512,18 +549,32 @@ pub fn dequantize<R: Runtime>(
     const THREADS: u32 = ROW_THREADS;
     let units = w.rows as u64 * (w.blocks_per_row * w.format.slots_per_block()) as u64;
     check_u32(units)?;
+    let kernel = kernels::dequantize_kernel::DequantizeKernel::<R>::new(
+        launch::settings(CubeDim::new_1d(THREADS)),
+        client.clone(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        (),
+        (),
+        (),
+        w.format,
+    );
+    let [wq, ws] = w.args();
+    // SAFETY: the scratch holds the matrix (checked above); the kernel guards its units.
     unsafe {
-        kernels::dequantize_kernel::launch_unchecked::<R>(
+        launch::launch(
             client,
+            kernel,
             grid(units.div_ceil(THREADS as u64) as u32),
-            CubeDim::new_1d(THREADS),
-            w.quants_arg(),
-            w.scales_arg(),
-            ArrayArg::from_raw_parts(scratch.handle.clone(), scratch.elems.max(1)),
-            w.rows as u32,
-            w.cols as u32,
-            w.blocks_per_row,
-            w.format,
+            &[
+                wq,
+                ws,
+                Arg::of::<f32>(&scratch.handle, scratch.elems.max(1)),
+                Arg::U32(w.rows as u32),
+                Arg::U32(w.cols as u32),
+                Arg::U32(w.blocks_per_row),
+            ],
         )
     };
     Ok(())
