@@ -140,19 +140,82 @@ impl<R: Runtime> QWeight<R> {
     }
 }
 
-/// A reusable `f32` buffer for the prefill dequantize pass: size it once for the largest
-/// weight (`rows * cols` elements) and pass it to every [`matmul`].
+/// How prefill multiplies a batch by a weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillPrecision {
+    /// `f32` operands (TF32 on NVIDIA's matrix units), cubek's default strategy: devices
+    /// without f16 matrix units (lavapipe, gfx1030).
+    F32,
+    /// `f16` operands, `f32` accumulation and output, on the matrix units; `tma` selects cubek's
+    /// TMA-fed warp-specialized strategy (Hopper), else cubek's default.
+    F16 { tma: bool },
+}
+
+impl PrefillPrecision {
+    /// Bytes of one scratch element.
+    pub fn elem_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 { .. } => 2,
+        }
+    }
+}
+
+/// The prefill precision of `client`'s device: f16 where its matrix units multiply f16 into
+/// f32 (cmma or mma), else f32. `ROCFORGE_PREFILL=f32` forces f32 (A/B runs).
+pub fn prefill_precision<R: Runtime>(client: &ComputeClient<R>) -> PrefillPrecision {
+    static FORCE_F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *FORCE_F32.get_or_init(|| std::env::var("ROCFORGE_PREFILL").is_ok_and(|v| v == "f32")) {
+        return PrefillPrecision::F32;
+    }
+    let props = client.properties();
+    let (f16, f32) = (
+        half::f16::as_type_native_unchecked().storage_type(),
+        f32::as_type_native_unchecked().storage_type(),
+    );
+    let mm = &props.features.matmul;
+    let units = mm
+        .cmma
+        .iter()
+        .chain(mm.mma.iter())
+        .any(|c| c.a_type == f16 && c.b_type == f16 && c.cd_type == f32);
+    if units && props.supports_type(half::f16::as_type_native_unchecked()) {
+        PrefillPrecision::F16 {
+            tma: !props.features.tma.is_empty(),
+        }
+    } else {
+        PrefillPrecision::F32
+    }
+}
+
+/// A reusable buffer for the prefill dequantize pass: size it once for the largest weight
+/// (`rows * cols` elements) and pass it to every [`matmul`]. Its elements are `f16` where the
+/// device multiplies f16 on its matrix units ([`prefill_precision`]), else `f32`; with f16 it
+/// also holds the batch's activations as f16, grown to the largest batch seen.
 pub struct DequantScratch<R: Runtime> {
     handle: Handle,
     elems: usize,
+    precision: PrefillPrecision,
+    activations: std::sync::Mutex<Option<(Handle, usize)>>,
     _runtime: PhantomData<fn() -> R>,
 }
 
 impl<R: Runtime> DequantScratch<R> {
     pub fn new(client: &ComputeClient<R>, elems: usize) -> Self {
+        Self::with_precision(client, elems, prefill_precision(client))
+    }
+
+    /// A scratch of `precision`'s element type whatever the device prefers (tests).
+    pub fn with_precision(
+        client: &ComputeClient<R>,
+        elems: usize,
+        precision: PrefillPrecision,
+    ) -> Self {
         Self {
-            handle: client.empty(elems.max(1) * 4),
+            handle: client.empty(elems.max(1) * precision.elem_bytes()),
             elems,
+            precision,
+            activations: std::sync::Mutex::new(None),
             _runtime: PhantomData,
         }
     }
@@ -162,9 +225,28 @@ impl<R: Runtime> DequantScratch<R> {
         self.elems
     }
 
-    /// The buffer: after [`dequantize`], the weight as row-major `f32` `[rows, cols]`.
+    /// The element type of the scratch (and of the matmul's operands).
+    pub fn precision(&self) -> PrefillPrecision {
+        self.precision
+    }
+
+    /// The buffer: after [`dequantize`], the weight as row-major `[rows, cols]` of
+    /// [`Self::precision`]'s element type.
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// An f16 buffer of at least `elems` elements for the activations.
+    fn activations(&self, client: &ComputeClient<R>, elems: usize) -> Handle {
+        let mut a = self.activations.lock().unwrap_or_else(|e| e.into_inner());
+        match &*a {
+            Some((h, n)) if *n >= elems => h.clone(),
+            _ => {
+                let h = client.empty(elems.max(1) * 2);
+                *a = Some((h.clone(), elems));
+                h
+            }
+        }
     }
 }
 
@@ -417,13 +499,78 @@ pub fn matmul<R: Runtime>(
         runtime: PhantomData,
     };
     let (k, n) = (w.cols, w.rows);
-    let lhs = InputBinding::Normal(binding(x, [n_tokens, k], [k, 1]), f32_ty);
-    // W is [n, k] row-major in scratch: read as the column-major [k, n] right operand.
-    let rhs = InputBinding::Normal(binding(&scratch.handle, [k, n], [1, k]), f32_ty);
-    let out = binding(y, [n_tokens, n], [n, 1]);
-    let mut dtypes = MatmulElems::from_single_dtype(f32::as_type_native_unchecked());
-    launch_ref(&Strategy::Auto, client, lhs, rhs, out, &mut dtypes)
-        .map_err(|e| MatmulError::Matmul(format!("{e:?}")))
+    let PrefillPrecision::F16 { tma } = scratch.precision else {
+        let out = binding(y, [n_tokens, n], [n, 1]);
+        let lhs = InputBinding::Normal(binding(x, [n_tokens, k], [k, 1]), f32_ty);
+        // W is [n, k] row-major in scratch: read as the column-major [k, n] right operand.
+        let rhs = InputBinding::Normal(binding(&scratch.handle, [k, n], [1, k]), f32_ty);
+        let mut dtypes = MatmulElems::from_single_dtype(f32::as_type_native_unchecked());
+        return launch_ref(&Strategy::Auto, client, lhs, rhs, out, &mut dtypes)
+            .map_err(|e| MatmulError::Matmul(format!("{e:?}")));
+    };
+    let f16_ty = half::f16::as_type_native_unchecked().storage_type();
+    let x16 = scratch.activations(client, n_tokens * k);
+    to_f16(client, x, &x16, n_tokens * k)?;
+    // f16 operands, f32 accumulation and output.
+    let mut dtypes = MatmulElems {
+        lhs_global: f16_ty,
+        rhs_global: f16_ty,
+        acc_global: f32_ty,
+        lhs_stage: f16_ty,
+        rhs_stage: f16_ty,
+        acc_stage: f32_ty,
+        lhs_register: f16_ty,
+        rhs_register: f16_ty,
+        acc_register: f32_ty,
+    };
+    let run = |strategy: &Strategy, dtypes: &mut MatmulElems| {
+        let lhs = InputBinding::Normal(binding(&x16, [n_tokens, k], [k, 1]), f16_ty);
+        let rhs = InputBinding::Normal(binding(&scratch.handle, [k, n], [1, k]), f16_ty);
+        let out = binding(y, [n_tokens, n], [n, 1]);
+        launch_ref(strategy, client, lhs, rhs, out, dtypes)
+    };
+    // Measured on the H200 (docs/performance.md, "prefill mat-mat by element type and
+    // strategy"): the TMA-fed warp-specialized strategy ran the 8B shapes at 100-190 TFLOP/s
+    // in f16, cubek's default 48-59. TMA needs 16-byte row strides (k a multiple of 8 halves, n
+    // of 4 floats); other shapes, or a configuration cubek refuses, take the default strategy.
+    if tma && k % 8 == 0 && n % 4 == 0 {
+        let strategy = Strategy::SpecializedTmaMma(Default::default());
+        if run(&strategy, &mut dtypes.clone()).is_ok() {
+            return Ok(());
+        }
+    }
+    run(&Strategy::Auto, &mut dtypes).map_err(|e| MatmulError::Matmul(format!("{e:?}")))
+}
+
+/// `out = x` as f16 for `n` values.
+fn to_f16<R: Runtime>(
+    client: &ComputeClient<R>,
+    x: &Handle,
+    out: &Handle,
+    n: usize,
+) -> Result<(), MatmulError> {
+    check_u32(n as u64)?;
+    let kernel = kernels::to_f16_kernel::ToF16Kernel::<R>::new(
+        launch::settings(CubeDim::new_1d(ROW_THREADS)),
+        client.clone(),
+        array_arg(),
+        array_arg(),
+        (),
+    );
+    // SAFETY: both buffers hold `n` values (checked by the caller); the kernel guards `i < n`.
+    unsafe {
+        launch::launch(
+            client,
+            kernel,
+            grid((n as u32).div_ceil(ROW_THREADS)),
+            &[
+                Arg::of::<f32>(x, n),
+                Arg::of::<half::f16>(out, n),
+                Arg::U32(n as u32),
+            ],
+        )
+    };
+    Ok(())
 }
 
 /// Lanes per cube of the dequantize pass and the embedding lookup.
@@ -542,54 +689,56 @@ pub fn dequantize<R: Runtime>(
     if scratch.elems < elems {
         return Err(MatmulError::BufferTooSmall {
             what: "scratch",
-            needed: elems as u64 * 4,
-            got: scratch.elems as u64 * 4,
+            needed: (elems * scratch.precision.elem_bytes()) as u64,
+            got: (scratch.elems * scratch.precision.elem_bytes()) as u64,
         });
     }
     const THREADS: u32 = ROW_THREADS;
     let units = w.rows as u64 * (w.blocks_per_row * w.format.slots_per_block()) as u64;
     check_u32(units)?;
-    let kernel = kernels::dequantize_kernel::DequantizeKernel::<R>::new(
-        launch::settings(CubeDim::new_1d(THREADS)),
-        client.clone(),
-        array_arg(),
-        array_arg(),
-        array_arg(),
-        (),
-        (),
-        (),
-        w.format,
-    );
     let [wq, ws] = w.args();
-    // SAFETY: the scratch holds the matrix (checked above); the kernel guards its units.
-    unsafe {
-        launch::launch(
-            client,
-            kernel,
-            grid(units.div_ceil(THREADS as u64) as u32),
-            &[
-                wq,
-                ws,
-                Arg::of::<f32>(&scratch.handle, scratch.elems.max(1)),
-                Arg::U32(w.rows as u32),
-                Arg::U32(w.cols as u32),
-                Arg::U32(w.blocks_per_row),
-            ],
-        )
-    };
+    let count = grid(units.div_ceil(THREADS as u64) as u32);
+    let dims = [
+        Arg::U32(w.rows as u32),
+        Arg::U32(w.cols as u32),
+        Arg::U32(w.blocks_per_row),
+    ];
+    macro_rules! launch_as {
+        ($f:ty) => {{
+            let kernel = kernels::dequantize_kernel::DequantizeKernel::<$f, R>::new(
+                launch::settings(CubeDim::new_1d(THREADS)),
+                client.clone(),
+                array_arg(),
+                array_arg(),
+                array_arg(),
+                (),
+                (),
+                (),
+                w.format,
+            );
+            let out = Arg::of::<$f>(&scratch.handle, scratch.elems.max(1));
+            let [r, c, b] = dims;
+            // SAFETY: the scratch holds the matrix (checked above); the kernel guards its units.
+            unsafe { launch::launch(client, kernel, count, &[wq, ws, out, r, c, b]) }
+        }};
+    }
+    match scratch.precision {
+        PrefillPrecision::F32 => launch_as!(f32),
+        PrefillPrecision::F16 { .. } => launch_as!(half::f16),
+    }
     Ok(())
 }
 
 /// Rows a plane computes together for one token (see [`MatvecConfig::rows_per_plane`]);
-/// `ROCFORGE_MATVEC_ROWS` (1, 2 or 4) overrides it for tuning runs. On the H200, 2 rows per
-/// plane took a tall matrix's Q4_0 mat-vec from 0.53 to 1.29 TB/s, but a decode step's
-/// matrices (4096-14336 rows, one launch each) have too few planes to fill the GPU that way:
-/// 8B-shaped decode ran 165.8 t/s at 1, 163.7 at 2, 113.2 at 4 (docs/performance.md).
-pub const ROWS_PER_PLANE: u32 = 1;
+/// `ROCFORGE_MATVEC_ROWS` (1, 2 or 4) overrides it for tuning runs. With [`PLANES_PER_ROW`] it
+/// was chosen on the H200 with decode replayed (docs/performance.md, "decode replay"): of rows
+/// 1-2 x split 1-4, 2 x 4 ran SmolLM2 tg128 at 1,046 t/s (1 x 1: 1,019) and the 8B shape's Q4_0
+/// at 197.8 (188.1); alone, 2 rows per plane leave a decode matrix too few planes (8B: 188.5).
+pub const ROWS_PER_PLANE: u32 = 2;
 
-/// Planes that share a row group (see [`MatvecConfig::planes_per_row`]); 1 until measured on
-/// a GPU. `ROCFORGE_MATVEC_SPLIT` (1, 2 or 4) overrides it for tuning runs.
-pub const PLANES_PER_ROW: u32 = 1;
+/// Planes that share a row group (see [`MatvecConfig::planes_per_row`]), at most the cube's
+/// planes (2 on 64-wide waves); `ROCFORGE_MATVEC_SPLIT` (1, 2 or 4) overrides it.
+pub const PLANES_PER_ROW: u32 = 4;
 
 /// One plane per row group where the runtime has plane ops and one fixed plane width (NVIDIA
 /// 32, CDNA 64); otherwise 32 lanes reduced through shared memory (lavapipe, wave32/64 RDNA).

@@ -14,8 +14,8 @@ use crate::ops::activation::GateAct;
 pub enum KernelKind {
     /// `matvec_kernel` with these fusions.
     Matvec(Fusion),
-    /// `dequantize_kernel` (the prefill pass; cubek's matmul follows it).
-    Dequantize,
+    /// `dequantize_kernel` (the prefill pass; cubek's matmul follows it), into f32 or f16.
+    Dequantize { f16: bool },
     /// `embed_kernel`: one token as an argument, or ids on the device; `ranged` for a row
     /// block of a split table (device ids).
     Embed { from_scalar: bool, ranged: bool },
@@ -82,7 +82,14 @@ pub fn variants() -> Vec<KernelVariant> {
                 KernelKind::Matvec(f),
             );
         }
-        push(format!("dequantize_{format}"), KernelKind::Dequantize);
+        push(
+            format!("dequantize_{format}"),
+            KernelKind::Dequantize { f16: false },
+        );
+        push(
+            format!("dequantize_{format}_to_f16"),
+            KernelKind::Dequantize { f16: true },
+        );
         for (tag, from_scalar, ranged) in [
             ("one", true, false),
             ("batch", false, false),
@@ -115,7 +122,11 @@ pub fn launch_variant<R: Runtime>(
     };
     let x = client.create_from_slice(f32::as_bytes(&vec![0.0; tokens * cols]));
     let y = client.empty(tokens * cols * 4);
-    let scratch = DequantScratch::new(client, cols);
+    let precision = match v.kind {
+        KernelKind::Dequantize { f16: true } => api::PrefillPrecision::F16 { tma: false },
+        _ => api::PrefillPrecision::F32,
+    };
+    let scratch = DequantScratch::with_precision(client, cols, precision);
     match v.kind {
         KernelKind::Matvec(f) => {
             let act = if f.gelu {
@@ -137,7 +148,7 @@ pub fn launch_variant<R: Runtime>(
             debug_assert_eq!(op.fusion(), f);
             api::launch_matvec(client, &op)
         }
-        KernelKind::Dequantize => api::dequantize(client, &w, &scratch),
+        KernelKind::Dequantize { .. } => api::dequantize(client, &w, &scratch),
         KernelKind::Embed { ranged: true, .. } => {
             let ids = client.create_from_slice(u32::as_bytes(&[0u32]));
             api::embed_rows(client, &w, 0, &ids, 1, &y)
@@ -151,6 +162,12 @@ pub fn launch_variant<R: Runtime>(
 
 /// Lanes per cube of the dequantize pass and the embedding lookup.
 const DEQUANT_THREADS: u32 = api::ROW_THREADS;
+
+fn settings_1d(threads: u32) -> KernelSettings {
+    KernelSettings::default()
+        .cube_dim(CubeDim::new_1d(threads))
+        .address_type(AddressType::U32)
+}
 
 /// Mat-vec configs a compile check should cover for `client`: the one `client` itself would
 /// launch ([`api::matvec_config`]) plus one plane per row at 64 lanes (CDNA, wave64) and at 32
@@ -221,18 +238,29 @@ pub fn definition<R: Runtime>(
             fusion,
         )
         .define(),
-        KernelKind::Dequantize => kernels::dequantize_kernel::DequantizeKernel::<R>::new(
-            settings(CubeDim::new_1d(DEQUANT_THREADS)),
-            c(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            (),
-            v.format,
-        )
-        .define(),
+        KernelKind::Dequantize { f16 } => {
+            macro_rules! def {
+                ($f:ty) => {
+                    kernels::dequantize_kernel::DequantizeKernel::<$f, R>::new(
+                        settings(CubeDim::new_1d(DEQUANT_THREADS)),
+                        c(),
+                        a(),
+                        a(),
+                        a(),
+                        (),
+                        (),
+                        (),
+                        v.format,
+                    )
+                    .define()
+                };
+            }
+            if f16 {
+                def!(half::f16)
+            } else {
+                def!(f32)
+            }
+        }
         KernelKind::Embed {
             from_scalar,
             ranged,
@@ -263,9 +291,22 @@ pub fn kernel_definitions<R: Runtime>(
     client: &ComputeClient<R>,
 ) -> Vec<(String, KernelDefinition)> {
     let cfgs = check_configs(client);
-    let mut out = Vec::new();
+    let mut out = vec![(
+        "to_f16".to_string(),
+        kernels::to_f16_kernel::ToF16Kernel::<R>::new(
+            settings_1d(DEQUANT_THREADS),
+            client.clone(),
+            ArrayCompilationArg { inplace: None },
+            ArrayCompilationArg { inplace: None },
+            (),
+        )
+        .define(),
+    )];
     for v in variants() {
-        if matches!(v.kind, KernelKind::Dequantize | KernelKind::Embed { .. }) {
+        if matches!(
+            v.kind,
+            KernelKind::Dequantize { .. } | KernelKind::Embed { .. }
+        ) {
             out.push((v.name.clone(), definition(client, &v, cfgs[0])));
             continue;
         }

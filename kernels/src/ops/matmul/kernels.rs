@@ -383,10 +383,10 @@ pub fn matvec_kernel(
 /// Writes the weights of slot `slot` of block `blk` of weight row `wrow` to
 /// `out[orow * cols + ..]` (columns past `cols`, the plain formats' row padding, skipped).
 #[cube]
-fn write_slot(
+fn write_slot<F: Float>(
     w: &Array<u32>,
     scales: &Array<u32>,
-    out: &mut Array<f32>,
+    out: &mut Array<F>,
     wrow: u32,
     orow: u32,
     blk: u32,
@@ -419,19 +419,19 @@ fn write_slot(
                 v += m[g as usize];
             }
             if c0 + k < cols {
-                out[(orow * cols + c0 + k) as usize] = v;
+                out[(orow * cols + c0 + k) as usize] = F::cast_from(v);
             }
         }
     }
 }
 
-/// Dequantizes the whole matrix into row-major `f32` `out[rows, cols]`, one unit per slot
-/// (the prefill path's scratch, fed to cubek's matmul).
+/// Dequantizes the whole matrix into row-major `F` (`f32` or `f16`) `out[rows, cols]`, one
+/// unit per slot (the prefill path's scratch, fed to cubek's matmul).
 #[cube(launch_unchecked)]
-pub fn dequantize_kernel(
+pub fn dequantize_kernel<F: Float>(
     w: &Array<u32>,
     scales: &Array<u32>,
-    out: &mut Array<f32>,
+    out: &mut Array<F>,
     rows: u32,
     cols: u32,
     blocks_per_row: u32,
@@ -443,7 +443,7 @@ pub fn dequantize_kernel(
     let row = id / per_row;
     let rem = id % per_row;
     if row < rows {
-        write_slot(
+        write_slot::<F>(
             w,
             scales,
             out,
@@ -498,7 +498,7 @@ pub fn embed_kernel(
             if comptime![ranged] {
                 tok -= row0;
             }
-            write_slot(
+            write_slot::<f32>(
                 w,
                 scales,
                 out,
@@ -511,5 +511,15 @@ pub fn embed_kernel(
                 fmt,
             );
         }
+    }
+}
+
+/// `out[i] = x[i]` as `f16` for `i < n`: activations into the f16 operand of the prefill
+/// matmul.
+#[cube(launch_unchecked)]
+pub fn to_f16_kernel(x: &Array<f32>, out: &mut Array<half::f16>, n: u32) {
+    let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    if i < n {
+        out[i as usize] = half::f16::cast_from(x[i as usize]);
     }
 }
