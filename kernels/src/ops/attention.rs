@@ -173,8 +173,24 @@ impl KvCache {
     }
 }
 
-/// Keys one split covers before decode splits the sequence further.
-pub const SPLIT_KEYS: usize = 256;
+/// Keys one split covers before decode splits the sequence further. A single split is one cube
+/// per head walking its keys in tiles, latency-bound on a GPU: on the H200 with decode
+/// replayed, 64 keys ran SmolLM2 tg128 / chat tg50 / tg128 @ d2048 at 1,106 / 1,055 / 807 t/s
+/// against 1,046 / 777 / 597 at 256 (docs/performance.md).
+pub const SPLIT_KEYS: usize = 64;
+
+/// Keys per split of a decode query: [`SPLIT_KEYS`], or `ROCFORGE_ATTN_SPLIT_KEYS` (32 to 512,
+/// a power of two) for tuning runs. Read once.
+pub fn split_keys() -> usize {
+    static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEYS.get_or_init(|| {
+        std::env::var("ROCFORGE_ATTN_SPLIT_KEYS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|k: &usize| k.is_power_of_two() && (32..=512).contains(k))
+            .unwrap_or(SPLIT_KEYS)
+    })
+}
 /// Largest head dimension the kernels take (a unit per dimension in one cube).
 pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
@@ -211,7 +227,7 @@ pub fn plan_splits(
     kv_len: usize,
     scratch_rows: usize,
 ) -> (usize, usize) {
-    let want = kv_len.div_ceil(SPLIT_KEYS);
+    let want = kv_len.div_ceil(split_keys());
     let fit = scratch_rows / (n_tokens * n_head);
     let splits = want.min(fit).clamp(1, MAX_DECODE_SPLITS);
     (splits, kv_len.div_ceil(splits))

@@ -327,6 +327,9 @@ impl Drop for Replay {
     }
 }
 
+/// The smallest attention bucket: below it a few empty splits cost less than more graphs.
+pub const MIN_BUCKET: usize = 256;
+
 /// I/O slots of the replayer: token in, position in, argmax out.
 #[cfg(any(feature = "cuda", feature = "hip"))]
 const IO_TOKEN: usize = 0;
@@ -336,11 +339,11 @@ const IO_POS: usize = 1;
 const IO_BEST: usize = 2;
 
 /// The attention bucket of a step whose keys number `kv_len`: a power of two of at least
-/// `SPLIT_KEYS`, at most the context. Its graph plans the attention's splits for the bucket's
+/// [`MIN_BUCKET`], at most the context. Its graph plans the attention's splits for the bucket's
 /// full length; splits past the real keys find none.
 pub fn replay_bucket(kv_len: usize, ctx: usize) -> usize {
     kv_len
-        .max(attention::SPLIT_KEYS)
+        .max(MIN_BUCKET)
         .next_power_of_two()
         .min(ctx)
         .max(kv_len)
