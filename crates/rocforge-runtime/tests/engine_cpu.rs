@@ -392,3 +392,86 @@ fn real_model_batched_greedy_agrees_with_references() {
         );
     }
 }
+
+/// A backend that holds one sequence at a time (no paged KV), as the GPU backends are today:
+/// the CPU backend with its page support hidden.
+struct OneAtATime(Box<dyn rocforge_runtime::Backend>);
+
+impl rocforge_runtime::Backend for OneAtATime {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+    fn device_name(&self) -> String {
+        self.0.device_name()
+    }
+    fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+    fn max_batch(&self) -> usize {
+        self.0.max_batch()
+    }
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        all_logits: bool,
+    ) -> rocforge_runtime::Result<()> {
+        self.0.forward(tokens, pos, all_logits)
+    }
+    fn logits(&mut self) -> rocforge_runtime::Result<&[f32]> {
+        self.0.logits()
+    }
+    fn argmax(&mut self) -> rocforge_runtime::Result<u32> {
+        self.0.argmax()
+    }
+    fn memory(&self) -> rocforge_runtime::MemoryUsage {
+        self.0.memory()
+    }
+}
+
+#[test]
+fn a_backend_without_pages_runs_the_requests_one_at_a_time() {
+    let model = load("tiny-q4_0-serial", tiny_model(GgmlType::Q4_0, 6));
+    let opts = BackendOptions {
+        ctx: 64,
+        max_batch: 16,
+    };
+    let inner = backend::create(BackendKind::Cpu, model.clone(), &opts).unwrap();
+    let mut engine = Engine::with_backend(
+        model.clone(),
+        Box::new(OneAtATime(inner)),
+        EngineOptions {
+            max_seqs: 4,
+            seq_ctx: 256,
+            pool_tokens: None,
+            step_tokens: 16,
+        },
+    )
+    .unwrap();
+    assert_eq!(engine.parallel(), 1);
+    assert_eq!(engine.pages(), None);
+    let ps = prompts(model.config.n_vocab, &[5, 30, 12]);
+    // The backend holds 64 positions: a longer prompt is refused, not a crash.
+    let long = prompts(model.config.n_vocab, &[65]).remove(0);
+    assert!(matches!(
+        engine.add(Request::new(long, greedy(1))),
+        Err(Error::ContextFull { capacity: 64, .. })
+    ));
+    let reqs = ps
+        .iter()
+        .map(|p| Request::new(p.clone(), greedy(10)))
+        .collect();
+    let (gens, most) = run_all(&mut engine, reqs);
+    assert_eq!(most, 1);
+    for (p, g) in ps.iter().zip(&gens) {
+        assert_eq!(
+            g.generated_tokens,
+            single(&model, p, &greedy(10)).generated_tokens
+        );
+    }
+    // A sequence that reaches the backend's capacity stops there.
+    let p = prompts(model.config.n_vocab, &[60]).remove(0);
+    let (gens, _) = run_all(&mut engine, vec![Request::new(p, greedy(100))]);
+    assert_eq!(gens[0].stop_reason, StopReason::ContextFull);
+    assert_eq!(gens[0].generated_tokens.len(), 5);
+}
