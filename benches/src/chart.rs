@@ -162,9 +162,14 @@ pub fn write_sweep_svg(report: &Report, path: &Path) -> Result<()> {
     draw_sweep(report, path).map_err(BenchError::Chart)
 }
 
+/// One level of a sweep: aggregate tokens/s, ITL p50 and p99 (ms), concurrency.
+type SweepPoint = (f64, f64, f64, usize);
+/// A curve of the sweep chart: its name, how it reads y from a point, its line width.
+type Curve = (&'static str, fn(&SweepPoint) -> f64, u32);
+
 fn draw_sweep(report: &Report, path: &Path) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
-    let mut curves: Vec<(String, Vec<(f64, f64, f64, usize)>)> = Vec::new();
+    let mut curves: Vec<(String, Vec<SweepPoint>)> = Vec::new();
     for r in &report.runs {
         let (Some(agg), Some(itl)) = (r.aggregate_gen_tokens_per_s, r.inter_token_ms) else {
             continue;
@@ -203,8 +208,7 @@ fn draw_sweep(report: &Report, path: &Path) -> Result<(), String> {
         .map_err(|e| err(&e))?;
     for (k, (backend, pts)) in curves.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
-        let picks: [(&str, fn(&(f64, f64, f64, usize)) -> f64, u32); 2] =
-            [("p50", |p| p.1, 3), ("p99", |p| p.2, 1)];
+        let picks: [Curve; 2] = [("p50", |p| p.1, 3), ("p99", |p| p.2, 1)];
         for (name, y, width) in picks {
             chart
                 .draw_series(LineSeries::new(
