@@ -279,6 +279,14 @@ impl Engine {
         Ok(id)
     }
 
+    /// Queues `text` with `options`: tokenized by the model's tokenizer as `rocforge generate`
+    /// does (BOS and other special tokens the model adds, special-token text parsed), then as
+    /// [`Engine::add`].
+    pub fn add_text(&mut self, text: &str, options: GenerateOptions) -> Result<RequestId> {
+        let prompt = self.model.tokenizer.encode(text, true, true)?;
+        self.add(Request::new(prompt, options))
+    }
+
     /// Positions a request may fill: its prompt, then every generated token but the last
     /// (which is never evaluated), within the per-sequence context.
     fn reserved_tokens(&self, req: &Request) -> usize {

@@ -271,6 +271,24 @@ fn a_full_pool_makes_requests_wait_and_refuses_what_never_fits() {
         Err(Error::ContextFull { .. })
     ));
     assert!(engine.add(Request::new(vec![u32::MAX], greedy(1))).is_err());
+    // Text is tokenized as the CLI does.
+    let id = engine.add_text("hello world", greedy(3)).unwrap();
+    let mut got = None;
+    engine
+        .run(|e| {
+            if let Event::Finished { id: i, generation } = e {
+                assert_eq!(*i, id);
+                got = Some(generation.clone());
+            }
+        })
+        .unwrap();
+    let ids = model.tokenizer.encode("hello world", true, true).unwrap();
+    let got = got.unwrap();
+    assert_eq!(got.prompt_tokens, ids);
+    assert_eq!(
+        got.generated_tokens,
+        single(&model, &ids, &greedy(3)).generated_tokens
+    );
     assert!(engine.add(Request::new(Vec::new(), greedy(1))).is_err());
 }
 
