@@ -208,17 +208,29 @@ fn generate_many(a: &Generate, file: &std::path::Path) -> Result<()> {
             .with_context(|| format!("--prompts {} line {}", file.display(), i + 1))?;
         prompts.push(ids);
     }
-    let seq_ctx = a
-        .run
-        .ctx
-        .unwrap_or_else(|| model.config.n_ctx_train.min(4096));
+    // Without --ctx, each sequence gets what the longest prompt and --max-tokens can fill
+    // (within the usual default), so the pool of --parallel sequences stays small.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let seq_ctx = a.run.ctx.unwrap_or_else(|| {
+        model
+            .config
+            .n_ctx_train
+            .min(4096)
+            .min(longest.saturating_add(a.options.max_tokens))
+            .max(longest)
+    });
     let opts = EngineOptions {
         max_seqs: a.parallel,
         seq_ctx,
         pool_tokens: None,
         step_tokens: a.run.batch.max(a.parallel),
     };
-    let mut engine = Engine::new(model.clone(), a.run.backend, opts)?;
+    let mut engine = Engine::new(model.clone(), a.run.backend, opts).with_context(|| {
+        format!(
+            "a KV pool of --parallel {} x {seq_ctx} positions per prompt",
+            a.parallel
+        )
+    })?;
     if engine.parallel() < a.parallel {
         eprintln!(
             "rocforge: warning: the {} backend evaluates one sequence at a time; the prompts run one after another",
