@@ -493,3 +493,63 @@ fn a_backend_without_pages_runs_the_requests_one_at_a_time() {
     assert_eq!(gens[0].stop_reason, StopReason::ContextFull);
     assert_eq!(gens[0].generated_tokens.len(), 5);
 }
+
+#[test]
+fn requests_added_between_steps_join_the_running_ones() {
+    let model = load("tiny-q4_k-join", tiny_model(GgmlType::Q4K, 8));
+    let mut engine = Engine::new(
+        model.clone(),
+        BackendKind::Cpu,
+        EngineOptions {
+            max_seqs: 4,
+            seq_ctx: 128,
+            pool_tokens: None,
+            step_tokens: 12,
+        },
+    )
+    .unwrap();
+    let ps = prompts(model.config.n_vocab, &[9, 25, 4, 31]);
+    let mut ids = Vec::new();
+    let mut out: HashMap<u64, Generation> = HashMap::new();
+    let mut collect = |events: Vec<Event>, out: &mut HashMap<u64, Generation>| {
+        for e in events {
+            if let Event::Finished { id, generation } = e {
+                out.insert(id, generation);
+            }
+        }
+    };
+    for p in &ps[..2] {
+        ids.push(engine.add(Request::new(p.clone(), greedy(20))).unwrap());
+    }
+    for _ in 0..6 {
+        let events = engine.step().unwrap();
+        collect(events, &mut out);
+    }
+    // The first two are decoding now; two more join with prompts that take several steps.
+    assert_eq!(engine.running(), 2);
+    for p in &ps[2..] {
+        ids.push(engine.add(Request::new(p.clone(), greedy(20))).unwrap());
+    }
+    let events = engine.step().unwrap();
+    assert!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Token { .. }))
+            .count()
+            >= 2,
+        "the running sequences still decode in the step the new ones join"
+    );
+    collect(events, &mut out);
+    while !engine.is_idle() {
+        let events = engine.step().unwrap();
+        collect(events, &mut out);
+    }
+    for (id, p) in ids.iter().zip(&ps) {
+        assert_eq!(
+            out[id].generated_tokens,
+            single(&model, p, &greedy(20)).generated_tokens,
+            "prompt of {}",
+            p.len()
+        );
+    }
+}
