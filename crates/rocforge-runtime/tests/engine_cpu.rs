@@ -511,7 +511,7 @@ fn requests_added_between_steps_join_the_running_ones() {
     let ps = prompts(model.config.n_vocab, &[9, 25, 4, 31]);
     let mut ids = Vec::new();
     let mut out: HashMap<u64, Generation> = HashMap::new();
-    let mut collect = |events: Vec<Event>, out: &mut HashMap<u64, Generation>| {
+    let collect = |events: Vec<Event>, out: &mut HashMap<u64, Generation>| {
         for e in events {
             if let Event::Finished { id, generation } = e {
                 out.insert(id, generation);
