@@ -27,11 +27,12 @@ impl Default for Thresholds {
 }
 
 /// The compared metrics and whether higher is better.
-pub const METRICS: [(&str, bool); 4] = [
+pub const METRICS: [(&str, bool); 5] = [
     ("ttft_ms", false),
     ("prompt_tokens_per_s", true),
     ("gen_tokens_per_s", true),
     ("inter_token_ms", false),
+    ("aggregate_gen_tokens_per_s", true),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -151,6 +151,39 @@ pub struct BenchConfig {
     pub profile: bool,
     /// Whether this is a `--quick` run.
     pub quick: bool,
+    /// Levels of the concurrency sweep (`--concurrency 1,8,32,64`): at each, that many
+    /// requests of `sweep` run together through the engine. Empty: no sweep.
+    pub concurrency: Vec<usize>,
+    /// Each request of the sweep: llama-batched-bench's `-npp 128 -ntg 128` (32 + 32 quick).
+    pub sweep: Scenario,
+}
+
+/// Most requests one sweep level runs together.
+pub const MAX_CONCURRENCY: usize = 4096;
+
+/// Parses a concurrency list (`1,8,32,64`): each level in 1..=[`MAX_CONCURRENCY`], no repeats.
+pub fn parse_concurrency(items: &[String]) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for item in items
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let level = item
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_CONCURRENCY).contains(n))
+            .ok_or_else(|| {
+                BenchError::InvalidArgument(format!(
+                    "--concurrency `{item}`: each level must be a whole number from 1 to {MAX_CONCURRENCY}"
+                ))
+            })?;
+        if !out.contains(&level) {
+            out.push(level);
+        }
+    }
+    Ok(out)
 }
 
 impl BenchConfig {
@@ -173,6 +206,8 @@ impl BenchConfig {
             batch: 512,
             profile: true,
             quick: false,
+            concurrency: Vec::new(),
+            sweep: Scenario::new("pp128+tg128", 128, 128, 0),
         }
     }
 
@@ -191,6 +226,7 @@ impl BenchConfig {
             iterations: 2,
             warmup: 1,
             quick: true,
+            sweep: Scenario::new("pp32+tg32", 32, 32, 0),
             ..Self::standard(model, backends)
         }
     }
@@ -211,10 +247,16 @@ impl BenchConfig {
         if !self.model.exists() {
             return Err(BenchError::MissingModel(self.model.clone()));
         }
-        if self.backends.is_empty() || self.scenarios.is_empty() {
+        if self.backends.is_empty() || (self.scenarios.is_empty() && self.concurrency.is_empty()) {
             return Err(BenchError::InvalidArgument(
-                "at least one backend and one scenario are needed".into(),
+                "at least one backend and one scenario (or --concurrency level) are needed".into(),
             ));
+        }
+        if !self.concurrency.is_empty() && (self.sweep.prompt_tokens == 0 || self.sweep.depth > 0) {
+            return Err(BenchError::InvalidArgument(format!(
+                "the sweep's requests need a prompt and no depth (ppN+tgM), not `{}`",
+                self.sweep.name
+            )));
         }
         if self.iterations == 0 || self.batch == 0 {
             return Err(BenchError::InvalidArgument(
@@ -229,11 +271,13 @@ impl BenchConfig {
         Ok(())
     }
 
-    /// KV-cache capacity for the largest scenario.
+    /// KV-cache capacity for the largest scenario (per sequence, the sweep's requests too).
     pub fn ctx(&self) -> usize {
+        let sweep = (!self.concurrency.is_empty()).then(|| self.sweep.context_needed());
         self.scenarios
             .iter()
             .map(Scenario::context_needed)
+            .chain(sweep)
             .max()
             .unwrap_or(1)
     }
@@ -286,6 +330,19 @@ mod tests {
             Scenario::tg(128).at_depth(2048).test_names(),
             (None, Some("tg128 @ d2048".into()))
         );
+    }
+
+    #[test]
+    fn parses_concurrency_levels() {
+        assert_eq!(
+            parse_concurrency(&["1,8".into(), "32, 64,8".into()]).unwrap(),
+            vec![1, 8, 32, 64]
+        );
+        assert!(parse_concurrency(&[]).unwrap().is_empty());
+        for bad in ["0", "x", "-1", "4097"] {
+            let e = parse_concurrency(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("--concurrency") && e.contains(bad), "{e}");
+        }
     }
 
     #[test]

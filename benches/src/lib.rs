@@ -10,6 +10,7 @@
 pub mod chart;
 pub mod compare;
 pub mod config;
+pub mod energy;
 pub mod error;
 pub mod host;
 pub mod llama_bench;

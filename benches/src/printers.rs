@@ -87,9 +87,11 @@ fn markdown(r: &Report) -> String {
             .map(|g| format!(" · GPU: {g}"))
             .unwrap_or_default()
     );
-    let _ = writeln!(out, "| model | size | params | backend | test | t/s |");
-    let _ = writeln!(out, "| ----- | ---: | -----: | ------- | ---: | --: |");
     let params = format!("{:.2} M", m.parameters as f64 / 1e6);
+    if r.runs.iter().any(|run| !throughput_rows(run).is_empty()) {
+        let _ = writeln!(out, "| model | size | params | backend | test | t/s |");
+        let _ = writeln!(out, "| ----- | ---: | -----: | ------- | ---: | --: |");
+    }
     for run in &r.runs {
         for (test, s) in throughput_rows(run) {
             let _ = writeln!(
@@ -129,6 +131,7 @@ fn markdown(r: &Report) -> String {
             mib(run.kv_cache_formula_bytes),
         );
     }
+    sweep_table(&mut out, r);
     for p in &r.profiles {
         let _ = writeln!(
             out,
@@ -168,6 +171,61 @@ fn markdown(r: &Report) -> String {
     out
 }
 
+/// The concurrency sweep: one row per level and backend; energy reasons under the table.
+fn sweep_table(out: &mut String, r: &Report) {
+    let sweep: Vec<&RunRecord> = r
+        .runs
+        .iter()
+        .filter(|run| run.aggregate_gen_tokens_per_s.is_some())
+        .collect();
+    if sweep.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nConcurrency sweep (each request: {} prompt + {} generated tokens; TTFT from submission):\n",
+        sweep[0].prompt_tokens, sweep[0].gen_tokens
+    );
+    let _ = writeln!(out, "| backend | concurrency | aggregate gen t/s | decode-phase t/s | requests/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | J/token |");
+    let _ = writeln!(out, "| ------- | ----------: | ----------------: | ---------------: | ---------: | ----------: | ----------: | ---------: | ---------: | ------: |");
+    let f = |s: &Option<Summary>, p: fn(&Summary) -> f64| {
+        s.as_ref()
+            .map_or("–".to_string(), |s| format!("{:.2}", p(s)))
+    };
+    let mut reasons: Vec<String> = Vec::new();
+    for run in &sweep {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {} | {:.2} | {} | {} | {} | {} | {} |",
+            run.backend,
+            run.concurrency,
+            run.aggregate_gen_tokens_per_s.unwrap_or(0.0),
+            run.aggregate_decode_tokens_per_s
+                .map_or("–".to_string(), |v| format!("{v:.1}")),
+            run.requests_per_s.unwrap_or(0.0),
+            f(&run.ttft_ms, |s| s.p50),
+            f(&run.ttft_ms, |s| s.p99),
+            f(&run.inter_token_ms, |s| s.p50),
+            f(&run.inter_token_ms, |s| s.p99),
+            run.energy_j_per_gen_token
+                .map_or("–".to_string(), |j| format!("{j:.4}")),
+        );
+        if run.energy_j_per_gen_token.is_none() {
+            let why = format!(
+                "{}: {}",
+                run.backend,
+                run.energy_source.as_deref().unwrap_or("absent")
+            );
+            if !reasons.contains(&why) {
+                reasons.push(why);
+            }
+        }
+    }
+    if !reasons.is_empty() {
+        let _ = writeln!(out, "\nEnergy – {}", reasons.join("; "));
+    }
+}
+
 /// `AMD EPYC (2 threads), avx512_vnni`: the CPU with the instruction set of its dot products.
 fn cpu_with_features(h: &crate::host::Host) -> String {
     if h.cpu_features.is_empty() {
@@ -179,7 +237,7 @@ fn cpu_with_features(h: &crate::host::Host) -> String {
 
 fn csv(r: &Report) -> String {
     let mut out = String::from(
-        "scenario,backend,prompt_tokens,gen_tokens,depth,metric,mean,stddev,min,max,p50,p95,p99\n",
+        "scenario,backend,prompt_tokens,gen_tokens,depth,concurrency,metric,mean,stddev,min,max,p50,p95,p99\n",
     );
     for run in &r.runs {
         let metrics = [
@@ -187,17 +245,22 @@ fn csv(r: &Report) -> String {
             ("prompt_tokens_per_s", &run.prompt_tokens_per_s),
             ("gen_tokens_per_s", &run.gen_tokens_per_s),
             ("inter_token_ms", &run.inter_token_ms),
+            (
+                "aggregate_gen_tokens_per_s",
+                &Summary::of(&run.samples.aggregate_gen_tokens_per_s),
+            ),
         ];
         for (name, s) in metrics {
             if let Some(s) = s {
                 let _ = writeln!(
                     out,
-                    "\"{}\",{},{},{},{},{name},{},{},{},{},{},{},{}",
+                    "\"{}\",{},{},{},{},{},{name},{},{},{},{},{},{},{}",
                     run.scenario,
                     run.backend,
                     run.prompt_tokens,
                     run.gen_tokens,
                     run.depth,
+                    run.concurrency,
                     s.mean,
                     s.stddev,
                     s.min,

@@ -7,9 +7,11 @@
 
 use std::time::Instant;
 
-use rocforge_runtime::{Backend, Session};
+use rocforge_runtime::engine::{Engine, Event, Request};
+use rocforge_runtime::{Backend, GenerateOptions, SamplerConfig, Session};
 
 use crate::config::Scenario;
+use crate::energy::{self, EnergyMeter};
 use crate::error::{BenchError, Result};
 use crate::memory::{self, PeakMemory};
 use crate::record::{KernelProfile, OpRecord, RunRecord, Samples};
@@ -165,8 +167,151 @@ pub fn run_scenario(
         kv_element_bytes: element,
         weights_bytes: m.weights_bytes,
         scratch_bytes: m.scratch_bytes,
+        concurrency: 1,
+        aggregate_gen_tokens_per_s: None,
+        aggregate_decode_tokens_per_s: None,
+        requests_per_s: None,
+        energy_j_per_gen_token: None,
+        energy_source: None,
         samples,
     })
+}
+
+/// The name of a sweep level's run: `pp128+tg128 @c8`.
+pub fn sweep_run_name(sc: &Scenario, level: usize) -> String {
+    format!("{} @c{level}", sc.name)
+}
+
+/// One level of the concurrency sweep: `level` requests of `sc` (distinct prompts, greedy,
+/// end-of-generation ignored so each makes `sc.gen_tokens`) added to `engine` together and
+/// run to completion, `warmup + iterations` times. Per request: TTFT (from submission, so
+/// queueing behind the others' prefill counts) and every inter-token latency; per
+/// iteration: generated tokens of all requests / wall time, and requests / wall time.
+/// Energy is read around the measured iterations.
+pub fn run_sweep_level(
+    engine: &mut Engine,
+    sc: &Scenario,
+    level: usize,
+    iterations: usize,
+    warmup: usize,
+    meter: &EnergyMeter,
+    mut on_iteration: impl FnMut(usize),
+) -> Result<RunRecord> {
+    if level > engine.parallel() {
+        return Err(BenchError::InvalidArgument(format!(
+            "concurrency {level} needs {level} sequences at once; the {} engine runs {}",
+            engine.backend_kind(),
+            engine.parallel()
+        )));
+    }
+    let model = engine.model().clone();
+    let config = &model.config;
+    let opts = GenerateOptions {
+        max_tokens: sc.gen_tokens,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        stop_at_eog: false,
+    };
+    let prompts: Vec<Vec<u32>> = (0..level)
+        .map(|r| bench_tokens(config.n_vocab, sc.prompt_tokens, 100 + r as u64))
+        .collect();
+    let mut peak = PeakMemory::default();
+    peak.sample(engine.memory());
+    let mut samples = Samples::default();
+    let (mut rps, mut energy_start, mut generated) = (Vec::new(), None, 0usize);
+    let mut decode_rates = Vec::new();
+    for i in 0..warmup + iterations {
+        if i == warmup {
+            energy_start = meter.joules();
+        }
+        let t0 = Instant::now();
+        for p in &prompts {
+            engine.add(Request::new(p.clone(), opts.clone()))?;
+        }
+        let mut gens = Vec::with_capacity(level);
+        engine.run(|e| {
+            if let Event::Finished { generation, .. } = e {
+                gens.push(generation.clone());
+            }
+        })?;
+        let wall = t0.elapsed().as_secs_f64();
+        peak.sample(engine.memory());
+        on_iteration(i + 1);
+        if i < warmup {
+            continue;
+        }
+        let tokens: usize = gens.iter().map(|g| g.generated_tokens.len()).sum();
+        generated += tokens;
+        samples
+            .aggregate_gen_tokens_per_s
+            .push(tokens as f64 / wall.max(1e-9));
+        rps.push(gens.len() as f64 / wall.max(1e-9));
+        decode_rates.extend(decode_phase_rate(&gens, wall * 1000.0));
+        for g in &gens {
+            samples.ttft_ms.push(g.timings.ttft_ms);
+            samples.inter_token_ms.extend(&g.timings.inter_token_ms);
+        }
+    }
+    let energy = energy::per_token(energy_start, meter.joules(), generated);
+    let m = peak.last;
+    let capacity = engine.capacity();
+    let element = memory::kv_element_bytes(config, capacity, m.kv_cache_bytes).unwrap_or(4);
+    let mean = |v: &[f64]| Summary::of(v).map(|s| s.mean);
+    Ok(RunRecord {
+        scenario: sweep_run_name(sc, level),
+        backend: engine.backend_kind().name().to_string(),
+        device: engine.device_name(),
+        prompt_tokens: sc.prompt_tokens,
+        gen_tokens: sc.gen_tokens,
+        depth: 0,
+        iterations,
+        warmup,
+        ttft_ms: Summary::of(&samples.ttft_ms),
+        prompt_ms: None,
+        prompt_tokens_per_s: None,
+        gen_ms: None,
+        gen_tokens_per_s: None,
+        inter_token_ms: Summary::of(&samples.inter_token_ms),
+        peak_device_bytes: peak.device_in_use,
+        peak_device_reserved_bytes: peak.device_reserved,
+        peak_host_rss_bytes: memory::host_peak_rss_bytes(),
+        kv_cache_bytes: m.kv_cache_bytes,
+        kv_cache_formula_bytes: memory::kv_cache_formula_bytes(config, capacity, element as usize),
+        kv_element_bytes: element,
+        weights_bytes: m.weights_bytes,
+        scratch_bytes: m.scratch_bytes,
+        concurrency: level,
+        aggregate_gen_tokens_per_s: mean(&samples.aggregate_gen_tokens_per_s),
+        aggregate_decode_tokens_per_s: mean(&decode_rates),
+        requests_per_s: mean(&rps),
+        energy_j_per_gen_token: energy,
+        energy_source: Some(meter.source()),
+        samples,
+    })
+}
+
+/// Tokens per second made after the last request's first token, until the end (`wall_ms`
+/// after the common submission): each token's time is its request's TTFT plus its gaps.
+/// `None` when nothing was made after that instant.
+pub fn decode_phase_rate(gens: &[rocforge_runtime::Generation], wall_ms: f64) -> Option<f64> {
+    let start = gens
+        .iter()
+        .map(|g| g.timings.ttft_ms)
+        .fold(0.0f64, f64::max);
+    let mut tokens = 0usize;
+    for g in gens {
+        let mut at = g.timings.ttft_ms;
+        for gap in &g.timings.inter_token_ms {
+            at += gap;
+            if at > start {
+                tokens += 1;
+            }
+        }
+    }
+    let span = wall_ms - start;
+    (tokens > 0 && span > 0.0).then(|| tokens as f64 * 1000.0 / span)
 }
 
 fn rate(tokens: usize, ms: f64) -> f64 {
@@ -213,4 +358,36 @@ pub fn profile(session: &mut Session, prefill_tokens: usize) -> Result<KernelPro
         prefill_launches_per_token: launches as f64 / prefill_tokens as f64,
         decode_launches_per_token: decode_launches as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rocforge_runtime::{Generation, StopReason, Timings};
+
+    fn gen(ttft_ms: f64, gaps: &[f64]) -> Generation {
+        Generation {
+            prompt_tokens: vec![1],
+            generated_tokens: vec![2; gaps.len() + 1],
+            text: String::new(),
+            stop_reason: StopReason::MaxTokens,
+            timings: Timings {
+                ttft_ms,
+                inter_token_ms: gaps.to_vec(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn decode_phase_counts_tokens_after_the_last_first_token() {
+        // First tokens at 10 and 30 ms; tokens at 20, 30 | 40, 50 and 40, 50: four after 30 ms,
+        // over the 20 ms from 30 to the end at 50.
+        let gens = [
+            gen(10.0, &[10.0, 10.0, 10.0, 10.0]),
+            gen(30.0, &[10.0, 10.0]),
+        ];
+        assert_eq!(decode_phase_rate(&gens, 50.0), Some(200.0));
+        assert_eq!(decode_phase_rate(&[gen(10.0, &[])], 10.0), None);
+    }
 }

@@ -113,7 +113,7 @@ fn corrupt_or_foreign_results_are_one_line_errors() {
     std::fs::write(&foreign, r#"{"schema": "something-else/3"}"#).unwrap();
     assert_one_line_error(
         &suite(&["compare", foreign.to_str().unwrap(), &base]),
-        "expected `rocforge-bench/1`",
+        "expected `rocforge-bench/2`",
     );
     assert_one_line_error(
         &suite(&["compare", &base, "/nonexistent/new.json"]),

@@ -121,7 +121,7 @@ fn runs_scenarios_and_writes_json_table_and_chart() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap())
             .unwrap();
-    assert_eq!(json["schema"], "rocforge-bench/1");
+    assert_eq!(json["schema"], "rocforge-bench/2");
     for key in ["git_commit", "host", "model", "runs"] {
         assert!(!json[key].is_null(), "{key}");
     }
@@ -234,4 +234,107 @@ fn bad_input_is_a_one_line_error() {
         ]),
         "no latest run",
     );
+}
+
+#[test]
+fn concurrency_sweep_writes_fields_table_and_chart() {
+    let dir = scratch("sweep");
+    let model = dir.join("tiny-q4_0.gguf");
+    let out = suite(&[
+        "gen-model",
+        "--shape",
+        "tiny",
+        "--quant",
+        "q4_0",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let results = dir.join("results");
+    let out = suite(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--quick",
+        "--concurrency",
+        "1,4",
+        "--iterations",
+        "2",
+        "--warmup",
+        "1",
+        "--no-profile",
+        "--out-dir",
+        results.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Concurrency sweep"), "{stdout}");
+    assert!(stdout.contains("| cpu | 4 |"), "{stdout}");
+    let run_dir = std::fs::read_to_string(results.join("LATEST")).unwrap();
+    let run_dir = std::path::Path::new(run_dir.trim());
+    let svg = std::fs::read_to_string(run_dir.join("sweep.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("c4"), "sweep chart");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["schema"], "rocforge-bench/2");
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "the sweep replaces the default scenarios");
+    for (run, level) in runs.iter().zip([1u64, 4]) {
+        assert_eq!(run["scenario"], format!("pp32+tg32 @c{level}"));
+        assert_eq!(run["concurrency"], level);
+        assert_eq!(
+            (run["prompt_tokens"].as_u64(), run["gen_tokens"].as_u64()),
+            (Some(32), Some(32))
+        );
+        assert!(run["aggregate_gen_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(run["requests_per_s"].as_f64().unwrap() > 0.0);
+        assert!(run["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        for metric in ["ttft_ms", "inter_token_ms"] {
+            let s = &run[metric];
+            assert!(
+                s["p50"].as_f64().unwrap() > 0.0 && s["p99"].as_f64() >= s["p50"].as_f64(),
+                "{metric}: {s}"
+            );
+        }
+        let samples = &run["samples"];
+        // Two measured iterations of `level` requests: one TTFT each, 31 gaps between
+        // their 32 tokens, one aggregate rate per iteration.
+        assert_eq!(
+            samples["ttft_ms"].as_array().unwrap().len() as u64,
+            2 * level
+        );
+        assert_eq!(
+            samples["inter_token_ms"].as_array().unwrap().len() as u64,
+            2 * level * 31
+        );
+        assert_eq!(
+            samples["aggregate_gen_tokens_per_s"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        // No energy counter on the CPU: null and the reason, never a number.
+        assert!(run["energy_j_per_gen_token"].is_null());
+        assert!(run["energy_source"]
+            .as_str()
+            .unwrap()
+            .starts_with("absent: "));
+    }
+    // Reports of schema 1 still load, as single-sequence runs.
+    let old = Report::load(&common::fixture("cpu-baseline.json")).unwrap();
+    assert_eq!(old.schema, "rocforge-bench/1");
+    assert!(old
+        .runs
+        .iter()
+        .all(|r| r.concurrency == 1 && r.aggregate_gen_tokens_per_s.is_none()));
+    let bad = suite(&["--model", model.to_str().unwrap(), "--concurrency", "0"]);
+    common::assert_one_line_error(&bad, "--concurrency `0`");
 }

@@ -93,6 +93,11 @@ const SUITES: &[(&str, &str, Needs)] = &[
         Needs::Models,
     ),
     (
+        "engine-cpu",
+        "the multi-sequence engine on the CPU: batched vs single-sequence ids (tiny models, real SmolLM2), paged KV, full page pool, cancel",
+        Needs::Models,
+    ),
+    (
         "gpu-wgpu",
         "the wgpu backend vs the CPU backend: tiny models and real SmolLM2, on lavapipe",
         Needs::ModelsVulkan,

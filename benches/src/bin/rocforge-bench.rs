@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! rocforge-bench [--model PATH] [--backend cpu,cuda] [--quick] [--scenario tg128@d2048]...
+//! rocforge-bench --concurrency 1,8,32,64 [--sweep-scenario pp128+tg128] [--backend cpu]
 //! rocforge-bench compare OLD.json NEW.json [--threshold 5]
 //! rocforge-bench compare --llama-bench LLAMA.json [RESULTS.json]
 //! rocforge-bench gen-model --shape llama3-8b --quant q4_k --out FILE
@@ -16,12 +17,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use rocforge_bench::compare::{self, Thresholds};
-use rocforge_bench::config::{parse_backends, BenchConfig, Scenario};
+use rocforge_bench::config::{parse_backends, parse_concurrency, BenchConfig, Scenario};
+use rocforge_bench::energy::EnergyMeter;
 use rocforge_bench::host::{self, Host};
 use rocforge_bench::model_info::{self, ModelOrigin};
 use rocforge_bench::printers::{self, Format};
 use rocforge_bench::record::{Report, Settings};
 use rocforge_bench::{chart, llama_bench, runner, SCHEMA};
+use rocforge_runtime::engine::{Engine, EngineOptions};
 use rocforge_runtime::{BackendKind, BackendOptions, Model, Session};
 
 #[derive(Parser)]
@@ -68,6 +71,13 @@ struct RunArgs {
     /// Most prompt tokens per forward call.
     #[arg(long)]
     batch: Option<usize>,
+    /// Concurrency sweep: levels of requests run together through the engine (`1,8,32,64`);
+    /// replaces the default scenarios (give --scenario to run both).
+    #[arg(long = "concurrency")]
+    concurrency: Vec<String>,
+    /// Each request of the sweep (ppN+tgM; default pp128+tg128, pp32+tg32 with --quick).
+    #[arg(long)]
+    sweep_scenario: Option<String>,
     /// Skip the per-op profile.
     #[arg(long)]
     no_profile: bool,
@@ -133,6 +143,13 @@ fn config(args: &RunArgs, model: PathBuf) -> Result<BenchConfig> {
     } else {
         BenchConfig::standard(model, backends)
     };
+    cfg.concurrency = parse_concurrency(&args.concurrency)?;
+    if let Some(sc) = &args.sweep_scenario {
+        cfg.sweep = Scenario::parse(sc)?;
+    }
+    if !cfg.concurrency.is_empty() && args.scenarios.is_empty() {
+        cfg.scenarios.clear();
+    }
     if !args.scenarios.is_empty() {
         let items = args
             .scenarios
@@ -149,9 +166,77 @@ fn config(args: &RunArgs, model: PathBuf) -> Result<BenchConfig> {
     Ok(cfg)
 }
 
+/// The concurrency sweep on `kind`: one engine sized for the largest level, then each level
+/// in turn. A backend that runs one sequence at a time gets level 1 only (the others are
+/// skipped with a note). Returns the backend actually used and its device.
+fn sweep(
+    cfg: &BenchConfig,
+    model: &std::sync::Arc<Model>,
+    kind: BackendKind,
+    runs: &mut Vec<rocforge_bench::RunRecord>,
+) -> Result<(BackendKind, String)> {
+    let most = cfg.concurrency.iter().copied().max().unwrap_or(1);
+    let opts = EngineOptions {
+        max_seqs: most,
+        seq_ctx: cfg.sweep.context_needed(),
+        pool_tokens: None,
+        step_tokens: cfg.batch.max(most),
+    };
+    let mut engine = Engine::new(model.clone(), kind, opts)
+        .with_context(|| format!("creating the {kind} engine"))?;
+    let actual = engine.backend_kind();
+    let meter = EnergyMeter::for_backend(actual);
+    eprintln!(
+        "{actual}: {} (sweep of {}: up to {} requests at once; energy: {})",
+        engine.device_name(),
+        cfg.sweep.name,
+        engine.parallel(),
+        meter.source()
+    );
+    for &level in &cfg.concurrency {
+        if level > engine.parallel() {
+            eprintln!(
+                "  concurrency {level} skipped: the {actual} backend evaluates one sequence at a time"
+            );
+            continue;
+        }
+        let total = cfg.warmup + cfg.iterations;
+        let bar = ProgressBar::new(total as u64).with_style(
+            ProgressStyle::with_template(
+                "{prefix:>24} [{bar:30}] {pos}/{len} iterations {elapsed}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        let name = runner::sweep_run_name(&cfg.sweep, level);
+        bar.set_prefix(format!("{actual} {name}"));
+        let t = Instant::now();
+        let record = runner::run_sweep_level(
+            &mut engine,
+            &cfg.sweep,
+            level,
+            cfg.iterations,
+            cfg.warmup,
+            &meter,
+            |done| bar.set_position(done as u64),
+        )
+        .with_context(|| format!("{name} on {actual}"))?;
+        bar.finish_and_clear();
+        eprintln!(
+            "  {:<16} done in {:.1} s: {:.1} generated tokens/s in all",
+            name,
+            t.elapsed().as_secs_f64(),
+            record.aggregate_gen_tokens_per_s.unwrap_or(0.0)
+        );
+        runs.push(record);
+    }
+    Ok((actual, engine.device_name()))
+}
+
 fn run(args: RunArgs) -> Result<i32> {
     let format: Format = args.format.parse()?;
     parse_backends(&args.backends)?; // bad flags fail before a model is written
+    parse_concurrency(&args.concurrency)?;
     let (model_path, origin) =
         model_info::resolve(args.model.as_deref(), &args.out_dir.join("models"))?;
     let cfg = config(&args, model_path)?;
@@ -172,6 +257,18 @@ fn run(args: RunArgs) -> Result<i32> {
     let mut gpu = None;
     let mut backend_names = Vec::new();
     for &kind in &cfg.backends {
+        if !cfg.concurrency.is_empty() {
+            let (actual, device) = sweep(&cfg, &model, kind, &mut runs)?;
+            if actual != BackendKind::Cpu && gpu.is_none() {
+                gpu = Some(device);
+            }
+            if !backend_names.contains(&actual.name().to_string()) {
+                backend_names.push(actual.name().to_string());
+            }
+        }
+        if cfg.scenarios.is_empty() {
+            continue;
+        }
         let opts = BackendOptions {
             ctx,
             max_batch: cfg.batch,
@@ -179,7 +276,9 @@ fn run(args: RunArgs) -> Result<i32> {
         let mut session = Session::new(model.clone(), kind, opts)
             .with_context(|| format!("creating the {kind} backend"))?;
         let actual = session.backend_kind();
-        backend_names.push(actual.name().to_string());
+        if !backend_names.contains(&actual.name().to_string()) {
+            backend_names.push(actual.name().to_string());
+        }
         if actual != BackendKind::Cpu && gpu.is_none() {
             gpu = Some(session.device_name());
         }
@@ -240,6 +339,13 @@ fn run(args: RunArgs) -> Result<i32> {
     std::fs::write(dir.join("results.md"), &table)
         .with_context(|| format!("writing {}", dir.display()))?;
     chart::write_svg(&report, &dir.join("chart.svg"))?;
+    if report
+        .runs
+        .iter()
+        .any(|r| r.aggregate_gen_tokens_per_s.is_some())
+    {
+        chart::write_sweep_svg(&report, &dir.join("sweep.svg"))?;
+    }
     std::fs::write(args.out_dir.join("LATEST"), format!("{}\n", dir.display()))?;
     print!("{}", printers::render(&report, format));
     eprintln!(

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use rocforge_cli::{Generate, Inspect, Perplexity, Run, Settings};
+use rocforge_runtime::engine::{Engine, EngineOptions, Event, Request};
 use rocforge_runtime::gguf::GgufFile;
 use rocforge_runtime::tokenizer::{ChatMessage, TemplateAllocator};
-use rocforge_runtime::{info, Model, Session};
+use rocforge_runtime::{info, Generation, Model, Session};
 
 /// Bounds the memory a model's chat template may take while rendering (minijinja has no
 /// limit on value sizes): past the budget, one line on stderr and exit status 1.
@@ -77,13 +78,13 @@ fn open_session(run: &Run, model: std::sync::Arc<Model>, default_ctx: usize) -> 
 
 /// The chat prompt: the model's template, or ChatML with a warning when it fails (a template
 /// that errors, runs out of fuel or writes too much), or ChatML when the model has none.
-fn chat_prompt(model: &Model, a: &Generate) -> String {
+fn chat_prompt(model: &Model, a: &Generate, prompt: &str) -> String {
     let tok = &model.tokenizer;
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
         messages.push(ChatMessage::new("system", s.clone()));
     }
-    messages.push(ChatMessage::new("user", a.prompt.clone()));
+    messages.push(ChatMessage::new("user", prompt.to_string()));
     match tok.render_chat_template(&messages, true) {
         Some(Ok(text)) => text,
         Some(Err(e)) => {
@@ -99,9 +100,12 @@ fn chat_prompt(model: &Model, a: &Generate) -> String {
 }
 
 fn generate(a: Generate) -> Result<()> {
+    if let Some(file) = &a.prompts {
+        return generate_many(&a, file);
+    }
     let model = load(&a.run)?;
     let text = if a.chat {
-        chat_prompt(&model, &a)
+        chat_prompt(&model, &a, &a.prompt)
     } else {
         a.prompt.clone()
     };
@@ -123,21 +127,7 @@ fn generate(a: Generate) -> Result<()> {
     })?;
     let t = &out.timings;
     if json {
-        let v = serde_json::json!({
-            "model": a.run.model,
-            "backend": session.backend_kind().name(),
-            "device": session.device_name(),
-            "prompt_tokens": out.prompt_tokens,
-            "generated_tokens": out.generated_tokens,
-            "text": out.text,
-            "stop_reason": out.stop_reason,
-            "prefill_ms": t.prefill_ms,
-            "prefill_tokens_per_s": t.prefill_tokens_per_s(),
-            "ttft_ms": t.ttft_ms,
-            "decode_tokens": t.decode_tokens,
-            "decode_ms": t.decode_ms,
-            "decode_tokens_per_s": t.decode_tokens_per_s(),
-        });
+        let v = generation_json(&a, session.backend_kind(), &session.device_name(), &out);
         writeln!(stdout, "{v}")?;
     } else {
         writeln!(stdout)?;
@@ -154,6 +144,146 @@ fn generate(a: Generate) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The `--json` object of one generation.
+fn generation_json(
+    a: &Generate,
+    backend: rocforge_runtime::BackendKind,
+    device: &str,
+    out: &Generation,
+) -> serde_json::Value {
+    let t = &out.timings;
+    serde_json::json!({
+        "model": a.run.model,
+        "backend": backend.name(),
+        "device": device,
+        "prompt_tokens": out.prompt_tokens,
+        "generated_tokens": out.generated_tokens,
+        "text": out.text,
+        "stop_reason": out.stop_reason,
+        "prefill_ms": t.prefill_ms,
+        "prefill_tokens_per_s": t.prefill_tokens_per_s(),
+        "ttft_ms": t.ttft_ms,
+        "decode_tokens": t.decode_tokens,
+        "decode_ms": t.decode_ms,
+        "decode_tokens_per_s": t.decode_tokens_per_s(),
+    })
+}
+
+/// The prompts of `--prompts FILE`, one per line (a final newline and `\r\n` endings are
+/// fine); an empty file or an empty line is an error naming the line.
+fn read_prompts(file: &std::path::Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("--prompts {}", file.display()))?;
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    if lines.is_empty() {
+        anyhow::bail!("--prompts {}: the file has no prompts", file.display());
+    }
+    if let Some(i) = lines.iter().position(|l| l.trim().is_empty()) {
+        anyhow::bail!(
+            "--prompts {}: line {} is empty (one prompt per line)",
+            file.display(),
+            i + 1
+        );
+    }
+    Ok(lines)
+}
+
+/// `--prompts FILE --parallel N`: every prompt through the engine, up to N at a time; the
+/// outputs in input order, each printed once it and every earlier one are done.
+fn generate_many(a: &Generate, file: &std::path::Path) -> Result<()> {
+    let texts = read_prompts(file)?;
+    let model = load(&a.run)?;
+    let mut prompts = Vec::with_capacity(texts.len());
+    for (i, t) in texts.iter().enumerate() {
+        let text = if a.chat {
+            chat_prompt(&model, a, t)
+        } else {
+            t.clone()
+        };
+        let ids = model
+            .tokenizer
+            .encode(&text, true, true)
+            .with_context(|| format!("--prompts {} line {}", file.display(), i + 1))?;
+        prompts.push(ids);
+    }
+    // Without --ctx, each sequence gets what the longest prompt and --max-tokens can fill
+    // (within the usual default), so the pool of --parallel sequences stays small.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let seq_ctx = a.run.ctx.unwrap_or_else(|| {
+        model
+            .config
+            .n_ctx_train
+            .min(4096)
+            .min(longest.saturating_add(a.options.max_tokens))
+            .max(longest)
+    });
+    let opts = EngineOptions {
+        max_seqs: a.parallel,
+        seq_ctx,
+        pool_tokens: None,
+        step_tokens: a.run.batch.max(a.parallel),
+    };
+    let mut engine = Engine::new(model.clone(), a.run.backend, opts).with_context(|| {
+        format!(
+            "a KV pool of --parallel {} x {seq_ctx} positions per prompt",
+            a.parallel
+        )
+    })?;
+    if engine.parallel() < a.parallel {
+        eprintln!(
+            "rocforge: warning: the {} backend evaluates one sequence at a time; the prompts run one after another",
+            engine.backend_kind()
+        );
+    }
+    let mut index_of = std::collections::HashMap::new();
+    for (i, (ids, text)) in prompts.into_iter().zip(&texts).enumerate() {
+        let id = engine
+            .add(Request::new(ids, a.options.clone()))
+            .with_context(|| format!("prompt {} ({:?})", i + 1, one_line_prefix(text)))?;
+        index_of.insert(id, i);
+    }
+    let (backend, device) = (engine.backend_kind(), engine.device_name());
+    let mut done: Vec<Option<Generation>> = vec![None; texts.len()];
+    let mut next = 0;
+    let mut stdout = std::io::stdout().lock();
+    let start = Instant::now();
+    let mut generated = 0usize;
+    while !engine.is_idle() {
+        for e in engine.step()? {
+            if let Event::Finished { id, generation } = e {
+                generated += generation.generated_tokens.len();
+                done[index_of[&id]] = Some(generation);
+            }
+        }
+        while let Some(Some(g)) = done.get_mut(next).map(Option::take) {
+            if a.run.json {
+                let mut v = generation_json(a, backend, &device, &g);
+                v["index"] = next.into();
+                writeln!(stdout, "{v}")?;
+            } else {
+                writeln!(stdout, "[{next}] {}", g.text)?;
+            }
+            stdout.flush()?;
+            next += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if !a.run.json {
+        eprintln!(
+            "[{backend} on {device}] {} prompts, {} at a time: {generated} tokens generated in {secs:.2} s ({:.1} t/s in all)",
+            texts.len(),
+            engine.parallel(),
+            generated as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// The start of a prompt, for error messages.
+fn one_line_prefix(text: &str) -> String {
+    text.chars().take(40).collect()
 }
 
 fn perplexity(a: Perplexity) -> Result<()> {

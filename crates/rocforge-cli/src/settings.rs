@@ -47,7 +47,8 @@ struct RunArgs {
     /// Most tokens per forward call during prefill, 1 to 65536.
     #[arg(long, default_value_t = 512, allow_negative_numbers = true)]
     batch: usize,
-    /// Print one JSON object on stdout at the end instead of text.
+    /// Print one JSON object on stdout at the end instead of text (with --prompts, one per
+    /// prompt: JSON Lines).
     #[arg(long)]
     json: bool,
     /// Read the model into memory instead of mapping it (a mapped file that is replaced or
@@ -61,8 +62,20 @@ struct GenerateArgs {
     #[command(flatten)]
     run: RunArgs,
     /// The prompt.
-    #[arg(long, short)]
-    prompt: String,
+    #[arg(
+        long,
+        short,
+        required_unless_present = "prompts",
+        conflicts_with = "prompts"
+    )]
+    prompt: Option<String>,
+    /// A file of prompts, one per line, run through the multi-sequence engine; the outputs
+    /// come in input order (with --json, one object per line, each with its `index`).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// With --prompts: most prompts evaluated together, 1 to 4096.
+    #[arg(long, allow_negative_numbers = true)]
+    parallel: Option<usize>,
     /// Most tokens to generate (generation also stops when the context is full).
     #[arg(
         long,
@@ -119,6 +132,9 @@ struct InspectArgs {
     json: bool,
 }
 
+/// Most prompts `--parallel` runs together.
+pub const MAX_PARALLEL: usize = 4096;
+
 /// What to run, every value checked.
 #[derive(Debug, Clone)]
 pub enum Settings {
@@ -153,7 +169,12 @@ impl Run {
 #[derive(Debug, Clone)]
 pub struct Generate {
     pub run: Run,
+    /// The prompt; empty with `prompts`.
     pub prompt: String,
+    /// `--prompts FILE`: one prompt per line.
+    pub prompts: Option<PathBuf>,
+    /// `--parallel`, in 1..=[`MAX_PARALLEL`] (1 without it).
+    pub parallel: usize,
     /// Sampler settings already validated.
     pub options: GenerateOptions,
     pub chat: bool,
@@ -308,9 +329,22 @@ where
                 seed: a.seed,
             };
             sampler.validate().map_err(usage)?;
+            if a.parallel.is_some() && a.prompts.is_none() {
+                return Err(ParseError::Usage(
+                    "--parallel runs the prompts of --prompts FILE; give --prompts".into(),
+                ));
+            }
+            let parallel = a.parallel.unwrap_or(1);
+            if !(1..=MAX_PARALLEL).contains(&parallel) {
+                return Err(ParseError::Usage(format!(
+                    "--parallel {parallel} is out of range (allowed: 1 to {MAX_PARALLEL})"
+                )));
+            }
             Settings::Generate(Generate {
                 run: run_settings(a.run, 1)?,
-                prompt: a.prompt,
+                prompt: a.prompt.unwrap_or_default(),
+                prompts: a.prompts,
+                parallel,
                 options: GenerateOptions {
                     max_tokens: a.max_tokens,
                     sampler,
@@ -454,6 +488,44 @@ mod tests {
             panic!()
         };
         assert_eq!(s.ctx, 4);
+    }
+
+    #[test]
+    fn prompts_and_parallel() {
+        let p = |extra: &[&str]| {
+            let mut args = vec!["rocforge", "generate", "-m", "m.gguf"];
+            args.extend_from_slice(extra);
+            parse(args)
+        };
+        let Settings::Generate(g) = p(&["--prompts", "f.txt", "--parallel", "8"]).unwrap() else {
+            panic!("not generate")
+        };
+        assert_eq!(
+            (g.prompts.as_deref(), g.parallel),
+            (Some("f.txt".as_ref()), 8)
+        );
+        for (extra, flag) in [
+            (
+                &["--prompts", "f", "--parallel", "0"][..],
+                "--parallel 0 is out of range",
+            ),
+            (
+                &["--prompts", "f", "--parallel", "4097"][..],
+                "--parallel 4097",
+            ),
+            (&["--prompts", "f", "--parallel", "-1"][..], "--parallel"),
+            (&["-p", "hi", "--parallel", "2"][..], "--prompts"),
+            (&["-p", "hi", "--prompts", "f"][..], "--prompts"),
+            (&[][..], "required arguments"),
+        ] {
+            let e = p(extra).expect_err("must be refused");
+            assert_eq!(e.exit_code(), 2, "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(flag) && !msg.contains('\n'),
+                "{extra:?}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -487,3 +487,109 @@ fn real_model_greedy_capital_of_france() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with(" Paris.\n\nThe United States"), "{text:?}");
 }
+
+/// `generate --prompts FILE --parallel N --json` on the CPU, parsed as JSON Lines.
+fn prompts_json(model: &str, file: &std::path::Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompts",
+        file.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = rocforge(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{extra:?}: {stderr}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+        .collect()
+}
+
+#[test]
+fn prompts_file_runs_in_parallel_and_prints_json_lines_in_input_order() {
+    let dir = temp_dir("prompts");
+    let p = dir.join("tiny.gguf");
+    tiny_model(GgmlType::Q4_0, 2).write_file(&p).unwrap();
+    let p = p.to_str().unwrap();
+    let prompts = [
+        "hello",
+        "a longer prompt that takes more tokens than the others do",
+        "hi",
+        "one more",
+        "and the last one",
+    ];
+    let file = dir.join("prompts.txt");
+    std::fs::write(&file, prompts.join("\n") + "\n").unwrap();
+    let parallel = prompts_json(p, &file, &["-n", "6", "--parallel", "3"]);
+    let serial = prompts_json(p, &file, &["-n", "6", "--parallel", "1"]);
+    assert_eq!(parallel.len(), prompts.len());
+    // The same ids as a single `--prompt` run.
+    let (_, one) = generate_json(p, &["-n", "6", "--temperature", "0", "--ignore-eos"]);
+    assert_eq!(parallel[0]["generated_tokens"], one["generated_tokens"]);
+    assert_eq!(parallel[0]["prompt_tokens"], one["prompt_tokens"]);
+    for (i, (v, s)) in parallel.iter().zip(&serial).enumerate() {
+        assert_eq!(v["index"], i);
+        assert_eq!(v["backend"], "cpu");
+        assert_eq!(v["generated_tokens"].as_array().unwrap().len(), 6);
+        assert_eq!(v["stop_reason"], "max_tokens");
+        assert!(v["text"].is_string() && v["ttft_ms"].as_f64().is_some());
+        // Batching does not change greedy ids.
+        assert_eq!(v["generated_tokens"], s["generated_tokens"], "prompt {i}");
+    }
+}
+
+#[test]
+fn bad_prompts_files_give_one_line_and_fail() {
+    let dir = temp_dir("bad-prompts");
+    let p = dir.join("tiny.gguf");
+    tiny_model(GgmlType::Q8_0, 1).write_file(&p).unwrap();
+    let p = p.to_str().unwrap();
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let blank = dir.join("blank.txt");
+    std::fs::write(&blank, "one\n\nthree\n").unwrap();
+    let good = dir.join("good.txt");
+    std::fs::write(&good, "one\n").unwrap();
+    let missing = dir.join("missing.txt");
+    let cases: &[(&std::path::Path, &[&str], &str, i32)] = &[
+        (&empty, &[], "the file has no prompts", 1),
+        (&blank, &[], "line 2 is empty", 1),
+        (&missing, &[], "missing.txt", 1),
+        (
+            &good,
+            &["--parallel", "0"],
+            "--parallel 0 is out of range",
+            2,
+        ),
+    ];
+    for &(file, extra, expect, code) in cases {
+        let mut args = vec![
+            "generate",
+            "--model",
+            p,
+            "--prompts",
+            file.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let out = rocforge(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{file:?} {extra:?}: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}

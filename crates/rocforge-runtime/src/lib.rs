@@ -13,9 +13,11 @@
 //! ```
 pub mod arch;
 pub mod backend;
+pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod info;
+pub mod kv_pages;
 pub mod limits;
 pub mod model;
 pub mod sampler;
@@ -25,7 +27,8 @@ pub mod synthetic;
 pub mod testing;
 pub mod tokenizer;
 
-pub use backend::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming};
+pub use backend::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, SeqBatch};
+pub use engine::{Engine, EngineOptions, Event, Request, RequestId};
 pub use error::{Error, Result};
 pub use limits::{MAX_BATCH, MAX_CTX};
 pub use model::{LoadOptions, Model, ModelConfig};

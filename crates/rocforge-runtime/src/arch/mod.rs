@@ -11,6 +11,7 @@
 //! Weights are named by layer and GGUF role (`attn_q`, `ffn_down`, ...): the definition says
 //! which step runs on which layer, the executor holds the tensors.
 
+use crate::backend::SeqBatch;
 use crate::error::{Error, Result};
 use crate::model::{Architecture, ModelConfig};
 
@@ -116,6 +117,10 @@ pub trait Executor {
     fn limits(&self) -> Limits;
     /// A batch of `n` tokens at positions `pos..pos + n`; logits for every token when `all_logits`.
     fn begin(&mut self, n: usize, pos: usize, all_logits: bool) -> Result<()>;
+    /// A batch made of the new tokens of several sequences, in order (see [`forward_seqs`]).
+    fn begin_seqs(&mut self, _seqs: &[SeqBatch<'_>]) -> Result<()> {
+        Err(unsupported("this", "a multi-sequence forward"))
+    }
     fn embed(&mut self, tokens: &[u32], scale: f32) -> Result<()>;
     fn attn_in(&mut self, layer: usize) -> Result<()>;
     fn rope_store(&mut self, layer: usize, qk_norm: bool, rope: RopeKind) -> Result<()>;
@@ -163,6 +168,60 @@ pub fn forward<E: Executor + ?Sized>(
         )));
     }
     exec.begin(n, pos, all_logits)?;
+    run_steps(exec, plan, tokens)
+}
+
+/// Runs `plan` on `exec` for the new tokens of several sequences at once (a batched decode
+/// step, or decode mixed with prefill chunks): each sequence at its own positions, over its
+/// own KV pages. The steps are the same as [`forward`]'s; the executor's
+/// [`Executor::begin_seqs`] records where each sequence's rows are.
+pub fn forward_seqs<E: Executor + ?Sized>(
+    exec: &mut E,
+    plan: &[Step],
+    seqs: &[SeqBatch<'_>],
+    tokens: &mut Vec<u32>,
+    page_size: usize,
+) -> Result<()> {
+    let Limits {
+        ctx,
+        max_batch,
+        n_vocab,
+    } = exec.limits();
+    let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    if seqs.is_empty() || n > max_batch || seqs.iter().any(|s| s.tokens.is_empty()) {
+        return Err(Error::InvalidArgument(format!(
+            "a multi-sequence forward takes 1 to {max_batch} tokens in all, at least one per \
+             sequence; got {n} over {} sequences",
+            seqs.len()
+        )));
+    }
+    let n_pages = ctx / page_size.max(1);
+    for s in seqs {
+        let end = s.pos.saturating_add(s.tokens.len());
+        if end.div_ceil(page_size) > s.pages.len() {
+            return Err(Error::ContextFull {
+                needed: end,
+                capacity: s.pages.len() * page_size,
+            });
+        }
+        if let Some(&p) = s.pages.iter().find(|&&p| p as usize >= n_pages) {
+            return Err(Error::InvalidArgument(format!(
+                "KV page {p} is outside the pool of {n_pages} pages"
+            )));
+        }
+        if let Some(&tok) = s.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {tok} is outside the vocabulary of {n_vocab}"
+            )));
+        }
+    }
+    tokens.clear();
+    seqs.iter().for_each(|s| tokens.extend_from_slice(s.tokens));
+    exec.begin_seqs(seqs)?;
+    run_steps(exec, plan, tokens)
+}
+
+fn run_steps<E: Executor + ?Sized>(exec: &mut E, plan: &[Step], tokens: &[u32]) -> Result<()> {
     for step in plan {
         match *step {
             Step::Embed { scale } => exec.embed(tokens, scale)?,

@@ -10,10 +10,15 @@ use rocforge_kernels::ops::{activation, attention, norm, rope};
 use rocforge_kernels::quant::{self, PreparedActs};
 use rocforge_kernels::GgmlType;
 
-use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler};
+use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler, SeqBatch};
 use crate::arch::{self, unsupported, Activation, Executor, Limits, RopeKind, Step};
 use crate::error::{Error, Result};
 use crate::model::{Architecture, Model, RopeStyle, Weight};
+
+/// Tokens per KV page in a multi-sequence forward ([`Backend::forward_seqs`]). The cache is
+/// one pool: a single sequence ([`Backend::forward`]) uses it as one contiguous run of slots,
+/// several sequences use it as `ctx / PAGE_SIZE` pages named by their page tables.
+pub const PAGE_SIZE: usize = 16;
 
 /// The run state: activations for up to `max_batch` tokens and the KV cache.
 pub struct CpuBackend {
@@ -55,6 +60,21 @@ pub struct CpuBackend {
     n: usize,
     pos: usize,
     all_logits: bool,
+    /// Set by a multi-sequence forward: rows are placed by `paged` instead of `pos + t`.
+    paged_on: bool,
+    paged: PagedRows,
+}
+
+/// Where each row of a multi-sequence batch lives: its position, its cache slot, the page
+/// table of its sequence, and which rows give logits.
+#[derive(Default)]
+struct PagedRows {
+    pos: Vec<usize>,        // (batch) position of each row in its sequence
+    slot: Vec<usize>,       // (batch) cache slot the row's key and value go to
+    table: Vec<(u32, u32)>, // (batch) the row's page table, as a range of `pages`
+    pages: Vec<u32>,        // every sequence's page table, one after another
+    logit_rows: Vec<usize>, // the rows whose logits are asked for, in order
+    tokens: Vec<u32>,       // the batch's tokens, one sequence after another
 }
 
 impl CpuBackend {
@@ -116,6 +136,8 @@ impl CpuBackend {
             n: 0,
             pos: 0,
             all_logits: false,
+            paged_on: false,
+            paged: PagedRows::default(),
             model,
         })
     }
@@ -208,23 +230,41 @@ impl Executor for CpuBackend {
 
     fn begin(&mut self, n: usize, pos: usize, all_logits: bool) -> Result<()> {
         (self.n, self.pos, self.all_logits) = (n, pos, all_logits);
-        self.regions = 0;
-        let half = self.model.config.rope_dim / 2;
-        for t in 0..n {
-            let (cos, sin) = (
-                &mut self.cos[t * half..(t + 1) * half],
-                &mut self.sin[t * half..(t + 1) * half],
-            );
-            rope::rope_cache(pos + t, &self.inv_freqs, cos, sin);
-            if !self.inv_freqs_local.is_empty() {
-                let (cos, sin) = (
-                    &mut self.cos_local[t * half..(t + 1) * half],
-                    &mut self.sin_local[t * half..(t + 1) * half],
-                );
-                rope::rope_cache(pos + t, &self.inv_freqs_local, cos, sin);
+        self.paged_on = false;
+        self.rope_tables(|t| pos + t);
+        Ok(())
+    }
+
+    fn begin_seqs(&mut self, seqs: &[SeqBatch<'_>]) -> Result<()> {
+        let mut p = std::mem::take(&mut self.paged);
+        for v in [&mut p.pos, &mut p.slot, &mut p.logit_rows] {
+            v.clear();
+        }
+        p.table.clear();
+        p.pages.clear();
+        let mut row = 0;
+        for s in seqs {
+            let start = p.pages.len() as u32;
+            p.pages.extend_from_slice(s.pages);
+            let range = (start, p.pages.len() as u32);
+            for i in 0..s.tokens.len() {
+                let at = s.pos + i;
+                p.pos.push(at);
+                p.slot
+                    .push(s.pages[at / PAGE_SIZE] as usize * PAGE_SIZE + at % PAGE_SIZE);
+                p.table.push(range);
+            }
+            row += s.tokens.len();
+            if s.logits {
+                p.logit_rows.push(row - 1);
             }
         }
-        self.profiler.start();
+        (self.n, self.pos, self.all_logits) = (row, 0, false);
+        let positions = std::mem::take(&mut p.pos);
+        self.rope_tables(|t| positions[t]);
+        p.pos = positions;
+        self.paged = p;
+        self.paged_on = true;
         Ok(())
     }
 
@@ -332,13 +372,28 @@ impl Executor for CpuBackend {
             rotate(&mut self.k[t * kv_dim..(t + 1) * kv_dim], hd, cos, sin);
         }
         let (kc, vc) = (&mut self.k_cache[l], &mut self.v_cache[l]);
+        let round = |vals: &mut [f32]| {
+            vals.iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32())
+        };
+        if self.paged_on {
+            for (t, &slot) in self.paged.slot.iter().enumerate() {
+                let at = slot * kv_dim..(slot + 1) * kv_dim;
+                kc[at.clone()].copy_from_slice(&self.k[t * kv_dim..(t + 1) * kv_dim]);
+                vc[at.clone()].copy_from_slice(&self.v[t * kv_dim..(t + 1) * kv_dim]);
+                if self.kv_f16 {
+                    round(&mut kc[at.clone()]);
+                    round(&mut vc[at]);
+                }
+            }
+            return Ok(());
+        }
         kc[pos * kv_dim..(pos + n) * kv_dim].copy_from_slice(&self.k[..n * kv_dim]);
         vc[pos * kv_dim..(pos + n) * kv_dim].copy_from_slice(&self.v[..n * kv_dim]);
         if self.kv_f16 {
             let at = pos * kv_dim..(pos + n) * kv_dim;
-            for v in kc[at.clone()].iter_mut().chain(vc[at].iter_mut()) {
-                *v = half::f16::from_f32(*v).to_f32();
-            }
+            round(&mut kc[at.clone()]);
+            round(&mut vc[at]);
         }
         Ok(())
     }
@@ -359,6 +414,22 @@ impl Executor for CpuBackend {
             head_dim: hd,
         };
         let (q, kc, vc) = (&self.q, &self.k_cache[l], &self.v_cache[l]);
+        if self.paged_on {
+            let p = &self.paged;
+            self.att[..n * q_dim]
+                .par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let (t, h) = (i / n_head, i % n_head);
+                    let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                    let (a, b) = p.table[t];
+                    let pages = &p.pages[a as usize..b as usize];
+                    let keys = KeyPages { kc, vc, pages };
+                    keys.attend_head(qh, h / group, p.pos[t], window, shape, out);
+                });
+            self.regions += 1;
+            return Ok(());
+        }
         self.att[..n * q_dim]
             .par_chunks_mut(hd)
             .enumerate()
@@ -439,15 +510,32 @@ impl Executor for CpuBackend {
     fn logits(&mut self) -> Result<()> {
         let (model, n) = (&*self.model, self.n);
         let (c, d) = (&model.config, model.config.n_embd);
-        let first = if self.all_logits { 0 } else { n - 1 };
-        let rows = n - first;
-        rms_norm_rows(
-            &self.x[first * d..],
-            &model.weights.output_norm,
-            c.rms_eps,
-            rows,
-            &mut self.xn,
-        );
+        let rows = if self.paged_on {
+            // Only the last new token of each sequence that asked.
+            let w = &model.weights.output_norm;
+            for (i, &r) in self.paged.logit_rows.iter().enumerate() {
+                let (x, out) = (
+                    &self.x[r * d..(r + 1) * d],
+                    &mut self.xn[i * d..(i + 1) * d],
+                );
+                norm::rms_norm(x, w, c.rms_eps, out);
+            }
+            self.paged.logit_rows.len()
+        } else {
+            let first = if self.all_logits { 0 } else { n - 1 };
+            rms_norm_rows(
+                &self.x[first * d..],
+                &model.weights.output_norm,
+                c.rms_eps,
+                n - first,
+                &mut self.xn,
+            );
+            n - first
+        };
+        if rows == 0 {
+            self.n_logit_rows = 0;
+            return Ok(());
+        }
         if self.logits.len() < rows * c.n_vocab {
             // Only perplexity asks for all-token logits; decode never reaches this.
             self.logits.resize(rows * c.n_vocab, 0.0);
@@ -468,6 +556,30 @@ impl Executor for CpuBackend {
 
     fn probe(&mut self, step: &Step) {
         self.profiler.lap(step.name());
+    }
+}
+
+impl CpuBackend {
+    /// Fills the RoPE tables of the batch's rows, row `t` at position `pos_of(t)`, and starts
+    /// the profiler's clock.
+    fn rope_tables(&mut self, pos_of: impl Fn(usize) -> usize) {
+        self.regions = 0;
+        let half = self.model.config.rope_dim / 2;
+        for t in 0..self.n {
+            let (cos, sin) = (
+                &mut self.cos[t * half..(t + 1) * half],
+                &mut self.sin[t * half..(t + 1) * half],
+            );
+            rope::rope_cache(pos_of(t), &self.inv_freqs, cos, sin);
+            if !self.inv_freqs_local.is_empty() {
+                let (cos, sin) = (
+                    &mut self.cos_local[t * half..(t + 1) * half],
+                    &mut self.sin_local[t * half..(t + 1) * half],
+                );
+                rope::rope_cache(pos_of(t), &self.inv_freqs_local, cos, sin);
+            }
+        }
+        self.profiler.start();
     }
 }
 
@@ -542,6 +654,11 @@ impl Backend for CpuBackend {
 
     fn argmax(&mut self) -> Result<u32> {
         let n = self.model.config.n_vocab;
+        if self.n_logit_rows == 0 {
+            return Err(Error::InvalidArgument(
+                "the last forward call computed no logits".into(),
+            ));
+        }
         let last = &self.logits[(self.n_logit_rows - 1) * n..self.n_logit_rows * n];
         Ok(crate::sampler::argmax(last) as u32)
     }
@@ -587,6 +704,72 @@ impl Backend for CpuBackend {
 
     fn op_profile(&self) -> Vec<OpTiming> {
         self.profiler.report()
+    }
+
+    fn kv_page_size(&self) -> Option<usize> {
+        Some(PAGE_SIZE)
+    }
+
+    fn forward_seqs(&mut self, seqs: &[SeqBatch<'_>]) -> Result<()> {
+        let plan = self.plan.clone();
+        let mut tokens = std::mem::take(&mut self.paged.tokens);
+        let out = rayon::scope(|_| arch::forward_seqs(self, &plan, seqs, &mut tokens, PAGE_SIZE));
+        self.paged.tokens = tokens;
+        out
+    }
+}
+
+/// One sequence's keys and values in the paged cache of one layer.
+struct KeyPages<'a> {
+    kc: &'a [f32],
+    vc: &'a [f32],
+    pages: &'a [u32],
+}
+
+impl KeyPages<'_> {
+    /// The same online softmax as [`attention::attend_head_window`], in the same order, with
+    /// position `t` read from slot `t % PAGE_SIZE` of page `pages[t / PAGE_SIZE]`: a sequence
+    /// gives the same numbers paged as contiguous.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_head(
+        &self,
+        q: &[f32],
+        kv_head: usize,
+        pos: usize,
+        window: Option<usize>,
+        shape: attention::AttnShape,
+        out: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let stride = shape.n_kv_heads * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut max = f32::NEG_INFINITY;
+        let mut sum = 0.0f32;
+        out.fill(0.0);
+        for t in attention::first_key(pos, window)..=pos {
+            let slot = self.pages[t / PAGE_SIZE] as usize * PAGE_SIZE + t % PAGE_SIZE;
+            let base = slot * stride + kv_head * hd;
+            let k = &self.kc[base..base + hd];
+            let s = rocforge_kernels::ops::dot(q, k) * scale;
+            let v = &self.vc[base..base + hd];
+            if s > max {
+                let r = (max - s).exp();
+                sum *= r;
+                for o in out.iter_mut() {
+                    *o *= r;
+                }
+                max = s;
+            }
+            let p = (s - max).exp();
+            sum += p;
+            for (o, &vv) in out.iter_mut().zip(v) {
+                *o += p * vv;
+            }
+        }
+        let inv = 1.0 / sum;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
     }
 }
 

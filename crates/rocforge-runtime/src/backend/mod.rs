@@ -141,6 +141,34 @@ pub trait Backend: Send {
     fn op_profile(&self) -> Vec<OpTiming> {
         Vec::new()
     }
+    /// Tokens per KV page when the backend evaluates several sequences in one call
+    /// ([`Backend::forward_seqs`]); `None` when it holds one sequence at a time.
+    /// Its [`Backend::capacity`] is then the page pool, in tokens.
+    fn kv_page_size(&self) -> Option<usize> {
+        None
+    }
+    /// Evaluates the new tokens of several sequences in one pass: each at its own positions,
+    /// its keys and values stored in the pages its table names; the weights are read once for
+    /// all of them. Afterwards [`Backend::logits`] holds one row per sequence whose `logits`
+    /// is set, in order.
+    fn forward_seqs(&mut self, _seqs: &[SeqBatch<'_>]) -> Result<()> {
+        Err(Error::Backend {
+            backend: self.kind().name().into(),
+            problem: "this backend evaluates one sequence at a time".into(),
+        })
+    }
+}
+
+/// One sequence's share of a [`Backend::forward_seqs`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqBatch<'a> {
+    /// The tokens to evaluate, at positions `pos..pos + tokens.len()`.
+    pub tokens: &'a [u32],
+    pub pos: usize,
+    /// Page table: position `p` lives in slot `p % page_size` of page `pages[p / page_size]`.
+    pub pages: &'a [u32],
+    /// Whether to compute the logits of the last token.
+    pub logits: bool,
 }
 
 /// Time spent in one op family (`matmul`, `attention`, `rms_norm`, ...).

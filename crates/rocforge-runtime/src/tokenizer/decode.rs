@@ -75,6 +75,16 @@ impl Tokenizer {
             special: false,
         }
     }
+
+    /// A streaming decoder that goes on from the bytes an earlier one held back
+    /// ([`TokenStream::into_pending`]): for callers that keep many streams between calls.
+    pub fn resume_stream(&self, pending: Vec<u8>) -> TokenStream<'_> {
+        TokenStream {
+            tokenizer: self,
+            pending,
+            special: false,
+        }
+    }
 }
 
 /// llama.cpp's `clean_spaces` passes: " ?" " !" " ." " ," lose the space, " ' " loses
@@ -178,6 +188,11 @@ impl TokenStream<'_> {
                 }
             }
         }
+    }
+
+    /// The bytes held back (an incomplete UTF-8 character), for [`Tokenizer::resume_stream`].
+    pub fn into_pending(self) -> Vec<u8> {
+        self.pending
     }
 
     /// Whatever is still held back, invalid bytes as U+FFFD.
