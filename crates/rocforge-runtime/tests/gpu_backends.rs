@@ -18,8 +18,8 @@ use std::sync::Arc;
 use rocforge_kernels::GgmlType;
 use rocforge_runtime::backend::{self, Backend, BackendKind, BackendOptions};
 use rocforge_runtime::testing::{
-    agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, tiny_model, RefContinuation,
-    FETCH_SMOLLM2,
+    agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, tiny_gemma3, tiny_model,
+    RefContinuation, FETCH_SMOLLM2,
 };
 use rocforge_runtime::Model;
 
@@ -34,6 +34,19 @@ const TOLERANCE: &[(GgmlType, f64)] = &[
     (GgmlType::Q5_0, 3e-3),
     (GgmlType::Q5_1, 3e-3),
 ];
+
+/// NMSE floor of float weights where prefill multiplies f16 operands on the matrix units
+/// (CUDA, HIP: `ops::matmul::prefill_precision`): weights and activations rounded to 11-bit
+/// mantissas in every mat-mat of a batch above 8 tokens.
+const F16_PREFILL_NMSE: f64 = 1e-4;
+
+/// `tol`, raised to [`F16_PREFILL_NMSE`] on backends whose prefill multiplies f16.
+fn prefill_tol(kind: BackendKind, tol: f64) -> f64 {
+    match kind {
+        BackendKind::Cuda | BackendKind::Hip => tol.max(F16_PREFILL_NMSE),
+        _ => tol,
+    }
+}
 
 fn nmse(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
@@ -267,14 +280,17 @@ fn split_embedding_and_output_match_cpu_backend(kind: BackendKind) {
 fn random_batches_match_cpu_backend(kind: BackendKind) {
     use proptest::prelude::*;
     use rocforge_runtime::Session;
+    // Q8_0 above the table's 1e-3: the CPU quantizes activations to 8 bits, the GPU does not,
+    // and on random tiny weights the first logits of a 4-token prompt reached 1.32e-3 on the
+    // H200 (case (0, 4, 1, 0, 17502486568624632048), 2026-11-30).
     let formats = [
-        (GgmlType::Q8_0, 1e-3),
+        (GgmlType::Q8_0, 2e-3),
         (GgmlType::Q4_1, 3e-3),
         (GgmlType::F16, 1e-5),
     ];
     let models: Vec<_> = formats
         .iter()
-        .map(|&(ty, tol)| (tiny(ty), ty, tol))
+        .map(|&(ty, tol)| (tiny(ty), ty, prefill_tol(kind, tol)))
         .collect();
     let config = ProptestConfig {
         cases: 12,
@@ -478,6 +494,45 @@ fn replayed_decode_matches_plain_launches(kind: BackendKind) {
     }
 }
 
+/// Every kernel a decode step can launch, replayed against CubeCL's own launches: tiny Llama
+/// models in every device weight format (tuned and plain kernels) and a tiny Gemma 3 (per-head
+/// norms, post-norms, embedding scale, GeGLU, sliding window), 12 steps each past a prompt.
+/// Ids must be identical and the last logits equal up to summation order.
+fn replayed_decode_matches_plain_per_kernel(kind: BackendKind) {
+    let dir = std::env::temp_dir().join(format!("rocforge-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut models: Vec<(String, Arc<Model>)> = TOLERANCE
+        .iter()
+        .map(|&(ty, _)| (format!("llama {ty}"), tiny(ty)))
+        .collect();
+    for ty in [GgmlType::Q8_0, GgmlType::F16] {
+        let path = dir.join(format!("gemma3-{ty}.gguf"));
+        tiny_gemma3(ty, 11).write_file(&path).unwrap();
+        models.push((format!("gemma3 {ty}"), Model::load(&path).unwrap()));
+    }
+    let opts = BackendOptions {
+        ctx: 256,
+        max_batch: 64,
+    };
+    for (name, model) in models {
+        let mut plain = backend::create(kind, model.clone(), &opts).unwrap();
+        plain.set_replay(false);
+        let mut graph = backend::create(kind, model.clone(), &opts).unwrap();
+        let prompt = [1u32, 17, 42, 99, 3, 250, 7];
+        let (want, want_logits, _) = greedy_run(plain.as_mut(), &prompt, 12);
+        let (got, got_logits, replayed) = greedy_run(graph.as_mut(), &prompt, 12);
+        assert_eq!(got, want, "{kind} {name}: replayed ids");
+        let worst = got_logits
+            .iter()
+            .zip(&want_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{kind} {name}: last logits differ by {worst}");
+        let replays = matches!(kind, BackendKind::Cuda | BackendKind::Hip);
+        assert_eq!(replayed == 1, replays, "{kind} {name}: replay used");
+    }
+}
+
 /// The real model: replayed and plain greedy ids agree for 128 steps on every reference
 /// prompt, one backend running them in turn (a prefill after replays each time).
 fn real_model_replayed_decode_matches_plain(kind: BackendKind) {
@@ -533,6 +588,10 @@ macro_rules! backend_tests {
             #[test]
             fn replayed_decode_matches_plain_launches() {
                 super::replayed_decode_matches_plain_launches($kind)
+            }
+            #[test]
+            fn replayed_decode_matches_plain_per_kernel() {
+                super::replayed_decode_matches_plain_per_kernel($kind)
             }
             #[test]
             fn real_model_replayed_decode_matches_plain() {
