@@ -196,6 +196,19 @@ pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
 pub const MAX_DECODE_SPLITS: usize = 32;
 
+/// [`MAX_DECODE_SPLITS`], or `ROCFORGE_ATTN_MAX_SPLITS` (8 to 128, a power of two) for tuning
+/// runs. Read once.
+pub fn max_decode_splits() -> usize {
+    static SPLITS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SPLITS.get_or_init(|| {
+        std::env::var("ROCFORGE_ATTN_MAX_SPLITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|k: &usize| k.is_power_of_two() && (8..=128).contains(k))
+            .unwrap_or(MAX_DECODE_SPLITS)
+    })
+}
+
 /// Partial results of split attention: `(rows, head_dim)` outputs and `(rows, 2)` (max, sum),
 /// a row per (token, head, split).
 pub struct AttnScratch {
@@ -207,7 +220,7 @@ pub struct AttnScratch {
 impl AttnScratch {
     /// Room for `max_batch` tokens of `n_head` heads, or one token with the most splits.
     pub fn new<R: Runtime>(gpu: &Gpu<R>, max_batch: usize, shape: AttnShape) -> Self {
-        let rows = shape.n_heads * max_batch.max(MAX_DECODE_SPLITS);
+        let rows = shape.n_heads * max_batch.max(max_decode_splits());
         Self {
             part_o: gpu.zeros(rows * shape.head_dim),
             part_ml: gpu.zeros(rows * 2),
@@ -229,7 +242,7 @@ pub fn plan_splits(
 ) -> (usize, usize) {
     let want = kv_len.div_ceil(split_keys());
     let fit = scratch_rows / (n_tokens * n_head);
-    let splits = want.min(fit).clamp(1, MAX_DECODE_SPLITS);
+    let splits = want.min(fit).clamp(1, max_decode_splits());
     (splits, kv_len.div_ceil(splits))
 }
 
