@@ -446,6 +446,13 @@ fn real_model_greedy_tokens_match_cpu_backend(kind: BackendKind) {
     }
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
 /// Greedy ids and the last step's logits with graph replay allowed or not.
 fn greedy_run(b: &mut dyn Backend, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>, usize) {
     let ids = greedy(b, prompt, n);
@@ -480,11 +487,7 @@ fn replayed_decode_matches_plain_launches(kind: BackendKind) {
             assert_eq!(got, want, "{kind} ctx {ctx} prompt {len}: replayed ids");
             // The same kernels, but a replayed attention splits its keys by the bucket's length
             // (plain launches by the real one): sums differ in order only.
-            let worst = got_logits
-                .iter()
-                .zip(&want_logits)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&got_logits, &want_logits);
             assert!(
                 worst < 1e-4,
                 "{kind} ctx {ctx} prompt {len}: last logits differ by {worst}"
@@ -522,11 +525,7 @@ fn replayed_decode_matches_plain_per_kernel(kind: BackendKind) {
         let (want, want_logits, _) = greedy_run(plain.as_mut(), &prompt, 12);
         let (got, got_logits, replayed) = greedy_run(graph.as_mut(), &prompt, 12);
         assert_eq!(got, want, "{kind} {name}: replayed ids");
-        let worst = got_logits
-            .iter()
-            .zip(&want_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_abs_diff(&got_logits, &want_logits);
         assert!(worst < 1e-4, "{kind} {name}: last logits differ by {worst}");
         let replays = matches!(kind, BackendKind::Cuda | BackendKind::Hip);
         assert_eq!(replayed == 1, replays, "{kind} {name}: replay used");

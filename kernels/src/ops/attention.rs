@@ -183,14 +183,18 @@ pub const SPLIT_KEYS: usize = 64;
 /// a power of two) for tuning runs. Read once.
 pub fn split_keys() -> usize {
     static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *KEYS.get_or_init(|| {
-        std::env::var("ROCFORGE_ATTN_SPLIT_KEYS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|k: &usize| k.is_power_of_two() && (32..=512).contains(k))
-            .unwrap_or(SPLIT_KEYS)
-    })
+    *KEYS.get_or_init(|| tuning_knob("ROCFORGE_ATTN_SPLIT_KEYS", 32..=512, SPLIT_KEYS))
 }
+
+/// A power of two in `range` from the environment variable `name`, else `default`.
+fn tuning_knob(name: &str, range: std::ops::RangeInclusive<usize>, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|k: &usize| k.is_power_of_two() && range.contains(k))
+        .unwrap_or(default)
+}
+
 /// Largest head dimension the kernels take (a unit per dimension in one cube).
 pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
@@ -200,13 +204,7 @@ pub const MAX_DECODE_SPLITS: usize = 32;
 /// runs. Read once.
 pub fn max_decode_splits() -> usize {
     static SPLITS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SPLITS.get_or_init(|| {
-        std::env::var("ROCFORGE_ATTN_MAX_SPLITS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|k: &usize| k.is_power_of_two() && (8..=128).contains(k))
-            .unwrap_or(MAX_DECODE_SPLITS)
-    })
+    *SPLITS.get_or_init(|| tuning_knob("ROCFORGE_ATTN_MAX_SPLITS", 8..=128, MAX_DECODE_SPLITS))
 }
 
 /// Partial results of split attention: `(rows, head_dim)` outputs and `(rows, 2)` (max, sum),
