@@ -51,6 +51,24 @@ pub fn attend_head_window(
     shape: AttnShape,
     out: &mut [f32],
 ) {
+    attend_head_rows(q, k_cache, v_cache, kv_head, pos, window, shape, out, |t| t)
+}
+
+/// [`attend_head_window`] with position `t` stored at cache row `row(t)` (a paged cache maps
+/// positions to the slots of its pages): the same online softmax in the same order, so a
+/// sequence gives the same numbers paged as contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head_rows(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_head: usize,
+    pos: usize,
+    window: Option<usize>,
+    shape: AttnShape,
+    out: &mut [f32],
+    row: impl Fn(usize) -> usize,
+) {
     let hd = shape.head_dim;
     let stride = shape.n_kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -58,7 +76,7 @@ pub fn attend_head_window(
     let mut sum = 0.0f32;
     out.fill(0.0);
     for t in first_key(pos, window)..=pos {
-        let base = t * stride + kv_head * hd;
+        let base = row(t) * stride + kv_head * hd;
         let k = &k_cache[base..base + hd];
         let s = super::dot(q, k) * scale;
         let v = &v_cache[base..base + hd];

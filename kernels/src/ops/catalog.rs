@@ -16,14 +16,10 @@ pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 pub fn kernel_definitions<R: Runtime>(
     client: &ComputeClient<R>,
 ) -> Vec<(String, KernelDefinition)> {
-    let settings = |threads: usize| {
-        KernelSettings::default()
-            .cube_dim(CubeDim::new_1d(threads as u32))
-            .address_type(AddressType::U32)
-    };
+    let settings = |threads: usize| super::launch::settings(CubeDim::new_1d(threads as u32));
     let c = || client.clone();
     // Compilation arguments: one per array (none in place) and `()` per scalar, in order.
-    let a = || ArrayCompilationArg { inplace: None };
+    let a = crate::ops::launch::array_arg;
     let mut out: Vec<(String, KernelDefinition)> = Vec::new();
     let row = norm::ROW_CUBE;
     out.push((

@@ -727,10 +727,8 @@ struct KeyPages<'a> {
 }
 
 impl KeyPages<'_> {
-    /// The same online softmax as [`attention::attend_head_window`], in the same order, with
-    /// position `t` read from slot `t % PAGE_SIZE` of page `pages[t / PAGE_SIZE]`: a sequence
-    /// gives the same numbers paged as contiguous.
-    #[allow(clippy::too_many_arguments)]
+    /// [`attention::attend_head_window`] with position `t` read from slot `t % PAGE_SIZE` of
+    /// page `pages[t / PAGE_SIZE]`: a sequence gives the same numbers paged as contiguous.
     fn attend_head(
         &self,
         q: &[f32],
@@ -740,36 +738,8 @@ impl KeyPages<'_> {
         shape: attention::AttnShape,
         out: &mut [f32],
     ) {
-        let hd = shape.head_dim;
-        let stride = shape.n_kv_heads * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut max = f32::NEG_INFINITY;
-        let mut sum = 0.0f32;
-        out.fill(0.0);
-        for t in attention::first_key(pos, window)..=pos {
-            let slot = self.pages[t / PAGE_SIZE] as usize * PAGE_SIZE + t % PAGE_SIZE;
-            let base = slot * stride + kv_head * hd;
-            let k = &self.kc[base..base + hd];
-            let s = rocforge_kernels::ops::dot(q, k) * scale;
-            let v = &self.vc[base..base + hd];
-            if s > max {
-                let r = (max - s).exp();
-                sum *= r;
-                for o in out.iter_mut() {
-                    *o *= r;
-                }
-                max = s;
-            }
-            let p = (s - max).exp();
-            sum += p;
-            for (o, &vv) in out.iter_mut().zip(v) {
-                *o += p * vv;
-            }
-        }
-        let inv = 1.0 / sum;
-        for o in out.iter_mut() {
-            *o *= inv;
-        }
+        let row = |t: usize| self.pages[t / PAGE_SIZE] as usize * PAGE_SIZE + t % PAGE_SIZE;
+        attention::attend_head_rows(q, self.kc, self.vc, kv_head, pos, window, shape, out, row);
     }
 }
 

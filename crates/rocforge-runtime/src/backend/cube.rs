@@ -1222,7 +1222,12 @@ impl<R: Runtime> CubeBackend<R> {
                         enqueue: Default::default(),
                     })
                 }
-                Err(_) => return Ok(None),
+                // No graphs on this runtime (wgpu): plain launches from now on, without asking
+                // again every step.
+                Err(_) => {
+                    self.replay_on = false;
+                    return Ok(None);
+                }
             }
         }
         if pos >= self.ctx {

@@ -8,6 +8,7 @@ use super::api::{self, DequantScratch, MatmulError, Matvec, QWeight, MAX_MATVEC_
 use super::format::KernelFormat;
 use super::kernels::{self, Fusion, MatvecConfig};
 use crate::ops::activation::GateAct;
+use crate::ops::launch::settings;
 
 /// Which kernel, with its comptime choices other than the format and the launch config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,12 +164,6 @@ pub fn launch_variant<R: Runtime>(
 /// Lanes per cube of the dequantize pass and the embedding lookup.
 const DEQUANT_THREADS: u32 = api::ROW_THREADS;
 
-fn settings_1d(threads: u32) -> KernelSettings {
-    KernelSettings::default()
-        .cube_dim(CubeDim::new_1d(threads))
-        .address_type(AddressType::U32)
-}
-
 /// Mat-vec configs a compile check should cover for `client`: the one `client` itself would
 /// launch ([`api::matvec_config`]) plus one plane per row at 64 lanes (CDNA, wave64) and at 32
 /// lanes (NVIDIA, RDNA in wave32), which is what the HIP and CUDA runtimes launch. Deduplicated.
@@ -207,12 +202,7 @@ pub fn definition<R: Runtime>(
     v: &KernelVariant,
     cfg: MatvecConfig,
 ) -> KernelDefinition {
-    let settings = |dim: CubeDim| {
-        KernelSettings::default()
-            .cube_dim(dim)
-            .address_type(AddressType::U32)
-    };
-    let a = || ArrayCompilationArg { inplace: None };
+    let a = crate::ops::launch::array_arg;
     let c = || client.clone();
     let mv = match v.kind {
         KernelKind::Matvec(f) => api::cfg_for(cfg, f.tokens as usize),
@@ -294,10 +284,10 @@ pub fn kernel_definitions<R: Runtime>(
     let mut out = vec![(
         "to_f16".to_string(),
         kernels::to_f16_kernel::ToF16Kernel::<R>::new(
-            settings_1d(DEQUANT_THREADS),
+            settings(CubeDim::new_1d(DEQUANT_THREADS)),
             client.clone(),
-            ArrayCompilationArg { inplace: None },
-            ArrayCompilationArg { inplace: None },
+            crate::ops::launch::array_arg(),
+            crate::ops::launch::array_arg(),
             (),
         )
         .define(),
