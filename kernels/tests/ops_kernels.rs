@@ -11,7 +11,8 @@
 
 use rocforge_kernels::ops::attention::{self, AttnScratch, AttnShape, KvCache, KvType};
 use rocforge_kernels::ops::dequant::{self, DeviceWeight, DEVICE_FORMATS};
-use rocforge_kernels::ops::gpu::{Gpu, Runtime};
+use rocforge_kernels::ops::gpu::{Gpu, Pos, Runtime};
+use rocforge_kernels::ops::norm::Rows;
 use rocforge_kernels::ops::rope::{self, RopeShape, RopeSrc};
 use rocforge_kernels::ops::{activation, argmax, embedding, norm};
 use rocforge_kernels::quant;
@@ -98,16 +99,42 @@ fn rms_norm<R: Runtime>(gpu: &Gpu<R>) {
             );
         }
         let (xb, wb, out) = (gpu.f32s(&x), gpu.f32s(&w), gpu.zeros(rows * d));
-        norm::launch_rms_norm(gpu, &xb, &wb, &out, 0, rows, 1e-5);
+        let all = Rows::Range {
+            first: 0,
+            count: rows,
+        };
+        norm::launch_rms_norm(gpu, &xb, &wb, &out, all, 1e-5);
         check("rms_norm", &case, &gpu.read_f32(&out).unwrap(), &want);
         // Last row only, as the output norm of a decode step does.
-        norm::launch_rms_norm(gpu, &xb, &wb, &out, rows - 1, 1, 1e-5);
+        let last = Rows::Range {
+            first: rows - 1,
+            count: 1,
+        };
+        norm::launch_rms_norm(gpu, &xb, &wb, &out, last, 1e-5);
         check(
             "rms_norm",
             &format!("{case}_last"),
             &gpu.read_f32(&out).unwrap()[..d],
             &want[(rows - 1) * d..],
         );
+        // Picked rows in any order, as the logits of a multi-sequence batch take them.
+        let order: Vec<u32> = (0..rows as u32).rev().collect();
+        let picked = Rows::Picked {
+            pick: &gpu.u32s(&order),
+            count: rows,
+            end: rows,
+        };
+        norm::launch_rms_norm(gpu, &xb, &wb, &out, picked, 1e-5);
+        let got = gpu.read_f32(&out).unwrap();
+        for (i, &r) in order.iter().enumerate() {
+            let r = r as usize;
+            check(
+                "rms_norm",
+                &format!("{case}_picked{i}"),
+                &got[i * d..(i + 1) * d],
+                &want[r * d..(r + 1) * d],
+            );
+        }
 
         let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
         for r in 0..rows {
@@ -119,7 +146,7 @@ fn rms_norm<R: Runtime>(gpu: &Gpu<R>) {
             );
         }
         let yb = gpu.f32s(&y);
-        norm::launch_add_rms_norm(gpu, &xb, &yb, &wb, &out, 0, rows, 1e-5);
+        norm::launch_add_rms_norm(gpu, &xb, &yb, &wb, &out, all, 1e-5);
         check("add_rms_norm", &case, &gpu.read_f32(&out).unwrap(), &want);
         check(
             "add_assign",
@@ -454,6 +481,55 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
                 "attention"
             };
             check(op, &case, &gpu.read_f32(&out).unwrap(), &want);
+
+            // The same sequence over scattered KV pages (a multi-sequence batch's layout): its
+            // keys stored through a page table in reverse order, then the same queries.
+            let page = attention::KV_PAGE_SIZE;
+            let n_pages = ctx.div_ceil(page) + 2;
+            let pages: Vec<u32> = (0..ctx.div_ceil(page) as u32)
+                .rev()
+                .map(|p| p + 1)
+                .collect();
+            let paged = KvCache::new(gpu, 1, n_pages * page, kv_dim, kv);
+            let store = gpu.u32s(&attention::paged_meta(&[(0, ctx, &pages)]));
+            rope::launch_rope_store(
+                gpu,
+                src,
+                &gpu.zeros(ctx * q_dim),
+                &none,
+                &none,
+                &paged,
+                0,
+                Pos::Paged {
+                    meta: &store,
+                    kv_len: ctx,
+                },
+                ctx,
+                rs,
+            );
+            let queries = gpu.u32s(&attention::paged_meta(&[(pos, n, &pages)]));
+            let out = gpu.zeros(n * q_dim);
+            attention::launch_attention_window(
+                gpu,
+                &gpu.f32s(&q),
+                &paged,
+                0,
+                &scratch,
+                &out,
+                Pos::Paged {
+                    meta: &queries,
+                    kv_len: ctx,
+                },
+                n,
+                shape,
+                window,
+            );
+            check(
+                op,
+                &format!("{case}_paged"),
+                &gpu.read_f32(&out).unwrap(),
+                &want,
+            );
         }
     }
 }

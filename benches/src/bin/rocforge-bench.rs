@@ -119,6 +119,9 @@ struct GenModelArgs {
 }
 
 fn main() {
+    // One line per bug; a device-thread panic (an allocation failing after the memory check)
+    // comes back from the backend as an error.
+    std::panic::set_hook(rocforge_runtime::device_fault::hook("rocforge-bench: "));
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),

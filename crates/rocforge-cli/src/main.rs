@@ -21,9 +21,9 @@ static ALLOC: TemplateAllocator = TemplateAllocator::exit_on_overrun("rocforge: 
 
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
-    std::panic::set_hook(Box::new(|info| {
-        eprintln!("rocforge: internal error: {info}");
-    }));
+    // A panic on CubeCL's device thread (an allocation failing after the memory check) is
+    // reported by the backend as an error instead.
+    std::panic::set_hook(rocforge_runtime::device_fault::hook("rocforge: "));
     let settings = match rocforge_cli::parse(std::env::args_os()) {
         Ok(s) => s,
         Err(e) if e.is_help() => {

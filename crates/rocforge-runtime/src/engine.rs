@@ -27,13 +27,13 @@
 //! Finished sequences leave at once and give their pages back.
 //!
 //! **KV pages**: on a backend that evaluates several sequences in one call
-//! ([`Backend::kv_page_size`]: the CPU), the cache is one pool of fixed-size pages, sized at
+//! ([`Backend::kv_page_size`]: the CPU and the GPU backends), the cache is one pool of fixed-size pages, sized at
 //! start ([`EngineOptions::pool_tokens`]). A request is given all the pages it can need
 //! (prompt plus `max_tokens`, at most [`EngineOptions::seq_ctx`]) when it joins, so a running
 //! sequence never runs out of cache: a request that does not fit now waits in the queue, and
 //! one that could never fit (more pages than the whole pool) is refused by [`Engine::add`]
-//! with a one-line error. On other backends (the GPU backends today) the engine runs the
-//! requests one at a time, in order, through the single-sequence forward pass.
+//! with a one-line error. On a backend without pages (a library user's own) the engine runs
+//! the requests one at a time, in order, through the single-sequence forward pass.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -157,9 +157,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine on `kind`. On a backend with paged KV (the CPU) the cache is a pool of
-    /// `opts.pool_tokens` tokens; on the others it holds one sequence of `opts.seq_ctx`
-    /// tokens and requests run one at a time ([`Engine::parallel`] says 1).
+    /// An engine on `kind`, its KV cache a pool of `opts.pool_tokens` tokens in pages.
     pub fn new(model: Arc<Model>, kind: BackendKind, opts: EngineOptions) -> Result<Self> {
         check_options(&opts)?;
         let pool = pool_tokens(&opts)?;
@@ -167,19 +165,9 @@ impl Engine {
             ctx,
             max_batch: opts.step_tokens,
         };
-        // Only the CPU pages its cache; a GPU backend gets one sequence's context.
-        let first = if kind == BackendKind::Cpu {
-            pool
-        } else {
-            opts.seq_ctx
-        };
-        limits::check_backend_options(&model.config, kind, &sized(first))?;
-        let mut backend = backend::create(kind, model.clone(), &sized(first))?;
-        if backend.kv_page_size().is_some() && backend.capacity() < pool {
-            // `Auto` fell back to the CPU: give it the whole pool.
-            limits::check_backend_options(&model.config, BackendKind::Cpu, &sized(pool))?;
-            backend = backend::create(BackendKind::Cpu, model.clone(), &sized(pool))?;
-        }
+        // Every backend of the project pages its cache: its context is the whole pool.
+        limits::check_backend_options(&model.config, kind, &sized(pool))?;
+        let backend = backend::create(kind, model.clone(), &sized(pool))?;
         Self::with_backend(model, backend, opts)
     }
 
@@ -379,6 +367,19 @@ impl Engine {
         let n_vocab = model.config.n_vocab;
         let mut picks = Vec::with_capacity(shares.len());
         let mut row = 0;
+        let plain_greedy = |seq: &Seq| !seq.sampler.penalizes() && seq.sampler.config().is_greedy();
+        // Every row greedy: the backend's argmax per row (on the device for a GPU), so the
+        // logits never cross to the host.
+        let greedy_ids = if self.pool.is_some()
+            && shares
+                .iter()
+                .filter(|sh| sh.logits)
+                .all(|sh| plain_greedy(&self.running[sh.seq]))
+        {
+            Some(self.backend.argmax_rows(n_vocab)?)
+        } else {
+            None
+        };
         for sh in &shares {
             if !sh.logits {
                 picks.push(None);
@@ -386,7 +387,9 @@ impl Engine {
             }
             let seq = &mut self.running[sh.seq];
             let cfg = seq.sampler.config();
-            let tok = if !seq.sampler.penalizes() && cfg.is_greedy() && self.pool.is_none() {
+            let tok = if let Some(id) = greedy_ids.as_ref().and_then(|ids| ids.get(row)) {
+                *id
+            } else if !seq.sampler.penalizes() && cfg.is_greedy() && self.pool.is_none() {
                 // One sequence: the backend's argmax (on the device for a GPU).
                 self.backend.argmax()?
             } else {

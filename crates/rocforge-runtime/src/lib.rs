@@ -13,6 +13,7 @@
 //! ```
 pub mod arch;
 pub mod backend;
+pub mod device_fault;
 pub mod engine;
 pub mod error;
 pub mod gguf;

@@ -411,7 +411,7 @@ fn real_model_batched_greedy_agrees_with_references() {
     }
 }
 
-/// A backend that holds one sequence at a time (no paged KV), as the GPU backends are today:
+/// A backend that holds one sequence at a time (no paged KV), as a library user's own may:
 /// the CPU backend with its page support hidden.
 struct OneAtATime(Box<dyn rocforge_runtime::Backend>);
 

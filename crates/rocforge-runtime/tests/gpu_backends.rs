@@ -17,11 +17,12 @@ use std::sync::Arc;
 
 use rocforge_kernels::GgmlType;
 use rocforge_runtime::backend::{self, Backend, BackendKind, BackendOptions};
+use rocforge_runtime::engine::{Engine, EngineOptions, Event, Request};
 use rocforge_runtime::testing::{
     agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, tiny_gemma3, tiny_model,
     RefContinuation, FETCH_SMOLLM2,
 };
-use rocforge_runtime::Model;
+use rocforge_runtime::{GenerateOptions, Model, SamplerConfig, SeqBatch};
 
 /// NMSE budget of the logits per weight format (see the header for why they are not zero).
 const TOLERANCE: &[(GgmlType, f64)] = &[
@@ -559,6 +560,202 @@ fn real_model_replayed_decode_matches_plain(kind: BackendKind) {
     }
 }
 
+/// Logits of `prompt` then of `steps` fed one at a time, each sequence alone on a fresh
+/// backend of `kind`.
+fn alone(kind: BackendKind, model: &Arc<Model>, prompt: &[u32], steps: &[u32]) -> Vec<Vec<f32>> {
+    let opts = BackendOptions {
+        ctx: 128,
+        max_batch: 64,
+    };
+    let mut b = backend::create(kind, model.clone(), &opts).unwrap();
+    b.forward(prompt, 0, false).unwrap();
+    let mut out = vec![b.logits().unwrap().to_vec()];
+    for (i, &t) in steps.iter().enumerate() {
+        b.forward(&[t], prompt.len() + i, false).unwrap();
+        out.push(b.logits().unwrap().to_vec());
+    }
+    out
+}
+
+/// Multi-sequence batches (`forward_seqs`) over scattered KV pages: each sequence's logits equal
+/// its logits run alone, through a prefill of two prompts, a third joining mid-run (its
+/// prefill beside the others' decode), batched decode steps and a sequence leaving; rows
+/// without logits asked give none.
+fn paged_batches_match_single_sequences(kind: BackendKind) {
+    for (ty, tol) in [(GgmlType::Q8_0, 1e-3), (GgmlType::F16, 1e-5)] {
+        let model = tiny(ty);
+        let nv = model.config.n_vocab as u32;
+        let prompts: [Vec<u32>; 3] = [
+            (0..19).map(|i| (i * 7 + 3) % nv).collect(),
+            (0..5).map(|i| (i * 11 + 1) % nv).collect(),
+            (0..12).map(|i| (i * 5 + 2) % nv).collect(),
+        ];
+        let steps: Vec<u32> = (0..4).map(|i| (i * 13 + 5) % nv).collect();
+        let want: Vec<_> = prompts
+            .iter()
+            .map(|p| alone(kind, &model, p, &steps))
+            .collect();
+        let opts = BackendOptions {
+            ctx: 128,
+            max_batch: 64,
+        };
+        let mut b = backend::create(kind, model.clone(), &opts).unwrap();
+        assert_eq!(b.kv_page_size(), Some(16), "{kind}");
+        // Pages scattered over the pool of 8, none shared.
+        let tables: [&[u32]; 3] = [&[6, 2], &[5], &[0, 7]];
+        let tol = prefill_tol(kind, tol);
+        let check = |got: &[f32], want: &[f32], what: String| {
+            let e = nmse(got, want);
+            assert!(e <= tol, "{kind} {ty} {what}: NMSE {e:.2e} > {tol:.0e}");
+        };
+        // Step 0: sequences 0 and 1 prefill together.
+        let batch = [
+            SeqBatch {
+                tokens: &prompts[0],
+                pos: 0,
+                pages: tables[0],
+                logits: true,
+            },
+            SeqBatch {
+                tokens: &prompts[1],
+                pos: 0,
+                pages: tables[1],
+                logits: true,
+            },
+        ];
+        b.forward_seqs(&batch).unwrap();
+        let got = b.logits().unwrap().to_vec();
+        assert_eq!(got.len(), 2 * nv as usize);
+        for i in 0..2 {
+            let row = &got[i * nv as usize..(i + 1) * nv as usize];
+            check(row, &want[i][0], format!("prefill of sequence {i}"));
+        }
+        // Steps 1..4: 0 and 1 decode, 2 prefills at step 1 then decodes; 1 leaves after step 3.
+        for k in 0..steps.len() {
+            let mut batch = vec![SeqBatch {
+                tokens: std::slice::from_ref(&steps[k]),
+                pos: prompts[0].len() + k,
+                pages: tables[0],
+                logits: true,
+            }];
+            if k < 3 {
+                batch.push(SeqBatch {
+                    tokens: std::slice::from_ref(&steps[k]),
+                    pos: prompts[1].len() + k,
+                    pages: tables[1],
+                    // Sequence 1's last step asks for no logits.
+                    logits: k < 2,
+                });
+            }
+            if k == 1 {
+                batch.push(SeqBatch {
+                    tokens: &prompts[2],
+                    pos: 0,
+                    pages: tables[2],
+                    logits: true,
+                });
+            } else if k > 1 {
+                batch.push(SeqBatch {
+                    tokens: std::slice::from_ref(&steps[k - 2]),
+                    pos: prompts[2].len() + k - 2,
+                    pages: tables[2],
+                    logits: true,
+                });
+            }
+            b.forward_seqs(&batch).unwrap();
+            let got = b.logits().unwrap().to_vec();
+            let mut rows = vec![(0, k + 1)];
+            if k < 2 {
+                rows.push((1, k + 1));
+            }
+            if k >= 1 {
+                rows.push((2, k - 1));
+            }
+            assert_eq!(got.len(), rows.len() * nv as usize, "{kind} step {k}");
+            for (r, &(i, at)) in rows.iter().enumerate() {
+                let row = &got[r * nv as usize..(r + 1) * nv as usize];
+                check(row, &want[i][at], format!("step {k}, sequence {i}"));
+            }
+        }
+    }
+}
+
+/// The engine on this backend: every prompt of `shared/refs/smollm2-greedy.json` run 4 at a
+/// time (requests leaving at different steps, the others joining) agrees with a reference
+/// by the near-tie rule, as single-sequence runs do.
+fn real_model_batched_greedy_agrees_with_references(kind: BackendKind) {
+    let Some(path) = real_model() else {
+        return skip_or_fail("real model", FETCH_SMOLLM2);
+    };
+    let refs = match greedy_refs(&refs_file("smollm2-greedy.json")) {
+        Ok(r) => r,
+        Err(e) => return skip_or_fail("references", &format!("{e}; set ROCFORGE_REFS")),
+    };
+    let model = Model::load(path).unwrap();
+    let mut engine = Engine::new(
+        model.clone(),
+        kind,
+        EngineOptions {
+            max_seqs: 4,
+            seq_ctx: 256,
+            pool_tokens: None,
+            step_tokens: 24,
+        },
+    )
+    .unwrap();
+    assert_eq!(engine.backend_kind(), kind);
+    assert!(engine.pages().is_some(), "{kind} runs sequences together");
+    let mut ids = Vec::new();
+    for (i, case) in refs.iter().enumerate() {
+        let n = case.exact_f32.generated_ids.len() - (i % 3);
+        let opts = GenerateOptions {
+            max_tokens: n,
+            sampler: SamplerConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop_at_eog: false,
+        };
+        ids.push(
+            engine
+                .add(Request::new(case.prompt_ids.clone(), opts))
+                .unwrap(),
+        );
+    }
+    let mut done = std::collections::HashMap::new();
+    let mut most = 0;
+    while !engine.is_idle() {
+        for e in engine.step().unwrap() {
+            if let Event::Finished { id, generation } = e {
+                done.insert(id, generation);
+            }
+        }
+        most = most.max(engine.running());
+    }
+    assert!(most > 1, "{kind}: sequences ran together");
+    eprintln!(
+        "{kind}: {} requests, {} tokens generated, up to {most} at once",
+        ids.len(),
+        done.values()
+            .map(|g| g.generated_tokens.len())
+            .sum::<usize>()
+    );
+    for (case, id) in refs.iter().zip(&ids) {
+        let g = &done[id];
+        let mut exact = case.exact_f32.clone();
+        exact.generated_ids.truncate(g.generated_tokens.len());
+        let mut llama = case.llama_cpp.clone();
+        llama.generated_ids.truncate(g.generated_tokens.len());
+        let vs_exact = agrees_with(&g.generated_tokens, &exact, 0.5);
+        let vs_llama = agrees_with(&g.generated_tokens, &llama, 0.5);
+        assert!(
+            vs_exact.is_ok() || vs_llama.is_ok(),
+            "{kind} {:?}: {vs_exact:?} / {vs_llama:?}",
+            case.prompt
+        );
+    }
+}
+
 /// One `#[test]` per check for a backend.
 macro_rules! backend_tests {
     ($name:ident, $kind:expr) => {
@@ -599,6 +796,14 @@ macro_rules! backend_tests {
             #[test]
             fn real_model_greedy_tokens_match_cpu_backend() {
                 super::real_model_greedy_tokens_match_cpu_backend($kind)
+            }
+            #[test]
+            fn paged_batches_match_single_sequences() {
+                super::paged_batches_match_single_sequences($kind)
+            }
+            #[test]
+            fn real_model_batched_greedy_agrees_with_references() {
+                super::real_model_batched_greedy_agrees_with_references($kind)
             }
         }
     };

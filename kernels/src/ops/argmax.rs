@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 
 use super::launch::{self, array_arg, Arg};
 
-use super::gpu::{Buf, Gpu};
+use super::gpu::{row_grid, Buf, Gpu};
 
 /// Reference: first index of the maximum (NaN never wins).
 pub fn argmax(x: &[f32]) -> usize {
@@ -32,7 +32,8 @@ pub fn argmax_kernel(
     #[comptime] block: usize,
 ) {
     let u = UNIT_POS as usize;
-    let base = row0 as usize;
+    // Cube r takes row r of a launch over several rows of `n` values.
+    let base = row0 as usize + CUBE_POS * n as usize;
     let mut best_v = f32::new(-3.0e38);
     let mut best_i = 0u32;
     let mut first = true;
@@ -76,14 +77,27 @@ pub fn argmax_kernel(
         stride /= 2;
     }
     if u == 0 {
-        out[0] = idxs[0];
+        out[CUBE_POS] = idxs[0];
     }
 }
 
 /// Index of the largest of `x[row0 .. row0 + n]`, into `out[0]`.
 pub fn launch_argmax<R: Runtime>(gpu: &Gpu<R>, x: &Buf, row0: usize, n: usize, out: &Buf) {
+    launch_argmax_rows(gpu, x, row0, n, 1, out)
+}
+
+/// Per row `r < rows` of `n` values from `x[row0]` on, the index of its largest into `out[r]`
+/// (the greedy tokens of a multi-sequence batch, one cube per row).
+pub fn launch_argmax_rows<R: Runtime>(
+    gpu: &Gpu<R>,
+    x: &Buf,
+    row0: usize,
+    n: usize,
+    rows: usize,
+    out: &Buf,
+) {
     assert!(
-        n >= 1 && row0 + n <= x.len() && !out.is_empty(),
+        n >= 1 && rows >= 1 && row0 + rows * n <= x.len() && rows <= out.len(),
         "argmax: range out of bounds"
     );
     gpu.count();
@@ -100,7 +114,7 @@ pub fn launch_argmax<R: Runtime>(gpu: &Gpu<R>, x: &Buf, row0: usize, n: usize, o
                 (),
                 ARGMAX_CUBE,
             ),
-            CubeCount::Static(1, 1, 1),
+            row_grid(rows),
             &[
                 Arg::buf::<f32>(&x),
                 Arg::buf::<u32>(&out),

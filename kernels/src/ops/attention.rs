@@ -218,6 +218,46 @@ pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
 pub const MAX_DECODE_SPLITS: usize = 32;
 
+/// Tokens per page of the KV cache when a batch holds several sequences
+/// (`Backend::forward_seqs`): position `p` of a sequence lives in cache row
+/// `pages[p / KV_PAGE_SIZE] * KV_PAGE_SIZE + p % KV_PAGE_SIZE` of its page table.
+pub const KV_PAGE_SIZE: usize = 16;
+
+/// The device layout of a paged batch ([`Pos::Paged`]) of sequences `(first position,
+/// tokens, page table)`, their tokens one sequence after another: for the batch's `n` tokens,
+/// their positions (`meta[t]`), their cache rows (`meta[n + t]`) and where their sequence's
+/// page table starts in `meta` (`meta[2n + t]`), then the page tables. The caller has
+/// checked that every position has a page.
+pub fn paged_meta(seqs: &[(usize, usize, &[u32])]) -> Vec<u32> {
+    let n: usize = seqs.iter().map(|s| s.1).sum();
+    let mut meta = vec![0u32; 3 * n];
+    let mut t = 0;
+    for &(pos, len, pages) in seqs {
+        let table = meta.len() as u32;
+        meta.extend_from_slice(pages);
+        for p in pos..pos + len {
+            meta[t] = p as u32;
+            meta[n + t] =
+                (pages[p / KV_PAGE_SIZE] as usize * KV_PAGE_SIZE + p % KV_PAGE_SIZE) as u32;
+            meta[2 * n + t] = table;
+            t += 1;
+        }
+    }
+    meta
+}
+
+/// Cache row of key `key` for a query whose sequence's page table starts at `meta[table]`,
+/// or `key` itself when the batch is one sequence in order.
+#[cube]
+fn key_row(meta: &Array<u32>, table: usize, key: usize, #[comptime] paged: bool) -> usize {
+    let mut row = key;
+    if comptime!(paged) {
+        let page = comptime!(KV_PAGE_SIZE);
+        row = meta[table + key / page] as usize * page + key % page;
+    }
+    row
+}
+
 /// [`MAX_DECODE_SPLITS`], or `ROCFORGE_ATTN_MAX_SPLITS` (8 to 128, a power of two) for tuning
 /// runs. Read once.
 pub fn max_decode_splits() -> usize {
@@ -275,7 +315,9 @@ pub fn attention_kernel<K: Float>(
     out: &mut Array<f32>,
     part_ml: &mut Array<f32>,
     pos_dev: &Array<u32>,
+    meta: &Array<u32>,
     pos: u32,
+    n_tokens: u32,
     chunk: u32,
     n_splits: u32,
     n_head: u32,
@@ -284,9 +326,9 @@ pub fn attention_kernel<K: Float>(
     window: u32,
     #[comptime] hd: usize,
     #[comptime] finalize: bool,
+    #[comptime] paged: bool,
 ) {
     let (n_head, n_kv, splits) = (n_head as usize, n_kv as usize, n_splits as usize);
-    let pos = pos + pos_dev[0];
     let u = UNIT_POS as usize;
     let row = CUBE_POS;
     let s = row % splits;
@@ -294,11 +336,18 @@ pub fn attention_kernel<K: Float>(
     let t = row / (splits * n_head);
     let kv_dim = n_kv * hd;
     let kv_off = (h / (n_head / n_kv)) * hd;
+    // Query t's position, and where its sequence's page table starts when paged.
+    let mut qpos = (pos + pos_dev[0]) as usize + t;
+    let mut table = 0usize;
+    if comptime!(paged) {
+        qpos = meta[t] as usize;
+        table = meta[2 * n_tokens as usize + t] as usize;
+    }
     let mut start = s * chunk as usize;
-    let end = min(start + chunk as usize, pos as usize + t + 1);
+    let end = min(start + chunk as usize, qpos + 1);
     let w = window as usize;
-    if w > 0 && pos as usize + t + 1 > w {
-        start = max(start, pos as usize + t + 1 - w);
+    if w > 0 && qpos + 1 > w {
+        start = max(start, qpos + 1 - w);
     }
 
     let mut q_sh = SharedMemory::<f32>::new(hd);
@@ -316,7 +365,7 @@ pub fn attention_kernel<K: Float>(
         let key = t0 + u;
         let mut score = f32::new(-1.0e30);
         if key < end {
-            let base = key * kv_dim + kv_off;
+            let base = key_row(meta, table, key, paged) * kv_dim + kv_off;
             let mut dot = 0.0f32;
             for d in 0..hd {
                 dot += q_sh[d] * f32::cast_from(k_cache[base + d]);
@@ -345,7 +394,8 @@ pub fn attention_kernel<K: Float>(
         for j in 0..n_keys {
             let pj = p_sh[j];
             sum_p += pj;
-            o += pj * f32::cast_from(v_cache[(t0 + j) * kv_dim + kv_off + u]);
+            let vrow = key_row(meta, table, t0 + j, paged);
+            o += pj * f32::cast_from(v_cache[vrow * kv_dim + kv_off + u]);
         }
         l = l * corr + sum_p;
         acc = o;
@@ -435,7 +485,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
         "attention: {n} queries out of range"
     );
     assert!(
-        pos.bound() + n <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd,
+        pos.end(n) <= cache.capacity() && cache.kv_dim() == n_kv_heads * hd,
         "attention: cache too small"
     );
     assert!(
@@ -447,7 +497,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
         "attention: window {window:?} out of range"
     );
     // A device position plans for the largest it may hold: splits past its keys find none.
-    let kv_len = pos.bound() + n;
+    let kv_len = pos.end(n);
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
     let finalize = splits == 1;
     let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
@@ -470,6 +520,8 @@ pub fn launch_attention_window<'a, R: Runtime>(
                         array_arg(),
                         array_arg(),
                         array_arg(),
+                        array_arg(),
+                        (),
                         (),
                         (),
                         (),
@@ -479,6 +531,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
                         (),
                         hd,
                         finalize,
+                        pos.paged(),
                     ),
                     row_grid(n * n_heads * splits),
                     &[
@@ -488,7 +541,9 @@ pub fn launch_attention_window<'a, R: Runtime>(
                         Arg::buf::<f32>(dst),
                         Arg::buf::<f32>(&scratch.part_ml),
                         Arg::buf::<u32>(pos.buf(&cache.zero)),
+                        Arg::buf::<u32>(pos.meta(&cache.zero)),
                         Arg::U32(pos.scalar()),
+                        Arg::U32(n as u32),
                         Arg::U32(chunk as u32),
                         Arg::U32(splits as u32),
                         Arg::U32(n_heads as u32),

@@ -22,35 +22,42 @@ pub fn kernel_definitions<R: Runtime>(
     let a = crate::ops::launch::array_arg;
     let mut out: Vec<(String, KernelDefinition)> = Vec::new();
     let row = norm::ROW_CUBE;
-    out.push((
-        "rms_norm".into(),
-        norm::rms_norm_kernel::RmsNormKernel::<R>::new(
-            settings(row),
-            c(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            row,
-        )
-        .define(),
-    ));
-    out.push((
-        "add_rms_norm".into(),
-        norm::add_rms_norm_kernel::AddRmsNormKernel::<R>::new(
-            settings(row),
-            c(),
-            a(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            row,
-        )
-        .define(),
-    ));
+    for gather in [false, true] {
+        let tag = if gather { "_gather" } else { "" };
+        out.push((
+            format!("rms_norm{tag}"),
+            norm::rms_norm_kernel::RmsNormKernel::<R>::new(
+                settings(row),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                row,
+                gather,
+            )
+            .define(),
+        ));
+        out.push((
+            format!("add_rms_norm{tag}"),
+            norm::add_rms_norm_kernel::AddRmsNormKernel::<R>::new(
+                settings(row),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                row,
+                gather,
+            )
+            .define(),
+        ));
+    }
     out.push((
         "add_rms_normed".into(),
         norm::add_rms_normed_kernel::AddRmsNormedKernel::<R>::new(
@@ -99,17 +106,22 @@ pub fn kernel_definitions<R: Runtime>(
         activation::scale_kernel::ScaleKernel::<R>::new(settings(256), c(), a(), (), ()).define(),
     ));
     out.push((
+        "zero".into(),
+        super::gpu::zero_kernel::ZeroKernel::<R>::new(settings(256), c(), a(), ()).define(),
+    ));
+    out.push((
         "add_assign".into(),
         activation::add_assign_kernel::AddAssignKernel::<R>::new(settings(256), c(), a(), a(), ())
             .define(),
     ));
     let rope_scalars = || ((), (), (), (), (), (), (), (), (), (), ());
     macro_rules! rope_def {
-        ($k:ty, $neox:expr) => {{
+        ($k:ty, $neox:expr, $paged:expr) => {{
             let s = rope_scalars();
             rope::rope_store_kernel::RopeStoreKernel::<$k, R>::new(
                 settings(256),
                 c(),
+                a(),
                 a(),
                 a(),
                 a(),
@@ -131,63 +143,61 @@ pub fn kernel_definitions<R: Runtime>(
                 s.9,
                 s.10,
                 $neox,
+                $paged,
             )
             .define()
         }};
     }
-    for neox in [false, true] {
+    for (neox, paged) in [(false, false), (true, false), (false, true), (true, true)] {
         let mode = if neox { "_neox" } else { "" };
-        out.push((format!("rope_store{mode}_f32"), rope_def!(f32, neox)));
-        out.push((format!("rope_store{mode}_f16"), rope_def!(half::f16, neox)));
+        let paging = if paged { "_paged" } else { "" };
+        out.push((
+            format!("rope_store{mode}_f32{paging}"),
+            rope_def!(f32, neox, paged),
+        ));
+        out.push((
+            format!("rope_store{mode}_f16{paging}"),
+            rope_def!(half::f16, neox, paged),
+        ));
+    }
+    macro_rules! attention_def {
+        ($k:ty, $hd:expr, $finalize:expr, $paged:expr) => {
+            attention::attention_kernel::AttentionKernel::<$k, R>::new(
+                settings($hd),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                $hd,
+                $finalize,
+                $paged,
+            )
+            .define()
+        };
     }
     for hd in HEAD_DIMS {
-        for finalize in [true, false] {
+        for (finalize, paged) in [(true, false), (false, false), (true, true), (false, true)] {
             let tag = if finalize { "single" } else { "split" };
+            let paging = if paged { "_paged" } else { "" };
             out.push((
-                format!("attention_f32_hd{hd}_{tag}"),
-                attention::attention_kernel::AttentionKernel::<f32, R>::new(
-                    settings(hd),
-                    c(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    hd,
-                    finalize,
-                )
-                .define(),
+                format!("attention_f32_hd{hd}_{tag}{paging}"),
+                attention_def!(f32, hd, finalize, paged),
             ));
             out.push((
-                format!("attention_f16_hd{hd}_{tag}"),
-                attention::attention_kernel::AttentionKernel::<half::f16, R>::new(
-                    settings(hd),
-                    c(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    hd,
-                    finalize,
-                )
-                .define(),
+                format!("attention_f16_hd{hd}_{tag}{paging}"),
+                attention_def!(half::f16, hd, finalize, paged),
             ));
         }
         out.push((

@@ -144,9 +144,38 @@ impl<R: Runtime> Gpu<R> {
         self.upload(&vec![0u8; len * 4], len, 4)
     }
 
-    /// A zeroed buffer of `len` elements of `elem_bytes` each.
+    /// A zeroed buffer of `len` elements of `elem_bytes` each. Large buffers (a KV cache of a
+    /// long context) are zeroed on the device: uploading gigabytes of host zeros took minutes.
     pub fn zeros_of(&self, len: usize, elem_bytes: usize) -> Buf {
-        self.upload(&vec![0u8; len * elem_bytes], len, elem_bytes)
+        let bytes = len * elem_bytes;
+        let words = bytes.div_ceil(4);
+        if bytes < (16 << 20) || words > u32::MAX as usize {
+            return self.upload(&vec![0u8; bytes], len, elem_bytes);
+        }
+        let handle = self.client.empty(words * 4);
+        let (count, dim) = elementwise(words);
+        // SAFETY: unit i writes word i only for i < words, the buffer's length in words.
+        unsafe {
+            super::launch::launch(
+                &self.client,
+                zero_kernel::ZeroKernel::<R>::new(
+                    super::launch::settings(dim),
+                    self.client.clone(),
+                    super::launch::array_arg(),
+                    (),
+                ),
+                count,
+                &[
+                    super::launch::Arg::of::<u32>(&handle, words),
+                    super::launch::Arg::U32(words as u32),
+                ],
+            )
+        }
+        Buf {
+            handle,
+            len,
+            elem_bytes,
+        }
     }
 
     fn read_bytes(&self, buf: &Buf) -> Result<Vec<u8>, GpuError> {
@@ -209,37 +238,61 @@ impl<R: Runtime> Gpu<R> {
     }
 }
 
-/// Where a launch finds the position of its first token.
+/// `out[i] = 0` for `i < n`: [`Gpu::zeros_of`] on the device.
+#[cube(launch_unchecked)]
+pub fn zero_kernel(out: &mut Array<u32>, n: u32) {
+    let i = ABSOLUTE_POS;
+    if i < n as usize {
+        out[i] = 0u32;
+    }
+}
+
+/// Where a launch finds the positions of its tokens.
 #[derive(Clone, Copy, Debug)]
 pub enum Pos<'a> {
-    /// Passed as an argument.
+    /// Tokens at `p, p + 1, ...`, `p` passed as an argument.
     Host(usize),
-    /// Read from `buf[0]` on the device, at most `max`: a replayed decode step keeps every
-    /// launch argument fixed while the position moves (kernels add `buf[0]` to the argument).
+    /// Tokens from `buf[0]` on, read on the device, at most `max`: a replayed decode step keeps
+    /// every launch argument fixed while the position moves (kernels add `buf[0]` to the
+    /// argument).
     Device { buf: &'a Buf, max: usize },
+    /// Tokens of several sequences, each at its own positions over its own KV pages
+    /// (`ops::attention::paged_meta` lays `meta` out); no position reaches `kv_len`.
+    Paged { meta: &'a Buf, kv_len: usize },
 }
 
 impl Pos<'_> {
-    /// The largest position the launch may see (checks and grids are sized for it).
-    pub fn bound(&self) -> usize {
+    /// One past the largest position `n` tokens may reach (checks and grids are sized for it).
+    pub fn end(&self, n: usize) -> usize {
         match *self {
-            Pos::Host(p) => p,
-            Pos::Device { max, .. } => max,
+            Pos::Host(p) => p + n,
+            Pos::Device { max, .. } => max + n,
+            Pos::Paged { kv_len, .. } => kv_len,
         }
     }
-    /// The scalar argument (0 when the device holds the position).
+    /// The scalar argument (0 when the device holds the positions).
     pub(crate) fn scalar(&self) -> u32 {
         match *self {
             Pos::Host(p) => p as u32,
-            Pos::Device { .. } => 0,
+            Pos::Device { .. } | Pos::Paged { .. } => 0,
         }
     }
-    /// The device buffer added to the argument: `zero` (one 0) when the host passes it.
+    /// The device word added to the argument: `zero` (one 0) unless the device holds it.
     pub(crate) fn buf<'b>(&'b self, zero: &'b Buf) -> &'b Buf {
         match self {
-            Pos::Host(_) => zero,
             Pos::Device { buf, .. } => buf,
+            Pos::Host(_) | Pos::Paged { .. } => zero,
         }
+    }
+    /// The paged batch's layout, `zero` when the tokens are one run of positions.
+    pub(crate) fn meta<'b>(&'b self, zero: &'b Buf) -> &'b Buf {
+        match self {
+            Pos::Paged { meta, .. } => meta,
+            Pos::Host(_) | Pos::Device { .. } => zero,
+        }
+    }
+    pub(crate) fn paged(&self) -> bool {
+        matches!(self, Pos::Paged { .. })
     }
 }
 

@@ -89,19 +89,32 @@ fn normalize_row(
     }
 }
 
+/// Input row of output row `r`: `row0 + r`, or `pick[r]` when the launch gathers rows (the
+/// last token of each sequence of a multi-sequence batch, for its logits).
+#[cube]
+fn src_row(pick: &Array<u32>, row0: u32, r: usize, #[comptime] gather: bool) -> usize {
+    let mut row = row0 as usize + r;
+    if comptime!(gather) {
+        row = pick[r] as usize;
+    }
+    row
+}
+
 /// `out[r] = rmsnorm(x[row0 + r]) * weight` for each cube `r`.
 #[cube(launch_unchecked)]
 pub fn rms_norm_kernel(
     x: &Array<f32>,
     weight: &Array<f32>,
     out: &mut Array<f32>,
+    pick: &Array<u32>,
     row0: u32,
     eps: f32,
     #[comptime] block: usize,
+    #[comptime] gather: bool,
 ) {
     let d = weight.len();
     let r = CUBE_POS;
-    let src = (row0 as usize + r) * d;
+    let src = src_row(pick, row0, r, gather) * d;
     let mut acc = 0.0f32;
     let mut i = UNIT_POS as usize;
     while i < d {
@@ -120,13 +133,15 @@ pub fn add_rms_norm_kernel(
     y: &Array<f32>,
     weight: &Array<f32>,
     out: &mut Array<f32>,
+    pick: &Array<u32>,
     row0: u32,
     eps: f32,
     #[comptime] block: usize,
+    #[comptime] gather: bool,
 ) {
     let d = weight.len();
     let r = CUBE_POS;
-    let src = (row0 as usize + r) * d;
+    let src = src_row(pick, row0, r, gather) * d;
     let mut acc = 0.0f32;
     let mut i = UNIT_POS as usize;
     while i < d {
@@ -211,19 +226,67 @@ fn normalize_row_in_place(
     }
 }
 
-/// Rows `row0..row0 + rows` of `x` (rows of `weight.len()`), normalised into `out[0..rows]`.
+/// Which rows of `x` a norm launch reads; output row `r` is the `r`-th of them.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    /// `first..first + count`.
+    Range { first: usize, count: usize },
+    /// Rows `pick[0..count]`, every one below `end`.
+    Picked {
+        pick: &'a Buf,
+        count: usize,
+        end: usize,
+    },
+}
+
+impl Rows<'_> {
+    fn count(&self) -> usize {
+        match *self {
+            Rows::Range { count, .. } | Rows::Picked { count, .. } => count,
+        }
+    }
+    fn end(&self) -> usize {
+        match *self {
+            Rows::Range { first, count } => first + count,
+            Rows::Picked { end, .. } => end,
+        }
+    }
+    fn first(&self) -> u32 {
+        match *self {
+            Rows::Range { first, .. } => first as u32,
+            Rows::Picked { .. } => 0,
+        }
+    }
+    /// The pick buffer, or `x` (bound but unread) for a range.
+    fn pick<'b>(&'b self, x: &'b Buf) -> &'b Buf {
+        match self {
+            Rows::Range { .. } => x,
+            Rows::Picked { pick, count, .. } => {
+                assert!(
+                    *count <= pick.len(),
+                    "rms_norm: {count} picked rows out of range"
+                );
+                pick
+            }
+        }
+    }
+    fn gather(&self) -> bool {
+        matches!(self, Rows::Picked { .. })
+    }
+}
+
+/// `rows` of `x` (rows of `weight.len()`), normalised into `out[0..rows.count]`.
 pub fn launch_rms_norm<R: Runtime>(
     gpu: &Gpu<R>,
     x: &Buf,
     weight: &Buf,
     out: &Buf,
-    row0: usize,
-    rows: usize,
+    rows: Rows<'_>,
     eps: f32,
 ) {
     let d = weight.len();
     assert!(
-        (row0 + rows) * d <= x.len() && rows * d <= out.len(),
+        rows.end() * d <= x.len() && rows.count() * d <= out.len(),
         "rms_norm: rows out of range"
     );
     gpu.count();
@@ -237,37 +300,38 @@ pub fn launch_rms_norm<R: Runtime>(
                 array_arg(),
                 array_arg(),
                 array_arg(),
+                array_arg(),
                 (),
                 (),
                 ROW_CUBE,
+                rows.gather(),
             ),
-            row_grid(rows),
+            row_grid(rows.count()),
             &[
                 Arg::buf::<f32>(&x),
                 Arg::buf::<f32>(&weight),
                 Arg::buf::<f32>(&out),
-                Arg::U32(row0 as u32),
+                Arg::buf::<u32>(rows.pick(x)),
+                Arg::U32(rows.first()),
                 Arg::F32(eps),
             ],
         )
     }
 }
 
-/// `x += y` on rows `row0..row0 + rows`, then those rows normalised into `out[0..rows]`.
-#[allow(clippy::too_many_arguments)]
+/// `x += y` on `rows`, then those rows normalised into `out[0..rows.count]`.
 pub fn launch_add_rms_norm<R: Runtime>(
     gpu: &Gpu<R>,
     x: &Buf,
     y: &Buf,
     weight: &Buf,
     out: &Buf,
-    row0: usize,
-    rows: usize,
+    rows: Rows<'_>,
     eps: f32,
 ) {
     let d = weight.len();
     assert!(
-        (row0 + rows) * d <= x.len().min(y.len()) && rows * d <= out.len(),
+        rows.end() * d <= x.len().min(y.len()) && rows.count() * d <= out.len(),
         "add_rms_norm: rows out of range"
     );
     gpu.count();
@@ -282,17 +346,20 @@ pub fn launch_add_rms_norm<R: Runtime>(
                 array_arg(),
                 array_arg(),
                 array_arg(),
+                array_arg(),
                 (),
                 (),
                 ROW_CUBE,
+                rows.gather(),
             ),
-            row_grid(rows),
+            row_grid(rows.count()),
             &[
                 Arg::buf::<f32>(&x),
                 Arg::buf::<f32>(&y),
                 Arg::buf::<f32>(&weight),
                 Arg::buf::<f32>(&out),
-                Arg::U32(row0 as u32),
+                Arg::buf::<u32>(rows.pick(x)),
+                Arg::U32(rows.first()),
                 Arg::F32(eps),
             ],
         )

@@ -108,6 +108,7 @@ pub fn rope_store_kernel<K: Float>(
     k_cache: &mut Array<K>,
     v_cache: &mut Array<K>,
     pos_dev: &Array<u32>,
+    meta: &Array<u32>,
     pos: u32,
     n_tokens: u32,
     n_head: u32,
@@ -120,6 +121,7 @@ pub fn rope_store_kernel<K: Float>(
     q_stride: u32,
     kv_stride: u32,
     #[comptime] neox: bool,
+    #[comptime] paged: bool,
 ) {
     let (n_head, n_kv, hd, rot) = (
         n_head as usize,
@@ -133,7 +135,13 @@ pub fn rope_store_kernel<K: Float>(
         let i = idx % pairs;
         let slot = (idx / pairs) % (n_head + n_kv);
         let t = idx / (pairs * (n_head + n_kv));
-        let p = (pos + pos_dev[0]) as usize + t;
+        let mut p = (pos + pos_dev[0]) as usize + t;
+        // The cache row K and V go to: the position itself, or the slot of a paged batch.
+        let mut row = p;
+        if comptime!(paged) {
+            p = meta[t] as usize;
+            row = meta[n_tokens as usize + t] as usize;
+        }
         let mut c = 1.0f32;
         let mut s = 0.0f32;
         if i < rot {
@@ -161,7 +169,7 @@ pub fn rope_store_kernel<K: Float>(
             let off = (slot - n_head) * hd + d0;
             let ks = k_off as usize + t * kv_stride as usize + off;
             let vs = v_off as usize + t * kv_stride as usize + off;
-            let dst = p * kv_dim + off;
+            let dst = row * kv_dim + off;
             let (a0, a1) = (k_src[ks], k_src[ks + gap]);
             k_cache[dst] = K::cast_from(a0 * c - a1 * s);
             k_cache[dst + gap] = K::cast_from(a0 * s + a1 * c);
@@ -174,7 +182,7 @@ pub fn rope_store_kernel<K: Float>(
 /// RoPE on `n` tokens at positions `pos..pos + n`: rotated Q into `q_out` `(n, n_head*head_dim)`,
 /// rotated K and plain V into the cache's layer `layer`. Normal (adjacent-pair) mode.
 #[allow(clippy::too_many_arguments)]
-pub fn launch_rope_store<R: Runtime>(
+pub fn launch_rope_store<'a, R: Runtime>(
     gpu: &Gpu<R>,
     src: RopeSrc<'_>,
     q_out: &Buf,
@@ -182,7 +190,7 @@ pub fn launch_rope_store<R: Runtime>(
     sin: &Buf,
     cache: &KvCache,
     layer: usize,
-    pos: usize,
+    pos: impl Into<Pos<'a>>,
     n: usize,
     shape: RopeShape,
 ) {
@@ -237,12 +245,12 @@ pub fn launch_rope_store_mode<'a, R: Runtime>(
         "rope: q_out too small for {n} tokens"
     );
     assert!(
-        (pos.bound() + n) * rot_pairs <= cos.len().min(sin.len()),
+        pos.end(n) * rot_pairs <= cos.len().min(sin.len()),
         "rope: table too short for position {}",
-        pos.bound() + n
+        pos.end(n)
     );
     assert!(
-        (pos.bound() + n) * kv_dim <= cache.capacity() * kv_dim && kv_dim == cache.kv_dim(),
+        pos.end(n) <= cache.capacity() && kv_dim == cache.kv_dim(),
         "rope: cache too small"
     );
     let (count, dim) = elementwise(n * (n_head + n_kv_heads) * head_dim / 2);
@@ -267,6 +275,7 @@ pub fn launch_rope_store_mode<'a, R: Runtime>(
                         array_arg(),
                         array_arg(),
                         array_arg(),
+                        array_arg(),
                         (),
                         (),
                         (),
@@ -279,6 +288,7 @@ pub fn launch_rope_store_mode<'a, R: Runtime>(
                         (),
                         (),
                         neox,
+                        pos.paged(),
                     ),
                     count,
                     &[
@@ -291,6 +301,7 @@ pub fn launch_rope_store_mode<'a, R: Runtime>(
                         Arg::buf::<$k>(kc),
                         Arg::buf::<$k>(vc),
                         Arg::buf::<u32>(pos.buf(&cache.zero)),
+                        Arg::buf::<u32>(pos.meta(&cache.zero)),
                         Arg::U32(pos.scalar()),
                         Arg::U32(n as u32),
                         Arg::U32(n_head as u32),

@@ -18,7 +18,7 @@ use crate::model::{Architecture, Model, RopeStyle, Weight};
 /// Tokens per KV page in a multi-sequence forward ([`Backend::forward_seqs`]). The cache is
 /// one pool: a single sequence ([`Backend::forward`]) uses it as one contiguous run of slots,
 /// several sequences use it as `ctx / PAGE_SIZE` pages named by their page tables.
-pub const PAGE_SIZE: usize = 16;
+pub const PAGE_SIZE: usize = rocforge_kernels::ops::attention::KV_PAGE_SIZE;
 
 /// The run state: activations for up to `max_batch` tokens and the KV cache.
 pub struct CpuBackend {

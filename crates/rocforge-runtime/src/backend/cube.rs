@@ -23,7 +23,7 @@ use rocforge_kernels::ops::matmul::{
 use rocforge_kernels::ops::rope::{self, RopeShape, RopeSrc};
 use rocforge_kernels::ops::{activation, argmax, norm};
 
-use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler};
+use super::{Backend, BackendKind, BackendOptions, MemoryUsage, OpTiming, Profiler, SeqBatch};
 use crate::arch::{self, unsupported, Activation, Executor, Limits, RopeKind, Step};
 use crate::error::{Error, Result};
 use crate::model::{Model, RopeStyle, Weight};
@@ -244,18 +244,19 @@ pub struct CubeBackend<R: Runtime> {
     cos_local: Buf,                     // (ctx, rope_dim/2) sliding-window layers' table, or (1)
     sin_local: Buf,                     // (ctx, rope_dim/2), or (1)
     // Activations, one row per token in the batch.
-    x: Buf,      // (batch, n_embd) residual stream
-    xn: Buf,     // (batch, n_embd) normalised input of a block
-    qkv: Buf,    // (batch, q_dim + 2*kv_dim) fused projection output (1 element when unused)
-    q: Buf,      // (batch, n_head*head_dim) rotated Q, the attention's input
-    k: Buf,      // (batch, n_head_kv*head_dim)
-    v: Buf,      // (batch, n_head_kv*head_dim)
-    att: Buf,    // (batch, n_head*head_dim) attention output; un-rotated Q before rope
-    proj: Buf,   // (batch, n_embd) output of attn_output / ffn_down
-    gate: Buf,   // (batch, n_ff)
-    up: Buf,     // (batch, n_ff)
-    logits: Buf, // (n_vocab) or (batch, n_vocab) for all-token logits
-    best: Buf,   // (1) argmax of the last logits row
+    x: Buf,         // (batch, n_embd) residual stream
+    xn: Buf,        // (batch, n_embd) normalised input of a block
+    qkv: Buf,       // (batch, q_dim + 2*kv_dim) fused projection output (1 element when unused)
+    q: Buf,         // (batch, n_head*head_dim) rotated Q, the attention's input
+    k: Buf,         // (batch, n_head_kv*head_dim)
+    v: Buf,         // (batch, n_head_kv*head_dim)
+    att: Buf,       // (batch, n_head*head_dim) attention output; un-rotated Q before rope
+    proj: Buf,      // (batch, n_embd) output of attn_output / ffn_down
+    gate: Buf,      // (batch, n_ff)
+    up: Buf,        // (batch, n_ff)
+    logits: Buf,    // (n_vocab) or (batch, n_vocab) for all-token logits
+    best: Buf,      // (1) argmax of the last logits row
+    best_rows: Buf, // (batch) argmax of each logits row of a multi-sequence batch
     no_ids: Buf, // (1) unused device token buffer: single-token embedding passes the id as an argument
     cache: KvCache,
     scratch: AttnScratch,
@@ -295,6 +296,21 @@ pub struct CubeBackend<R: Runtime> {
     replay_on: bool,
     #[cfg(any(feature = "cuda", feature = "hip"))]
     replay: Option<Replay>,
+    /// The multi-sequence batch under way ([`Backend::forward_seqs`]), `None` for one sequence.
+    seqs: Option<SeqRows>,
+    /// The tokens of the last multi-sequence batch (kept to reuse the allocation).
+    seq_tokens: Vec<u32>,
+}
+
+/// Where the tokens of a multi-sequence batch live on the device.
+struct SeqRows {
+    /// `attention::paged_meta`: positions, cache rows and page tables.
+    meta: Buf,
+    /// One past the largest position in the batch.
+    kv_len: usize,
+    /// The rows whose logits were asked for (the last of their sequence), `n_logits` of them.
+    logit_rows: Buf,
+    n_logits: usize,
 }
 
 /// Graph replay of single-token steps: the replayer (our stream, compiled kernels, graphs) and
@@ -437,9 +453,14 @@ impl<R: Runtime> CubeBackend<R> {
         };
         let fused = w.layers.iter().any(fits_qkv);
         let need = DeviceNeeds::of(&model, b, kv_type, fused);
-        if let Some(free) = free_bytes {
+        // `ROCFORGE_MEMORY_CHECK=0` skips the comparison, so that tests can reach the path
+        // where an allocation fails after it (see `check_device_fault`).
+        let check_memory = std::env::var("ROCFORGE_MEMORY_CHECK").map_or(true, |v| v != "0");
+        if let (Some(free), true) = (free_bytes, check_memory) {
             need.check(free, ctx).map_err(fail)?;
         }
+        // A fault noted for an earlier backend is not this one's.
+        let _ = crate::device_fault::take();
 
         let upload = |wt: &Weight| -> Result<Matrix<R>> {
             Matrix::upload(&gpu, wt.ty, model.bytes(wt), wt.rows, wt.cols)
@@ -524,7 +545,7 @@ impl<R: Runtime> CubeBackend<R> {
             n_kv_heads: c.n_head_kv,
             head_dim: c.head_dim,
         };
-        Ok(Self {
+        let backend = Self {
             token_embd,
             output,
             layers,
@@ -550,6 +571,7 @@ impl<R: Runtime> CubeBackend<R> {
             up: gpu.zeros(b * c.n_ff),
             logits: gpu.zeros(c.n_vocab),
             best: gpu.zeros(1),
+            best_rows: gpu.zeros(b),
             no_ids: gpu.zeros(1),
             cache: KvCache::new(&gpu, c.n_layer, ctx, c.kv_dim(), kv_type),
             scratch: AttnScratch::new(&gpu, b, shape),
@@ -575,13 +597,32 @@ impl<R: Runtime> CubeBackend<R> {
             replay_on: true,
             #[cfg(any(feature = "cuda", feature = "hip"))]
             replay: None,
+            seqs: None,
+            seq_tokens: Vec::new(),
             ctx,
             max_batch: b,
             kind,
             device_name,
             model: model.clone(),
             gpu,
-        })
+        };
+        // Allocations run on CubeCL's device thread: wait for them, then ask whether one failed.
+        backend.gpu.sync().map_err(|e| backend.err(e))?;
+        backend.check_device_fault()?;
+        Ok(backend)
+    }
+
+    /// The error for a panic on the device thread since the last check (see
+    /// [`crate::device_fault`]): in practice a device allocation that failed because another
+    /// process took the memory after the free-memory check.
+    fn check_device_fault(&self) -> Result<()> {
+        match crate::device_fault::take() {
+            None => Ok(()),
+            Some(panic) => Err(self.backend_err(format!(
+                "a device operation failed, most likely an allocation because the device ran \
+                 out of memory (another process may be using it): {panic}"
+            ))),
+        }
     }
 
     fn err(&self, e: GpuError) -> Error {
@@ -652,9 +693,11 @@ impl<R: Runtime> CubeBackend<R> {
     fn norm(&mut self, weight: &Buf) -> Result<()> {
         let (n, eps) = (self.n, self.model.config.rms_eps);
         if std::mem::take(&mut self.pending_add) {
-            norm::launch_add_rms_norm(&self.gpu, &self.x, &self.proj, weight, &self.xn, 0, n, eps);
+            let rows = norm::Rows::Range { first: 0, count: n };
+            norm::launch_add_rms_norm(&self.gpu, &self.x, &self.proj, weight, &self.xn, rows, eps);
         } else {
-            norm::launch_rms_norm(&self.gpu, &self.x, weight, &self.xn, 0, n, eps);
+            let rows = norm::Rows::Range { first: 0, count: n };
+            norm::launch_rms_norm(&self.gpu, &self.x, weight, &self.xn, rows, eps);
         }
         Ok(())
     }
@@ -698,6 +741,12 @@ impl<R: Runtime> CubeBackend<R> {
     /// The position argument of this step's launches: the host's, or `pos_dev` while a step
     /// is recorded for replay (bounded by its bucket).
     fn pos_arg(&self) -> Pos<'_> {
+        if let Some(s) = &self.seqs {
+            return Pos::Paged {
+                meta: &s.meta,
+                kv_len: s.kv_len,
+            };
+        }
         match self.device_step {
             Some(bucket) => Pos::Device {
                 buf: &self.pos_dev,
@@ -907,8 +956,48 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         }
     }
 
+    fn begin_seqs(&mut self, seqs: &[SeqBatch<'_>]) -> Result<()> {
+        let n = seqs.iter().map(|s| s.tokens.len()).sum();
+        // The RoPE tables hold `ctx` positions; page tables may name more.
+        let kv_len = seqs
+            .iter()
+            .map(|s| s.pos + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        if kv_len > self.ctx {
+            return Err(Error::ContextFull {
+                needed: kv_len,
+                capacity: self.ctx,
+            });
+        }
+        let layout: Vec<_> = seqs
+            .iter()
+            .map(|s| (s.pos, s.tokens.len(), s.pages))
+            .collect();
+        let meta = attention::paged_meta(&layout);
+        let mut picks = Vec::new();
+        let mut end = 0u32;
+        for s in seqs {
+            end += s.tokens.len() as u32;
+            if s.logits {
+                picks.push(end - 1);
+            }
+        }
+        self.begin(n, 0, false)?;
+        let n_logits = picks.len();
+        picks.push(0); // never an empty buffer
+        self.seqs = Some(SeqRows {
+            meta: self.gpu.u32s(&meta),
+            kv_len,
+            logit_rows: self.gpu.u32s(&picks),
+            n_logits,
+        });
+        Ok(())
+    }
+
     fn begin(&mut self, n: usize, pos: usize, all_logits: bool) -> Result<()> {
         (self.n, self.pos, self.all_logits, self.pending_add) = (n, pos, all_logits, false);
+        self.seqs = None;
         self.launch_start = self.gpu.launches();
         if self.profiling {
             self.profiler
@@ -1095,9 +1184,24 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         let (n, c) = (self.n, &self.model.config);
         let (n_vocab, eps) = (c.n_vocab, c.rms_eps);
         let first = if self.all_logits { 0 } else { n - 1 };
-        let rows = n - first;
+        // A multi-sequence batch asks for the last row of some sequences; else a run of rows.
+        let (rows, picked) = match &self.seqs {
+            Some(s) => (
+                s.n_logits,
+                Some(norm::Rows::Picked {
+                    pick: &s.logit_rows,
+                    count: s.n_logits,
+                    end: n,
+                }),
+            ),
+            None => (n - first, None),
+        };
         self.n_logit_rows = rows;
-        if self.folds_norm(self.output_folds_norm) {
+        if rows == 0 {
+            return Ok(());
+        }
+        let norm_rows = picked.unwrap_or(norm::Rows::Range { first, count: rows });
+        if self.folds_norm(self.output_folds_norm) && picked.is_none() {
             // Each row block writes its slice of the logits (one block: the whole row).
             for b in self.output.blocks() {
                 let Matrix::Tuned(w) = &b.m else {
@@ -1123,8 +1227,7 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                 &self.proj,
                 &self.output_norm,
                 &self.xn,
-                first,
-                rows,
+                norm_rows,
                 eps,
             );
         } else {
@@ -1133,15 +1236,19 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                 &self.x,
                 &self.output_norm,
                 &self.xn,
-                first,
-                rows,
+                norm_rows,
                 eps,
             );
         }
         if self.logits.len() < rows * n_vocab {
-            // Only perplexity asks for all-token logits; generation never reaches this.
+            // Perplexity's all-token logits and multi-sequence batches reach this.
             self.logits = self.gpu.zeros(rows * n_vocab);
             self.host_logits.resize(rows * n_vocab, 0.0);
+            // Recorded graphs write the old buffer: record them again.
+            #[cfg(any(feature = "cuda", feature = "hip"))]
+            {
+                self.replay = None;
+            }
         }
         let Some(output) = self.output.single() else {
             return self.logits_split(rows);
@@ -1357,12 +1464,27 @@ impl<R: Runtime> Backend for CubeBackend<R> {
         arch::forward(self, &plan, tokens, pos, all_logits)
     }
 
+    fn kv_page_size(&self) -> Option<usize> {
+        Some(attention::KV_PAGE_SIZE)
+    }
+
+    fn forward_seqs(&mut self, seqs: &[SeqBatch<'_>]) -> Result<()> {
+        self.replayed = None;
+        self.cube_dirty = true;
+        let plan = self.plan.clone();
+        let mut tokens = std::mem::take(&mut self.seq_tokens);
+        let out = arch::forward_seqs(self, &plan, seqs, &mut tokens, attention::KV_PAGE_SIZE);
+        self.seq_tokens = tokens;
+        out
+    }
+
     fn logits(&mut self) -> Result<&[f32]> {
         let n = self.n_logit_rows * self.model.config.n_vocab;
         if !self.host_fresh {
             self.gpu
                 .read_f32_into(&self.logits, n, &mut self.host_logits)
                 .map_err(|e| self.err(e))?;
+            self.check_device_fault()?;
             self.host_fresh = true;
         }
         Ok(&self.host_logits[..n])
@@ -1378,6 +1500,7 @@ impl<R: Runtime> Backend for CubeBackend<R> {
 
     fn argmax(&mut self) -> Result<u32> {
         if let Some(best) = self.replayed {
+            self.check_device_fault()?;
             return Ok(best);
         }
         let nv = self.model.config.n_vocab;
@@ -1389,7 +1512,26 @@ impl<R: Runtime> Backend for CubeBackend<R> {
             &self.best,
         );
         let id = self.gpu.read_u32(&self.best).map_err(|e| self.err(e))?;
+        self.check_device_fault()?;
         Ok(id[0])
+    }
+
+    fn argmax_rows(&mut self, n_vocab: usize) -> Result<Vec<u32>> {
+        let rows = self.n_logit_rows;
+        if let Some(best) = self.replayed {
+            self.check_device_fault()?;
+            return Ok(vec![best]);
+        }
+        if rows == 0 || n_vocab != self.model.config.n_vocab {
+            return Ok(Vec::new());
+        }
+        argmax::launch_argmax_rows(&self.gpu, &self.logits, 0, n_vocab, rows, &self.best_rows);
+        let ids = self
+            .gpu
+            .read_u32(&self.best_rows)
+            .map_err(|e| self.err(e))?;
+        self.check_device_fault()?;
+        Ok(ids[..rows].to_vec())
     }
 
     fn memory(&self) -> MemoryUsage {

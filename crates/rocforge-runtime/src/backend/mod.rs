@@ -121,6 +121,16 @@ pub trait Backend: Send {
     /// Index of the largest logit of the last token. GPU backends compute it on the device so
     /// only one id crosses to the host.
     fn argmax(&mut self) -> Result<u32>;
+    /// Index of the largest logit of every row of the last call's logits (rows of `n_vocab`;
+    /// one per sequence of a [`Backend::forward_seqs`] that asked): the greedy tokens of a
+    /// batch. GPU backends compute them on the device, so only the ids cross to the host.
+    fn argmax_rows(&mut self, n_vocab: usize) -> Result<Vec<u32>> {
+        Ok(self
+            .logits()?
+            .chunks_exact(n_vocab.max(1))
+            .map(|row| crate::sampler::argmax(row) as u32)
+            .collect())
+    }
     /// Memory held, as measured.
     fn memory(&self) -> MemoryUsage;
     /// Kernel launches (or parallel regions, on the CPU) issued by the last forward call.
