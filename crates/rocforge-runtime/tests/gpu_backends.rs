@@ -65,9 +65,13 @@ fn nmse(got: &[f32], want: &[f32]) -> f64 {
 }
 
 fn tiny(ty: GgmlType) -> Arc<Model> {
+    // A file per call: tests run in parallel, and one writing a model another is loading
+    // made the load fail.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("rocforge-gpu-wgpu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("tiny-{ty}.gguf"));
+    let path = dir.join(format!("tiny-{ty}-{call}.gguf"));
     tiny_model(ty, 7).write_file(&path).unwrap();
     Model::load(&path).unwrap()
 }
