@@ -782,14 +782,15 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
     grid((rows as u32).div_ceil(cfg.rows_per_cube()))
 }
 
-/// `cfg` as launched for `tokens` tokens: several rows per plane share `x` for one token;
-/// batches keep one row per plane (each weight slot is decoded once for all tokens instead).
+/// `cfg` as launched for `tokens` tokens: several rows per plane share each load of `x`;
+/// batches take at most 2 (each row's slot is decoded once for all tokens and held while the
+/// tokens' runs of `x` stream past).
 pub fn cfg_for(cfg: MatvecConfig, tokens: usize) -> MatvecConfig {
     if tokens == 1 {
         cfg
     } else {
         MatvecConfig {
-            rows_per_plane: 1,
+            rows_per_plane: cfg.rows_per_plane.min(2),
             ..cfg
         }
     }

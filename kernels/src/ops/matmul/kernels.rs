@@ -24,7 +24,7 @@ pub struct MatvecConfig {
     /// Row groups per cube (`CUBE_DIM_Y`).
     pub planes_per_cube: u32,
     /// Rows one row group computes together: each lane loads its runs of `x` once and uses
-    /// them for every row (a single token; batches use 1). `x` through L1 is what bounds the
+    /// them for every row (a single token; batches 1 or 2). `x` through L1 is what bounds the
     /// mat-vec at one row per plane: 4 bytes per weight, whatever the weight's format.
     pub rows_per_plane: u32,
     /// Planes that share one row group, each taking every `planes_per_row`-th trip of its
@@ -234,7 +234,7 @@ fn dot_slot(
 /// pair `y[r] = act(W[r, :] · x) * (W2[r, :] · x)`; with `norm`, `x` is `rmsnorm(x) * norm_w`.
 /// `x4` is `x` as vec4 (`cols % 4 == 0`); `w2`/`scales2` and `norm4` are read only when the
 /// fusion needs them (the launcher passes `w` and `x` otherwise). A row group computes
-/// `cfg.rows_per_plane` rows from one load of `x` (one token only).
+/// `cfg.rows_per_plane` rows from one load of `x` (1, 2 or 4 for one token; 1 or 2 for a batch).
 #[cube(launch_unchecked)]
 pub fn matvec_kernel(
     w: &Array<u32>,
@@ -272,6 +272,10 @@ pub fn matvec_kernel(
     let mut q = Array::<f32>::new(comptime![(4 * groups) as usize]);
     let mut a = Array::<f32>::new(comptime![groups as usize]);
     let mut m = Array::<f32>::new(comptime![groups as usize]);
+    // The second row's slot when several tokens share two rows.
+    let mut q2 = Array::<f32>::new(comptime![(4 * groups) as usize]);
+    let mut a2 = Array::<f32>::new(comptime![groups as usize]);
+    let mut m2 = Array::<f32>::new(comptime![groups as usize]);
     let mut xs = Array::<f32>::new(comptime![(4 * groups) as usize]);
     let mut xsum = Array::<f32>::new(comptime![groups as usize]);
     // acc[t * rpp + r]: token t, row row0 + r; acc2[r]: the gated pair's second weight.
@@ -328,9 +332,15 @@ pub fn matvec_kernel(
                             }
                         }
                     } else {
-                        // Several tokens (rows_per_plane is 1): each slot decoded once for all.
+                        // Several tokens: each row's slot decoded once for all of them, each
+                        // token's run of `x` loaded once for both rows (rows_per_plane 1 or 2).
                         let block = row0 * blocks_per_row + bc;
                         decode_slot(w, scales, block, slot, &mut q, &mut a, &mut m, fmt);
+                        if comptime![rpp == 2] {
+                            let wr = select(row0 + 1 < rows, row0 + 1, rows - 1);
+                            let block2 = wr * blocks_per_row + bc;
+                            decode_slot(w, scales, block2, slot, &mut q2, &mut a2, &mut m2, fmt);
+                        }
                         #[unroll]
                         for t in 0..tokens {
                             load_x(
@@ -345,7 +355,11 @@ pub fn matvec_kernel(
                                 false,
                             );
                             let d = dot_slot(&q, &a, &m, &xs, &xsum, fmt);
-                            acc[t as usize] += select(live, d, 0.0);
+                            acc[(t * rpp) as usize] += select(live, d, 0.0);
+                            if comptime![rpp == 2] {
+                                let d2 = dot_slot(&q2, &a2, &m2, &xs, &xsum, fmt);
+                                acc[(t * rpp + 1) as usize] += select(live, d2, 0.0);
+                            }
                         }
                     }
                 }
