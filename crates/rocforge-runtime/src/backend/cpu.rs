@@ -430,6 +430,22 @@ impl Executor for CpuBackend {
             self.regions += 1;
             return Ok(());
         }
+        if n > 1 && attention::tiled_supported(shape) {
+            // Prefill: tiles of tokens whose query heads walk the keys together; at least two
+            // tiles per thread so short prompts still use every thread.
+            let per_task = attention::TILE_TOKENS
+                .min(n.div_ceil(2 * rayon::current_num_threads()))
+                .max(1);
+            self.att[..n * q_dim]
+                .par_chunks_mut(per_task * q_dim)
+                .zip(q[..n * q_dim].par_chunks(per_task * q_dim))
+                .enumerate()
+                .for_each(|(i, (out, qs))| {
+                    attention::attend_tokens(qs, kc, vc, pos + i * per_task, window, shape, out);
+                });
+            self.regions += 1;
+            return Ok(());
+        }
         self.att[..n * q_dim]
             .par_chunks_mut(hd)
             .enumerate()
@@ -488,11 +504,12 @@ impl Executor for CpuBackend {
             Activation::Silu => activation::GateAct::Silu,
             Activation::GeluTanh => activation::GateAct::GeluTanh,
         };
-        activation::gated(
-            act,
-            &mut self.gate[..n * model.config.n_ff],
-            &self.up[..n * model.config.n_ff],
-        );
+        // Rows in parallel, a few thousand elements per task.
+        let chunk = model.config.n_ff.max(4096);
+        self.gate[..n * model.config.n_ff]
+            .par_chunks_mut(chunk)
+            .zip(self.up[..n * model.config.n_ff].par_chunks(chunk))
+            .for_each(|(g, u)| activation::gated_fast(act, g, u));
         self.regions += 4;
         Ok(())
     }
