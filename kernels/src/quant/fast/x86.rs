@@ -295,7 +295,10 @@ pub unsafe fn tile_signed<D: IntDot>(
     debug_assert!(D::TILES);
     let nb = ys[0].len();
     let offv = _mm256_set1_epi8(off);
-    let mut chains = [[_mm256_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
+    // The even chains wait in memory while the odd ones run: 16 more live vectors would spill
+    // inside the loop instead.
+    let mut even = [[[0f32; 8]; TILE_TOKENS]; TILE_ROWS];
+    let mut out = [[0f32; TILE_TOKENS]; TILE_ROWS];
     for parity in 0..2 {
         let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
         let mut i = parity;
@@ -303,10 +306,8 @@ pub unsafe fn tile_signed<D: IntDot>(
             // Loops, not `array::from_fn` or `map`: their closures may be left out of line,
             // without the caller's target features.
             let mut qx = [_mm256_setzero_si256(); TILE_ROWS];
-            let mut dx = [_mm256_setzero_ps(); TILE_ROWS];
             for r in 0..TILE_ROWS {
                 qx[r] = load32(qs[r].as_ptr().add(32 * i));
-                dx[r] = _mm256_set1_ps(*ds[r].get_unchecked(i));
             }
             for t in 0..TILE_TOKENS {
                 let y = ys[t].get_unchecked(i);
@@ -318,29 +319,21 @@ pub unsafe fn tile_signed<D: IntDot>(
                 let dy = _mm256_set1_ps(f16_at(y as *const BlockQ8_0 as *const u8));
                 for r in 0..TILE_ROWS {
                     let sum = D::dot_acc(start, qx[r], yq);
-                    acc[r][t] = _mm256_fmadd_ps(
-                        _mm256_mul_ps(dx[r], dy),
-                        _mm256_cvtepi32_ps(sum),
-                        acc[r][t],
-                    );
+                    let d = _mm256_mul_ps(_mm256_set1_ps(*ds[r].get_unchecked(i)), dy);
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r][t]);
                 }
             }
             i += 2;
         }
-        if parity == 0 {
-            chains = acc;
-        } else {
-            for (c, a) in chains.iter_mut().zip(acc) {
-                for (c, a) in c.iter_mut().zip(a) {
-                    *c = _mm256_add_ps(*c, a);
+        for r in 0..TILE_ROWS {
+            for t in 0..TILE_TOKENS {
+                let e = even[r][t].as_mut_ptr();
+                if parity == 0 {
+                    _mm256_storeu_ps(e, acc[r][t]);
+                } else {
+                    out[r][t] = hsum(_mm256_add_ps(_mm256_loadu_ps(e), acc[r][t]));
                 }
             }
-        }
-    }
-    let mut out = [[0f32; TILE_TOKENS]; TILE_ROWS];
-    for r in 0..TILE_ROWS {
-        for t in 0..TILE_TOKENS {
-            out[r][t] = hsum(chains[r][t]);
         }
     }
     out
