@@ -107,6 +107,7 @@ pub const TILE_TOKENS: usize = 16;
 /// Keys per step of [`attend_tokens`]: one transposed chunk of K (`head_dim x KEY_CHUNK`) and
 /// the tile's scores for it stay in cache.
 const KEY_CHUNK: usize = 64;
+const _: () = assert!(KEY_CHUNK % 16 == 0);
 
 /// Query rows per step of the score and value loops (with [`KEY_CHUNK`] or 64 dimensions,
 /// 4 x 64 f32 accumulators: 16 AVX-512 registers).
@@ -290,13 +291,19 @@ fn tiles_body<const FMA: bool>(
                 }
                 let m_old = s.m[r];
                 let m_new = if mx > m_old { mx } else { m_old };
-                let mut sum = 0.0f32;
+                // Separate loops so each vectorizes: the masked exponentials, then their sum
+                // in 16 partial sums (one serial chain of adds would not).
                 for (j, v) in sr.iter_mut().enumerate() {
                     let e = super::activation::exp_approx(*v - m_new);
-                    let e = if j >= j0 && j < j1 { e } else { 0.0 };
-                    *v = e;
-                    sum += e;
+                    *v = if j >= j0 && j < j1 { e } else { 0.0 };
                 }
+                let mut partial = [0f32; 16];
+                for c in sr.chunks_exact(16) {
+                    for (p, &e) in partial.iter_mut().zip(c) {
+                        *p += e;
+                    }
+                }
+                let sum: f32 = partial.iter().sum();
                 if m_new > m_old {
                     let alpha = if m_old == f32::NEG_INFINITY {
                         0.0
