@@ -403,6 +403,10 @@ impl OutRows {
 /// of the chunk is read once for all of them.
 const TOKEN_TILE: usize = 16;
 
+/// Rows the tiled kernels unpack at a time: 256 rows of 2048 columns are 576 KiB.
+const UNPACK_ROWS: usize = 256;
+const _: () = assert!(UNPACK_ROWS % TILE_ROWS == 0);
+
 thread_local! {
     /// Rows unpacked for the tiled kernels (bytes, scales), grown to the largest chunk seen.
     static UNPACKED: std::cell::RefCell<(Vec<u8>, Vec<f32>)> = Default::default();
@@ -422,8 +426,8 @@ unsafe fn rows_body<K: RowDot>(
     let rows = weights.len() / row_bytes;
     let put = |t: usize, r: usize, v: f32| *out.ptr.add(t * out.stride + r) = v;
     let row_at = |r: usize| weights.get_unchecked(r * row_bytes..(r + 1) * row_bytes);
-    // Prefill with a tiled kernel: the chunk's whole rows of tiles are unpacked once, for every
-    // token, into this thread's scratch.
+    // Prefill with a tiled kernel: blocks of whole tiles' rows are unpacked once, for every
+    // token, into this thread's scratch (a bounded block, so it stays in L2).
     let tiled_rows = if K::TILED && acts.len() >= TILE_TOKENS {
         rows - rows % TILE_ROWS
     } else {
@@ -433,27 +437,28 @@ unsafe fn rows_body<K: RowDot>(
     // which is compiled for the detected instruction set (a closure may be left out of line,
     // without the target features). Nothing below re-enters: no other borrow of it exists.
     let (q, d) = &mut *UNPACKED.with(|scratch| scratch.as_ptr());
-    {
-        let nb = acts.first().map_or(0, |a| a.len() / 32);
-        if tiled_rows > 0 {
-            q.resize(tiled_rows * nb * 32, 0);
-            d.resize(tiled_rows * nb, 0.0);
-            for r in 0..tiled_rows {
-                K::unpack_row(
-                    row_at(r),
-                    &mut q[r * nb * 32..(r + 1) * nb * 32],
-                    &mut d[r * nb..(r + 1) * nb],
-                );
-            }
+    let nb = acts.first().map_or(0, |a| a.len() / 32);
+    for r0 in (0..tiled_rows).step_by(UNPACK_ROWS) {
+        let r1 = (r0 + UNPACK_ROWS).min(tiled_rows);
+        q.resize((r1 - r0) * nb * 32, 0);
+        d.resize((r1 - r0) * nb, 0.0);
+        for r in r0..r1 {
+            let i = r - r0;
+            K::unpack_row(
+                row_at(r),
+                &mut q[i * nb * 32..(i + 1) * nb * 32],
+                &mut d[i * nb..(i + 1) * nb],
+            );
         }
         for (tile_idx, tile) in acts.chunks(TOKEN_TILE).enumerate() {
             let t0 = tile_idx * TOKEN_TILE;
             let tiled_tokens = tile.len() - tile.len() % TILE_TOKENS;
-            for r in (0..tiled_rows).step_by(TILE_ROWS) {
+            for r in (r0..r1).step_by(TILE_ROWS) {
+                let at = |i: usize| r - r0 + i;
                 let qs: [&[u8]; TILE_ROWS] =
-                    std::array::from_fn(|i| &q[(r + i) * nb * 32..(r + i + 1) * nb * 32]);
+                    std::array::from_fn(|i| &q[at(i) * nb * 32..(at(i) + 1) * nb * 32]);
                 let ds: [&[f32]; TILE_ROWS] =
-                    std::array::from_fn(|i| &d[(r + i) * nb..(r + i + 1) * nb]);
+                    std::array::from_fn(|i| &d[at(i) * nb..(at(i) + 1) * nb]);
                 for (g, group) in tile[..tiled_tokens].chunks_exact(TILE_TOKENS).enumerate() {
                     let v = K::dot_tile(qs, ds, std::array::from_fn(|k| &group[k]));
                     for (i, v) in v.into_iter().enumerate() {
@@ -472,8 +477,10 @@ unsafe fn rows_body<K: RowDot>(
                     }
                 }
             }
-            rows_untiled::<K>(tiled_rows, rows, tile, t0, &row_at, &put);
         }
+    }
+    for (tile_idx, tile) in acts.chunks(TOKEN_TILE).enumerate() {
+        rows_untiled::<K>(tiled_rows, rows, tile, tile_idx * TOKEN_TILE, &row_at, &put);
     }
 }
 
