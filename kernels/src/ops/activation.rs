@@ -70,7 +70,7 @@ pub fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // The low 9 bits of t's mantissa are n (two's complement): shift them into the exponent.
     let scale = f32::from_bits((t.to_bits() << 23).wrapping_add(127 << 23));

@@ -107,7 +107,7 @@ pub const TILE_TOKENS: usize = 16;
 /// Keys per step of [`attend_tokens`]: one transposed chunk of K (`head_dim x KEY_CHUNK`) and
 /// the tile's scores for it stay in cache.
 const KEY_CHUNK: usize = 64;
-const _: () = assert!(KEY_CHUNK % 16 == 0);
+const _: () = assert!(KEY_CHUNK.is_multiple_of(16));
 
 /// Query rows per step of the score and value loops (with [`KEY_CHUNK`] or 64 dimensions,
 /// 4 x 64 f32 accumulators: 16 AVX-512 registers).
@@ -115,7 +115,9 @@ const ROWS: usize = 4;
 
 /// Whether [`attend_tokens`] takes this shape: head dimensions in whole steps of 64.
 pub fn tiled_supported(shape: AttnShape) -> bool {
-    shape.head_dim % 64 == 0 && shape.n_kv_heads > 0 && shape.n_heads % shape.n_kv_heads == 0
+    shape.head_dim.is_multiple_of(64)
+        && shape.n_kv_heads > 0
+        && shape.n_heads.is_multiple_of(shape.n_kv_heads)
 }
 
 /// Causal attention of `n` consecutive query tokens at positions `pos0..pos0 + n`, every head:
@@ -139,7 +141,7 @@ pub fn attend_tokens(
         "attend_tokens: unsupported shape {shape:?}"
     );
     let q_dim = shape.n_heads * shape.head_dim;
-    assert!(q.len() % q_dim == 0 && out.len() == q.len());
+    assert!(q.len().is_multiple_of(q_dim) && out.len() == q.len());
     let n = q.len() / q_dim;
     let kv_dim = shape.n_kv_heads * shape.head_dim;
     assert!(k_cache.len() >= (pos0 + n) * kv_dim && v_cache.len() >= (pos0 + n) * kv_dim);

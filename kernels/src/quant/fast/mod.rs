@@ -405,7 +405,7 @@ const TOKEN_TILE: usize = 16;
 
 /// Rows the tiled kernels unpack at a time: 256 rows of 2048 columns are 576 KiB.
 const UNPACK_ROWS: usize = 256;
-const _: () = assert!(UNPACK_ROWS % TILE_ROWS == 0);
+const _: () = assert!(UNPACK_ROWS.is_multiple_of(TILE_ROWS));
 
 thread_local! {
     /// Rows unpacked for the tiled kernels (bytes, scales), grown to the largest chunk seen.
