@@ -317,19 +317,35 @@ mod tests {
             .collect();
         let up: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.11).cos() * 3.0).collect();
         for act in [GateAct::Silu, GateAct::GeluTanh] {
-            let (mut want, mut got) = (gate0.clone(), gate0.clone());
+            let mut want = gate0.clone();
             super::gated(act, &mut want, &up);
+            // The dispatched path, and the AVX2 and portable instantiations of the same body.
+            let mut runs = Vec::new();
+            let mut got = gate0.clone();
             super::gated_fast(act, &mut got, &up);
-            for i in 0..n {
-                let tol = 1e-6 * want[i].abs() + 2e-7 * up[i].abs();
-                assert!(
-                    (got[i] - want[i]).abs() <= tol,
-                    "{} at x = {}: {} vs {}",
-                    act.name(),
-                    gate0[i],
-                    got[i],
-                    want[i]
-                );
+            runs.push(("dispatched", got));
+            let mut got = gate0.clone();
+            super::gated_fast_body(act, &mut got, &up);
+            runs.push(("portable", got));
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let mut got = gate0.clone();
+                // SAFETY: the CPU has the features.
+                unsafe { super::gated_avx2(act, &mut got, &up) };
+                runs.push(("avx2", got));
+            }
+            for (path, got) in &runs {
+                for i in 0..n {
+                    let tol = 1e-6 * want[i].abs() + 2e-7 * up[i].abs();
+                    assert!(
+                        (got[i] - want[i]).abs() <= tol,
+                        "{path} {} at x = {}: {} vs {}",
+                        act.name(),
+                        gate0[i],
+                        got[i],
+                        want[i]
+                    );
+                }
             }
         }
     }

@@ -902,8 +902,25 @@ mod tests {
             for (pos0, n) in [(0, 1), (0, 16), (5, 7), (70, 19), (150, 70)] {
                 let q: Vec<f32> = (0..n * q_dim).map(|_| rand()).collect();
                 for window in [None, Some(5), Some(100)] {
+                    // The dispatched path (AVX-512 here when the CPU has it), and the AVX2 and
+                    // portable instantiations of the same body.
+                    let mut runs = Vec::new();
                     let mut got = vec![0f32; n * q_dim];
                     attend_tokens(&q, &k, &v, pos0, window, shape, &mut got);
+                    runs.push(("dispatched", got));
+                    let mut scratch = TileScratch::default();
+                    let mut got = vec![0f32; n * q_dim];
+                    tiles_body::<false>(&q, &k, &v, pos0, window, shape, &mut got, &mut scratch);
+                    runs.push(("portable", got));
+                    #[cfg(target_arch = "x86_64")]
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                        let mut got = vec![0f32; n * q_dim];
+                        // SAFETY: the CPU has the features.
+                        unsafe {
+                            tiles_avx2(&q, &k, &v, pos0, window, shape, &mut got, &mut scratch)
+                        };
+                        runs.push(("avx2", got));
+                    }
                     let mut want = vec![0f32; head_dim];
                     for t in 0..n {
                         for h in 0..n_heads {
@@ -919,12 +936,14 @@ mod tests {
                                 shape,
                                 &mut want,
                             );
-                            for (d, (&g, &w)) in got[at].iter().zip(&want).enumerate() {
-                                assert!(
-                                    (g - w).abs() < 2e-5,
-                                    "{shape:?} pos {} head {h} dim {d} window {window:?}: {g} vs {w}",
-                                    pos0 + t
-                                );
+                            for (path, got) in &runs {
+                                for (d, (&g, &w)) in got[at.clone()].iter().zip(&want).enumerate() {
+                                    assert!(
+                                        (g - w).abs() < 2e-5,
+                                        "{path} {shape:?} pos {} head {h} dim {d} window {window:?}: {g} vs {w}",
+                                        pos0 + t
+                                    );
+                                }
                             }
                         }
                     }
