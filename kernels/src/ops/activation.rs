@@ -49,6 +49,99 @@ pub fn gated(act: GateAct, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `exp(x)` without a libm call, so a loop of it vectorizes: Cephes' `expf` (range reduction
+/// by `ln 2` in two parts, a degree-6 polynomial), within 2 ulp of `f32::exp` over
+/// `[-87.3, 88.3]`; arguments outside are clamped there (`exp` of -87.3 is ~1e-38, of 88.3
+/// ~2e38), so it never returns 0, inf or NaN for finite input.
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = if x < -87.3 { -87.3 } else { x };
+    let x = if x > 88.3 { 88.3 } else { x };
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // The low 9 bits of t's mantissa are n (two's complement): shift them into the exponent.
+    let scale = f32::from_bits((t.to_bits() << 23).wrapping_add(127 << 23));
+    y * scale
+}
+
+/// SiLU through [`exp_approx`].
+#[inline(always)]
+fn silu_fast(x: f32) -> f32 {
+    x / (1.0 + exp_approx(-x))
+}
+
+/// GELU (tanh approximation) through [`exp_approx`]: `0.5 x (1 + tanh(z)) = x / (1 + e^(-2z))`,
+/// which also keeps its relative precision for negative `x`, where `1 + tanh(z)` cancels.
+#[inline(always)]
+fn gelu_tanh_fast(x: f32) -> f32 {
+    let z = SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x);
+    x / (1.0 + exp_approx(-2.0 * z))
+}
+
+#[inline(always)]
+fn gated_fast_body(act: GateAct, gate: &mut [f32], up: &[f32]) {
+    match act {
+        GateAct::Silu => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = silu_fast(*g) * u;
+            }
+        }
+        GateAct::GeluTanh => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = gelu_tanh_fast(*g) * u;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn gated_avx512(act: GateAct, gate: &mut [f32], up: &[f32]) {
+    gated_fast_body(act, gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gated_avx2(act: GateAct, gate: &mut [f32], up: &[f32]) {
+    gated_fast_body(act, gate, up)
+}
+
+/// [`gated`] for the CPU backend: the same formulas with [`exp_approx`] for `exp`/`tanh`, the
+/// loop compiled for AVX-512 or AVX2 when the CPU has them (16 or 8 elements per step instead
+/// of a libm call each). Within 1e-6 relative of [`gated`] plus ~1e-7 absolute near zero
+/// (`gated_fast_matches_reference`).
+pub fn gated_fast(act: GateAct, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gated: gate and up differ in length");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { gated_avx512(act, gate, up) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { gated_avx2(act, gate, up) };
+        }
+    }
+    gated_fast_body(act, gate, up)
+}
+
 /// Reference SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     gated(GateAct::Silu, gate, up)
@@ -198,6 +291,63 @@ mod tests {
         assert_eq!(super::silu(0.0), 0.0);
         assert!((super::silu(1.0) - 0.731_058_6).abs() < 1e-6);
         assert!(super::silu(-20.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn exp_approx_within_two_ulp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (super::exp_approx(x), (x as f64).exp());
+            assert!(
+                ((got as f64 - want) / want).abs() < 2.5e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.013;
+        }
+        assert!(super::exp_approx(-1e30) > 0.0 && super::exp_approx(1e30).is_finite());
+    }
+
+    #[test]
+    fn gated_fast_matches_reference() {
+        use super::GateAct;
+        // Odd length: the vector loop's tail runs too.
+        let n = 4099;
+        let gate0: Vec<f32> = (0..n)
+            .map(|i| ((i as f32) * 0.37).sin() * 12.0 - 1.0)
+            .collect();
+        let up: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.11).cos() * 3.0).collect();
+        for act in [GateAct::Silu, GateAct::GeluTanh] {
+            let mut want = gate0.clone();
+            super::gated(act, &mut want, &up);
+            // The dispatched path, and the AVX2 and portable instantiations of the same body.
+            let mut runs = Vec::new();
+            let mut got = gate0.clone();
+            super::gated_fast(act, &mut got, &up);
+            runs.push(("dispatched", got));
+            let mut got = gate0.clone();
+            super::gated_fast_body(act, &mut got, &up);
+            runs.push(("portable", got));
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let mut got = gate0.clone();
+                // SAFETY: the CPU has the features.
+                unsafe { super::gated_avx2(act, &mut got, &up) };
+                runs.push(("avx2", got));
+            }
+            for (path, got) in &runs {
+                for i in 0..n {
+                    let tol = 1e-6 * want[i].abs() + 2e-7 * up[i].abs();
+                    assert!(
+                        (got[i] - want[i]).abs() <= tol,
+                        "{path} {} at x = {}: {} vs {}",
+                        act.name(),
+                        gate0[i],
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

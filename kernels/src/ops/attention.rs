@@ -100,6 +100,328 @@ pub fn attend_head_rows(
     }
 }
 
+/// Query tokens per call of [`attend_tokens`] that the CPU backend runs as one task: the
+/// tile's rows (every query head of these tokens) share each pass over the keys.
+pub const TILE_TOKENS: usize = 16;
+
+/// Keys per step of [`attend_tokens`]: one transposed chunk of K (`head_dim x KEY_CHUNK`) and
+/// the tile's scores for it stay in cache.
+const KEY_CHUNK: usize = 64;
+const _: () = assert!(KEY_CHUNK.is_multiple_of(16));
+
+/// Query rows per step of the score and value loops (with [`KEY_CHUNK`] or 64 dimensions,
+/// 4 x 64 f32 accumulators: 16 AVX-512 registers).
+const ROWS: usize = 4;
+
+/// Whether [`attend_tokens`] takes this shape: head dimensions in whole steps of 64.
+pub fn tiled_supported(shape: AttnShape) -> bool {
+    shape.head_dim.is_multiple_of(64)
+        && shape.n_kv_heads > 0
+        && shape.n_heads.is_multiple_of(shape.n_kv_heads)
+}
+
+/// Causal attention of `n` consecutive query tokens at positions `pos0..pos0 + n`, every head:
+/// `q` and `out` are `(n, n_heads * head_dim)`, the cache as in [`attend_head`]. The same
+/// result as [`attend_head_window`] per (token, head), up to the order of the sums: the query
+/// heads of one KV head and all `n` tokens walk the keys together, in chunks of
+/// [`KEY_CHUNK`], scores as a small matrix product and an online softmax per row. Needs
+/// [`tiled_supported`]; compiled for AVX-512 or AVX2 when the CPU has them.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_tokens(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    pos0: usize,
+    window: Option<usize>,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    assert!(
+        tiled_supported(shape),
+        "attend_tokens: unsupported shape {shape:?}"
+    );
+    let q_dim = shape.n_heads * shape.head_dim;
+    assert!(q.len().is_multiple_of(q_dim) && out.len() == q.len());
+    let n = q.len() / q_dim;
+    let kv_dim = shape.n_kv_heads * shape.head_dim;
+    assert!(k_cache.len() >= (pos0 + n) * kv_dim && v_cache.len() >= (pos0 + n) * kv_dim);
+    TILE_SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { tiles_avx512(q, k_cache, v_cache, pos0, window, shape, out, s) };
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: as above.
+                return unsafe { tiles_avx2(q, k_cache, v_cache, pos0, window, shape, out, s) };
+            }
+        }
+        tiles_body::<false>(q, k_cache, v_cache, pos0, window, shape, out, s)
+    })
+}
+
+/// Per-thread buffers of [`attend_tokens`], grown to the largest tile seen.
+#[derive(Default)]
+struct TileScratch {
+    q: Vec<f32>,  // (rows, head_dim) the tile's queries, pre-scaled
+    kt: Vec<f32>, // (head_dim, KEY_CHUNK) a chunk of keys, transposed
+    s: Vec<f32>,  // (rows, KEY_CHUNK) scores, then probabilities
+    o: Vec<f32>,  // (rows, head_dim) unnormalised outputs
+    m: Vec<f32>,  // (rows) running max
+    l: Vec<f32>,  // (rows) running sum
+}
+
+thread_local! {
+    static TILE_SCRATCH: std::cell::RefCell<TileScratch> = Default::default();
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn tiles_avx512(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pos0: usize,
+    window: Option<usize>,
+    shape: AttnShape,
+    out: &mut [f32],
+    s: &mut TileScratch,
+) {
+    tiles_body::<true>(q, kc, vc, pos0, window, shape, out, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn tiles_avx2(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pos0: usize,
+    window: Option<usize>,
+    shape: AttnShape,
+    out: &mut [f32],
+    s: &mut TileScratch,
+) {
+    tiles_body::<true>(q, kc, vc, pos0, window, shape, out, s)
+}
+
+/// `a * b + c`, fused where the caller is compiled with FMA (else `mul_add` is a libm call).
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tiles_body<const FMA: bool>(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pos0: usize,
+    window: Option<usize>,
+    shape: AttnShape,
+    out: &mut [f32],
+    s: &mut TileScratch,
+) {
+    let hd = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    let (q_dim, kv_dim) = (shape.n_heads * hd, shape.n_kv_heads * hd);
+    let n = q.len() / q_dim;
+    let rows = n * group;
+    let scale = 1.0 / (hd as f32).sqrt();
+    s.q.resize(rows * hd, 0.0);
+    s.kt.resize(hd * KEY_CHUNK, 0.0);
+    s.s.resize(rows * KEY_CHUNK, 0.0);
+    s.o.resize(rows * hd, 0.0);
+    s.m.resize(rows, 0.0);
+    s.l.resize(rows, 0.0);
+    // Row r is token r / group, query head kv_head * group + r % group.
+    let pos_of = |r: usize| pos0 + r / group;
+    for kv_head in 0..shape.n_kv_heads {
+        for r in 0..rows {
+            let (t, h) = (r / group, kv_head * group + r % group);
+            let src = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            for (d, &v) in s.q[r * hd..(r + 1) * hd].iter_mut().zip(src) {
+                *d = v * scale;
+            }
+        }
+        s.o.fill(0.0);
+        s.m.fill(f32::NEG_INFINITY);
+        s.l.fill(0.0);
+        let (lo, hi) = (first_key(pos0, window), pos0 + n - 1);
+        let mut c = lo;
+        while c <= hi {
+            let kn = KEY_CHUNK.min(hi + 1 - c);
+            // K[c..c + kn] of this head, transposed to (dim, key); missing keys are zero.
+            for j in 0..KEY_CHUNK {
+                if j < kn {
+                    let base = (c + j) * kv_dim + kv_head * hd;
+                    for (d, &v) in kc[base..base + hd].iter().enumerate() {
+                        s.kt[d * KEY_CHUNK + j] = v;
+                    }
+                } else {
+                    for d in 0..hd {
+                        s.kt[d * KEY_CHUNK + j] = 0.0;
+                    }
+                }
+            }
+            scores::<FMA>(&s.q, &s.kt, &mut s.s, rows, hd);
+            let mut any = false;
+            for r in 0..rows {
+                let p = pos_of(r);
+                let first = first_key(p, window);
+                let sr = &mut s.s[r * KEY_CHUNK..(r + 1) * KEY_CHUNK];
+                // Keys c + j visible to this row: first..=p.
+                let j0 = first.saturating_sub(c).min(KEY_CHUNK);
+                let j1 = (p + 1).saturating_sub(c).min(kn);
+                if j0 >= j1 {
+                    sr.fill(0.0);
+                    continue;
+                }
+                any = true;
+                let mut mx = f32::NEG_INFINITY;
+                for &v in &sr[j0..j1] {
+                    mx = if v > mx { v } else { mx };
+                }
+                let m_old = s.m[r];
+                let m_new = if mx > m_old { mx } else { m_old };
+                // Separate loops so each vectorizes: the masked exponentials, then their sum
+                // in 16 partial sums (one serial chain of adds would not).
+                for (j, v) in sr.iter_mut().enumerate() {
+                    let e = super::activation::exp_approx(*v - m_new);
+                    *v = if j >= j0 && j < j1 { e } else { 0.0 };
+                }
+                let mut partial = [0f32; 16];
+                for c in sr.chunks_exact(16) {
+                    for (p, &e) in partial.iter_mut().zip(c) {
+                        *p += e;
+                    }
+                }
+                let sum: f32 = partial.iter().sum();
+                if m_new > m_old {
+                    let alpha = if m_old == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        super::activation::exp_approx(m_old - m_new)
+                    };
+                    s.l[r] *= alpha;
+                    for o in &mut s.o[r * hd..(r + 1) * hd] {
+                        *o *= alpha;
+                    }
+                    s.m[r] = m_new;
+                }
+                s.l[r] += sum;
+            }
+            if any {
+                values::<FMA>(&s.s, vc, c, kn, kv_dim, kv_head * hd, &mut s.o, rows, hd);
+            }
+            c += KEY_CHUNK;
+        }
+        for r in 0..rows {
+            let (t, h) = (r / group, kv_head * group + r % group);
+            let inv = 1.0 / s.l[r];
+            let dst = &mut out[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            for (d, &o) in dst.iter_mut().zip(&s.o[r * hd..(r + 1) * hd]) {
+                *d = o * inv;
+            }
+        }
+    }
+}
+
+/// `s[r][j] = q[r] . kt[.][j]` for `rows` rows and [`KEY_CHUNK`] keys: [`ROWS`] rows at a time
+/// with `ROWS x KEY_CHUNK` accumulators, each key column loaded once for the rows.
+#[inline(always)]
+fn scores<const FMA: bool>(q: &[f32], kt: &[f32], s: &mut [f32], rows: usize, hd: usize) {
+    let mut r = 0;
+    while r + ROWS <= rows {
+        let mut acc = [[0f32; KEY_CHUNK]; ROWS];
+        for d in 0..hd {
+            let k: &[f32; KEY_CHUNK] = kt[d * KEY_CHUNK..(d + 1) * KEY_CHUNK].try_into().unwrap();
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let qv = q[(r + i) * hd + d];
+                for j in 0..KEY_CHUNK {
+                    acc[j] = fmadd::<FMA>(qv, k[j], acc[j]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            s[(r + i) * KEY_CHUNK..(r + i + 1) * KEY_CHUNK].copy_from_slice(acc);
+        }
+        r += ROWS;
+    }
+    while r < rows {
+        let mut acc = [0f32; KEY_CHUNK];
+        for d in 0..hd {
+            let k: &[f32; KEY_CHUNK] = kt[d * KEY_CHUNK..(d + 1) * KEY_CHUNK].try_into().unwrap();
+            let qv = q[r * hd + d];
+            for j in 0..KEY_CHUNK {
+                acc[j] = fmadd::<FMA>(qv, k[j], acc[j]);
+            }
+        }
+        s[r * KEY_CHUNK..(r + 1) * KEY_CHUNK].copy_from_slice(&acc);
+        r += 1;
+    }
+}
+
+/// `o[r] += sum_j p[r][j] V[c + j]` for the `kn` keys of the chunk: [`ROWS`] rows and 64
+/// dimensions at a time, each value row loaded once for the rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn values<const FMA: bool>(
+    p: &[f32],
+    vc: &[f32],
+    c: usize,
+    kn: usize,
+    kv_dim: usize,
+    head_off: usize,
+    o: &mut [f32],
+    rows: usize,
+    hd: usize,
+) {
+    const D: usize = 64;
+    let mut r = 0;
+    while r < rows {
+        let nr = ROWS.min(rows - r);
+        for d0 in (0..hd).step_by(D) {
+            let mut acc = [[0f32; D]; ROWS];
+            for (i, acc) in acc.iter_mut().enumerate().take(nr) {
+                acc.copy_from_slice(&o[(r + i) * hd + d0..(r + i) * hd + d0 + D]);
+            }
+            for j in 0..kn {
+                let base = (c + j) * kv_dim + head_off + d0;
+                let v: &[f32; D] = vc[base..base + D].try_into().unwrap();
+                if nr == ROWS {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let pv = p[(r + i) * KEY_CHUNK + j];
+                        for k in 0..D {
+                            acc[k] = fmadd::<FMA>(pv, v[k], acc[k]);
+                        }
+                    }
+                } else {
+                    for (i, acc) in acc.iter_mut().enumerate().take(nr) {
+                        let pv = p[(r + i) * KEY_CHUNK + j];
+                        for k in 0..D {
+                            acc[k] = fmadd::<FMA>(pv, v[k], acc[k]);
+                        }
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(nr) {
+                o[(r + i) * hd + d0..(r + i) * hd + d0 + D].copy_from_slice(acc);
+            }
+        }
+        r += nr;
+    }
+}
+
 use cubecl::prelude::*;
 
 use super::launch::{self, array_arg, Arg};
@@ -611,6 +933,77 @@ mod tests {
         for d in 0..4 {
             let want: f32 = (0..3).map(|t| e[t] / z * v[t * 4 + d]).sum();
             assert!((out[d] - want).abs() < 1e-6, "{d}: {} vs {want}", out[d]);
+        }
+    }
+
+    #[test]
+    fn tiles_match_the_reference_per_head() {
+        let mut seed = 0x2545_f491u32;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        };
+        for (n_heads, n_kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64), (2, 2, 128)] {
+            let shape = AttnShape {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            };
+            let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
+            let ctx = 220;
+            // Large keys make scores of a few units: the running max moves between chunks.
+            let k: Vec<f32> = (0..ctx * kv_dim).map(|_| rand() * 3.0).collect();
+            let v: Vec<f32> = (0..ctx * kv_dim).map(|_| rand()).collect();
+            for (pos0, n) in [(0, 1), (0, 16), (5, 7), (70, 19), (150, 70)] {
+                let q: Vec<f32> = (0..n * q_dim).map(|_| rand()).collect();
+                for window in [None, Some(5), Some(100)] {
+                    // The dispatched path (AVX-512 here when the CPU has it), and the AVX2 and
+                    // portable instantiations of the same body.
+                    let mut runs = Vec::new();
+                    let mut got = vec![0f32; n * q_dim];
+                    attend_tokens(&q, &k, &v, pos0, window, shape, &mut got);
+                    runs.push(("dispatched", got));
+                    let mut scratch = TileScratch::default();
+                    let mut got = vec![0f32; n * q_dim];
+                    tiles_body::<false>(&q, &k, &v, pos0, window, shape, &mut got, &mut scratch);
+                    runs.push(("portable", got));
+                    #[cfg(target_arch = "x86_64")]
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                        let mut got = vec![0f32; n * q_dim];
+                        // SAFETY: the CPU has the features.
+                        unsafe {
+                            tiles_avx2(&q, &k, &v, pos0, window, shape, &mut got, &mut scratch)
+                        };
+                        runs.push(("avx2", got));
+                    }
+                    let mut want = vec![0f32; head_dim];
+                    for t in 0..n {
+                        for h in 0..n_heads {
+                            let at = t * q_dim + h * head_dim..t * q_dim + (h + 1) * head_dim;
+                            let kv_head = h / (n_heads / n_kv_heads);
+                            attend_head_window(
+                                &q[at.clone()],
+                                &k,
+                                &v,
+                                kv_head,
+                                pos0 + t,
+                                window,
+                                shape,
+                                &mut want,
+                            );
+                            for (path, got) in &runs {
+                                for (d, (&g, &w)) in got[at.clone()].iter().zip(&want).enumerate() {
+                                    assert!(
+                                        (g - w).abs() < 2e-5,
+                                        "{path} {shape:?} pos {} head {h} dim {d} window {window:?}: {g} vs {w}",
+                                        pos0 + t
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -337,16 +337,16 @@ impl Executor for CpuBackend {
                 "a local RoPE table without a sliding window",
             ));
         }
-        if qk_norm {
-            let layer = &model.weights.layers[l];
-            let (qn, kn) = (
-                required(&layer.attn_q_norm, "attn_q_norm", l)?,
-                required(&layer.attn_k_norm, "attn_k_norm", l)?,
-            );
-            let n = self.n;
-            norm::rms_norm_heads(&mut self.q[..n * c.q_dim()], qn, c.rms_eps);
-            norm::rms_norm_heads(&mut self.k[..n * c.kv_dim()], kn, c.rms_eps);
-        }
+        let norms = match qk_norm {
+            true => {
+                let layer = &model.weights.layers[l];
+                Some((
+                    required(&layer.attn_q_norm, "attn_q_norm", l)?,
+                    required(&layer.attn_k_norm, "attn_k_norm", l)?,
+                ))
+            }
+            false => None,
+        };
         let (table_cos, table_sin) = match rope {
             RopeKind::Global => (&self.cos, &self.sin),
             RopeKind::Local => (&self.cos_local, &self.sin_local),
@@ -363,19 +363,31 @@ impl Executor for CpuBackend {
             c.q_dim(),
             c.rope_dim / 2,
         );
-        for t in 0..n {
+        let eps = c.rms_eps;
+        // One token's q and k: head norms (Gemma 3), then RoPE.
+        let token = |t: usize, q: &mut [f32], k: &mut [f32]| {
+            if let Some((qn, kn)) = norms {
+                norm::rms_norm_heads(q, qn, eps);
+                norm::rms_norm_heads(k, kn, eps);
+            }
             let (cos, sin) = (
                 &table_cos[t * half..(t + 1) * half],
                 &table_sin[t * half..(t + 1) * half],
             );
-            rotate(&mut self.q[t * q_dim..(t + 1) * q_dim], hd, cos, sin);
-            rotate(&mut self.k[t * kv_dim..(t + 1) * kv_dim], hd, cos, sin);
+            rotate(q, hd, cos, sin);
+            rotate(k, hd, cos, sin);
+        };
+        let (q, k) = (&mut self.q[..n * q_dim], &mut self.k[..n * kv_dim]);
+        if n == 1 {
+            token(0, q, k);
+        } else {
+            q.par_chunks_mut(q_dim)
+                .zip(k.par_chunks_mut(kv_dim))
+                .enumerate()
+                .for_each(|(t, (q, k))| token(t, q, k));
         }
         let (kc, vc) = (&mut self.k_cache[l], &mut self.v_cache[l]);
-        let round = |vals: &mut [f32]| {
-            vals.iter_mut()
-                .for_each(|v| *v = half::f16::from_f32(*v).to_f32())
-        };
+        let round = |vals: &mut [f32]| round_to_f16(vals);
         if self.paged_on {
             for (t, &slot) in self.paged.slot.iter().enumerate() {
                 let at = slot * kv_dim..(slot + 1) * kv_dim;
@@ -426,6 +438,22 @@ impl Executor for CpuBackend {
                     let pages = &p.pages[a as usize..b as usize];
                     let keys = KeyPages { kc, vc, pages };
                     keys.attend_head(qh, h / group, p.pos[t], window, shape, out);
+                });
+            self.regions += 1;
+            return Ok(());
+        }
+        if n > 1 && attention::tiled_supported(shape) {
+            // Prefill: tiles of tokens whose query heads walk the keys together; at least two
+            // tiles per thread so short prompts still use every thread.
+            let per_task = attention::TILE_TOKENS
+                .min(n.div_ceil(2 * rayon::current_num_threads()))
+                .max(1);
+            self.att[..n * q_dim]
+                .par_chunks_mut(per_task * q_dim)
+                .zip(q[..n * q_dim].par_chunks(per_task * q_dim))
+                .enumerate()
+                .for_each(|(i, (out, qs))| {
+                    attention::attend_tokens(qs, kc, vc, pos + i * per_task, window, shape, out);
                 });
             self.regions += 1;
             return Ok(());
@@ -488,11 +516,12 @@ impl Executor for CpuBackend {
             Activation::Silu => activation::GateAct::Silu,
             Activation::GeluTanh => activation::GateAct::GeluTanh,
         };
-        activation::gated(
-            act,
-            &mut self.gate[..n * model.config.n_ff],
-            &self.up[..n * model.config.n_ff],
-        );
+        // Rows in parallel, a few thousand elements per task.
+        let chunk = model.config.n_ff.max(4096);
+        self.gate[..n * model.config.n_ff]
+            .par_chunks_mut(chunk)
+            .zip(self.up[..n * model.config.n_ff].par_chunks(chunk))
+            .for_each(|(g, u)| activation::gated_fast(act, g, u));
         self.regions += 4;
         Ok(())
     }
@@ -580,6 +609,18 @@ impl CpuBackend {
             }
         }
         self.profiler.start();
+    }
+}
+
+/// Rounds every value to the nearest f16 (in f32), through `half`'s slice conversions (F16C
+/// where the CPU has it).
+fn round_to_f16(vals: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let mut tmp = [half::f16::ZERO; 256];
+    for chunk in vals.chunks_mut(256) {
+        let tmp = &mut tmp[..chunk.len()];
+        tmp.convert_from_f32_slice(chunk);
+        tmp.convert_to_f32_slice(chunk);
     }
 }
 

@@ -236,7 +236,36 @@ trait RowDot {
     /// `row` holds exactly the blocks for `acts[t].len()` elements (equal for every `t`), and
     /// the CPU runs the kernel's instruction set.
     unsafe fn dot<const T: usize>(row: &[u8], acts: [&PreparedActs; T]) -> [f32; T];
+    /// Whether [`RowDot::dot_tile`] and [`RowDot::unpack_row`] are implemented (and faster
+    /// than [`RowDot::dot`] for four tokens or more).
+    const TILED: bool = false;
+    /// Row `row` unpacked for [`RowDot::dot_tile`]: 32 bytes per block into `q`, a scale per
+    /// block into `d`.
+    ///
+    /// # Safety
+    /// `row` holds `d.len()` blocks, `q` is `32 * d.len()` long; only called when `TILED`.
+    #[inline(always)]
+    unsafe fn unpack_row(_row: &[u8], _q: &mut [u8], _d: &mut [f32]) {
+        unreachable!("only tiled kernels unpack rows")
+    }
+    /// `TILE_ROWS` unpacked rows times `TILE_TOKENS` tokens, equal bit for bit to
+    /// [`RowDot::dot`] per row.
+    ///
+    /// # Safety
+    /// As [`RowDot::unpack_row`], for rows of as many blocks as the activations.
+    #[inline(always)]
+    unsafe fn dot_tile(
+        _q: [&[u8]; TILE_ROWS],
+        _d: [&[f32]; TILE_ROWS],
+        _acts: [&PreparedActs; TILE_TOKENS],
+    ) -> [[f32; TILE_TOKENS]; TILE_ROWS] {
+        unreachable!("only tiled kernels take tiles")
+    }
 }
+
+/// Rows and tokens of [`RowDot::dot_tile`].
+const TILE_ROWS: usize = 4;
+const TILE_TOKENS: usize = 4;
 
 /// Kernels that take one token at a time (portable, float): `T` calls.
 macro_rules! row_dots_each {
@@ -288,9 +317,42 @@ mod x86_dots {
         )*};
     }
     row_dots_tokens! {
-        Q4_0 => dot_q4_0(q8_0); Q4_1 => dot_q4_1(q8_1); Q5_0 => dot_q5_0(q8_0);
-        Q5_1 => dot_q5_1(q8_1); Q8_0 => dot_q8_0(q8_0); Q4K => dot_q4k(q8k);
+        Q4_1 => dot_q4_1(q8_1); Q5_1 => dot_q5_1(q8_1); Q4K => dot_q4k(q8k);
         Q5K => dot_q5k(q8k); Q6K => dot_q6k(q8k);
+    }
+
+    const _: () = assert!(x86::TILE_ROWS == TILE_ROWS && x86::TILE_TOKENS == TILE_TOKENS);
+
+    /// The signed formats against `Q8_0`, with row x token tiles where bytes multiply by VNNI.
+    macro_rules! row_dots_signed {
+        ($($name:ident => $kernel:ident, $bytes:expr, $off:expr, $unpack:ident;)*) => {$(
+            pub(in super::super) struct $name<D>(PhantomData<D>);
+            impl<D: IntDot> RowDot for $name<D> {
+                const GROUPED: bool = true;
+                const TILED: bool = D::TILES;
+                #[inline(always)]
+                unsafe fn dot<const T: usize>(row: &[u8], acts: [&PreparedActs; T]) -> [f32; T] {
+                    x86::$kernel::<D, T>(row, acts.map(|a| a.q8_0()))
+                }
+                #[inline(always)]
+                unsafe fn unpack_row(row: &[u8], q: &mut [u8], d: &mut [f32]) {
+                    x86::unpack_signed_row(row, $bytes, q, d, |b| x86::$unpack(b))
+                }
+                #[inline(always)]
+                unsafe fn dot_tile(
+                    q: [&[u8]; TILE_ROWS],
+                    d: [&[f32]; TILE_ROWS],
+                    acts: [&PreparedActs; TILE_TOKENS],
+                ) -> [[f32; TILE_TOKENS]; TILE_ROWS] {
+                    x86::tile_signed::<D>(q, d, acts.map(|a| a.q8_0()), $off)
+                }
+            }
+        )*};
+    }
+    row_dots_signed! {
+        Q4_0 => dot_q4_0, 18, 8, unpack_q4_0_unsigned;
+        Q5_0 => dot_q5_0, 22, 16, unpack_q5_0_unsigned;
+        Q8_0 => dot_q8_0, 34, -128, unpack_q8_0_unsigned;
     }
 
     /// Float weights are read once per token; they are not in the hot path of quantized models.
@@ -341,6 +403,15 @@ impl OutRows {
 /// of the chunk is read once for all of them.
 const TOKEN_TILE: usize = 16;
 
+/// Rows the tiled kernels unpack at a time: 256 rows of 2048 columns are 576 KiB.
+const UNPACK_ROWS: usize = 256;
+const _: () = assert!(UNPACK_ROWS.is_multiple_of(TILE_ROWS));
+
+thread_local! {
+    /// Rows unpacked for the tiled kernels (bytes, scales), grown to the largest chunk seen.
+    static UNPACKED: std::cell::RefCell<(Vec<u8>, Vec<f32>)> = Default::default();
+}
+
 /// Tokens per kernel call inside a tile: each weight block is unpacked once for this many.
 const TOKENS_PER_DOT: usize = 4;
 
@@ -354,29 +425,95 @@ unsafe fn rows_body<K: RowDot>(
 ) {
     let rows = weights.len() / row_bytes;
     let put = |t: usize, r: usize, v: f32| *out.ptr.add(t * out.stride + r) = v;
-    for (tile_idx, tile) in acts.chunks(TOKEN_TILE).enumerate() {
-        let t0 = tile_idx * TOKEN_TILE;
-        for r in 0..rows {
-            let row = weights.get_unchecked(r * row_bytes..(r + 1) * row_bytes);
-            let group = if K::GROUPED {
-                TOKENS_PER_DOT
-            } else {
-                tile.len() + 1
-            };
-            let groups = tile.chunks_exact(group);
-            let rest = groups.remainder();
-            let mut t = t0;
-            for g in groups {
-                let v = K::dot::<TOKENS_PER_DOT>(row, std::array::from_fn(|k| &g[k]));
-                for (k, v) in v.into_iter().enumerate() {
-                    put(t + k, r, v);
+    let row_at = |r: usize| weights.get_unchecked(r * row_bytes..(r + 1) * row_bytes);
+    // Prefill with a tiled kernel: blocks of whole tiles' rows are unpacked once, for every
+    // token, into this thread's scratch (a bounded block, so it stays in L2).
+    let tiled_rows = if K::TILED && acts.len() >= TILE_TOKENS {
+        rows - rows % TILE_ROWS
+    } else {
+        0
+    };
+    // A pointer rather than a closure run by `with`: the loop must stay inside this function,
+    // which is compiled for the detected instruction set (a closure may be left out of line,
+    // without the target features). Nothing below re-enters: no other borrow of it exists.
+    let (q, d) = &mut *UNPACKED.with(|scratch| scratch.as_ptr());
+    let nb = acts.first().map_or(0, |a| a.len() / 32);
+    for r0 in (0..tiled_rows).step_by(UNPACK_ROWS) {
+        let r1 = (r0 + UNPACK_ROWS).min(tiled_rows);
+        q.resize((r1 - r0) * nb * 32, 0);
+        d.resize((r1 - r0) * nb, 0.0);
+        for r in r0..r1 {
+            let i = r - r0;
+            K::unpack_row(
+                row_at(r),
+                &mut q[i * nb * 32..(i + 1) * nb * 32],
+                &mut d[i * nb..(i + 1) * nb],
+            );
+        }
+        for (tile_idx, tile) in acts.chunks(TOKEN_TILE).enumerate() {
+            let t0 = tile_idx * TOKEN_TILE;
+            let tiled_tokens = tile.len() - tile.len() % TILE_TOKENS;
+            for r in (r0..r1).step_by(TILE_ROWS) {
+                let at = |i: usize| r - r0 + i;
+                let qs: [&[u8]; TILE_ROWS] =
+                    std::array::from_fn(|i| &q[at(i) * nb * 32..(at(i) + 1) * nb * 32]);
+                let ds: [&[f32]; TILE_ROWS] =
+                    std::array::from_fn(|i| &d[at(i) * nb..(at(i) + 1) * nb]);
+                for (g, group) in tile[..tiled_tokens].chunks_exact(TILE_TOKENS).enumerate() {
+                    let v = K::dot_tile(qs, ds, std::array::from_fn(|k| &group[k]));
+                    for (i, v) in v.into_iter().enumerate() {
+                        for (k, v) in v.into_iter().enumerate() {
+                            put(t0 + g * TILE_TOKENS + k, r + i, v);
+                        }
+                    }
                 }
-                t += TOKENS_PER_DOT;
+                for (k, a) in tile[tiled_tokens..].iter().enumerate() {
+                    for i in 0..TILE_ROWS {
+                        put(
+                            t0 + tiled_tokens + k,
+                            r + i,
+                            K::dot::<1>(row_at(r + i), [a])[0],
+                        );
+                    }
+                }
             }
-            for a in rest {
-                put(t, r, K::dot::<1>(row, [a])[0]);
-                t += 1;
+        }
+    }
+    for (tile_idx, tile) in acts.chunks(TOKEN_TILE).enumerate() {
+        rows_untiled::<K>(tiled_rows, rows, tile, tile_idx * TOKEN_TILE, &row_at, &put);
+    }
+}
+
+/// Rows `r0..rows` times the tokens of `tile` (token `t0` first), one row at a time.
+#[inline(always)]
+unsafe fn rows_untiled<'a, K: RowDot>(
+    r0: usize,
+    rows: usize,
+    tile: &[PreparedActs],
+    t0: usize,
+    row_at: &impl Fn(usize) -> &'a [u8],
+    put: &impl Fn(usize, usize, f32),
+) {
+    for r in r0..rows {
+        let row = row_at(r);
+        let group = if K::GROUPED {
+            TOKENS_PER_DOT
+        } else {
+            tile.len() + 1
+        };
+        let groups = tile.chunks_exact(group);
+        let rest = groups.remainder();
+        let mut t = t0;
+        for g in groups {
+            let v = K::dot::<TOKENS_PER_DOT>(row, std::array::from_fn(|k| &g[k]));
+            for (k, v) in v.into_iter().enumerate() {
+                put(t + k, r, v);
             }
+            t += TOKENS_PER_DOT;
+        }
+        for a in rest {
+            put(t, r, K::dot::<1>(row, [a])[0]);
+            t += 1;
         }
     }
 }

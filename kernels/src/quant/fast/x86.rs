@@ -35,6 +35,9 @@ const _: () = {
 
 /// How bytes are multiplied: sums of 4 adjacent `u8 * i8` products as 8 i32 lanes.
 pub trait IntDot {
+    /// Whether `dot_acc` takes unsigned bytes up to 255 exactly (VNNI), which the row x token
+    /// tiles of [`tile_signed`] need for their offset weights.
+    const TILES: bool;
     /// `acc + sum(x * y)` per group of 4 bytes. Exact when every `x < 128` (AVX2's `maddubs`
     /// saturates i16 pairs above that); every caller unpacks weights below 128.
     unsafe fn dot_acc(acc: __m256i, x: __m256i, y: __m256i) -> __m256i;
@@ -48,6 +51,7 @@ pub trait IntDot {
 pub struct Avx2;
 
 impl IntDot for Avx2 {
+    const TILES: bool = false;
     #[inline(always)]
     unsafe fn dot_acc(acc: __m256i, x: __m256i, y: __m256i) -> __m256i {
         let pairs = _mm256_maddubs_epi16(x, y);
@@ -67,6 +71,7 @@ impl IntDot for Avx2 {
 pub struct Vnni;
 
 impl IntDot for Vnni {
+    const TILES: bool = true;
     #[inline(always)]
     unsafe fn dot_acc(acc: __m256i, x: __m256i, y: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, x, y)
@@ -193,6 +198,20 @@ macro_rules! for_blocks {
     }};
 }
 
+/// `[f(acc[0]), .., f(acc[T - 1])]` as a loop: `array::map`'s closure may be left out of line
+/// and then runs without the caller's target features (every intrinsic a call).
+macro_rules! each {
+    ($acc:expr, |$a:ident| $e:expr) => {{
+        let acc = $acc;
+        let mut out = [0f32; T];
+        for k in 0..T {
+            let $a = acc[k];
+            out[k] = $e;
+        }
+        out
+    }};
+}
+
 /// Formats with signed weights and a scale only (`Q4_0`, `Q5_0`, `Q8_0`) against `Q8_0`:
 /// `unpack` gives a block's weights as i8; the sign trick (`|x| * sign(x) * y`) feeds them to
 /// the unsigned-by-signed multiply.
@@ -217,7 +236,7 @@ unsafe fn dot_signed<D: IntDot, const T: usize>(
             acc.v = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc.v);
         }
     });
-    acc.map(|a| hsum(a.v))
+    each!(acc, |a| hsum(a.v))
 }
 
 /// Formats with unsigned weights, scale and offset (`Q4_1`, `Q5_1`; `d, m` at byte 0) against
@@ -247,7 +266,119 @@ unsafe fn dot_offset<D: IntDot, const T: usize>(
             acc.s = _mm_add_ps(acc.s, ds);
         }
     });
-    acc.map(|a| hsum(a.v) + _mm_cvtss_f32(_mm_movehdup_ps(a.s)))
+    each!(acc, |a| hsum(a.v) + _mm_cvtss_f32(_mm_movehdup_ps(a.s)))
+}
+
+/// Rows of a block-tile: weight rows dotted together with [`TILE_TOKENS`] tokens.
+pub const TILE_ROWS: usize = 4;
+/// Tokens of a block-tile.
+pub const TILE_TOKENS: usize = 4;
+
+/// [`dot_signed`] for [`TILE_ROWS`] rows and [`TILE_TOKENS`] tokens at once (prefill with
+/// VNNI), over rows unpacked beforehand by [`unpack_signed_row`]: each row's bytes serve four
+/// tokens and each activation block four rows. Weights are unsigned, `q + off` (no sign trick
+/// per row and token), and each activation block's `off * sum(y)` is subtracted through the
+/// accumulator's start value, so the integer sums are exactly `dot_signed`'s; the float steps
+/// per (row, token) are the same too (even and odd blocks in two chains, `dx * dy` then one
+/// FMA), so every result equals `dot_signed`'s bit for bit. The even blocks run in a first
+/// pass and the odd ones in a second, so only one set of 16 accumulators is live.
+///
+/// # Safety
+/// Every `qs[r]` holds `32 * ys[t].len()` bytes and `ds[r]` `ys[t].len()` scales; `D::TILES`.
+#[inline(always)]
+pub unsafe fn tile_signed<D: IntDot>(
+    qs: [&[u8]; TILE_ROWS],
+    ds: [&[f32]; TILE_ROWS],
+    ys: [&[BlockQ8_0]; TILE_TOKENS],
+    off: i8,
+) -> [[f32; TILE_TOKENS]; TILE_ROWS] {
+    debug_assert!(D::TILES);
+    let nb = ys[0].len();
+    let offv = _mm256_set1_epi8(off);
+    // The even chains wait in memory while the odd ones run: 16 more live vectors would spill
+    // inside the loop instead.
+    let mut even = [[[0f32; 8]; TILE_TOKENS]; TILE_ROWS];
+    let mut out = [[0f32; TILE_TOKENS]; TILE_ROWS];
+    for parity in 0..2 {
+        let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
+        let mut i = parity;
+        while i < nb {
+            // Loops, not `array::from_fn` or `map`: their closures may be left out of line,
+            // without the caller's target features.
+            let mut qx = [_mm256_setzero_si256(); TILE_ROWS];
+            for r in 0..TILE_ROWS {
+                qx[r] = load32(qs[r].as_ptr().add(32 * i));
+            }
+            for t in 0..TILE_TOKENS {
+                let y = ys[t].get_unchecked(i);
+                let yq = load32(y.qs.as_ptr() as *const u8);
+                let start = _mm256_sub_epi32(
+                    _mm256_setzero_si256(),
+                    D::dot_acc(_mm256_setzero_si256(), offv, yq),
+                );
+                let dy = _mm256_set1_ps(f16_at(y as *const BlockQ8_0 as *const u8));
+                for r in 0..TILE_ROWS {
+                    let sum = D::dot_acc(start, qx[r], yq);
+                    let d = _mm256_mul_ps(_mm256_set1_ps(*ds[r].get_unchecked(i)), dy);
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r][t]);
+                }
+            }
+            i += 2;
+        }
+        for r in 0..TILE_ROWS {
+            for t in 0..TILE_TOKENS {
+                let e = even[r][t].as_mut_ptr();
+                if parity == 0 {
+                    _mm256_storeu_ps(e, acc[r][t]);
+                } else {
+                    out[r][t] = hsum(_mm256_add_ps(_mm256_loadu_ps(e), acc[r][t]));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A row of a signed format unpacked for [`tile_signed`]: block `i`'s weights as 32 unsigned
+/// bytes at `q[32 i..]`, its scale at `d[i]`.
+///
+/// # Safety
+/// `row` holds `d.len()` blocks of `block_bytes`, `q` is `32 * d.len()` long.
+#[inline(always)]
+pub unsafe fn unpack_signed_row(
+    row: &[u8],
+    block_bytes: usize,
+    q: &mut [u8],
+    d: &mut [f32],
+    unpack_unsigned: impl Fn(*const u8) -> __m256i,
+) {
+    for (i, d) in d.iter_mut().enumerate() {
+        let b = row.as_ptr().add(i * block_bytes);
+        _mm256_storeu_si256(
+            q.as_mut_ptr().add(32 * i) as *mut __m256i,
+            unpack_unsigned(b),
+        );
+        *d = f16_at(b);
+    }
+}
+
+/// `Q4_0` weights as unsigned bytes `q + 8`, i.e. the raw nibbles.
+#[inline(always)]
+pub unsafe fn unpack_q4_0_unsigned(b: *const u8) -> __m256i {
+    nibbles(b.add(2))
+}
+
+/// `Q5_0` weights as unsigned bytes `q + 16`, i.e. the raw 5-bit values.
+#[inline(always)]
+pub unsafe fn unpack_q5_0_unsigned(b: *const u8) -> __m256i {
+    let hi = _mm256_and_si256(bits_to_bytes(b.add(2)), _mm256_set1_epi8(0x10));
+    _mm256_or_si256(nibbles(b.add(6)), hi)
+}
+
+/// `Q8_0` weights as unsigned bytes `q + 128`.
+#[inline(always)]
+pub unsafe fn unpack_q8_0_unsigned(b: *const u8) -> __m256i {
+    _mm256_xor_si256(load32(b.add(2)), _mm256_set1_epi8(-128))
 }
 
 #[inline(always)]
@@ -339,7 +470,7 @@ unsafe fn dot_k4<D: IntDot, const T: usize>(
             acc.s = _mm_fmadd_ps(_mm_set1_ps(dmin * y.d), m, acc.s);
         }
     });
-    acc.map(|a| hsum(a.v) - hsum128(a.s))
+    each!(acc, |a| hsum(a.v) - hsum128(a.s))
 }
 
 #[inline(always)]
@@ -429,7 +560,7 @@ pub unsafe fn dot_q6k<D: IntDot, const T: usize>(row: &[u8], ys: [&[BlockQ8K]; T
             acc.v = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc.v);
         }
     });
-    acc.map(|a| hsum(a.v))
+    each!(acc, |a| hsum(a.v))
 }
 
 /// Float dot over `n` weights, 32 per step in four accumulators; `load8(i)` gives weights
