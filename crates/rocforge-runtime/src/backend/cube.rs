@@ -692,11 +692,10 @@ impl<R: Runtime> CubeBackend<R> {
     /// `xn = rmsnorm(x) * weight` for the batch's rows, adding a pending residual first.
     fn norm(&mut self, weight: &Buf) -> Result<()> {
         let (n, eps) = (self.n, self.model.config.rms_eps);
+        let rows = norm::Rows::Range { first: 0, count: n };
         if std::mem::take(&mut self.pending_add) {
-            let rows = norm::Rows::Range { first: 0, count: n };
             norm::launch_add_rms_norm(&self.gpu, &self.x, &self.proj, weight, &self.xn, rows, eps);
         } else {
-            let rows = norm::Rows::Range { first: 0, count: n };
             norm::launch_rms_norm(&self.gpu, &self.x, weight, &self.xn, rows, eps);
         }
         Ok(())
