@@ -422,6 +422,283 @@ fn values<const FMA: bool>(
     }
 }
 
+/// Keys per split of one decode query: a query's keys are cut into splits of this many, each
+/// split a task that keeps a partial softmax ([`attend_split`]), and [`combine_splits`] merges
+/// them (flash-decoding). Fixed, so a sequence's numbers do not depend on its batch.
+pub const DECODE_SPLIT: usize = 256;
+
+/// How many splits [`attend_split`] cuts the keys of a query at `pos` into.
+pub fn decode_splits(pos: usize, window: Option<usize>) -> usize {
+    (pos + 1 - first_key(pos, window)).div_ceil(DECODE_SPLIT)
+}
+
+/// Floats of one split's partial result: `(group, head_dim)` unnormalised outputs, then the
+/// `group` running maxima and the `group` running sums.
+pub fn split_len(shape: AttnShape) -> usize {
+    let group = shape.n_heads / shape.n_kv_heads;
+    group * (shape.head_dim + 2)
+}
+
+/// Split `split` of [`decode_splits`] of one query token's attention, for the query heads of
+/// `kv_head`: `q` is the token's `(n_heads * head_dim)` queries, the cache as in
+/// [`attend_head_rows`] (position `t` at row `row(t)`), `part` receives [`split_len`] floats.
+/// The group's query heads walk the split's keys together, in chunks of [`KEY_CHUNK`]; the dot
+/// products and `P·V` are compiled for AVX-512 or AVX2 when the CPU has them. The exponentials
+/// are libm's: decode is bound by reading the cache, and [`super::activation::exp_approx`]'s 2 ulp
+/// flip Gemma 3's near-tie in `gemma3-greedy.json` (third prompt, step 10) to a third token.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_split(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_head: usize,
+    pos: usize,
+    window: Option<usize>,
+    split: usize,
+    shape: AttnShape,
+    part: &mut [f32],
+    row: impl Fn(usize) -> usize,
+) {
+    let lo = first_key(pos, window) + split * DECODE_SPLIT;
+    let keys = lo..(lo + DECODE_SPLIT).min(pos + 1);
+    assert!(keys.start < keys.end && part.len() == split_len(shape));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { split_avx512(q, k_cache, v_cache, kv_head, keys, shape, part, row) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { split_avx2(q, k_cache, v_cache, kv_head, keys, shape, part, row) };
+        }
+    }
+    split_body::<false>(
+        q,
+        k_cache,
+        v_cache,
+        kv_head,
+        keys,
+        shape,
+        part,
+        row,
+        super::dot,
+    )
+}
+
+/// Merges the `splits` partial results in `parts` (one after another, [`split_len`] each) into
+/// the normalised outputs of the group's query heads, `out`: `(group, head_dim)`.
+pub fn combine_splits(parts: &[f32], shape: AttnShape, out: &mut [f32]) {
+    let (hd, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads);
+    let len = split_len(shape);
+    let stats = |p: &[f32], r: usize| (p[group * hd + r], p[group * hd + group + r]);
+    for (r, out) in out.chunks_exact_mut(hd).enumerate().take(group) {
+        let m = parts
+            .chunks_exact(len)
+            .map(|p| stats(p, r).0)
+            .fold(f32::NEG_INFINITY, f32::max);
+        out.fill(0.0);
+        let mut sum = 0.0;
+        for p in parts.chunks_exact(len) {
+            let (mp, lp) = stats(p, r);
+            let w = (mp - m).exp();
+            sum += w * lp;
+            for (o, &v) in out.iter_mut().zip(&p[r * hd..(r + 1) * hd]) {
+                *o += w * v;
+            }
+        }
+        let inv = 1.0 / sum;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn split_avx512(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    kv_head: usize,
+    keys: std::ops::Range<usize>,
+    shape: AttnShape,
+    part: &mut [f32],
+    row: impl Fn(usize) -> usize,
+) {
+    // SAFETY: the caller's CPU has AVX-512F.
+    let dot = |a: &[f32], b: &[f32]| unsafe { dot_avx512(a, b) };
+    split_body::<true>(q, kc, vc, kv_head, keys, shape, part, row, dot)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn split_avx2(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    kv_head: usize,
+    keys: std::ops::Range<usize>,
+    shape: AttnShape,
+    part: &mut [f32],
+    row: impl Fn(usize) -> usize,
+) {
+    // SAFETY: the caller's CPU has AVX2 and FMA.
+    let dot = |a: &[f32], b: &[f32]| unsafe { dot_avx2(a, b) };
+    split_body::<true>(q, kc, vc, kv_head, keys, shape, part, row, dot)
+}
+
+/// `a · b`: 16 lanes of FMAs, one horizontal sum, the last `len % 16` products scalar.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, within both slices.
+        acc =
+            unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc) };
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_ps(acc);
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+/// `a · b`: two 8-lane FMA chains, one horizontal sum, the last `len % 8` products scalar.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY (both loops): every load ends at or before n, within both slices.
+    while i + 16 <= n {
+        unsafe {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), a0);
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                a1,
+            );
+        }
+        i += 16;
+    }
+    if i + 8 <= n {
+        a0 = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), a0) };
+        i += 8;
+    }
+    let v = _mm256_add_ps(a0, a1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+/// The largest query group [`split_body`] keeps its scaled queries and scores for on the stack.
+const MAX_GROUP: usize = 16;
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn split_body<const FMA: bool>(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    kv_head: usize,
+    keys: std::ops::Range<usize>,
+    shape: AttnShape,
+    part: &mut [f32],
+    row: impl Fn(usize) -> usize,
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let (hd, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads);
+    let stride = shape.n_kv_heads * hd;
+    let head_off = kv_head * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (o, stats) = part.split_at_mut(group * hd);
+    let (m, l) = stats.split_at_mut(group);
+    o.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    let qs = &q[kv_head * group * hd..(kv_head + 1) * group * hd];
+    let mut s = [[0f32; KEY_CHUNK]; MAX_GROUP];
+    assert!(
+        group <= MAX_GROUP,
+        "attend_split: a group of {group} query heads"
+    );
+    let mut c = keys.start;
+    while c < keys.end {
+        let kn = KEY_CHUNK.min(keys.end - c);
+        // Scores of the chunk's keys, each key row read once for the group.
+        for j in 0..kn {
+            let base = row(c + j) * stride + head_off;
+            let k = &kc[base..base + hd];
+            for (r, s) in s.iter_mut().enumerate().take(group) {
+                s[j] = dot(&qs[r * hd..(r + 1) * hd], k) * scale;
+            }
+        }
+        for (r, s) in s.iter_mut().enumerate().take(group) {
+            let mut mx = f32::NEG_INFINITY;
+            for &v in &s[..kn] {
+                mx = if v > mx { v } else { mx };
+            }
+            let m_new = if mx > m[r] { mx } else { m[r] };
+            for (j, v) in s.iter_mut().enumerate() {
+                let e = (*v - m_new).exp();
+                *v = if j < kn { e } else { 0.0 };
+            }
+            let mut partial = [0f32; 16];
+            for c in s.chunks_exact(16) {
+                for (p, &e) in partial.iter_mut().zip(c) {
+                    *p += e;
+                }
+            }
+            let sum: f32 = partial.iter().sum();
+            if m_new > m[r] {
+                let alpha = if m[r] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (m[r] - m_new).exp()
+                };
+                l[r] *= alpha;
+                for o in &mut o[r * hd..(r + 1) * hd] {
+                    *o *= alpha;
+                }
+                m[r] = m_new;
+            }
+            l[r] += sum;
+        }
+        // o[r] += sum_j p[r][j] V[c + j], each value row read once for the group.
+        for j in 0..kn {
+            let base = row(c + j) * stride + head_off;
+            let v = &vc[base..base + hd];
+            for (r, s) in s.iter().enumerate().take(group) {
+                let p = s[j];
+                for (o, &v) in o[r * hd..(r + 1) * hd].iter_mut().zip(v) {
+                    *o = fmadd::<FMA>(p, v, *o);
+                }
+            }
+        }
+        c += kn;
+    }
+}
+
 use cubecl::prelude::*;
 
 use super::launch::{self, array_arg, Arg};
@@ -999,6 +1276,117 @@ mod tests {
                                         pos0 + t
                                     );
                                 }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every split of a decode query through `run`, merged by [`combine_splits`].
+    fn decode_by_splits(
+        q: &[f32],
+        pos: usize,
+        window: Option<usize>,
+        shape: AttnShape,
+        mut run: impl FnMut(usize, usize, &mut [f32]),
+    ) -> Vec<f32> {
+        let (hd, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads);
+        let len = split_len(shape);
+        let splits = decode_splits(pos, window);
+        let mut out = vec![0f32; q.len()];
+        for (g, out) in out.chunks_exact_mut(group * hd).enumerate() {
+            let mut parts = vec![0f32; splits * len];
+            for (s, part) in parts.chunks_exact_mut(len).enumerate() {
+                run(g, s, part);
+            }
+            combine_splits(&parts, shape, out);
+        }
+        out
+    }
+
+    #[test]
+    fn decode_splits_match_the_reference_per_head() {
+        let mut seed = 0x1234_5677u32;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        };
+        for (n_heads, n_kv_heads, head_dim) in [(9, 3, 64), (4, 1, 256), (2, 2, 80), (3, 1, 72)] {
+            let shape = AttnShape {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            };
+            let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
+            let ctx = 700;
+            let k: Vec<f32> = (0..ctx * kv_dim).map(|_| rand() * 3.0).collect();
+            let v: Vec<f32> = (0..ctx * kv_dim).map(|_| rand()).collect();
+            // The same cache with position t at row perm(t): a paged layout.
+            let perm = |t: usize| (t * 337) % ctx;
+            let (mut kp, mut vp) = (vec![0f32; k.len()], vec![0f32; v.len()]);
+            for t in 0..ctx {
+                let (src, dst) = (t * kv_dim..(t + 1) * kv_dim, perm(t) * kv_dim);
+                kp[dst..dst + kv_dim].copy_from_slice(&k[src.clone()]);
+                vp[dst..dst + kv_dim].copy_from_slice(&v[src]);
+            }
+            for pos in [0, 4, 63, 64, 255, 256, 300, 699] {
+                let q: Vec<f32> = (0..q_dim).map(|_| rand()).collect();
+                for window in [None, Some(5), Some(300)] {
+                    let mut runs = Vec::new();
+                    let got = decode_by_splits(&q, pos, window, shape, |g, s, part| {
+                        attend_split(&q, &k, &v, g, pos, window, s, shape, part, |t| t)
+                    });
+                    runs.push(("dispatched", got));
+                    let lo = |s: usize| first_key(pos, window) + s * DECODE_SPLIT;
+                    let keys = |s: usize| lo(s)..(lo(s) + DECODE_SPLIT).min(pos + 1);
+                    let got = decode_by_splits(&q, pos, window, shape, |g, s, part| {
+                        split_body::<false>(
+                            &q,
+                            &k,
+                            &v,
+                            g,
+                            keys(s),
+                            shape,
+                            part,
+                            |t| t,
+                            crate::ops::dot,
+                        )
+                    });
+                    runs.push(("portable", got));
+                    #[cfg(target_arch = "x86_64")]
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                        let got = decode_by_splits(&q, pos, window, shape, |g, s, part| {
+                            // SAFETY: the CPU has the features.
+                            unsafe { split_avx2(&q, &k, &v, g, keys(s), shape, part, |t| t) }
+                        });
+                        runs.push(("avx2", got));
+                    }
+                    let paged = decode_by_splits(&q, pos, window, shape, |g, s, part| {
+                        attend_split(&q, &kp, &vp, g, pos, window, s, shape, part, perm)
+                    });
+                    assert_eq!(paged, runs[0].1, "{shape:?} pos {pos}: paged as contiguous");
+                    let mut want = vec![0f32; head_dim];
+                    for h in 0..n_heads {
+                        let at = h * head_dim..(h + 1) * head_dim;
+                        let kv_head = h / (n_heads / n_kv_heads);
+                        attend_head_window(
+                            &q[at.clone()],
+                            &k,
+                            &v,
+                            kv_head,
+                            pos,
+                            window,
+                            shape,
+                            &mut want,
+                        );
+                        for (path, got) in &runs {
+                            for (d, (&g, &w)) in got[at.clone()].iter().zip(&want).enumerate() {
+                                assert!(
+                                    (g - w).abs() < 2e-5,
+                                    "{path} {shape:?} pos {pos} head {h} dim {d} window {window:?}: {g} vs {w}"
+                                );
                             }
                         }
                     }

@@ -52,6 +52,9 @@ pub struct CpuBackend {
     /// it that an exact f32 cache parts from llama.cpp at a three-way near-tie (step 10 of the
     /// third prompt of `gemma3-greedy.json`) where the f16 one agrees. Llama stays exact f32.
     kv_f16: bool,
+    /// Decode attention's tasks, (token, KV head, split), and their partial results.
+    split_tasks: Vec<(u32, u32, u32)>,
+    split_parts: Vec<f32>,
     regions: u64,
     profiler: Profiler,
     /// The architecture's forward pass, run by [`arch::forward`].
@@ -130,6 +133,8 @@ impl CpuBackend {
             k_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
             v_cache: (0..c.n_layer).map(|_| zeros(ctx * c.kv_dim())).collect(),
             kv_f16: c.architecture == Architecture::Gemma3,
+            split_tasks: Vec::new(),
+            split_parts: Vec::new(),
             regions: 0,
             profiler: Profiler::default(),
             plan: arch::plan(c)?.into(),
@@ -412,12 +417,12 @@ impl Executor for CpuBackend {
 
     fn attention(&mut self, l: usize, window: Option<usize>) -> Result<()> {
         let c = &self.model.config;
-        let (n, pos, hd, q_dim, n_head, group) = (
+        let (n, pos, hd, q_dim, n_kv, group) = (
             self.n,
             self.pos,
             c.head_dim,
             c.q_dim(),
-            c.n_head,
+            c.n_head_kv,
             c.gqa_group(),
         );
         let shape = attention::AttnShape {
@@ -426,23 +431,7 @@ impl Executor for CpuBackend {
             head_dim: hd,
         };
         let (q, kc, vc) = (&self.q, &self.k_cache[l], &self.v_cache[l]);
-        if self.paged_on {
-            let p = &self.paged;
-            self.att[..n * q_dim]
-                .par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let (t, h) = (i / n_head, i % n_head);
-                    let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                    let (a, b) = p.table[t];
-                    let pages = &p.pages[a as usize..b as usize];
-                    let keys = KeyPages { kc, vc, pages };
-                    keys.attend_head(qh, h / group, p.pos[t], window, shape, out);
-                });
-            self.regions += 1;
-            return Ok(());
-        }
-        if n > 1 && attention::tiled_supported(shape) {
+        if n > 1 && !self.paged_on && attention::tiled_supported(shape) {
             // Prefill: tiles of tokens whose query heads walk the keys together; at least two
             // tiles per thread so short prompts still use every thread.
             let per_task = attention::TILE_TOKENS
@@ -458,14 +447,45 @@ impl Executor for CpuBackend {
             self.regions += 1;
             return Ok(());
         }
-        self.att[..n * q_dim]
-            .par_chunks_mut(hd)
-            .enumerate()
-            .for_each(|(i, out)| {
-                let (t, h) = (i / n_head, i % n_head);
-                let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                attention::attend_head_window(qh, kc, vc, h / group, pos + t, window, shape, out);
+        // Decode (and batches of several sequences): one task per (token, KV head, split of the
+        // keys), then the splits' partial softmaxes are merged per (token, KV head).
+        let (paged_on, p) = (self.paged_on, &self.paged);
+        let pos_of = |t: usize| if paged_on { p.pos[t] } else { pos + t };
+        let tasks = &mut self.split_tasks;
+        tasks.clear();
+        for t in 0..n {
+            for g in 0..n_kv {
+                for s in 0..attention::decode_splits(pos_of(t), window) {
+                    tasks.push((t as u32, g as u32, s as u32));
+                }
+            }
+        }
+        let len = attention::split_len(shape);
+        self.split_parts.resize(tasks.len() * len, 0.0);
+        self.split_parts
+            .par_chunks_mut(len)
+            .zip(tasks.par_iter())
+            .for_each(|(part, &(t, g, s))| {
+                let (t, g, s) = (t as usize, g as usize, s as usize);
+                let qt = &q[t * q_dim..(t + 1) * q_dim];
+                let at = pos_of(t);
+                if paged_on {
+                    let (a, b) = p.table[t];
+                    let pages = &p.pages[a as usize..b as usize];
+                    let row = |x: usize| pages[x / PAGE_SIZE] as usize * PAGE_SIZE + x % PAGE_SIZE;
+                    attention::attend_split(qt, kc, vc, g, at, window, s, shape, part, row);
+                } else {
+                    attention::attend_split(qt, kc, vc, g, at, window, s, shape, part, |x| x);
+                }
             });
+        // Tasks are in (token, KV head) order: each output's splits are consecutive.
+        let parts = &self.split_parts;
+        let mut first = 0;
+        for (i, out) in self.att[..n * q_dim].chunks_mut(group * hd).enumerate() {
+            let splits = attention::decode_splits(pos_of(i / n_kv), window);
+            attention::combine_splits(&parts[first * len..(first + splits) * len], shape, out);
+            first += splits;
+        }
         self.regions += 1;
         Ok(())
     }
@@ -757,30 +777,6 @@ impl Backend for CpuBackend {
         let out = rayon::scope(|_| arch::forward_seqs(self, &plan, seqs, &mut tokens, PAGE_SIZE));
         self.paged.tokens = tokens;
         out
-    }
-}
-
-/// One sequence's keys and values in the paged cache of one layer.
-struct KeyPages<'a> {
-    kc: &'a [f32],
-    vc: &'a [f32],
-    pages: &'a [u32],
-}
-
-impl KeyPages<'_> {
-    /// [`attention::attend_head_window`] with position `t` read from slot `t % PAGE_SIZE` of
-    /// page `pages[t / PAGE_SIZE]`: a sequence gives the same numbers paged as contiguous.
-    fn attend_head(
-        &self,
-        q: &[f32],
-        kv_head: usize,
-        pos: usize,
-        window: Option<usize>,
-        shape: attention::AttnShape,
-        out: &mut [f32],
-    ) {
-        let row = |t: usize| self.pages[t / PAGE_SIZE] as usize * PAGE_SIZE + t % PAGE_SIZE;
-        attention::attend_head_rows(q, self.kc, self.vc, kv_head, pos, window, shape, out, row);
     }
 }
 
