@@ -491,7 +491,9 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
                 .map(|p| p + 1)
                 .collect();
             let paged = KvCache::new(gpu, 1, n_pages * page, kv_dim, kv);
-            let store = gpu.u32s(&attention::paged_meta(&[(0, ctx, &pages)]));
+            let mut meta = Vec::new();
+            attention::paged_meta([(0, ctx, &pages[..])], &mut meta);
+            let store = gpu.u32s(&meta);
             rope::launch_rope_store(
                 gpu,
                 src,
@@ -507,7 +509,8 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
                 ctx,
                 rs,
             );
-            let queries = gpu.u32s(&attention::paged_meta(&[(pos, n, &pages)]));
+            attention::paged_meta([(pos, n, &pages[..])], &mut meta);
+            let queries = gpu.u32s(&meta);
             let out = gpu.zeros(n * q_dim);
             attention::launch_attention_window(
                 gpu,

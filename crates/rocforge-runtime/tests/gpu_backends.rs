@@ -20,7 +20,7 @@ use rocforge_runtime::backend::{self, Backend, BackendKind, BackendOptions};
 use rocforge_runtime::engine::{Engine, EngineOptions, Event, Request};
 use rocforge_runtime::testing::{
     agrees_with, greedy_refs, real_model, refs_file, skip_or_fail, tiny_gemma3, tiny_model,
-    RefContinuation, FETCH_SMOLLM2,
+    RefCase, RefContinuation, FETCH_SMOLLM2,
 };
 use rocforge_runtime::{GenerateOptions, Model, SamplerConfig, SeqBatch};
 
@@ -356,18 +356,52 @@ fn greedy(b: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
     ids
 }
 
+/// The real SmolLM2 model and the greedy references of `shared/refs/smollm2-greedy.json`, or
+/// `None` where either is absent (a skip, or a failure under `ROCFORGE_REQUIRE_MODELS`).
+fn smollm2_and_refs() -> Option<(Arc<Model>, Vec<RefCase>)> {
+    let Some(path) = real_model() else {
+        skip_or_fail("real model", FETCH_SMOLLM2);
+        return None;
+    };
+    let refs = match greedy_refs(&refs_file("smollm2-greedy.json")) {
+        Ok(r) => r,
+        Err(e) => {
+            skip_or_fail("references", &format!("{e}; set ROCFORGE_REFS"));
+            return None;
+        }
+    };
+    Some((Model::load(path).unwrap(), refs))
+}
+
+/// Asserts that `ids` agree with one of `case`'s two references (llama.cpp, exact f32), each
+/// cut to the run's length, by the file's rule (identical, or parting only where the run takes
+/// the reference's runner-up at a top-2 gap below 0.5).
+fn assert_agrees(kind: BackendKind, case: &RefCase, ids: &[u32]) {
+    let cut = |r: &RefContinuation| {
+        let mut r = r.clone();
+        r.generated_ids.truncate(ids.len());
+        r
+    };
+    let vs_llama = agrees_with(ids, &cut(&case.llama_cpp), 0.5);
+    let vs_exact = agrees_with(ids, &cut(&case.exact_f32), 0.5);
+    eprintln!(
+        "{kind} {:?}: {ids:?}\n  vs llama.cpp {vs_llama:?}, vs exact f32 {vs_exact:?}",
+        case.prompt
+    );
+    assert!(
+        vs_llama.is_ok() || vs_exact.is_ok(),
+        "{kind} {:?} agrees with neither reference: {ids:?}",
+        case.prompt
+    );
+}
+
 /// The real model, every prompt of `shared/refs/smollm2-greedy.json`: greedy ids on the GPU
 /// agree with one of the two references (llama.cpp, exact f32) by the file's rule (identical
 /// until the end, or until the run takes the reference's runner-up at a top-2 gap below 0.5).
 fn real_model_greedy_matches_references(kind: BackendKind) {
-    let Some(path) = real_model() else {
-        return skip_or_fail("real model", FETCH_SMOLLM2);
+    let Some((model, refs)) = smollm2_and_refs() else {
+        return;
     };
-    let refs = match greedy_refs(&refs_file("smollm2-greedy.json")) {
-        Ok(r) => r,
-        Err(e) => return skip_or_fail("references", &format!("{e}; set ROCFORGE_REFS")),
-    };
-    let model = Model::load(path).unwrap();
     let opts = BackendOptions {
         ctx: 256,
         max_batch: 64,
@@ -382,19 +416,7 @@ fn real_model_greedy_matches_references(kind: BackendKind) {
             .len()
             .max(case.exact_f32.generated_ids.len());
         let ids = greedy(gpu.as_mut(), &prompt, n);
-        let (vs_llama, vs_exact) = (
-            agrees_with(&ids, &case.llama_cpp, 0.5),
-            agrees_with(&ids, &case.exact_f32, 0.5),
-        );
-        eprintln!(
-            "{kind} {:?}: {ids:?}\n  vs llama.cpp {vs_llama:?}, vs exact f32 {vs_exact:?}",
-            case.prompt
-        );
-        assert!(
-            vs_llama.is_ok() || vs_exact.is_ok(),
-            "{kind} {:?} agrees with neither reference: {ids:?}",
-            case.prompt
-        );
+        assert_agrees(kind, case, &ids);
     }
 }
 
@@ -540,14 +562,9 @@ fn replayed_decode_matches_plain_per_kernel(kind: BackendKind) {
 /// The real model: replayed and plain greedy ids agree for 128 steps on every reference
 /// prompt, one backend running them in turn (a prefill after replays each time).
 fn real_model_replayed_decode_matches_plain(kind: BackendKind) {
-    let Some(path) = real_model() else {
-        return skip_or_fail("real model", FETCH_SMOLLM2);
+    let Some((model, refs)) = smollm2_and_refs() else {
+        return;
     };
-    let refs = match greedy_refs(&refs_file("smollm2-greedy.json")) {
-        Ok(r) => r,
-        Err(e) => return skip_or_fail("references", &format!("{e}; set ROCFORGE_REFS")),
-    };
-    let model = Model::load(path).unwrap();
     let opts = BackendOptions {
         ctx: 512,
         max_batch: 64,
@@ -703,14 +720,9 @@ fn paged_batches_match_single_sequences(kind: BackendKind) {
 /// time (requests leaving at different steps, the others joining) agrees with a reference
 /// by the near-tie rule, as single-sequence runs do.
 fn real_model_batched_greedy_agrees_with_references(kind: BackendKind) {
-    let Some(path) = real_model() else {
-        return skip_or_fail("real model", FETCH_SMOLLM2);
+    let Some((model, refs)) = smollm2_and_refs() else {
+        return;
     };
-    let refs = match greedy_refs(&refs_file("smollm2-greedy.json")) {
-        Ok(r) => r,
-        Err(e) => return skip_or_fail("references", &format!("{e}; set ROCFORGE_REFS")),
-    };
-    let model = Model::load(path).unwrap();
     let mut engine = Engine::new(
         model.clone(),
         kind,
@@ -760,18 +772,7 @@ fn real_model_batched_greedy_agrees_with_references(kind: BackendKind) {
             .sum::<usize>()
     );
     for (case, id) in refs.iter().zip(&ids) {
-        let g = &done[id];
-        let mut exact = case.exact_f32.clone();
-        exact.generated_ids.truncate(g.generated_tokens.len());
-        let mut llama = case.llama_cpp.clone();
-        llama.generated_ids.truncate(g.generated_tokens.len());
-        let vs_exact = agrees_with(&g.generated_tokens, &exact, 0.5);
-        let vs_llama = agrees_with(&g.generated_tokens, &llama, 0.5);
-        assert!(
-            vs_exact.is_ok() || vs_llama.is_ok(),
-            "{kind} {:?}: {vs_exact:?} / {vs_llama:?}",
-            case.prompt
-        );
+        assert_agrees(kind, case, &done[id].generated_tokens);
     }
 }
 

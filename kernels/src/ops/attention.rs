@@ -826,12 +826,19 @@ pub const KV_PAGE_SIZE: usize = 16;
 /// tokens, page table)`, their tokens one sequence after another: for the batch's `n` tokens,
 /// their positions (`meta[t]`), their cache rows (`meta[n + t]`) and where their sequence's
 /// page table starts in `meta` (`meta[2n + t]`), then the page tables. The caller has
-/// checked that every position has a page.
-pub fn paged_meta(seqs: &[(usize, usize, &[u32])]) -> Vec<u32> {
-    let n: usize = seqs.iter().map(|s| s.1).sum();
-    let mut meta = vec![0u32; 3 * n];
+/// checked that every position has a page. Written into `meta` (cleared first), so a caller
+/// that builds one per step keeps its allocation.
+pub fn paged_meta<'a, I>(seqs: I, meta: &mut Vec<u32>)
+where
+    I: IntoIterator<Item = (usize, usize, &'a [u32])>,
+    I::IntoIter: Clone,
+{
+    let seqs = seqs.into_iter();
+    let n: usize = seqs.clone().map(|s| s.1).sum();
+    meta.clear();
+    meta.resize(3 * n, 0);
     let mut t = 0;
-    for &(pos, len, pages) in seqs {
+    for (pos, len, pages) in seqs {
         let table = meta.len() as u32;
         meta.extend_from_slice(pages);
         for p in pos..pos + len {
@@ -842,7 +849,6 @@ pub fn paged_meta(seqs: &[(usize, usize, &[u32])]) -> Vec<u32> {
             t += 1;
         }
     }
-    meta
 }
 
 /// Cache row of key `key` for a query whose sequence's page table starts at `meta[table]`,

@@ -298,8 +298,16 @@ pub struct CubeBackend<R: Runtime> {
     replay: Option<Replay>,
     /// The multi-sequence batch under way ([`Backend::forward_seqs`]), `None` for one sequence.
     seqs: Option<SeqRows>,
-    /// The tokens of the last multi-sequence batch (kept to reuse the allocation).
-    seq_tokens: Vec<u32>,
+    /// Host-side layout of the last multi-sequence batch (kept to reuse the allocations).
+    seq_host: SeqHost,
+}
+
+/// What a multi-sequence step builds on the host before uploading it.
+#[derive(Default)]
+struct SeqHost {
+    tokens: Vec<u32>,
+    meta: Vec<u32>,
+    picks: Vec<u32>,
 }
 
 /// Where the tokens of a multi-sequence batch live on the device.
@@ -598,7 +606,7 @@ impl<R: Runtime> CubeBackend<R> {
             #[cfg(any(feature = "cuda", feature = "hip"))]
             replay: None,
             seqs: None,
-            seq_tokens: Vec::new(),
+            seq_host: SeqHost::default(),
             ctx,
             max_batch: b,
             kind,
@@ -969,26 +977,25 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                 capacity: self.ctx,
             });
         }
-        let layout: Vec<_> = seqs
-            .iter()
-            .map(|s| (s.pos, s.tokens.len(), s.pages))
-            .collect();
-        let meta = attention::paged_meta(&layout);
-        let mut picks = Vec::new();
+        let host = &mut self.seq_host;
+        let layout = seqs.iter().map(|s| (s.pos, s.tokens.len(), s.pages));
+        attention::paged_meta(layout, &mut host.meta);
+        host.picks.clear();
         let mut end = 0u32;
         for s in seqs {
             end += s.tokens.len() as u32;
             if s.logits {
-                picks.push(end - 1);
+                host.picks.push(end - 1);
             }
         }
+        let n_logits = host.picks.len();
+        host.picks.push(0); // never an empty buffer
+        let (meta, logit_rows) = (self.gpu.u32s(&host.meta), self.gpu.u32s(&host.picks));
         self.begin(n, 0, false)?;
-        let n_logits = picks.len();
-        picks.push(0); // never an empty buffer
         self.seqs = Some(SeqRows {
-            meta: self.gpu.u32s(&meta),
+            meta,
             kv_len,
-            logit_rows: self.gpu.u32s(&picks),
+            logit_rows,
             n_logits,
         });
         Ok(())
@@ -1471,9 +1478,9 @@ impl<R: Runtime> Backend for CubeBackend<R> {
         self.replayed = None;
         self.cube_dirty = true;
         let plan = self.plan.clone();
-        let mut tokens = std::mem::take(&mut self.seq_tokens);
+        let mut tokens = std::mem::take(&mut self.seq_host.tokens);
         let out = arch::forward_seqs(self, &plan, seqs, &mut tokens, attention::KV_PAGE_SIZE);
-        self.seq_tokens = tokens;
+        self.seq_host.tokens = tokens;
         out
     }
 
