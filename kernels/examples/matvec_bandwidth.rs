@@ -28,7 +28,7 @@ use std::time::Instant;
 use cubecl::prelude::*;
 use rocforge_kernels::ops::dequant::DEVICE_FORMATS;
 use rocforge_kernels::ops::gpu::Gpu;
-use rocforge_kernels::ops::matmul::{matvec, Epilogue, QWeight};
+use rocforge_kernels::ops::matmul::{launch_matvec, HalfActs, KernelFormat, Matvec, QWeight};
 use rocforge_kernels::quant::quantize_row;
 use rocforge_kernels::GgmlType;
 
@@ -116,6 +116,10 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize, hbm_byt
     );
     drop((src, dst));
     let note = |s: f64| if s < 10e-6 { " (launch-bound)" } else { "" };
+    // `x` as packed halves for the 32-weight formats, as decode runs them (its conversion is
+    // one launch per call, timed with it); `ROCFORGE_MATVEC_X=f32` measures the f32 path.
+    let max_cols = shapes.iter().map(|s| s.1).max().unwrap_or(0);
+    let half = HalfActs::new(&client, max_cols);
     for &(rows, cols) in shapes {
         let x = gpu.f32s(&vec![0.5f32; cols]);
         for ty in DEVICE_FORMATS.into_iter().chain(K_QUANTS) {
@@ -147,33 +151,32 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize, hbm_byt
             let out = gpu.zeros(rows);
             let mut next = 0;
             let cycled = time(&gpu, iters, || {
-                matvec(
-                    &client,
-                    &qs[next % copies],
-                    x.handle(),
-                    out.handle(),
-                    Epilogue::Store,
-                )
-                .expect("matvec");
+                let op = Matvec {
+                    half: half.as_ref(),
+                    ..Matvec::new(&qs[next % copies], x.handle(), out.handle())
+                };
+                launch_matvec(&client, &op).expect("matvec");
                 next += 1;
             });
-            row("matvec cycled", cycled, true);
+            let hx = if half.is_some() && KernelFormat::from_ggml(ty).is_some_and(|f| f.half_x()) {
+                " (half x)"
+            } else {
+                ""
+            };
+            row(&format!("matvec cycled{hx}"), cycled, true);
             drop(qs);
             let tall = QWeight::upload(&client, ty, rows * copies, cols, &bytes_w.repeat(copies))
                 .expect("upload");
             let tall_out = gpu.zeros(rows * copies);
             let passes = (iters / copies).clamp(3, 50);
             let stacked = time(&gpu, passes, || {
-                matvec(
-                    &client,
-                    &tall,
-                    x.handle(),
-                    tall_out.handle(),
-                    Epilogue::Store,
-                )
-                .expect("matvec")
+                let op = Matvec {
+                    half: half.as_ref(),
+                    ..Matvec::new(&tall, x.handle(), tall_out.handle())
+                };
+                launch_matvec(&client, &op).expect("matvec")
             }) / copies as f64;
-            row("matvec stacked", stacked, false);
+            row(&format!("matvec stacked{hx}"), stacked, false);
         }
     }
 }

@@ -304,6 +304,90 @@ fn check_norm_fused<R: Runtime>(fmt: KernelFormat) {
     }
 }
 
+/// NMSE budget of the mat-vec on half activations (`Fusion::half_x`): `x` rounded to 11-bit
+/// mantissas after its block's scaling, products summed in f16 over a lane's 8 weights. The
+/// cases below include single-row, single-block outputs whose sums cancel, where the relative
+/// error of one value reaches a few 1e-3 (measured on the H200: 4.9e-5 for Q5_0 norm + gated).
+const HALF_X_NMSE_TOLERANCE: f64 = 1e-4;
+/// The same cases on the `f32` kernel (formats without a half path): the gated product of two
+/// sums of inputs spanning 1e-3 to 3e3 loses more than the plain cases' 1e-10 (2.2e-10 seen).
+const HALF_X_F32_NMSE_TOLERANCE: f64 = 1e-8;
+
+/// The single-token mat-vec on packed-half activations, every fusion it takes (plain,
+/// accumulate, norm, gated, gated + norm), against the CPU with `x` in the thousands in one
+/// block and tiny in another (the per-block scale must keep both). Formats without a half path
+/// take the `f32` kernel through the same call; devices without `f16` skip (wgpu on lavapipe).
+fn check_half_x<R: Runtime>(fmt: KernelFormat) {
+    let mut c = Case::<R>::new(0x4858 ^ fmt as u64);
+    let Some(half) = mm::HalfActs::<R>::forced(&c.client, 4096) else {
+        eprintln!("skipped: the device has no f16");
+        return;
+    };
+    for (rows, cols) in Case::<R>::shapes(fmt) {
+        let (gate, gf) = c.weight(fmt, rows, cols);
+        let (up, uf) = c.weight(fmt, rows, cols);
+        let mut x = c.rng.vec(cols);
+        for (i, v) in x.iter_mut().enumerate() {
+            match (i / 32) % 3 {
+                0 => *v *= 3000.0,
+                1 => *v *= 1e-3,
+                _ => {}
+            }
+        }
+        let nw: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let mut xn = vec![0.0; cols];
+        rocforge_kernels::ops::norm::rms_norm(&x, &nw, 1e-5, &mut xn);
+        let (xd, nwd) = (c.upload(&x), c.upload(&nw));
+        let residual = c.rng.vec(rows);
+        let tol = if fmt.half_x() {
+            HALF_X_NMSE_TOLERANCE
+        } else {
+            HALF_X_F32_NMSE_TOLERANCE
+        };
+        for (norm, gated, acc) in [
+            (false, false, false),
+            (false, false, true),
+            (true, false, false),
+            (false, true, false),
+            (true, true, false),
+        ] {
+            let y = c.upload(&residual);
+            let op = Matvec {
+                up: gated.then_some((&up, GateAct::Silu)),
+                norm: norm.then_some((&nwd, 1e-5)),
+                epilogue: if acc {
+                    Epilogue::Accumulate
+                } else {
+                    Epilogue::Store
+                },
+                half: Some(&half),
+                ..Matvec::new(&gate, &xd, &y)
+            };
+            assert_eq!(op.fusion().half_x, fmt.half_x(), "{fmt} takes halves");
+            mm::launch_matvec(&c.client, &op).expect("half matvec");
+            let xin = if norm { &xn } else { &x };
+            let g = matmul_cpu(&gf, rows, cols, xin, 1);
+            let want: Vec<f32> = if gated {
+                let u = matmul_cpu(&uf, rows, cols, xin, 1);
+                g.iter()
+                    .zip(&u)
+                    .map(|(&g, &u)| activation::silu(g) * u)
+                    .collect()
+            } else if acc {
+                g.iter().zip(&residual).map(|(g, r)| g + r).collect()
+            } else {
+                g
+            };
+            assert_within(
+                &format!("half_x {fmt} {rows}x{cols} norm {norm} gated {gated} acc {acc}"),
+                tol,
+                &c.read(y),
+                &want,
+            );
+        }
+    }
+}
+
 fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
     let mut c = Case::<R>::new(0xABCD ^ (fmt as u64) << 8 ^ tokens as u64);
     for (rows, cols) in Case::<R>::shapes(fmt) {
@@ -475,7 +559,13 @@ fn check_catalog<R: Runtime>() {
         .properties()
         .supports_type(half::f16::as_type_native_unchecked());
     for v in catalog::variants() {
-        if matches!(v.kind, catalog::KernelKind::Dequantize { f16: true }) && !f16 {
+        let needs_f16 = match v.kind {
+            catalog::KernelKind::Dequantize { f16 } => f16,
+            catalog::KernelKind::Matvec(f) => f.half_x,
+            catalog::KernelKind::HalfX { .. } => true,
+            _ => false,
+        };
+        if needs_f16 && !f16 {
             continue;
         }
         catalog::launch_variant(&c.client, &v).unwrap_or_else(|e| panic!("{}: {e}", v.name));
@@ -507,6 +597,8 @@ macro_rules! format_tests {
             fn embed() { check_embed::<$runtime>(FMT) }
             #[test]
             fn norm_fused() { check_norm_fused::<$runtime>(FMT) }
+            #[test]
+            fn half_x() { check_half_x::<$runtime>(FMT) }
         }
     )*};
 }

@@ -135,15 +135,19 @@ fn tiny_model_logits_match_cpu_backend(kind: BackendKind) {
         // Decode launches. Every format of the tuned mat-vec takes the fused step: embedding;
         // per layer QKV with its norm, rope, attention (+ combine when split), output (+= x),
         // gate/up/SwiGLU with its norm, down (+= x); the output with its norm: 6-7 per layer
-        // + 2. BF16 (plain kernels, nothing fused): 12-13 + 3.
+        // + 2. The 32-weight formats on half activations (CUDA/HIP, matrices above
+        // `HALF_X_MIN_WEIGHTS` or `ROCFORGE_MATVEC_HALF_MIN=0`) add a conversion before each of
+        // the 4 projections and the output: up to 11 + 3. BF16 (plain kernels, nothing fused):
+        // 12-13 + 3.
         let n_layer = model.config.n_layer as u64;
         let launches = gpu.launches_last_forward();
-        let per_layer = match ty {
-            GgmlType::BF16 => 12..=13,
-            _ => 6..=7,
+        let (per_layer, extra) = match ty {
+            GgmlType::BF16 => (12..=13, 1),
+            _ => (6..=11, 1),
         };
         assert!(
-            (2 + per_layer.start() * n_layer..=3 + per_layer.end() * n_layer).contains(&launches),
+            (2 + per_layer.start() * n_layer..=2 + extra + per_layer.end() * n_layer)
+                .contains(&launches),
             "{ty}: {launches} decode launches"
         );
         // Per-op profile: every family of the forward pass shows up, with its launches.
@@ -513,11 +517,15 @@ fn replayed_decode_matches_plain_launches(kind: BackendKind) {
             other.forward(&[t], 1, false).unwrap();
             assert_eq!(got, want, "{kind} ctx {ctx} prompt {len}: replayed ids");
             // The same kernels, but a replayed attention splits its keys by the bucket's length
-            // (plain launches by the real one): sums differ in order only.
+            // (plain launches by the real one): sums differ in order only. Where a projection
+            // takes half activations, such a difference can move a value across an f16
+            // rounding boundary (2^-11 of its block's largest input), which the tolerance
+            // allows for relative to the logits' size.
             let worst = max_abs_diff(&got_logits, &want_logits);
+            let scale = want_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(
-                worst < 1e-4,
-                "{kind} ctx {ctx} prompt {len}: last logits differ by {worst}"
+                worst < 1e-4 + 2e-3 * scale,
+                "{kind} ctx {ctx} prompt {len}: last logits differ by {worst} (largest {scale})"
             );
             assert_eq!(replayed == 1, replays, "{kind}: replay used");
         }

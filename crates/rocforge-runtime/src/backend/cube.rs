@@ -238,11 +238,13 @@ pub struct CubeBackend<R: Runtime> {
     output: RowBlocks<R>,     // (n_vocab, n_embd), the same device buffers as token_embd when tied
     layers: Vec<DeviceLayer<R>>,
     dequant: Option<DequantScratch<R>>, // (largest matrix) f32, for prefill mat-mats
-    output_norm: Buf,                   // (n_embd)
-    cos: Buf,                           // (ctx, rope_dim/2)
-    sin: Buf,                           // (ctx, rope_dim/2)
-    cos_local: Buf,                     // (ctx, rope_dim/2) sliding-window layers' table, or (1)
-    sin_local: Buf,                     // (ctx, rope_dim/2), or (1)
+    /// A single token's activations as packed halves for the mat-vec (devices with f16).
+    half: Option<mm::HalfActs<R>>,
+    output_norm: Buf, // (n_embd)
+    cos: Buf,         // (ctx, rope_dim/2)
+    sin: Buf,         // (ctx, rope_dim/2)
+    cos_local: Buf,   // (ctx, rope_dim/2) sliding-window layers' table, or (1)
+    sin_local: Buf,   // (ctx, rope_dim/2), or (1)
     // Activations, one row per token in the batch.
     x: Buf,         // (batch, n_embd) residual stream
     xn: Buf,        // (batch, n_embd) normalised input of a block
@@ -553,11 +555,13 @@ impl<R: Runtime> CubeBackend<R> {
             n_kv_heads: c.n_head_kv,
             head_dim: c.head_dim,
         };
+        let half = mm::HalfActs::new(gpu.client(), c.n_embd.max(c.n_ff).max(c.q_dim()));
         let backend = Self {
             token_embd,
             output,
             layers,
             dequant,
+            half,
             output_norm: gpu.f32s(&w.output_norm),
             cos: gpu.f32s(&cos),
             sin: gpu.f32s(&sin),
@@ -664,6 +668,21 @@ impl<R: Runtime> CubeBackend<R> {
         }
     }
 
+    /// Launches one single-token mat-vec, on half activations where the device, the weight's
+    /// format and size take them (one more launch, which also applies a folded norm, unless
+    /// `op.half_ready`). Returns whether `x` went through the half buffers.
+    fn matvec(&self, op: mm::Matvec<'_, R>) -> Result<bool> {
+        let op = mm::Matvec {
+            half: self.half.as_ref(),
+            ..op
+        };
+        let half = op.fusion().half_x;
+        self.gpu
+            .count_launches(if half && !op.half_ready { 2 } else { 1 });
+        mm::launch_matvec(self.gpu.client(), &op).map_err(|e| self.backend_err(e))?;
+        Ok(half)
+    }
+
     /// `h = act(W_gate · xn) * (W_up · xn)` for the batch's rows (into `gate`): one fused
     /// launch for a single token where both weights take the tuned kernels alike.
     fn gated_ffn(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize, act: Activation) -> Result<()> {
@@ -673,16 +692,12 @@ impl<R: Runtime> CubeBackend<R> {
         };
         if let (1, Matrix::Tuned(g), Matrix::Tuned(u)) = (n, gate, up) {
             if (g.ty, g.rows, g.cols) == (u.ty, u.rows, u.cols) {
-                self.gpu.count_launches(1);
-                return mm::matvec_gated(
-                    self.gpu.client(),
-                    g,
-                    u,
-                    act,
-                    self.xn.handle(),
-                    self.gate.handle(),
-                )
-                .map_err(|e| self.backend_err(e));
+                return self
+                    .matvec(mm::Matvec {
+                        up: Some((u, act)),
+                        ..mm::Matvec::new(g, self.xn.handle(), self.gate.handle())
+                    })
+                    .map(drop);
             }
         }
         self.linear(gate, &self.xn, &self.gate, n)?;
@@ -728,15 +743,12 @@ impl<R: Runtime> CubeBackend<R> {
             self.pending_add = false;
         }
         if let (1, Matrix::Tuned(w)) = (self.n, w) {
-            self.gpu.count_launches(1);
-            return mm::matvec(
-                self.gpu.client(),
-                w,
-                h.handle(),
-                self.x.handle(),
-                Epilogue::Accumulate,
-            )
-            .map_err(|e| self.backend_err(e));
+            return self
+                .matvec(mm::Matvec {
+                    epilogue: Epilogue::Accumulate,
+                    ..mm::Matvec::new(w, h.handle(), self.x.handle())
+                })
+                .map(drop);
         }
         self.linear(w, h, &self.proj, self.n)?;
         self.pending_add = true;
@@ -869,8 +881,9 @@ impl<R: Runtime> CubeBackend<R> {
     fn linear_tuned(&self, w: &QWeight<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
         let client = self.gpu.client();
         let r = if n == 1 {
-            self.gpu.count_launches(1);
-            mm::matvec(client, w, x.handle(), out.handle(), Epilogue::Store)
+            return self
+                .matvec(mm::Matvec::new(w, x.handle(), out.handle()))
+                .map(drop);
         } else if n <= MAX_MATVEC_TOKENS {
             self.gpu.count_launches(1);
             mm::matmul(client, w, x.handle(), out.handle(), n, None)
@@ -1026,17 +1039,13 @@ impl<R: Runtime> Executor for CubeBackend<R> {
     fn attn_in(&mut self, l: usize) -> Result<()> {
         let layer = &self.layers[l];
         if let (Qkv::Fused(w), true) = (&layer.attn_qkv, self.folds_norm(layer.qkv_folds_norm)) {
-            self.gpu.count_launches(1);
             let eps = self.model.config.rms_eps;
-            return mm::matvec_norm(
-                self.gpu.client(),
-                w,
-                self.x.handle(),
-                layer.attn_norm.handle(),
-                eps,
-                self.qkv.handle(),
-            )
-            .map_err(|e| self.backend_err(e));
+            return self
+                .matvec(mm::Matvec {
+                    norm: Some((layer.attn_norm.handle(), eps)),
+                    ..mm::Matvec::new(w, self.x.handle(), self.qkv.handle())
+                })
+                .map(drop);
         }
         let norm_w = layer.attn_norm.clone();
         self.norm(&norm_w)?;
@@ -1157,23 +1166,18 @@ impl<R: Runtime> Executor for CubeBackend<R> {
             &layer.ffn_up,
             self.folds_norm(layer.ffn_folds_norm),
         ) {
-            self.gpu.count_launches(1);
             let eps = self.model.config.rms_eps;
             let act = match act {
                 Activation::Silu => activation::GateAct::Silu,
                 Activation::GeluTanh => activation::GateAct::GeluTanh,
             };
-            return mm::matvec_gated_norm(
-                self.gpu.client(),
-                gate,
-                up,
-                act,
-                self.x.handle(),
-                layer.ffn_norm.handle(),
-                eps,
-                self.gate.handle(),
-            )
-            .map_err(|e| self.backend_err(e));
+            return self
+                .matvec(mm::Matvec {
+                    up: Some((up, act)),
+                    norm: Some((layer.ffn_norm.handle(), eps)),
+                    ..mm::Matvec::new(gate, self.x.handle(), self.gate.handle())
+                })
+                .map(drop);
         }
         let norm_w = layer.ffn_norm.clone();
         self.norm(&norm_w)?;
@@ -1208,21 +1212,20 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         }
         let norm_rows = picked.unwrap_or(norm::Rows::Range { first, count: rows });
         if self.folds_norm(self.output_folds_norm) && picked.is_none() {
-            // Each row block writes its slice of the logits (one block: the whole row).
+            // Each row block writes its slice of the logits (one block: the whole row); the
+            // blocks share one conversion of `x` to halves where they take them.
+            let mut half_ready = false;
             for b in self.output.blocks() {
                 let Matrix::Tuned(w) = &b.m else {
                     unreachable!("output_folds_norm holds only for tuned blocks")
                 };
-                self.gpu.count_launches(1);
-                mm::matvec_norm(
-                    self.gpu.client(),
-                    w,
-                    self.x.handle(),
-                    self.output_norm.handle(),
-                    eps,
-                    self.logits.view(b.first, b.rows).handle(),
-                )
-                .map_err(|e| self.backend_err(e))?;
+                let out = self.logits.view(b.first, b.rows);
+                let op = mm::Matvec {
+                    norm: Some((self.output_norm.handle(), eps)),
+                    half_ready,
+                    ..mm::Matvec::new(w, self.x.handle(), out.handle())
+                };
+                half_ready = self.matvec(op)?;
             }
             return Ok(());
         }

@@ -334,8 +334,78 @@ pub fn matvec_gated_norm<R: Runtime>(
     )
 }
 
+/// Device buffers for `x` as packed halves, for the single-token mat-vec of the 32-weight
+/// formats (`Fusion::half_x`): `xh` holds `cols` halves, `xsc` one `f32` scale per 32 columns.
+/// One per backend, sized for its widest matrix; the launches of a step reuse it in stream
+/// order. Only where the device has `f16` ([`HalfActs::new`]).
+pub struct HalfActs<R: Runtime> {
+    xh: Handle,
+    xsc: Handle,
+    cols: usize,
+    min_weights: usize,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+/// Smallest weight (rows x cols) that takes the half path by default: the conversion is one more
+/// launch (about 2 µs of GPU time between kernels), which a matrix must win back. Measured on the
+/// H200 (docs/performance.md, "half activations"): the 8B shape's 4096-14336-column matrices
+/// gain 5-10 µs each, SmolLM2's (576 x 576 to 1536 x 576) lose.
+pub const HALF_X_MIN_WEIGHTS: usize = 1 << 24;
+
+impl<R: Runtime> HalfActs<R> {
+    /// Buffers for rows of up to `max_cols` columns, or `None` where the device lacks `f16`
+    /// arithmetic or `ROCFORGE_MATVEC_X=f32` asks for the `f32` path (A/B runs).
+    /// `ROCFORGE_MATVEC_HALF_MIN=N` moves the size threshold ([`HALF_X_MIN_WEIGHTS`]; 0: every
+    /// matrix of a half format).
+    pub fn new(client: &ComputeClient<R>, max_cols: usize) -> Option<Self> {
+        if std::env::var("ROCFORGE_MATVEC_X").is_ok_and(|v| v == "f32") {
+            return None;
+        }
+        let min = std::env::var("ROCFORGE_MATVEC_HALF_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(HALF_X_MIN_WEIGHTS);
+        Self::forced(client, max_cols).map(|h| Self {
+            min_weights: min,
+            ..h
+        })
+    }
+
+    /// As [`Self::new`] whatever `ROCFORGE_MATVEC_X` says (tests). wgpu is left out: naga
+    /// (its WGSL front end) mistypes a bitcast between `u32` and `vec2<f16>` and rejects the
+    /// kernel, and the packed pairs are built by exactly that bitcast.
+    pub fn forced(client: &ComputeClient<R>, max_cols: usize) -> Option<Self> {
+        if R::name(client).starts_with("wgpu")
+            || !client
+                .properties()
+                .supports_type(half::f16::as_type_native_unchecked())
+        {
+            return None;
+        }
+        let cols = max_cols.next_multiple_of(32).max(32);
+        Some(Self {
+            xh: client.empty(cols * 2),
+            xsc: client.empty(cols / 32 * 4),
+            cols,
+            min_weights: 0,
+            _runtime: PhantomData,
+        })
+    }
+
+    /// Whether `op` runs on halves: one token, a format with a half path, a row that fits, a
+    /// matrix large enough.
+    fn takes(&self, op: &Matvec<'_, R>) -> bool {
+        op.tokens == 1
+            && op.w.format.half_x()
+            && op.w.cols <= self.cols
+            && op.w.rows * op.w.cols >= self.min_weights
+    }
+}
+
 /// One mat-vec launch with its fusions: `y (+)= W·x` for `tokens` tokens, or with `up` the
 /// gated pair `y = act(W·x) * (up·x)`, with `norm` on `x` first (`up` and `norm`: one token).
+/// With `half`, a single token of a 32-weight format converts `x` to packed halves first (one
+/// more launch, which applies `norm`) and multiplies in half math.
 pub struct Matvec<'a, R: Runtime> {
     pub w: &'a QWeight<R>,
     pub up: Option<(&'a QWeight<R>, GateAct)>,
@@ -344,6 +414,10 @@ pub struct Matvec<'a, R: Runtime> {
     pub y: &'a Handle,
     pub tokens: usize,
     pub epilogue: Epilogue,
+    pub half: Option<&'a HalfActs<R>>,
+    /// `half` already holds this `x` (and norm), converted by the previous launch of the same
+    /// input (the row blocks of a split output matrix): skip the conversion.
+    pub half_ready: bool,
 }
 
 impl<'a, R: Runtime> Matvec<'a, R> {
@@ -357,17 +431,22 @@ impl<'a, R: Runtime> Matvec<'a, R> {
             y,
             tokens: 1,
             epilogue: Epilogue::Store,
+            half: None,
+            half_ready: false,
         }
     }
 
-    /// The kernel's comptime fusion for this call.
+    /// The mat-vec kernel's comptime fusion for this call (with half activations the norm
+    /// belongs to the preparing launch).
     pub fn fusion(&self) -> Fusion {
+        let half_x = self.half.is_some_and(|h| h.takes(self));
         Fusion {
             tokens: self.tokens as u32,
             accumulate: self.epilogue == Epilogue::Accumulate,
-            norm: self.norm.is_some(),
+            norm: self.norm.is_some() && !half_x,
             gated: self.up.is_some(),
             gelu: matches!(self.up, Some((_, GateAct::GeluTanh))),
+            half_x,
         }
     }
 }
@@ -418,10 +497,29 @@ pub fn launch_matvec<R: Runtime>(
         None => op.x,
     };
     let w2 = op.up.map_or(w, |(up, _)| up);
+    let fusion = op.fusion();
+    let (xh, xsc) = match op.half {
+        Some(h) if fusion.half_x => {
+            if !op.half_ready {
+                half_x(client, op.x, op.norm, w.cols, h)?;
+            }
+            (
+                Arg::vec::<u32>(&h.xh, h.cols / 4, 2),
+                Arg::of::<f32>(&h.xsc, h.cols / 32),
+            )
+        }
+        // Unread: `x` stands in.
+        _ => (
+            Arg::vec::<u32>(op.x, op.tokens * w.cols / 2, 2),
+            Arg::of::<f32>(op.x, op.tokens * w.cols),
+        ),
+    };
     let cfg = cfg_for(matvec_config(client), op.tokens);
     let kernel = kernels::matvec_kernel::MatvecKernel::<R>::new(
         launch::settings(CubeDim::new_2d(cfg.lanes, cfg.planes_per_cube)),
         client.clone(),
+        array_arg(),
+        array_arg(),
         array_arg(),
         array_arg(),
         array_arg(),
@@ -435,7 +533,7 @@ pub fn launch_matvec<R: Runtime>(
         (),
         w.format,
         cfg,
-        op.fusion(),
+        fusion,
     );
     let ([wq, ws], [uq, us]) = (w.args(), w2.args());
     // SAFETY: the buffers were checked against the shape above; the kernel guards its rows.
@@ -451,11 +549,55 @@ pub fn launch_matvec<R: Runtime>(
                 us,
                 Arg::vec::<f32>(op.x, op.tokens * w.cols / 4, 4),
                 Arg::vec::<f32>(norm_w, w.cols / 4, 4),
+                xh,
+                xsc,
                 Arg::of::<f32>(op.y, op.tokens * w.rows),
                 Arg::U32(w.rows as u32),
                 Arg::U32(w.cols as u32),
                 Arg::U32(w.blocks_per_row),
                 Arg::F32(op.norm.map_or(0.0, |(_, eps)| eps)),
+            ],
+        )
+    };
+    Ok(())
+}
+
+/// `h.xh`, `h.xsc` = `x` (or `rmsnorm(x) * norm_w`) as packed halves scaled per 32 columns
+/// ([`kernels::half_x_kernel`]); `x` and `norm_w` were checked to hold `cols` values.
+fn half_x<R: Runtime>(
+    client: &ComputeClient<R>,
+    x: &Handle,
+    norm: Option<(&Handle, f32)>,
+    cols: usize,
+    h: &HalfActs<R>,
+) -> Result<(), MatmulError> {
+    let kernel = kernels::half_x_kernel::HalfXKernel::<R>::new(
+        launch::settings(CubeDim::new_1d(kernels::HALF_X_THREADS)),
+        client.clone(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        (),
+        (),
+        norm.is_some(),
+    );
+    let norm_w = norm.map_or(x, |(n, _)| n);
+    let blocks = (cols / 32) as u32;
+    // SAFETY: `x`/`norm_w` hold `cols` values (checked by the caller), `h` at least `cols`
+    // halves and `cols / 32` scales (`HalfActs::takes`); the kernel guards its blocks.
+    unsafe {
+        launch::launch(
+            client,
+            kernel,
+            grid(blocks.div_ceil(kernels::HALF_X_THREADS)),
+            &[
+                Arg::vec::<f32>(x, cols / 4, 4),
+                Arg::vec::<f32>(norm_w, cols / 4, 4),
+                Arg::vec::<u32>(&h.xh, h.cols / 4, 2),
+                Arg::of::<f32>(&h.xsc, h.cols / 32),
+                Arg::U32(cols as u32),
+                Arg::F32(norm.map_or(0.0, |(_, eps)| eps)),
             ],
         )
     };

@@ -20,6 +20,9 @@ pub enum KernelKind {
     /// `embed_kernel`: one token as an argument, or ids on the device; `ranged` for a row
     /// block of a split table (device ids).
     Embed { from_scalar: bool, ranged: bool },
+    /// `half_x_kernel`, the activations as halves for the `half_x` mat-vec, with or without
+    /// the RMSNorm (format-independent: listed once, under Q4_0).
+    HalfX { norm: bool },
 }
 
 /// One compiled variant.
@@ -32,7 +35,9 @@ pub struct KernelVariant {
 }
 
 /// The fusions the runtime launches: 1..=[`MAX_MATVEC_TOKENS`] tokens, the accumulating
-/// single token, and the single token with the norm and/or a gated pair (SiLU or GELU).
+/// single token, and the single token with the norm and/or a gated pair (SiLU or GELU); then
+/// the single token on half activations (plain, accumulating, gated), which only the formats
+/// with `KernelFormat::half_x` take.
 pub fn fusions() -> Vec<Fusion> {
     let mut out: Vec<Fusion> = (1..=MAX_MATVEC_TOKENS as u32).map(Fusion::plain).collect();
     let one = Fusion::plain(1);
@@ -53,6 +58,22 @@ pub fn fusions() -> Vec<Fusion> {
             });
         }
     }
+    let half = Fusion {
+        half_x: true,
+        ..one
+    };
+    out.push(half);
+    out.push(Fusion {
+        accumulate: true,
+        ..half
+    });
+    for gelu in [false, true] {
+        out.push(Fusion {
+            gated: true,
+            gelu,
+            ..half
+        });
+    }
     out
 }
 
@@ -68,6 +89,9 @@ pub fn fusion_tag(f: Fusion) -> String {
     if f.gated {
         tag.push_str(if f.gelu { "_geglu" } else { "_swiglu" });
     }
+    if f.half_x {
+        tag.push_str("_hx");
+    }
     tag
 }
 
@@ -78,10 +102,19 @@ pub fn variants() -> Vec<KernelVariant> {
     for format in KernelFormat::ALL {
         let mut push = |name: String, kind| out.push(KernelVariant { name, format, kind });
         for f in fusions() {
+            if f.half_x && !format.half_x() {
+                continue;
+            }
             push(
                 format!("matvec_{format}_{}", fusion_tag(f)),
                 KernelKind::Matvec(f),
             );
+        }
+        if format == KernelFormat::Q4_0 {
+            for norm in [false, true] {
+                let tag = if norm { "_norm" } else { "" };
+                push(format!("half_x{tag}"), KernelKind::HalfX { norm });
+            }
         }
         push(
             format!("dequantize_{format}"),
@@ -128,7 +161,16 @@ pub fn launch_variant<R: Runtime>(
         _ => api::PrefillPrecision::F32,
     };
     let scratch = DequantScratch::with_precision(client, cols, precision);
+    let half = api::HalfActs::forced(client, cols);
     match v.kind {
+        KernelKind::HalfX { norm } => {
+            let op = Matvec {
+                norm: norm.then_some((&x, 1e-5)),
+                half: half.as_ref(),
+                ..Matvec::new(&w, &x, &y)
+            };
+            api::launch_matvec(client, &op)
+        }
         KernelKind::Matvec(f) => {
             let act = if f.gelu {
                 GateAct::GeluTanh
@@ -144,6 +186,7 @@ pub fn launch_variant<R: Runtime>(
                 } else {
                     api::Epilogue::Store
                 },
+                half: half.as_ref().filter(|_| f.half_x),
                 ..Matvec::new(&w, &x, &y)
             };
             debug_assert_eq!(op.fusion(), f);
@@ -219,6 +262,8 @@ pub fn definition<R: Runtime>(
             a(),
             a(),
             a(),
+            a(),
+            a(),
             (),
             (),
             (),
@@ -251,6 +296,18 @@ pub fn definition<R: Runtime>(
                 def!(f32)
             }
         }
+        KernelKind::HalfX { norm } => kernels::half_x_kernel::HalfXKernel::<R>::new(
+            settings(CubeDim::new_1d(kernels::HALF_X_THREADS)),
+            c(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            norm,
+        )
+        .define(),
         KernelKind::Embed {
             from_scalar,
             ranged,
@@ -295,7 +352,7 @@ pub fn kernel_definitions<R: Runtime>(
     for v in variants() {
         if matches!(
             v.kind,
-            KernelKind::Dequantize { .. } | KernelKind::Embed { .. }
+            KernelKind::Dequantize { .. } | KernelKind::Embed { .. } | KernelKind::HalfX { .. }
         ) {
             out.push((v.name.clone(), definition(client, &v, cfgs[0])));
             continue;

@@ -239,3 +239,160 @@ pub fn decode_slot(
         }
     }
 }
+
+/// The packed half pair in the low and high 16 bits of `bits`.
+#[cube]
+pub fn h2(bits: u32) -> Vector<half::f16, Const<2>> {
+    Vector::<half::f16, Const<2>>::reinterpret(bits)
+}
+
+/// Two 4-bit (or 8-bit) integers in bits 0.. and 16.. of `n` as the halves `1024 + n`: `n`
+/// fills the mantissa of `1024.0` (`0x6400`), so one `or` makes two weights (integers below
+/// 1024 are exact).
+#[cube]
+fn magic_h2(n: u32) -> Vector<half::f16, Const<2>> {
+    h2(n | 0x6400_6400)
+}
+
+/// The fifth bits of a `Q5_x` pair: bit 0 of `t` to bit 4, bit 2 of `t` to bit 20.
+#[cube]
+fn fifth_bits(t: u32) -> u32 {
+    ((t << 4) & 0x10) | ((t << 18) & 0x0010_0000)
+}
+
+/// Slot `slot` of global block `block` against its activations, in packed half math: the
+/// slot's weights (formats with [`KernelFormat::half_x`]) times `xh`, the activations scaled
+/// into [-1, 1] per 32 columns, returned in `f32` with every scale applied. `xa` and `xb` hold
+/// the slot's two runs of 4 columns (`slot_col(slot, 0)` and `slot_col(slot, 1)`) as two words
+/// of halves in pair order: columns (0, 2) then (1, 3) of the run, the order in which one mask
+/// takes two weights out of a quant word; `sa` and `sb` are their 32-column scales. The quant
+/// integers (less the format's offset: `Q4_0` 8, `Q5_0` 16, `Q8_0`'s sign) are made halves by
+/// the `1024 + n` mantissa trick; each product is at most 128 in magnitude and a lane sums at
+/// most 4 per half, so nothing nears f16's range. Block scales and mins are applied in `f32`
+/// once per run.
+#[cube]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+pub fn dot_slot_h2(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    block: u32,
+    slot: u32,
+    xa: Vector<u32, Const<2>>,
+    xb: Vector<u32, Const<2>>,
+    sa: f32,
+    sb: f32,
+    #[comptime] fmt: KernelFormat,
+) -> f32 {
+    let wb = block * comptime![fmt.words_per_block()];
+    let mut b = Array::<u32>::new(4usize);
+    let kquant = comptime![matches!(fmt, KernelFormat::Q4K | KernelFormat::Q5K)];
+    // A 32-weight block's scale (and min) first, so their loads issue with the quant word's.
+    let halves = comptime![fmt.halves_per_block()];
+    let mut d = 0.0f32;
+    let mut mn = 0.0f32;
+    if comptime![!kquant] {
+        d = half_at_hw(scales, halves * block) * sa;
+        if comptime![fmt.has_min()] {
+            mn = half_at_hw(scales, halves * block + 1) * sa;
+        }
+    }
+    match fmt {
+        KernelFormat::Q8_0 => {
+            // Bytes (0, 2) and (1, 3) of each word, sign flipped: `s + 128`.
+            let q0 = w[(wb + 2 * slot) as usize];
+            let q1 = w[(wb + 2 * slot + 1) as usize];
+            b[0] = (q0 & 0x00FF_00FF) ^ 0x0080_0080;
+            b[1] = ((q0 >> 8) & 0x00FF_00FF) ^ 0x0080_0080;
+            b[2] = (q1 & 0x00FF_00FF) ^ 0x0080_0080;
+            b[3] = ((q1 >> 8) & 0x00FF_00FF) ^ 0x0080_0080;
+        }
+        KernelFormat::Q4K | KernelFormat::Q5K => {
+            // Low nibbles: sub-block 2j, high nibbles: 2j + 1; Q5_K's fifth bit of byte k of the
+            // low (high) nibbles is bit 2j (2j + 1) of byte k of its `qh` word.
+            let j = slot / 8;
+            let q5 = comptime![fmt == KernelFormat::Q5K];
+            let word = w[(wb + comptime![if q5 { 11u32 } else { 3u32 }] + slot) as usize];
+            b[0] = word & 0x000F_000F;
+            b[1] = (word >> 8) & 0x000F_000F;
+            b[2] = (word >> 4) & 0x000F_000F;
+            b[3] = (word >> 12) & 0x000F_000F;
+            if comptime![q5] {
+                let h = w[(wb + 3 + slot % 8) as usize];
+                b[0] |= (h >> (2 * j) << 4) & 0x0010_0010;
+                b[1] |= (h >> (8 + 2 * j) << 4) & 0x0010_0010;
+                b[2] |= (h >> (2 * j + 1) << 4) & 0x0010_0010;
+                b[3] |= (h >> (9 + 2 * j) << 4) & 0x0010_0010;
+            }
+        }
+        _ => {
+            // Byte k of the word holds column 4 * slot + k (low nibble) and 16 + 4 * slot + k.
+            let five = comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)];
+            let nibbles = comptime![if five { 1u32 } else { 0u32 }];
+            let word = w[(wb + nibbles + slot) as usize];
+            b[0] = word & 0x000F_000F;
+            b[1] = (word >> 8) & 0x000F_000F;
+            b[2] = (word >> 4) & 0x000F_000F;
+            b[3] = (word >> 12) & 0x000F_000F;
+            if comptime![five] {
+                let qh = w[wb as usize] >> (4 * slot);
+                b[0] |= fifth_bits(qh);
+                b[1] |= fifth_bits(qh >> 1);
+                b[2] |= fifth_bits(qh >> 16);
+                b[3] |= fifth_bits(qh >> 17);
+            }
+        }
+    }
+    let offset = comptime![
+        1024.0f32
+            + match fmt {
+                KernelFormat::Q4_0 => 8.0,
+                KernelFormat::Q5_0 => 16.0,
+                KernelFormat::Q8_0 => 128.0,
+                _ => 0.0,
+            }
+    ];
+    let off = Vector::<half::f16, Const<2>>::cast_from(offset);
+    let mut out = 0.0f32;
+    if comptime![kquant] {
+        let pa = (magic_h2(b[0]) - off) * h2(xa[0]) + (magic_h2(b[1]) - off) * h2(xa[1]);
+        let pb = (magic_h2(b[2]) - off) * h2(xb[0]) + (magic_h2(b[3]) - off) * h2(xb[1]);
+        let j = slot / 8;
+        let d = half_at_hw(scales, 2 * block);
+        let dmin = half_at_hw(scales, 2 * block + 1);
+        let s0 = w[wb as usize];
+        let s1 = w[(wb + 1) as usize];
+        let s2 = w[(wb + 2) as usize];
+        let xsa = h2(xa[0]) + h2(xa[1]);
+        let xsb = h2(xb[0]) + h2(xb[1]);
+        let ra = d * k4_scale(2 * j, s0, s1, s2) * (f32::cast_from(pa[0]) + f32::cast_from(pa[1]))
+            - dmin * k4_min(2 * j, s0, s1, s2) * (f32::cast_from(xsa[0]) + f32::cast_from(xsa[1]));
+        let rb =
+            d * k4_scale(2 * j + 1, s0, s1, s2) * (f32::cast_from(pb[0]) + f32::cast_from(pb[1]))
+                - dmin
+                    * k4_min(2 * j + 1, s0, s1, s2)
+                    * (f32::cast_from(xsb[0]) + f32::cast_from(xsb[1]));
+        out = sa * ra + sb * rb;
+    } else {
+        // One block: one scale (and min) for both runs, one activation scale (`sb` is `sa`):
+        // one chain of products.
+        let mut p = (magic_h2(b[0]) - off) * h2(xa[0]);
+        p += (magic_h2(b[1]) - off) * h2(xa[1]);
+        p += (magic_h2(b[2]) - off) * h2(xb[0]);
+        p += (magic_h2(b[3]) - off) * h2(xb[1]);
+        out = d * (f32::cast_from(p[0]) + f32::cast_from(p[1]));
+        if comptime![fmt.has_min()] {
+            let t = h2(xa[0]) + h2(xa[1]) + h2(xb[0]) + h2(xb[1]);
+            out += mn * (f32::cast_from(t[0]) + f32::cast_from(t[1]));
+        }
+    }
+    out
+}
+
+/// `f32` value of half `i` of the scale plane through the hardware conversion (kernels that
+/// already need `f16`).
+#[cube]
+pub fn half_at_hw(scales: &Array<u32>, i: u32) -> f32 {
+    // The half to the low bits, so the pair is indexed by a constant.
+    let pair = h2(scales[(i / 2) as usize] >> ((i % 2) * 16));
+    f32::cast_from(pair[0])
+}

@@ -153,6 +153,16 @@ impl KernelFormat {
         }
     }
 
+    /// Whether the single-token mat-vec can take `x` as packed halves (`decode::dot_slot_h2`):
+    /// the formats whose slot is two runs of 4 columns, each under one scale, with quants of
+    /// at most 8 bits laid out so that one mask takes a pair of them (all but Q6_K and floats).
+    pub fn half_x(self) -> bool {
+        matches!(
+            self,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Q4K | Self::Q5K
+        )
+    }
+
     /// Whether a weight is `a * q + m` with an offset `m` (a min) rather than `a * q`.
     pub fn has_min(self) -> bool {
         matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K)

@@ -12,7 +12,7 @@
 
 use cubecl::prelude::*;
 
-use super::decode::{decode_slot, slot_col};
+use super::decode::{decode_slot, dot_slot_h2, slot_col};
 use super::format::KernelFormat;
 use crate::ops::activation::gate_act;
 
@@ -58,6 +58,10 @@ pub struct Fusion {
     pub gated: bool,
     /// The gate's activation is GELU (tanh approximation, Gemma) rather than SiLU (Llama).
     pub gelu: bool,
+    /// `x` arrives as packed halves scaled per 32-column block (`half_x_kernel`), and each
+    /// slot is multiplied in packed half math (`decode::dot_slot_h2`; one token, formats with
+    /// `KernelFormat::half_x`, no `norm`: the preparing kernel applies it).
+    pub half_x: bool,
 }
 
 impl Fusion {
@@ -69,6 +73,7 @@ impl Fusion {
             norm: false,
             gated: false,
             gelu: false,
+            half_x: false,
         }
     }
 }
@@ -233,7 +238,9 @@ fn dot_slot(
 /// `y[t * rows + r] (+)= W[r, :] · x[t * cols ..]`, with the fusions of `fusion`: for a gated
 /// pair `y[r] = act(W[r, :] · x) * (W2[r, :] · x)`; with `norm`, `x` is `rmsnorm(x) * norm_w`.
 /// `x4` is `x` as vec4 (`cols % 4 == 0`); `w2`/`scales2` and `norm4` are read only when the
-/// fusion needs them (the launcher passes `w` and `x` otherwise). A row group computes
+/// fusion needs them (the launcher passes `w` and `x` otherwise); with `half_x` the kernel
+/// reads `xh` (8 bytes per run of 4 columns, see `half_x_kernel`) and `xsc` (a block's scale)
+/// instead of `x4`. A row group computes
 /// `cfg.rows_per_plane` rows from one load of `x` (1, 2 or 4 for one token; 1 or 2 for a batch).
 #[cube(launch_unchecked)]
 pub fn matvec_kernel(
@@ -243,6 +250,8 @@ pub fn matvec_kernel(
     scales2: &Array<u32>,
     x4: &Array<Vector<f32, Const<4>>>,
     norm4: &Array<Vector<f32, Const<4>>>,
+    xh: &Array<Vector<u32, Const<2>>>,
+    xsc: &Array<f32>,
     y: &mut Array<f32>,
     rows: u32,
     cols: u32,
@@ -306,7 +315,31 @@ pub fn matvec_kernel(
                 #[unroll]
                 for s in 0..spl {
                     let slot = slot0 + s;
-                    if comptime![tokens == 1] {
+                    if comptime![fusion.half_x] {
+                        // The slot's two runs of `x` as halves and their 32-column scales,
+                        // loaded once for every row.
+                        let ca = col + slot_col(slot, 0, fmt);
+                        let cb = col + slot_col(slot, 1, fmt);
+                        let xa = xh[(ca / 4) as usize];
+                        let xb = xh[(cb / 4) as usize];
+                        let sa = xsc[(ca / 32) as usize];
+                        // A 32-weight block is one 32-column scale: load it once.
+                        let mut sb = sa;
+                        if comptime![fmt.elems_per_block() > 32] {
+                            sb = xsc[(cb / 32) as usize];
+                        }
+                        #[unroll]
+                        for r in 0..rpp {
+                            let wr = select(row0 + r < rows, row0 + r, rows - 1);
+                            let block = wr * blocks_per_row + bc;
+                            let v = dot_slot_h2(w, scales, block, slot, xa, xb, sa, sb, fmt);
+                            acc[r as usize] += select(live, v, 0.0);
+                            if comptime![fusion.gated] {
+                                let v = dot_slot_h2(w2, scales2, block, slot, xa, xb, sa, sb, fmt);
+                                acc2[r as usize] += select(live, v, 0.0);
+                            }
+                        }
+                    } else if comptime![tokens == 1] {
                         load_x(
                             &mut xs,
                             &mut xsum,
@@ -393,6 +426,79 @@ pub fn matvec_kernel(
         }
     }
 }
+
+/// `x` (or `rmsnorm(x) * norm_w` with `norm`) for the half-activation mat-vec: one unit per
+/// 32-column block scales the block into [-1, 1] by its largest magnitude `s`, stores `s` in
+/// `xsc[block]` and the scaled values as halves in `xh[8 * block + run]`, each run of 4 columns
+/// as the pairs (0, 2) and (1, 3) (`decode::dot_slot_h2`'s order). The per-block scale keeps
+/// large activations (hundreds or thousands, as some feed-forward inputs reach) from
+/// overflowing f16 in the products. `cols` is a multiple of 32.
+#[cube(launch_unchecked)]
+pub fn half_x_kernel(
+    x4: &Array<Vector<f32, Const<4>>>,
+    norm4: &Array<Vector<f32, Const<4>>>,
+    xh: &mut Array<Vector<u32, Const<2>>>,
+    xsc: &mut Array<f32>,
+    cols: u32,
+    eps: f32,
+    #[comptime] norm: bool,
+) {
+    let mut inv = 1.0f32;
+    if comptime![norm] {
+        let mut smem = SharedMemory::<f32>::new(comptime![HALF_X_THREADS as usize]);
+        inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
+    }
+    let block = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    if block < cols / 32 {
+        let mut v = Array::<Vector<f32, Const<4>>>::new(8usize);
+        let mut amax = 0.0f32;
+        #[unroll]
+        for r in 0..8u32 {
+            let i = block * 8 + r;
+            let mut xv = x4[i as usize];
+            if comptime![norm] {
+                xv = xv * norm4[i as usize] * Vector::<f32, Const<4>>::cast_from(inv);
+            }
+            v[r as usize] = xv;
+            amax = f32::max(
+                amax,
+                f32::max(
+                    f32::max(f32::abs(xv[0]), f32::abs(xv[1])),
+                    f32::max(f32::abs(xv[2]), f32::abs(xv[3])),
+                ),
+            );
+        }
+        let rs = select(amax > 0.0, 1.0 / amax, 0.0);
+        xsc[block as usize] = amax;
+        #[unroll]
+        for r in 0..8u32 {
+            let xv = v[r as usize];
+            let mut out = Vector::<u32, Const<2>>::empty();
+            out[0] = half_bits(xv[0] * rs) | (half_bits(xv[2] * rs) << 16);
+            out[1] = half_bits(xv[1] * rs) | (half_bits(xv[3] * rs) << 16);
+            xh[(block * 8 + r) as usize] = out;
+        }
+    }
+}
+
+/// IEEE half bits of `v` (|v| <= 1 here; larger values saturate to the largest half), rounded
+/// to nearest, in integer ops: the kernel that writes halves needs no f16 type, so it runs
+/// where a backend cannot bitcast halves to words (naga, wgpu's WGSL front end).
+#[cube]
+fn half_bits(v: f32) -> u32 {
+    let b = u32::reinterpret(v);
+    let sign = (b >> 16) & 0x8000;
+    let a = b & 0x7FFF_FFFF;
+    // Normal halves (|v| >= 2^-14): rebias the exponent, round the 13 dropped bits to even.
+    let r = a - select(a >= 0x3880_0000, 0x3800_0000u32, 0u32);
+    let normal = u32::min((r + 0xFFF + ((r >> 13) & 1)) >> 13, 0x7BFF);
+    // Subnormal halves: multiples of 2^-24.
+    let sub = u32::cast_from(f32::round(f32::abs(v) * 16_777_216.0));
+    sign | select(a >= 0x3880_0000, normal, sub)
+}
+
+/// Units per cube of [`half_x_kernel`] (one per 32-column block).
+pub const HALF_X_THREADS: u32 = 256;
 
 /// Writes the weights of slot `slot` of block `blk` of weight row `wrow` to
 /// `out[orow * cols + ..]` (columns past `cols`, the plain formats' row padding, skipped).

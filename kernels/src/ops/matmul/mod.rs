@@ -59,7 +59,7 @@ pub mod layout;
 pub use api::{
     dequantize, embed, embed_rows, fuses_norm, launch_matvec, matmul, matvec, matvec_config,
     matvec_gated, matvec_gated_norm, matvec_norm, prefill_precision, DequantScratch, Epilogue,
-    MatmulError, Matvec, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
+    HalfActs, MatmulError, Matvec, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
 pub use kernels::{Fusion, MatvecConfig};
