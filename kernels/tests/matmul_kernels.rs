@@ -388,6 +388,70 @@ fn check_half_x<R: Runtime>(fmt: KernelFormat) {
     }
 }
 
+/// The conversion before a half mat-vec (`half_x_kernel`, no f16 type: it runs on every
+/// backend): each 32 columns scaled by their largest magnitude, which is stored, rounded to the
+/// nearest half, each run of 4 columns stored as the pairs (0, 2), (1, 3); with and without the
+/// folded RMSNorm; a block of zeros gives scale 0 and zero halves; values down in f16's
+/// subnormal range keep their rounding.
+fn check_half_x_conversion<R: Runtime>() {
+    let mut c = Case::<R>::new(0x4843);
+    let cols = 320;
+    let half = mm::HalfActs::<R>::conversion_only(&c.client, cols);
+    let mut x = c.rng.vec(cols);
+    for (i, v) in x.iter_mut().enumerate() {
+        match i / 32 {
+            0 => *v *= 3000.0,
+            1 => *v = 0.0,
+            2 => *v *= if i % 32 == 0 { 1.0 } else { 1e-6 },
+            _ => {}
+        }
+    }
+    let nw: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+    let (xd, nwd) = (c.upload(&x), c.upload(&nw));
+    for norm in [false, true] {
+        let mut want = x.clone();
+        if norm {
+            rocforge_kernels::ops::norm::rms_norm(&x, &nw, 1e-5, &mut want);
+        }
+        half.convert(&c.client, &xd, norm.then_some((&nwd, 1e-5)), cols)
+            .expect("convert");
+        let (bits, scales) = half.read(&c.client).expect("read");
+        for b in 0..cols / 32 {
+            let block = &want[32 * b..32 * b + 32];
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let got = scales[b];
+            assert!(
+                (got - amax).abs() <= 1e-5 * amax,
+                "norm {norm} block {b}: scale {got} vs {amax}"
+            );
+            for (k, &v) in block.iter().enumerate() {
+                // Run r = k / 4; column k % 4 of it sits at half 2 * (k % 2) + (k % 4) / 2.
+                let at = 32 * b + 4 * (k / 4) + 2 * (k % 2) + (k % 4) / 2;
+                let want_h = if amax > 0.0 {
+                    f16::from_f32(v * (1.0 / amax))
+                } else {
+                    f16::ZERO
+                };
+                let got_h = f16::from_bits(bits[at]);
+                // One half ulp for the norm computed on the device in another order.
+                let ulp = f32::from(want_h).abs() * 2f32.powi(-10) + 2f32.powi(-24);
+                assert!(
+                    (f32::from(got_h) - f32::from(want_h)).abs() <= if norm { ulp } else { 0.0 },
+                    "norm {norm} block {b} column {k}: {got_h} vs {want_h}"
+                );
+            }
+        }
+    }
+    assert!(
+        half.convert(&c.client, &xd, None, 33).is_err(),
+        "33 columns"
+    );
+    assert!(
+        half.convert(&c.client, &xd, None, 352).is_err(),
+        "beyond the buffers"
+    );
+}
+
 fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
     let mut c = Case::<R>::new(0xABCD ^ (fmt as u64) << 8 ^ tokens as u64);
     for (rows, cols) in Case::<R>::shapes(fmt) {
@@ -611,6 +675,8 @@ macro_rules! runtime_tests {
             fn errors() { check_errors::<$runtime>() }
             #[test]
             fn catalog_variants_launch() { check_catalog::<$runtime>() }
+            #[test]
+            fn half_x_conversion() { check_half_x_conversion::<$runtime>() }
             format_tests!($runtime;
                 f32 => F32, f16 => F16, q4_0 => Q4_0, q4_1 => Q4_1, q5_0 => Q5_0,
                 q5_1 => Q5_1, q8_0 => Q8_0, q4_k => Q4K, q5_k => Q5K, q6_k => Q6K);

@@ -392,6 +392,60 @@ impl<R: Runtime> HalfActs<R> {
         })
     }
 
+    /// Buffers for the conversion alone, on any device: [`kernels::half_x_kernel`] uses no
+    /// `f16` type, so it runs (and is tested) where the half mat-vec cannot, wgpu included.
+    pub fn conversion_only(client: &ComputeClient<R>, max_cols: usize) -> Self {
+        let cols = max_cols.next_multiple_of(32).max(32);
+        Self {
+            xh: client.empty(cols * 2),
+            xsc: client.empty(cols / 32 * 4),
+            cols,
+            min_weights: 0,
+            _runtime: PhantomData,
+        }
+    }
+
+    /// Converts `cols` values of `x` (with `norm`, `rmsnorm(x) * norm_w` first) into the
+    /// buffers, as a half mat-vec does before its product. `cols` must be a multiple of 32 that
+    /// fits the buffers.
+    pub fn convert(
+        &self,
+        client: &ComputeClient<R>,
+        x: &Handle,
+        norm: Option<(&Handle, f32)>,
+        cols: usize,
+    ) -> Result<(), MatmulError> {
+        if cols == 0 || cols % 32 != 0 || cols > self.cols {
+            return Err(MatmulError::BufferTooSmall {
+                what: "half activations",
+                needed: cols as u64 * 2,
+                got: self.cols as u64 * 2,
+            });
+        }
+        check_buffer("x", x, cols)?;
+        if let Some((n, _)) = norm {
+            check_buffer("norm_w", n, cols)?;
+        }
+        half_x(client, x, norm, cols, self)
+    }
+
+    /// The buffers read back: the halves' bits (in the kernel's pair order) and the scales
+    /// of every 32 columns they hold.
+    pub fn read(&self, client: &ComputeClient<R>) -> Result<(Vec<u16>, Vec<f32>), MatmulError> {
+        let read = |h: &Handle| {
+            client
+                .read_one(h.clone())
+                .map_err(|e| MatmulError::Matmul(format!("reading half activations: {e:?}")))
+        };
+        let (h, s) = (read(&self.xh)?, read(&self.xsc)?);
+        Ok((
+            h.chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect(),
+            f32::from_bytes(&s).to_vec(),
+        ))
+    }
+
     /// Whether `op` runs on halves: one token, a format with a half path, a row that fits, a
     /// matrix large enough.
     fn takes(&self, op: &Matvec<'_, R>) -> bool {
