@@ -334,8 +334,8 @@ pub fn matvec_gated_norm<R: Runtime>(
     )
 }
 
-/// Device buffers for `x` as packed halves, for the single-token mat-vec of the 32-weight
-/// formats (`Fusion::half_x`): `xh` holds `cols` halves, `xsc` one `f32` scale per 32 columns.
+/// Device buffers for `x` as packed halves, for the single-token mat-vec of the formats with
+/// `KernelFormat::half_x` (`Fusion::half_x`): `xh` holds `cols` halves, `xsc` one `f32` scale per 32 columns.
 /// One per backend, sized for its widest matrix; the launches of a step reuse it in stream
 /// order. Only where the device has `f16` ([`HalfActs::new`]).
 pub struct HalfActs<R: Runtime> {
@@ -382,14 +382,7 @@ impl<R: Runtime> HalfActs<R> {
         {
             return None;
         }
-        let cols = max_cols.next_multiple_of(32).max(32);
-        Some(Self {
-            xh: client.empty(cols * 2),
-            xsc: client.empty(cols / 32 * 4),
-            cols,
-            min_weights: 0,
-            _runtime: PhantomData,
-        })
+        Some(Self::conversion_only(client, max_cols))
     }
 
     /// Buffers for the conversion alone, on any device: [`kernels::half_x_kernel`] uses no
@@ -458,8 +451,8 @@ impl<R: Runtime> HalfActs<R> {
 
 /// One mat-vec launch with its fusions: `y (+)= W·x` for `tokens` tokens, or with `up` the
 /// gated pair `y = act(W·x) * (up·x)`, with `norm` on `x` first (`up` and `norm`: one token).
-/// With `half`, a single token of a 32-weight format converts `x` to packed halves first (one
-/// more launch, which applies `norm`) and multiplies in half math.
+/// With `half`, a single token of a `KernelFormat::half_x` format converts `x` to packed halves
+/// first (one more launch, which applies `norm`) and multiplies in half math.
 pub struct Matvec<'a, R: Runtime> {
     pub w: &'a QWeight<R>,
     pub up: Option<(&'a QWeight<R>, GateAct)>,
