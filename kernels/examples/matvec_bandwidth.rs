@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Options: `--iters N` (default 200), `--small` (512x512 and 1024x512, for a CPU adapter),
-//! `--hbm-mib M` (default 256: how much distinct weight data each measurement walks).
+//! `--hbm-mib M` (default 256: how much distinct weight data each measurement walks),
+//! `--formats q4_0,q8_0` (only these, by GGUF type name; default every format).
 //!
 //! The H200's L2 holds about 60 MB, so one matrix run again and again would be served from
 //! cache. Each format is measured two ways over distinct copies of the weight totalling at
@@ -78,7 +79,13 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
 /// HBM copy rate of the H200 (copy kernel, large buffers), the issue's reference.
 const H200_COPY_GBS: f64 = 4230.0;
 
-fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize, hbm_bytes: usize) {
+fn run<R: Runtime>(
+    gpu: Gpu<R>,
+    shapes: &[(usize, usize)],
+    iters: usize,
+    hbm_bytes: usize,
+    formats: &[String],
+) {
     let client = gpu.client().clone();
     println!(
         "device: {} ({iters} calls per row, >= {} MiB of distinct weights per measurement)\n",
@@ -123,6 +130,9 @@ fn run<R: Runtime>(gpu: Gpu<R>, shapes: &[(usize, usize)], iters: usize, hbm_byt
     for &(rows, cols) in shapes {
         let x = gpu.f32s(&vec![0.5f32; cols]);
         for ty in DEVICE_FORMATS.into_iter().chain(K_QUANTS) {
+            if !formats.is_empty() && !formats.contains(&ty.to_string().to_lowercase()) {
+                continue;
+            }
             let bytes_w = if K_QUANTS.contains(&ty) {
                 random_k_blocks(ty, rows, cols)
             } else {
@@ -226,6 +236,12 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.parse().expect("--hbm-mib takes a number"))
         .unwrap_or(256);
+    let formats: Vec<String> = args
+        .iter()
+        .position(|a| a == "--formats")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(|f| f.trim().to_lowercase()).collect())
+        .unwrap_or_default();
     let shapes: &[(usize, usize)] = if args.iter().any(|a| a == "--small") {
         &[(512, 512), (1024, 512)]
     } else {
@@ -237,6 +253,7 @@ fn main() {
         shapes,
         iters,
         hbm_mib << 20,
+        &formats,
     );
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
     return run(
@@ -244,10 +261,11 @@ fn main() {
         shapes,
         iters,
         hbm_mib << 20,
+        &formats,
     );
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
-        let _ = (shapes, iters, hbm_mib);
+        let _ = (shapes, iters, hbm_mib, formats);
         eprintln!("build with --features cuda (or wgpu)");
     }
 }

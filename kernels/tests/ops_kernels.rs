@@ -391,6 +391,8 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
             (4, 1, 64, 9000, 1, Some(512)),
             (4, 1, 256, 10, 40, Some(16)),
             (2, 1, 64, 0, 9, Some(1)),
+            // A head_dim that no vector width divides: keys read one value per load.
+            (3, 1, 18, 40, 2, None),
         ] {
             let win = window.map_or("full".to_string(), |w| format!("win{w}"));
             let case = format!(

@@ -907,15 +907,25 @@ pub fn plan_splits(
     (splits, kv_len.div_ceil(splits))
 }
 
+/// Values of a key row one load of [`attention_kernel`] takes: 4 where `head_dim` allows (a
+/// `vec4`, which every backend has), else 1.
+pub fn key_width(head_dim: usize) -> usize {
+    if head_dim % 4 == 0 {
+        4
+    } else {
+        1
+    }
+}
+
 /// Cube `(t, h, s)` (row-major) with `head_dim` units: attention of query `t`, head `h` over
 /// keys `s * chunk .. min((s + 1) * chunk, pos + t + 1)`, those below `pos + t + 1 - window`
 /// left out when `window > 0`. With `finalize` (one split) it writes the normalised output
 /// `(t, h*head_dim)`; otherwise the unnormalised output and (max, sum); a split with no key
 /// left gives (-1e30, 0), which the combine weighs zero.
 #[cube(launch_unchecked)]
-pub fn attention_kernel<K: Float>(
+pub fn attention_kernel<K: Float, N: Size>(
     q: &Array<f32>,
-    k_cache: &Array<K>,
+    k_cache: &Array<Vector<K, N>>,
     v_cache: &Array<K>,
     out: &mut Array<f32>,
     part_ml: &mut Array<f32>,
@@ -970,10 +980,18 @@ pub fn attention_kernel<K: Float>(
         let key = t0 + u;
         let mut score = f32::new(-1.0e30);
         if key < end {
-            let base = key_row(meta, table, key, paged) * kv_dim + kv_off;
+            // A unit walks its own key's row, so each load takes `N` values of it (the
+            // launcher's widest vector dividing `head_dim`): a warp's loads touch one cache
+            // line per key, and `N` times fewer loads wait on them.
+            let width = N::value();
+            let base = (key_row(meta, table, key, paged) * kv_dim + kv_off) / width;
             let mut dot = 0.0f32;
-            for d in 0..hd {
-                dot += q_sh[d] * f32::cast_from(k_cache[base + d]);
+            for c in 0..hd / width {
+                let kv = k_cache[base + c];
+                #[unroll]
+                for i in 0..width {
+                    dot += q_sh[c * width + i] * f32::cast_from(kv[i]);
+                }
             }
             score = dot * scale;
         }
@@ -1108,6 +1126,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
     let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
     let dst = if finalize { out } else { &scratch.part_o };
     let scale = 1.0 / (hd as f32).sqrt();
+    let width = key_width(hd);
     gpu.count();
     macro_rules! launch {
         ($k:ty) => {
@@ -1134,6 +1153,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
                         (),
                         (),
                         (),
+                        width,
                         hd,
                         finalize,
                         pos.paged(),
@@ -1141,7 +1161,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
                     row_grid(n * n_heads * splits),
                     &[
                         Arg::buf::<f32>(q),
-                        Arg::buf::<$k>(kc),
+                        Arg::vec::<$k>(kc.handle(), kc.len() / width, width),
                         Arg::buf::<$k>(vc),
                         Arg::buf::<f32>(dst),
                         Arg::buf::<f32>(&scratch.part_ml),

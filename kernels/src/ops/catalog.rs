@@ -180,6 +180,7 @@ pub fn kernel_definitions<R: Runtime>(
                 (),
                 (),
                 (),
+                attention::key_width($hd),
                 $hd,
                 $finalize,
                 $paged,

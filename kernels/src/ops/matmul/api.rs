@@ -138,6 +138,12 @@ impl<R: Runtime> QWeight<R> {
             Arg::of::<u32>(&self.scales, words(&self.scales)),
         ]
     }
+
+    /// The quant plane as vectors of 4 words (the wide mat-vec's 16-byte loads; the plane is
+    /// its own allocation, so its start is aligned).
+    fn quads(&self) -> Arg<'_> {
+        Arg::vec::<u32>(&self.quants, self.quants.size_in_used() as usize / 16, 4)
+    }
 }
 
 /// How prefill multiplies a batch by a weight.
@@ -545,7 +551,7 @@ pub fn launch_matvec<R: Runtime>(
     };
     let w2 = op.up.map_or(w, |(up, _)| up);
     let fusion = op.fusion();
-    let (xh, xsc) = match op.half {
+    let (xh, xsc, xh4) = match op.half {
         Some(h) if fusion.half_x => {
             if !op.half_ready {
                 half_x(client, op.x, op.norm, w.cols, h)?;
@@ -553,18 +559,23 @@ pub fn launch_matvec<R: Runtime>(
             (
                 Arg::vec::<u32>(&h.xh, h.cols / 4, 2),
                 Arg::of::<f32>(&h.xsc, h.cols / 32),
+                Arg::vec::<u32>(&h.xh, h.cols / 8, 4),
             )
         }
         // Unread: `x` stands in.
         _ => (
             Arg::vec::<u32>(op.x, op.tokens * w.cols / 2, 2),
             Arg::of::<f32>(op.x, op.tokens * w.cols),
+            Arg::vec::<u32>(op.x, op.tokens * w.cols / 4, 4),
         ),
     };
-    let cfg = cfg_for(matvec_config(client), op.tokens);
+    let cfg = cfg_for(matvec_config(client), fusion, w.format);
     let kernel = kernels::matvec_kernel::MatvecKernel::<R>::new(
         launch::settings(CubeDim::new_2d(cfg.lanes, cfg.planes_per_cube)),
         client.clone(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
         array_arg(),
         array_arg(),
         array_arg(),
@@ -598,6 +609,9 @@ pub fn launch_matvec<R: Runtime>(
                 Arg::vec::<f32>(norm_w, w.cols / 4, 4),
                 xh,
                 xsc,
+                w.quads(),
+                w2.quads(),
+                xh4,
                 Arg::of::<f32>(op.y, op.tokens * w.rows),
                 Arg::U32(w.rows as u32),
                 Arg::U32(w.cols as u32),
@@ -964,6 +978,8 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
         rows_per_plane,
         planes_per_row: planes_per_row.min(planes_per_cube),
         plane_reduce,
+        unroll: 1,
+        wide: false,
     }
 }
 
@@ -971,18 +987,81 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
     grid((rows as u32).div_ceil(cfg.rows_per_cube()))
 }
 
-/// `cfg` as launched for `tokens` tokens: several rows per plane share each load of `x`;
-/// batches take at most 2 (each row's slot is decoded once for all tokens and held while the
-/// tokens' runs of `x` stream past).
-pub fn cfg_for(cfg: MatvecConfig, tokens: usize) -> MatvecConfig {
-    if tokens == 1 {
-        cfg
-    } else {
-        MatvecConfig {
-            rows_per_plane: cfg.rows_per_plane.min(2),
+/// `cfg` as launched for `fusion` on `fmt`:
+/// - a single token on half activations of a 32-weight format takes the wide layout
+///   ([`MatvecConfig::wide`]) with [`WIDE_ROWS_PER_PLANE`] rows, [`WIDE_PLANES_PER_ROW`] planes
+///   a row and [`WIDE_UNROLL`] blocks a trip;
+/// - otherwise several rows per plane share each load of `x`, batches at most 2 (each row's
+///   slot is decoded once for all tokens and held while the tokens' runs of `x` stream past),
+///   and a lane unrolls `KernelFormat::unroll` blocks only when its plane has the row to
+///   itself: with the row split among planes, a 4096-column K-quant row's second block per trip
+///   is always past the row's end (16 blocks, 4 per plane trip, 4 planes).
+///
+/// Tuning runs override these from the environment, read once: `ROCFORGE_MATVEC_WIDE=0` (the
+/// narrow layout for halves too), `ROCFORGE_MATVEC_WIDE_ROWS`, `ROCFORGE_MATVEC_WIDE_SPLIT`
+/// (1, 2 or 4 each), `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
+pub fn cfg_for(cfg: MatvecConfig, fusion: Fusion, fmt: KernelFormat) -> MatvecConfig {
+    let k = knobs();
+    if fusion.half_x && fmt.elems_per_block() == 32 && k.wide {
+        return MatvecConfig {
+            rows_per_plane: k.wide_rows,
+            planes_per_row: k.wide_split.min(cfg.planes_per_cube),
+            unroll: k.wide_unroll,
+            wide: true,
             ..cfg
-        }
+        };
     }
+    let rows_per_plane = if fusion.tokens == 1 {
+        cfg.rows_per_plane
+    } else {
+        cfg.rows_per_plane.min(2)
+    };
+    let unroll = k.unroll.unwrap_or(if cfg.planes_per_row > 1 {
+        1
+    } else {
+        fmt.unroll()
+    });
+    MatvecConfig {
+        rows_per_plane,
+        unroll,
+        ..cfg
+    }
+}
+
+/// Rows a plane computes together in the wide layout ([`cfg_for`]).
+pub const WIDE_ROWS_PER_PLANE: u32 = 2;
+/// Planes that share a row group in the wide layout.
+pub const WIDE_PLANES_PER_ROW: u32 = 2;
+/// Blocks a lane loads per trip in the wide layout.
+pub const WIDE_UNROLL: u32 = 1;
+
+/// The layout overrides of [`cfg_for`], from the environment.
+struct Knobs {
+    wide: bool,
+    wide_rows: u32,
+    wide_split: u32,
+    wide_unroll: u32,
+    unroll: Option<u32>,
+}
+
+fn knobs() -> &'static Knobs {
+    static KNOBS: std::sync::OnceLock<Knobs> = std::sync::OnceLock::new();
+    KNOBS.get_or_init(|| {
+        let var = |name: &str, allowed: &[u32]| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|v| allowed.contains(v))
+        };
+        Knobs {
+            wide: std::env::var("ROCFORGE_MATVEC_WIDE").map_or(true, |v| v != "0"),
+            wide_rows: var("ROCFORGE_MATVEC_WIDE_ROWS", &[1, 2, 4]).unwrap_or(WIDE_ROWS_PER_PLANE),
+            wide_split: var("ROCFORGE_MATVEC_WIDE_SPLIT", &[1, 2, 4])
+                .unwrap_or(WIDE_PLANES_PER_ROW),
+            wide_unroll: var("ROCFORGE_MATVEC_WIDE_UNROLL", &[1, 2]).unwrap_or(WIDE_UNROLL),
+            unroll: var("ROCFORGE_MATVEC_UNROLL", &[1, 2]),
+        }
+    })
 }
 
 /// `n` cubes as a 2D grid (x at most 65535), for backends with 16-bit grid dimensions.

@@ -217,6 +217,8 @@ pub fn check_configs<R: Runtime>(client: &ComputeClient<R>) -> Vec<MatvecConfig>
         rows_per_plane: api::ROWS_PER_PLANE,
         planes_per_row: api::PLANES_PER_ROW,
         plane_reduce: true,
+        unroll: 1,
+        wide: false,
     };
     let mut out = vec![plane(64), plane(32)];
     let own = api::matvec_config(client);
@@ -248,13 +250,16 @@ pub fn definition<R: Runtime>(
     let a = crate::ops::launch::array_arg;
     let c = || client.clone();
     let mv = match v.kind {
-        KernelKind::Matvec(f) => api::cfg_for(cfg, f.tokens as usize),
+        KernelKind::Matvec(f) => api::cfg_for(cfg, f, v.format),
         _ => cfg,
     };
     match v.kind {
         KernelKind::Matvec(fusion) => kernels::matvec_kernel::MatvecKernel::<R>::new(
             settings(CubeDim::new_2d(mv.lanes, mv.planes_per_cube)),
             c(),
+            a(),
+            a(),
+            a(),
             a(),
             a(),
             a(),

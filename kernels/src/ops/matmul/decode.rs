@@ -296,64 +296,35 @@ pub fn dot_slot_h2(
             mn = half_at_hw(scales, halves * block + 1) * sa;
         }
     }
-    match fmt {
-        KernelFormat::Q8_0 => {
-            // Bytes (0, 2) and (1, 3) of each word, sign flipped: `s + 128`.
-            let q0 = w[(wb + 2 * slot) as usize];
-            let q1 = w[(wb + 2 * slot + 1) as usize];
-            b[0] = (q0 & 0x00FF_00FF) ^ 0x0080_0080;
-            b[1] = ((q0 >> 8) & 0x00FF_00FF) ^ 0x0080_0080;
-            b[2] = (q1 & 0x00FF_00FF) ^ 0x0080_0080;
-            b[3] = ((q1 >> 8) & 0x00FF_00FF) ^ 0x0080_0080;
-        }
-        KernelFormat::Q4K | KernelFormat::Q5K => {
-            // Low nibbles: sub-block 2j, high nibbles: 2j + 1; Q5_K's fifth bit of byte k of the
-            // low (high) nibbles is bit 2j (2j + 1) of byte k of its `qh` word.
-            let j = slot / 8;
-            let q5 = comptime![fmt == KernelFormat::Q5K];
-            let word = w[(wb + comptime![if q5 { 11u32 } else { 3u32 }] + slot) as usize];
-            b[0] = word & 0x000F_000F;
-            b[1] = (word >> 8) & 0x000F_000F;
-            b[2] = (word >> 4) & 0x000F_000F;
-            b[3] = (word >> 12) & 0x000F_000F;
-            if comptime![q5] {
-                let h = w[(wb + 3 + slot % 8) as usize];
-                b[0] |= (h >> (2 * j) << 4) & 0x0010_0010;
-                b[1] |= (h >> (8 + 2 * j) << 4) & 0x0010_0010;
-                b[2] |= (h >> (2 * j + 1) << 4) & 0x0010_0010;
-                b[3] |= (h >> (9 + 2 * j) << 4) & 0x0010_0010;
-            }
-        }
-        _ => {
-            // Byte k of the word holds column 4 * slot + k (low nibble) and 16 + 4 * slot + k.
-            let five = comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)];
-            let nibbles = comptime![if five { 1u32 } else { 0u32 }];
-            let word = w[(wb + nibbles + slot) as usize];
-            b[0] = word & 0x000F_000F;
-            b[1] = (word >> 8) & 0x000F_000F;
-            b[2] = (word >> 4) & 0x000F_000F;
-            b[3] = (word >> 12) & 0x000F_000F;
-            if comptime![five] {
-                let qh = w[wb as usize] >> (4 * slot);
-                b[0] |= fifth_bits(qh);
-                b[1] |= fifth_bits(qh >> 1);
-                b[2] |= fifth_bits(qh >> 16);
-                b[3] |= fifth_bits(qh >> 17);
-            }
-        }
+    // The slot's quant word(s) and, for the 5-bit formats, the word of fifth bits.
+    let mut word2 = 0u32;
+    let mut hi = 0u32;
+    let first = comptime![match fmt {
+        KernelFormat::Q8_0 => 0u32,
+        KernelFormat::Q5_0 | KernelFormat::Q5_1 => 1u32,
+        KernelFormat::Q4K => 3u32,
+        KernelFormat::Q5K => 11u32,
+        _ => 0u32,
+    }];
+    let per_slot = comptime![if fmt == KernelFormat::Q8_0 {
+        2u32
+    } else {
+        1u32
+    }];
+    let word = w[(wb + first + per_slot * slot) as usize];
+    if comptime![fmt == KernelFormat::Q8_0] {
+        word2 = w[(wb + 2 * slot + 1) as usize];
     }
-    let offset = comptime![
-        1024.0f32
-            + match fmt {
-                KernelFormat::Q4_0 => 8.0,
-                KernelFormat::Q5_0 => 16.0,
-                KernelFormat::Q8_0 => 128.0,
-                _ => 0.0,
-            }
-    ];
-    let off = Vector::<half::f16, Const<2>>::cast_from(offset);
+    if comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)] {
+        hi = w[wb as usize];
+    }
+    if comptime![fmt == KernelFormat::Q5K] {
+        hi = w[(wb + 3 + slot % 8) as usize];
+    }
+    slot_pairs(word, word2, hi, slot, &mut b, fmt);
     let mut out = 0.0f32;
     if comptime![kquant] {
+        let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
         let pa = (magic_h2(b[0]) - off) * h2(xa[0]) + (magic_h2(b[1]) - off) * h2(xa[1]);
         let pb = (magic_h2(b[2]) - off) * h2(xb[0]) + (magic_h2(b[3]) - off) * h2(xb[1]);
         let j = slot / 8;
@@ -364,26 +335,209 @@ pub fn dot_slot_h2(
         let s2 = w[(wb + 2) as usize];
         let xsa = h2(xa[0]) + h2(xa[1]);
         let xsb = h2(xb[0]) + h2(xb[1]);
-        let ra = d * k4_scale(2 * j, s0, s1, s2) * (f32::cast_from(pa[0]) + f32::cast_from(pa[1]))
-            - dmin * k4_min(2 * j, s0, s1, s2) * (f32::cast_from(xsa[0]) + f32::cast_from(xsa[1]));
-        let rb =
-            d * k4_scale(2 * j + 1, s0, s1, s2) * (f32::cast_from(pb[0]) + f32::cast_from(pb[1]))
-                - dmin
-                    * k4_min(2 * j + 1, s0, s1, s2)
-                    * (f32::cast_from(xsb[0]) + f32::cast_from(xsb[1]));
+        let ra = d * k4_scale(2 * j, s0, s1, s2) * h2_sum(pa)
+            - dmin * k4_min(2 * j, s0, s1, s2) * h2_sum(xsa);
+        let rb = d * k4_scale(2 * j + 1, s0, s1, s2) * h2_sum(pb)
+            - dmin * k4_min(2 * j + 1, s0, s1, s2) * h2_sum(xsb);
         out = sa * ra + sb * rb;
     } else {
         // One block: one scale (and min) for both runs, one activation scale (`sb` is `sa`):
         // one chain of products.
-        let mut p = (magic_h2(b[0]) - off) * h2(xa[0]);
-        p += (magic_h2(b[1]) - off) * h2(xa[1]);
-        p += (magic_h2(b[2]) - off) * h2(xb[0]);
-        p += (magic_h2(b[3]) - off) * h2(xb[1]);
-        out = d * (f32::cast_from(p[0]) + f32::cast_from(p[1]));
+        out = d * h2_sum(pair_chain(&b, xa[0], xa[1], xb[0], xb[1], fmt));
         if comptime![fmt.has_min()] {
-            let t = h2(xa[0]) + h2(xa[1]) + h2(xb[0]) + h2(xb[1]);
-            out += mn * (f32::cast_from(t[0]) + f32::cast_from(t[1]));
+            out += mn * run_pair_sum(xa[0], xa[1], xb[0], xb[1]);
         }
+    }
+    out
+}
+
+/// The four quant pairs of slot `slot` (see [`dot_slot_h2`]) from its loaded words, into
+/// `b[0..4]` as integers in bits 0.. and 16.. in `xh`'s pair order: `b[0]`/`b[1]` meet the
+/// slot's first run of `x`, `b[2]`/`b[3]` its second. `word` is the slot's quant word (`Q8_0`:
+/// the first of two, `word2` the second); `hi` holds the fifth bits (`Q5_0`/`Q5_1`: the
+/// block's `qh` word; `Q5_K`: the slot's `qh` word).
+#[cube]
+fn slot_pairs(
+    word: u32,
+    word2: u32,
+    hi: u32,
+    slot: u32,
+    b: &mut Array<u32>,
+    #[comptime] fmt: KernelFormat,
+) {
+    match fmt {
+        KernelFormat::Q8_0 => {
+            // Bytes (0, 2) and (1, 3) of each word, sign flipped: `s + 128`.
+            b[0] = (word & 0x00FF_00FF) ^ 0x0080_0080;
+            b[1] = ((word >> 8) & 0x00FF_00FF) ^ 0x0080_0080;
+            b[2] = (word2 & 0x00FF_00FF) ^ 0x0080_0080;
+            b[3] = ((word2 >> 8) & 0x00FF_00FF) ^ 0x0080_0080;
+        }
+        _ => {
+            // 4-bit formats: byte k holds column 4 * slot + k (low nibble) and 16 + 4 * slot + k
+            // (K-quants: the low nibbles are sub-block 2j, the high ones 2j + 1).
+            b[0] = word & 0x000F_000F;
+            b[1] = (word >> 8) & 0x000F_000F;
+            b[2] = (word >> 4) & 0x000F_000F;
+            b[3] = (word >> 12) & 0x000F_000F;
+            if comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)] {
+                let qh = hi >> (4 * slot);
+                b[0] |= fifth_bits(qh);
+                b[1] |= fifth_bits(qh >> 1);
+                b[2] |= fifth_bits(qh >> 16);
+                b[3] |= fifth_bits(qh >> 17);
+            }
+            if comptime![fmt == KernelFormat::Q5K] {
+                // The fifth bit of byte k of the low (high) nibbles is bit 2j (2j + 1) of byte k
+                // of the slot's `qh` word.
+                let j = slot / 8;
+                b[0] |= (hi >> (2 * j) << 4) & 0x0010_0010;
+                b[1] |= (hi >> (8 + 2 * j) << 4) & 0x0010_0010;
+                b[2] |= (hi >> (2 * j + 1) << 4) & 0x0010_0010;
+                b[3] |= (hi >> (9 + 2 * j) << 4) & 0x0010_0010;
+            }
+        }
+    }
+}
+
+/// `sum (q - offset) * x` over one slot's four pairs (`slot_pairs`) and its two runs of `x`,
+/// one chain of packed FMAs.
+#[cube]
+fn pair_chain(
+    b: &Array<u32>,
+    xa0: u32,
+    xa1: u32,
+    xb0: u32,
+    xb1: u32,
+    #[comptime] fmt: KernelFormat,
+) -> Vector<half::f16, Const<2>> {
+    let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
+    let mut p = (magic_h2(b[0]) - off) * h2(xa0);
+    p += (magic_h2(b[1]) - off) * h2(xa1);
+    p += (magic_h2(b[2]) - off) * h2(xb0);
+    p += (magic_h2(b[3]) - off) * h2(xb1);
+    p
+}
+
+/// The sum of two runs of `x` (four packed pairs), in `f32`: what a min multiplies.
+#[cube]
+fn run_pair_sum(xa0: u32, xa1: u32, xb0: u32, xb1: u32) -> f32 {
+    h2_sum(h2(xa0) + h2(xa1) + h2(xb0) + h2(xb1))
+}
+
+/// The two halves of `v` added in `f32`.
+#[cube]
+fn h2_sum(v: Vector<half::f16, Const<2>>) -> f32 {
+    f32::cast_from(v[0]) + f32::cast_from(v[1])
+}
+
+/// The sum of a 32-column block of `x` as `dot_block_h2` takes it (`xr`, 16 words of packed
+/// halves), in `f32` and in the slot grouping of `fmt`: the term a format's min multiplies,
+/// computed once per block for every row.
+#[cube]
+pub fn block_x_sum(xr: &Array<u32>, #[comptime] fmt: KernelFormat) -> f32 {
+    let mut t = 0.0f32;
+    #[unroll]
+    for slot in 0..4u32 {
+        let ra = slot_col(slot, 0, fmt) / 2;
+        let rb = slot_col(slot, 1, fmt) / 2;
+        t += run_pair_sum(
+            xr[ra as usize],
+            xr[(ra + 1) as usize],
+            xr[rb as usize],
+            xr[(rb + 1) as usize],
+        );
+    }
+    t
+}
+
+/// A whole 32-weight block (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`) of global block `block`
+/// against its 32 columns of `x` in packed half math, as [`dot_slot_h2`] does a slot: `xr` the
+/// block's columns as 16 words of halves (in `xh`'s pair order), `s` their scale, `xsum`
+/// [`block_x_sum`] of `xr` (read where the format has a min). The quants come in 16-byte loads
+/// from `w4`, the quant plane seen as vectors of 4 words (`Q4_0`/`Q4_1`: a block each, `Q8_0`:
+/// two), so a lane has its block's bytes in flight at once; `Q5_x` blocks (20 bytes, not 16-byte
+/// aligned) load word by word from `w`. The four slots' chains meet in `f32`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn dot_block_h2(
+    w: &Array<u32>,
+    w4: &Array<Vector<u32, Const<4>>>,
+    scales: &Array<u32>,
+    block: u32,
+    xr: &Array<u32>,
+    s: f32,
+    xsum: f32,
+    #[comptime] fmt: KernelFormat,
+) -> f32 {
+    let halves = comptime![fmt.halves_per_block()];
+    let d = half_at_hw(scales, halves * block) * s;
+    let mut mn = 0.0f32;
+    if comptime![fmt.has_min()] {
+        mn = half_at_hw(scales, halves * block + 1) * s;
+    }
+    let words = comptime![fmt.words_per_block()];
+    let mut qw = Array::<u32>::new(comptime![words as usize]);
+    match fmt {
+        KernelFormat::Q4_0 | KernelFormat::Q4_1 => {
+            let v = w4[block as usize];
+            #[unroll]
+            for i in 0..4u32 {
+                qw[i as usize] = v[i as usize];
+            }
+        }
+        KernelFormat::Q8_0 =>
+        {
+            #[unroll]
+            for h in 0..2u32 {
+                let v = w4[(2 * block + h) as usize];
+                #[unroll]
+                for i in 0..4u32 {
+                    qw[(4 * h + i) as usize] = v[i as usize];
+                }
+            }
+        }
+        _ =>
+        {
+            #[unroll]
+            for i in 0..comptime![words] {
+                qw[i as usize] = w[(block * words + i) as usize];
+            }
+        }
+    }
+    let five = comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)];
+    let mut b = Array::<u32>::new(4usize);
+    let mut sum = 0.0f32;
+    #[unroll]
+    for slot in 0..4u32 {
+        let mut word2 = 0u32;
+        let mut hi = 0u32;
+        let mut word = qw[slot as usize];
+        if comptime![fmt == KernelFormat::Q8_0] {
+            word = qw[(2 * slot) as usize];
+            word2 = qw[(2 * slot + 1) as usize];
+        }
+        if comptime![five] {
+            word = qw[(1 + slot) as usize];
+            hi = qw[0];
+        }
+        slot_pairs(word, word2, hi, slot, &mut b, fmt);
+        // Runs of 4 columns are 2 words of `xr`.
+        let ra = slot_col(slot, 0, fmt) / 2;
+        let rb = slot_col(slot, 1, fmt) / 2;
+        let p = pair_chain(
+            &b,
+            xr[ra as usize],
+            xr[(ra + 1) as usize],
+            xr[rb as usize],
+            xr[(rb + 1) as usize],
+            fmt,
+        );
+        sum += h2_sum(p);
+    }
+    let mut out = d * sum;
+    if comptime![fmt.has_min()] {
+        out += mn * xsum;
     }
     out
 }

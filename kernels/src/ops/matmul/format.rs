@@ -163,6 +163,18 @@ impl KernelFormat {
         )
     }
 
+    /// What the half mat-vec subtracts from a quant made the half `1024 + n` (`decode::magic_h2`):
+    /// 1024 plus the format's own offset (`Q4_0` 8, `Q5_0` 16, `Q8_0` 128 for its flipped sign).
+    pub(crate) fn half_offset(self) -> f32 {
+        1024.0
+            + match self {
+                Self::Q4_0 => 8.0,
+                Self::Q5_0 => 16.0,
+                Self::Q8_0 => 128.0,
+                _ => 0.0,
+            }
+    }
+
     /// Whether a weight is `a * q + m` with an offset `m` (a min) rather than `a * q`.
     pub fn has_min(self) -> bool {
         matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K)

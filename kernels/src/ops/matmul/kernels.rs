@@ -12,7 +12,7 @@
 
 use cubecl::prelude::*;
 
-use super::decode::{decode_slot, dot_slot_h2, slot_col};
+use super::decode::{block_x_sum, decode_slot, dot_block_h2, dot_slot_h2, slot_col};
 use super::format::KernelFormat;
 use crate::ops::activation::gate_act;
 
@@ -33,6 +33,13 @@ pub struct MatvecConfig {
     pub planes_per_row: u32,
     /// Reduce with `plane_sum` (`lanes` equals the plane width) instead of shared memory.
     pub plane_reduce: bool,
+    /// Blocks per lane whose loads one trip issues together (`api::cfg_for` picks it per
+    /// format and split: a second block that is always past the row's end only costs).
+    pub unroll: u32,
+    /// Each lane takes whole 32-weight blocks, their quants in 16-byte loads and their 32
+    /// columns of half `x` in four (`Fusion::half_x` with a 32-weight format:
+    /// `decode::dot_block_h2`), instead of `KernelFormat::lanes_per_block` lanes a block.
+    pub wide: bool,
 }
 
 impl MatvecConfig {
@@ -252,6 +259,9 @@ pub fn matvec_kernel(
     norm4: &Array<Vector<f32, Const<4>>>,
     xh: &Array<Vector<u32, Const<2>>>,
     xsc: &Array<f32>,
+    w4: &Array<Vector<u32, Const<4>>>,
+    w24: &Array<Vector<u32, Const<4>>>,
+    xh4: &Array<Vector<u32, Const<4>>>,
     y: &mut Array<f32>,
     rows: u32,
     cols: u32,
@@ -261,15 +271,16 @@ pub fn matvec_kernel(
     #[comptime] cfg: MatvecConfig,
     #[comptime] fusion: Fusion,
 ) {
-    let spl = comptime![fmt.slots_per_lane()];
-    let lpb = comptime![fmt.lanes_per_block()];
-    let step = comptime![(cfg.lanes / fmt.lanes_per_block()).max(1)];
-    let unroll = comptime![fmt.unroll()];
+    // A wide lane takes a whole block as one "slot".
+    let spl = comptime![if cfg.wide { 1 } else { fmt.slots_per_lane() }];
+    let lpb = comptime![if cfg.wide { 1 } else { fmt.lanes_per_block() }];
+    let step = comptime![(cfg.lanes / lpb).max(1)];
+    let unroll = comptime![cfg.unroll];
     let epb = comptime![fmt.elems_per_block()];
     let groups = comptime![fmt.groups_per_slot()];
     let rpp = comptime![cfg.rows_per_plane];
     // Blocks between one plane's consecutive blocks: the row group's planes interleave.
-    let pstep = comptime![(cfg.lanes / fmt.lanes_per_block()).max(1) * cfg.planes_per_row];
+    let pstep = comptime![step * cfg.planes_per_row];
     let tokens = comptime![fusion.tokens];
     let row0 = cube_row(cfg);
     let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.planes_per_cube) as usize]);
@@ -287,6 +298,8 @@ pub fn matvec_kernel(
     let mut m2 = Array::<f32>::new(comptime![groups as usize]);
     let mut xs = Array::<f32>::new(comptime![(4 * groups) as usize]);
     let mut xsum = Array::<f32>::new(comptime![groups as usize]);
+    // A wide lane's block of half `x`: 16 words.
+    let mut xr = Array::<u32>::new(16usize);
     // acc[t * rpp + r]: token t, row row0 + r; acc2[r]: the gated pair's second weight.
     let mut acc = Array::<f32>::new(comptime![(tokens * rpp) as usize]);
     let mut acc2 = Array::<f32>::new(comptime![rpp as usize]);
@@ -315,7 +328,34 @@ pub fn matvec_kernel(
                 #[unroll]
                 for s in 0..spl {
                     let slot = slot0 + s;
-                    if comptime![fusion.half_x] {
+                    if comptime![cfg.wide] {
+                        // The block's 32 columns of `x` in four 16-byte loads and their scale,
+                        // loaded once for every row.
+                        #[unroll]
+                        for i in 0..4u32 {
+                            let v = xh4[(bc * 4 + i) as usize];
+                            #[unroll]
+                            for k in 0..4u32 {
+                                xr[(4 * i + k) as usize] = v[k as usize];
+                            }
+                        }
+                        let sx = xsc[bc as usize];
+                        let mut xt = 0.0f32;
+                        if comptime![fmt.has_min()] {
+                            xt = block_x_sum(&xr, fmt);
+                        }
+                        #[unroll]
+                        for r in 0..rpp {
+                            let wr = select(row0 + r < rows, row0 + r, rows - 1);
+                            let block = wr * blocks_per_row + bc;
+                            let v = dot_block_h2(w, w4, scales, block, &xr, sx, xt, fmt);
+                            acc[r as usize] += select(live, v, 0.0);
+                            if comptime![fusion.gated] {
+                                let v = dot_block_h2(w2, w24, scales2, block, &xr, sx, xt, fmt);
+                                acc2[r as usize] += select(live, v, 0.0);
+                            }
+                        }
+                    } else if comptime![fusion.half_x] {
                         // The slot's two runs of `x` as halves and their 32-column scales,
                         // loaded once for every row.
                         let ca = col + slot_col(slot, 0, fmt);
