@@ -43,8 +43,10 @@ const PREFILL_F16_NMSE_TOLERANCE: f64 = 2e-5;
 /// cube's rows, several blocks per row. Plain types use column counts that are not a multiple
 /// of a cube's lanes instead (the mat-vec reads `x` as vec4, so they stay multiples of 4; odd
 /// widths are refused, see `check_errors`).
-const SHAPES: &[(usize, usize)] = &[(1, 1), (7, 3), (37, 8)];
-const PLAIN_COLS: &[usize] = &[4, 68, 300];
+/// (rows, blocks per row): one block; a few; a full trip of a 32-lane plane's wide K-quant
+/// chunks; rows of 37 blocks, more than a trip of any layout (its tail clamped and masked).
+const SHAPES: &[(usize, usize)] = &[(1, 1), (7, 3), (37, 8), (5, 37)];
+const PLAIN_COLS: &[usize] = &[4, 68, 300, 1028];
 
 // ---------------------------------------------------------------------------------------
 // CPU side: random blocks and the scalar oracle.
@@ -319,7 +321,8 @@ const HALF_X_F32_NMSE_TOLERANCE: f64 = 1e-8;
 /// take the `f32` kernel through the same call; devices without `f16` skip (wgpu on lavapipe).
 fn check_half_x<R: Runtime>(fmt: KernelFormat) {
     let mut c = Case::<R>::new(0x4858 ^ fmt as u64);
-    let Some(half) = mm::HalfActs::<R>::forced(&c.client, 4096) else {
+    let max_cols = Case::<R>::shapes(fmt).map(|s| s.1).max().unwrap_or(0);
+    let Some(half) = mm::HalfActs::<R>::forced(&c.client, max_cols) else {
         eprintln!("skipped: the device has no f16");
         return;
     };

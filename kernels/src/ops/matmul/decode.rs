@@ -185,21 +185,21 @@ pub fn decode_slot(
             // Low nibbles: sub-block 2j, high nibbles: 2j + 1 (`d1 * n - m1`); Q5_K adds bit
             // `2j` / `2j + 1` of its `qh` bytes as the fifth bit.
             let j = slot / 8;
-            let d = half_at(scales, 2 * block);
-            let dmin = half_at(scales, 2 * block + 1);
-            let s0 = w[wb as usize];
-            let s1 = w[(wb + 1) as usize];
-            let s2 = w[(wb + 2) as usize];
+            let d = half_at(scales, 8 * block);
+            let dmin = half_at(scales, 8 * block + 1);
+            let s0 = scales[(4 * block + 1) as usize];
+            let s1 = scales[(4 * block + 2) as usize];
+            let s2 = scales[(4 * block + 3) as usize];
             if comptime![fmt == KernelFormat::Q4K] {
-                let word = w[(wb + 3 + slot) as usize];
+                let word = w[(wb + slot) as usize];
                 #[unroll]
                 for k in 0..4u32 {
                     q[k as usize] = int_f32((word >> (8 * k)) & 0xF, 0.0);
                     q[(4 + k) as usize] = int_f32((word >> (8 * k + 4)) & 0xF, 0.0);
                 }
             } else {
-                let word = w[(wb + 11 + slot) as usize];
-                let h = w[(wb + 3 + slot % 8) as usize];
+                let word = w[(wb + 8 + slot) as usize];
+                let h = w[(wb + slot % 8) as usize];
                 #[unroll]
                 for k in 0..4u32 {
                     let lo = ((word >> (8 * k)) & 0xF) | (((h >> (8 * k + 2 * j)) & 1) << 4);
@@ -302,8 +302,7 @@ pub fn dot_slot_h2(
     let first = comptime![match fmt {
         KernelFormat::Q8_0 => 0u32,
         KernelFormat::Q5_0 | KernelFormat::Q5_1 => 1u32,
-        KernelFormat::Q4K => 3u32,
-        KernelFormat::Q5K => 11u32,
+        KernelFormat::Q5K => 8u32,
         _ => 0u32,
     }];
     let per_slot = comptime![if fmt == KernelFormat::Q8_0 {
@@ -319,7 +318,7 @@ pub fn dot_slot_h2(
         hi = w[wb as usize];
     }
     if comptime![fmt == KernelFormat::Q5K] {
-        hi = w[(wb + 3 + slot % 8) as usize];
+        hi = w[(wb + slot % 8) as usize];
     }
     slot_pairs(word, word2, hi, slot, &mut b, fmt);
     let mut out = 0.0f32;
@@ -328,11 +327,11 @@ pub fn dot_slot_h2(
         let pa = (magic_h2(b[0]) - off) * h2(xa[0]) + (magic_h2(b[1]) - off) * h2(xa[1]);
         let pb = (magic_h2(b[2]) - off) * h2(xb[0]) + (magic_h2(b[3]) - off) * h2(xb[1]);
         let j = slot / 8;
-        let d = half_at_hw(scales, 2 * block);
-        let dmin = half_at_hw(scales, 2 * block + 1);
-        let s0 = w[wb as usize];
-        let s1 = w[(wb + 1) as usize];
-        let s2 = w[(wb + 2) as usize];
+        let d = half_at_hw(scales, 8 * block);
+        let dmin = half_at_hw(scales, 8 * block + 1);
+        let s0 = scales[(4 * block + 1) as usize];
+        let s1 = scales[(4 * block + 2) as usize];
+        let s2 = scales[(4 * block + 3) as usize];
         let xsa = h2(xa[0]) + h2(xa[1]);
         let xsb = h2(xb[0]) + h2(xb[1]);
         let ra = d * k4_scale(2 * j, s0, s1, s2) * h2_sum(pa)
@@ -431,21 +430,20 @@ fn h2_sum(v: Vector<half::f16, Const<2>>) -> f32 {
     f32::cast_from(v[0]) + f32::cast_from(v[1])
 }
 
-/// The sum of a 32-column block of `x` as `dot_block_h2` takes it (`xr`, 16 words of packed
-/// halves), in `f32` and in the slot grouping of `fmt`: the term a format's min multiplies,
-/// computed once per block for every row.
+/// The sum of `words` words of packed half `x` from word `first` of `xr` (a wide lane's
+/// columns, see `dot_block_h2`), in `f32`, summed as halves 4 words at a time: the term a
+/// format's min multiplies, computed once per block for every row.
 #[cube]
-pub fn block_x_sum(xr: &Array<u32>, #[comptime] fmt: KernelFormat) -> f32 {
+pub fn x_words_sum(xr: &Array<u32>, #[comptime] first: u32, #[comptime] words: u32) -> f32 {
     let mut t = 0.0f32;
     #[unroll]
-    for slot in 0..4u32 {
-        let ra = slot_col(slot, 0, fmt) / 2;
-        let rb = slot_col(slot, 1, fmt) / 2;
+    for g in 0..comptime![words / 4] {
+        let o = first + 4 * g;
         t += run_pair_sum(
-            xr[ra as usize],
-            xr[(ra + 1) as usize],
-            xr[rb as usize],
-            xr[(rb + 1) as usize],
+            xr[o as usize],
+            xr[(o + 1) as usize],
+            xr[(o + 2) as usize],
+            xr[(o + 3) as usize],
         );
     }
     t
@@ -454,7 +452,7 @@ pub fn block_x_sum(xr: &Array<u32>, #[comptime] fmt: KernelFormat) -> f32 {
 /// A whole 32-weight block (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`) of global block `block`
 /// against its 32 columns of `x` in packed half math, as [`dot_slot_h2`] does a slot: `xr` the
 /// block's columns as 16 words of halves (in `xh`'s pair order), `s` their scale, `xsum`
-/// [`block_x_sum`] of `xr` (read where the format has a min). The quants come in 16-byte loads
+/// their [`x_words_sum`] (read where the format has a min). The quants come in 16-byte loads
 /// from `w4`, the quant plane seen as vectors of 4 words (`Q4_0`/`Q4_1`: a block each, `Q8_0`:
 /// two), so a lane has its block's bytes in flight at once; `Q5_x` blocks (20 bytes, not 16-byte
 /// aligned) load word by word from `w`. The four slots' chains meet in `f32`.
@@ -540,6 +538,80 @@ pub fn dot_block_h2(
         out += mn * xsum;
     }
     out
+}
+
+/// One 64-weight chunk `j` (sub-blocks `2j` and `2j + 1`) of `Q4_K`/`Q5_K` global block `block`
+/// against its 64 columns of `x`, in packed half math: the K-quant counterpart of
+/// [`dot_block_h2`] for a wide lane. The chunk's 8 quant words (and `Q5_K`'s 8 words of fifth
+/// bits) come in 16-byte loads from `w4`; `xr` holds the chunk's columns as 32 words of halves,
+/// `sa`/`sb` the scales and `xa`/`xb` the [`x_words_sum`]s of its two 32-column halves (one per
+/// sub-block). The block's `d`, `dmin` and 6-bit scales are one aligned 16-byte header in the
+/// scale plane (`KernelFormat::halves_per_block`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn dot_kchunk_h2(
+    w4: &Array<Vector<u32, Const<4>>>,
+    scales: &Array<u32>,
+    block: u32,
+    j: u32,
+    xr: &Array<u32>,
+    sa: f32,
+    sb: f32,
+    xa: f32,
+    xb: f32,
+    #[comptime] fmt: KernelFormat,
+) -> f32 {
+    let q5 = comptime![fmt == KernelFormat::Q5K];
+    // In vectors of 4 words: the block, its fifth-bit words (Q5_K), chunk j's quant words.
+    let vb = block * comptime![fmt.words_per_block() / 4];
+    let first = comptime![if q5 { 2u32 } else { 0u32 }];
+    let mut qw = Array::<u32>::new(8usize);
+    let mut qh = Array::<u32>::new(8usize);
+    #[unroll]
+    for v in 0..2u32 {
+        let q = w4[(vb + first + 2 * j + v) as usize];
+        #[unroll]
+        for k in 0..4u32 {
+            qw[(4 * v + k) as usize] = q[k as usize];
+        }
+        if comptime![q5] {
+            let h = w4[(vb + v) as usize];
+            #[unroll]
+            for k in 0..4u32 {
+                qh[(4 * v + k) as usize] = h[k as usize];
+            }
+        }
+    }
+    let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
+    let mut b = Array::<u32>::new(4usize);
+    let mut lo = 0.0f32;
+    let mut hi = 0.0f32;
+    // Two words per chain: 4 products per half, each below 32 in magnitude.
+    #[unroll]
+    for p in 0..4u32 {
+        let mut pa = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
+        let mut pb = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
+        #[unroll]
+        for e in 0..2u32 {
+            let i = 2 * p + e;
+            slot_pairs(qw[i as usize], 0u32, qh[i as usize], 8 * j + i, &mut b, fmt);
+            // Low nibbles: chunk columns 4i.. (sub-block 2j); high: 32 + 4i.. (2j + 1).
+            pa += (magic_h2(b[0]) - off) * h2(xr[(2 * i) as usize]);
+            pa += (magic_h2(b[1]) - off) * h2(xr[(2 * i + 1) as usize]);
+            pb += (magic_h2(b[2]) - off) * h2(xr[(16 + 2 * i) as usize]);
+            pb += (magic_h2(b[3]) - off) * h2(xr[(17 + 2 * i) as usize]);
+        }
+        lo += h2_sum(pa);
+        hi += h2_sum(pb);
+    }
+    let d = half_at_hw(scales, 8 * block);
+    let dmin = half_at_hw(scales, 8 * block + 1);
+    let s0 = scales[(4 * block + 1) as usize];
+    let s1 = scales[(4 * block + 2) as usize];
+    let s2 = scales[(4 * block + 3) as usize];
+    let ra = d * k4_scale(2 * j, s0, s1, s2) * lo - dmin * k4_min(2 * j, s0, s1, s2) * xa;
+    let rb = d * k4_scale(2 * j + 1, s0, s1, s2) * hi - dmin * k4_min(2 * j + 1, s0, s1, s2) * xb;
+    sa * ra + sb * rb
 }
 
 /// `f32` value of half `i` of the scale plane through the hardware conversion (kernels that

@@ -90,19 +90,38 @@ impl KernelFormat {
             Self::Q4_0 | Self::Q4_1 => 4,
             Self::Q5_0 | Self::Q5_1 => 5,
             Self::Q8_0 => 8,
-            Self::Q4K => 35,
-            Self::Q5K => 43,
+            Self::Q4K => 32,
+            Self::Q5K => 40,
             Self::Q6K => 52,
         }
     }
 
     /// `f16` values per block in the scale plane (`d`, then `m`/`dmin` where the format has it).
+    /// `Q4_K`/`Q5_K` move their 12 bytes of packed 6-bit scales there too (6 more halves'
+    /// room), so a block's header is one aligned 16-byte run and its quants start on a 16-byte
+    /// boundary (the wide mat-vec's loads).
     pub fn halves_per_block(self) -> u32 {
         match self {
             Self::F32 | Self::F16 => 0,
             Self::Q4_0 | Self::Q5_0 | Self::Q8_0 | Self::Q6K => 1,
-            Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K => 2,
+            Self::Q4_1 | Self::Q5_1 => 2,
+            Self::Q4K | Self::Q5K => 8,
         }
+    }
+
+    /// Columns a wide mat-vec lane takes at once (`MatvecConfig::wide`): a 32-weight block,
+    /// or a K-quant's 64-weight chunk (two sub-blocks, one quant word per 8 weights).
+    pub fn wide_cols(self) -> u32 {
+        match self {
+            Self::Q4K | Self::Q5K => 64,
+            _ => 32,
+        }
+    }
+
+    /// Whether the mat-vec on half activations can take the wide layout: the 32-weight formats
+    /// and `Q4_K`/`Q5_K` (`decode::dot_block_h2`, `decode::dot_kchunk_h2`).
+    pub fn wide(self) -> bool {
+        self.half_x()
     }
 
     /// Slots per block: each a `u32` word of quants (two for `Q8_0`) whose weights sit in

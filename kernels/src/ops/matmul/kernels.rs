@@ -12,7 +12,7 @@
 
 use cubecl::prelude::*;
 
-use super::decode::{block_x_sum, decode_slot, dot_block_h2, dot_slot_h2, slot_col};
+use super::decode::{decode_slot, dot_block_h2, dot_kchunk_h2, dot_slot_h2, slot_col, x_words_sum};
 use super::format::KernelFormat;
 use crate::ops::activation::gate_act;
 
@@ -36,9 +36,10 @@ pub struct MatvecConfig {
     /// Blocks per lane whose loads one trip issues together (`api::cfg_for` picks it per
     /// format and split: a second block that is always past the row's end only costs).
     pub unroll: u32,
-    /// Each lane takes whole 32-weight blocks, their quants in 16-byte loads and their 32
-    /// columns of half `x` in four (`Fusion::half_x` with a 32-weight format:
-    /// `decode::dot_block_h2`), instead of `KernelFormat::lanes_per_block` lanes a block.
+    /// Each lane takes `KernelFormat::wide_cols` columns of a block at once (a whole 32-weight
+    /// block, a K-quant's 64-weight chunk), their quants and their half `x` in 16-byte loads
+    /// (`Fusion::half_x`: `decode::dot_block_h2`, `decode::dot_kchunk_h2`), instead of
+    /// `KernelFormat::lanes_per_block` lanes a block, a word each.
     pub wide: bool,
 }
 
@@ -271,9 +272,14 @@ pub fn matvec_kernel(
     #[comptime] cfg: MatvecConfig,
     #[comptime] fusion: Fusion,
 ) {
-    // A wide lane takes a whole block as one "slot".
+    // A wide lane takes `wide_cols` columns of a block (all of a 32-weight block, a K-quant's
+    // 64-weight chunk) as one "slot".
     let spl = comptime![if cfg.wide { 1 } else { fmt.slots_per_lane() }];
-    let lpb = comptime![if cfg.wide { 1 } else { fmt.lanes_per_block() }];
+    let lpb = comptime![if cfg.wide {
+        fmt.elems_per_block() / fmt.wide_cols()
+    } else {
+        fmt.lanes_per_block()
+    }];
     let step = comptime![(cfg.lanes / lpb).max(1)];
     let unroll = comptime![cfg.unroll];
     let epb = comptime![fmt.elems_per_block()];
@@ -298,8 +304,8 @@ pub fn matvec_kernel(
     let mut m2 = Array::<f32>::new(comptime![groups as usize]);
     let mut xs = Array::<f32>::new(comptime![(4 * groups) as usize]);
     let mut xsum = Array::<f32>::new(comptime![groups as usize]);
-    // A wide lane's block of half `x`: 16 words.
-    let mut xr = Array::<u32>::new(16usize);
+    // A wide lane's columns of half `x`: 2 per word.
+    let mut xr = Array::<u32>::new(comptime![(fmt.wide_cols() / 2) as usize]);
     // acc[t * rpp + r]: token t, row row0 + r; acc2[r]: the gated pair's second weight.
     let mut acc = Array::<f32>::new(comptime![(tokens * rpp) as usize]);
     let mut acc2 = Array::<f32>::new(comptime![rpp as usize]);
@@ -329,30 +335,51 @@ pub fn matvec_kernel(
                 for s in 0..spl {
                     let slot = slot0 + s;
                     if comptime![cfg.wide] {
-                        // The block's 32 columns of `x` in four 16-byte loads and their scale,
-                        // loaded once for every row.
+                        // The lane's columns of `x` in 16-byte loads and their scales (one
+                        // per 32 columns) and sums, loaded once for every row.
+                        let wc = comptime![fmt.wide_cols()];
+                        let c0 = col + slot * wc;
                         #[unroll]
-                        for i in 0..4u32 {
-                            let v = xh4[(bc * 4 + i) as usize];
+                        for i in 0..comptime![wc / 8] {
+                            let v = xh4[(c0 / 8 + i) as usize];
                             #[unroll]
                             for k in 0..4u32 {
                                 xr[(4 * i + k) as usize] = v[k as usize];
                             }
                         }
-                        let sx = xsc[bc as usize];
-                        let mut xt = 0.0f32;
+                        let sa = xsc[(c0 / 32) as usize];
+                        let mut sb = sa;
+                        let mut xa = 0.0f32;
+                        let mut xb = 0.0f32;
                         if comptime![fmt.has_min()] {
-                            xt = block_x_sum(&xr, fmt);
+                            xa = x_words_sum(&xr, 0u32, 16u32);
+                        }
+                        if comptime![wc == 64] {
+                            sb = xsc[(c0 / 32 + 1) as usize];
+                            xb = x_words_sum(&xr, 16u32, 16u32);
                         }
                         #[unroll]
                         for r in 0..rpp {
                             let wr = select(row0 + r < rows, row0 + r, rows - 1);
                             let block = wr * blocks_per_row + bc;
-                            let v = dot_block_h2(w, w4, scales, block, &xr, sx, xt, fmt);
-                            acc[r as usize] += select(live, v, 0.0);
-                            if comptime![fusion.gated] {
-                                let v = dot_block_h2(w2, w24, scales2, block, &xr, sx, xt, fmt);
-                                acc2[r as usize] += select(live, v, 0.0);
+                            if comptime![wc == 64] {
+                                let v = dot_kchunk_h2(
+                                    w4, scales, block, slot, &xr, sa, sb, xa, xb, fmt,
+                                );
+                                acc[r as usize] += select(live, v, 0.0);
+                                if comptime![fusion.gated] {
+                                    let v = dot_kchunk_h2(
+                                        w24, scales2, block, slot, &xr, sa, sb, xa, xb, fmt,
+                                    );
+                                    acc2[r as usize] += select(live, v, 0.0);
+                                }
+                            } else {
+                                let v = dot_block_h2(w, w4, scales, block, &xr, sa, xa, fmt);
+                                acc[r as usize] += select(live, v, 0.0);
+                                if comptime![fusion.gated] {
+                                    let v = dot_block_h2(w2, w24, scales2, block, &xr, sa, xa, fmt);
+                                    acc2[r as usize] += select(live, v, 0.0);
+                                }
                             }
                         }
                     } else if comptime![fusion.half_x] {

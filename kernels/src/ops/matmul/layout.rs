@@ -2,10 +2,12 @@
 //!
 //! GGUF blocks are 18, 20, 22, 24, 34, 144, 176 or 210 bytes, so their `f16` headers and
 //! quant bytes sit at any byte offset. At upload every block is split, keeping byte order:
-//! - the *quant plane* gets the block minus its `f16` header (16, 16, 20, 20, 32, 140, 172
-//!   or 208 bytes: always whole words, so every block starts on a word and a `Q4_0` block's
-//!   quants are one aligned 16-byte load);
-//! - the *scale plane* gets the header halves (`d`, then `m`/`dmin`), packed two per word.
+//! - the *quant plane* gets the block minus its header (16, 16, 20, 20, 32, 128, 160 or 208
+//!   bytes: always whole words, so every block starts on a word, and a `Q4_0`, `Q4_1`, `Q8_0`,
+//!   `Q4_K` or `Q5_K` block on 16 bytes, which the wide mat-vec loads at once);
+//! - the *scale plane* gets the header: the `f16` halves (`d`, then `m`/`dmin`), packed two
+//!   per word; `Q4_K`/`Q5_K` add their 12 bytes of packed 6-bit scales, so their 16-byte
+//!   header is one aligned run.
 //!
 //! Nothing is dequantized and nothing is added but at most 2 bytes of padding at the end of
 //! the scale plane, so decode reads exactly GGUF's bytes per weight. Block `b` of row `r` is
@@ -26,7 +28,8 @@ pub struct PackedWeight {
     pub blocks_per_row: u32,
 }
 
-/// Splits `rows` GGUF rows of `cols` weights into the planes. The caller has checked that
+/// Splits `rows` GGUF rows of `cols` weights into the planes (the header is
+/// `2 * halves_per_block` bytes at `header_offset`). The caller has checked that
 /// `bytes` holds exactly `rows` rows of `cols` weights of `fmt`.
 pub fn pack(fmt: KernelFormat, rows: usize, cols: usize, bytes: &[u8]) -> PackedWeight {
     let epb = fmt.elems_per_block() as usize;
@@ -93,6 +96,18 @@ mod tests {
         assert_eq!(p.scales, vec![0xBBAA]);
         assert_eq!(p.quants[0], 0x0302_0100);
         assert_eq!(p.quants.len(), 4);
+    }
+
+    #[test]
+    fn q4k_header_with_its_scales_goes_to_the_scale_plane() {
+        let block: Vec<u8> = (0..144).map(|i| i as u8).collect();
+        let p = pack(KernelFormat::Q4K, 1, 256, &block);
+        assert_eq!(
+            p.scales,
+            vec![0x0302_0100, 0x0706_0504, 0x0B0A_0908, 0x0F0E_0D0C]
+        );
+        assert_eq!(p.quants.len(), 32);
+        assert_eq!(p.quants[0], 0x1312_1110);
     }
 
     #[test]
