@@ -614,6 +614,31 @@ pub fn dot_kchunk_h2(
     sa * ra + sb * rb
 }
 
+/// A wide lane's `slot` of global block `block` against its columns of half `x` (`xr`, the
+/// block's columns `slot * wide_cols..`): `xs[g]` the scale of its `g`-th 32 columns
+/// (`KernelFormat::wide_groups`), `xt[g]` their [`x_words_sum`] (formats with a min).
+#[cube]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+pub fn dot_wide_h2(
+    w: &Array<u32>,
+    w4: &Array<Vector<u32, Const<4>>>,
+    scales: &Array<u32>,
+    block: u32,
+    slot: u32,
+    xr: &Array<u32>,
+    xs: &Array<f32>,
+    xt: &Array<f32>,
+    #[comptime] fmt: KernelFormat,
+) -> f32 {
+    let mut out = 0.0f32;
+    if comptime![matches!(fmt, KernelFormat::Q4K | KernelFormat::Q5K)] {
+        out = dot_kchunk_h2(w4, scales, block, slot, xr, xs[0], xs[1], xt[0], xt[1], fmt);
+    } else {
+        out = dot_block_h2(w, w4, scales, block, xr, xs[0], xt[0], fmt);
+    }
+    out
+}
+
 /// `f32` value of half `i` of the scale plane through the hardware conversion (kernels that
 /// already need `f16`).
 #[cube]

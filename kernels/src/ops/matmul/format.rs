@@ -118,10 +118,15 @@ impl KernelFormat {
         }
     }
 
-    /// Whether the mat-vec on half activations can take the wide layout: the 32-weight formats
-    /// and `Q4_K`/`Q5_K` (`decode::dot_block_h2`, `decode::dot_kchunk_h2`).
+    /// Whether the mat-vec on half activations can take the wide layout: every half format
+    /// (`decode::dot_wide_h2`).
     pub fn wide(self) -> bool {
         self.half_x()
+    }
+
+    /// 32-column groups (one activation scale each) in a wide lane's columns.
+    pub fn wide_groups(self) -> u32 {
+        self.wide_cols() / 32
     }
 
     /// Slots per block: each a `u32` word of quants (two for `Q8_0`) whose weights sit in
@@ -172,9 +177,10 @@ impl KernelFormat {
         }
     }
 
-    /// Whether the single-token mat-vec can take `x` as packed halves (`decode::dot_slot_h2`):
-    /// the formats whose slot is two runs of 4 columns, each under one scale, with quants of
-    /// at most 8 bits laid out so that one mask takes a pair of them (all but Q6_K and floats).
+    /// Whether the single-token mat-vec can take `x` as packed halves (`decode::dot_slot_h2`,
+    /// `decode::dot_wide_h2`): the formats whose slot is two runs of 4 columns, each under one
+    /// scale, with quants of at most 8 bits laid out so that one mask takes a pair of them (all
+    /// but Q6_K and floats).
     pub fn half_x(self) -> bool {
         matches!(
             self,

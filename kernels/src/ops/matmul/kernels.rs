@@ -12,7 +12,7 @@
 
 use cubecl::prelude::*;
 
-use super::decode::{decode_slot, dot_block_h2, dot_kchunk_h2, dot_slot_h2, slot_col, x_words_sum};
+use super::decode::{decode_slot, dot_slot_h2, dot_wide_h2, slot_col, x_words_sum};
 use super::format::KernelFormat;
 use crate::ops::activation::gate_act;
 
@@ -306,6 +306,9 @@ pub fn matvec_kernel(
     let mut xsum = Array::<f32>::new(comptime![groups as usize]);
     // A wide lane's columns of half `x`: 2 per word.
     let mut xr = Array::<u32>::new(comptime![(fmt.wide_cols() / 2) as usize]);
+    // Its groups' activation scales and sums.
+    let mut xsg = Array::<f32>::new(comptime![fmt.wide_groups() as usize]);
+    let mut xtg = Array::<f32>::new(comptime![fmt.wide_groups() as usize]);
     // acc[t * rpp + r]: token t, row row0 + r; acc2[r]: the gated pair's second weight.
     let mut acc = Array::<f32>::new(comptime![(tokens * rpp) as usize]);
     let mut acc2 = Array::<f32>::new(comptime![rpp as usize]);
@@ -335,51 +338,36 @@ pub fn matvec_kernel(
                 for s in 0..spl {
                     let slot = slot0 + s;
                     if comptime![cfg.wide] {
-                        // The lane's columns of `x` in 16-byte loads and their scales (one
-                        // per 32 columns) and sums, loaded once for every row.
-                        let wc = comptime![fmt.wide_cols()];
-                        let c0 = col + slot * wc;
+                        // The lane's columns of `x` in 16-byte loads, their scales (one per 32
+                        // columns) and sums, loaded once for every row.
+                        let c0 = col + slot * comptime![fmt.wide_cols()];
                         #[unroll]
-                        for i in 0..comptime![wc / 8] {
+                        for i in 0..comptime![fmt.wide_cols() / 8] {
                             let v = xh4[(c0 / 8 + i) as usize];
                             #[unroll]
                             for k in 0..4u32 {
                                 xr[(4 * i + k) as usize] = v[k as usize];
                             }
                         }
-                        let sa = xsc[(c0 / 32) as usize];
-                        let mut sb = sa;
-                        let mut xa = 0.0f32;
-                        let mut xb = 0.0f32;
-                        if comptime![fmt.has_min()] {
-                            xa = x_words_sum(&xr, 0u32, 16u32);
-                        }
-                        if comptime![wc == 64] {
-                            sb = xsc[(c0 / 32 + 1) as usize];
-                            xb = x_words_sum(&xr, 16u32, 16u32);
+                        #[unroll]
+                        for g in 0..comptime![fmt.wide_groups()] {
+                            xsg[g as usize] = xsc[(c0 / 32 + g) as usize];
+                            xtg[g as usize] = 0.0;
+                            if comptime![fmt.has_min()] {
+                                xtg[g as usize] = x_words_sum(&xr, 16 * g, 16u32);
+                            }
                         }
                         #[unroll]
                         for r in 0..rpp {
                             let wr = select(row0 + r < rows, row0 + r, rows - 1);
                             let block = wr * blocks_per_row + bc;
-                            if comptime![wc == 64] {
-                                let v = dot_kchunk_h2(
-                                    w4, scales, block, slot, &xr, sa, sb, xa, xb, fmt,
+                            let v = dot_wide_h2(w, w4, scales, block, slot, &xr, &xsg, &xtg, fmt);
+                            acc[r as usize] += select(live, v, 0.0);
+                            if comptime![fusion.gated] {
+                                let v = dot_wide_h2(
+                                    w2, w24, scales2, block, slot, &xr, &xsg, &xtg, fmt,
                                 );
-                                acc[r as usize] += select(live, v, 0.0);
-                                if comptime![fusion.gated] {
-                                    let v = dot_kchunk_h2(
-                                        w24, scales2, block, slot, &xr, sa, sb, xa, xb, fmt,
-                                    );
-                                    acc2[r as usize] += select(live, v, 0.0);
-                                }
-                            } else {
-                                let v = dot_block_h2(w, w4, scales, block, &xr, sa, xa, fmt);
-                                acc[r as usize] += select(live, v, 0.0);
-                                if comptime![fusion.gated] {
-                                    let v = dot_block_h2(w2, w24, scales2, block, &xr, sa, xa, fmt);
-                                    acc2[r as usize] += select(live, v, 0.0);
-                                }
+                                acc2[r as usize] += select(live, v, 0.0);
                             }
                         }
                     } else if comptime![fusion.half_x] {
