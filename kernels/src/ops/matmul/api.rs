@@ -1002,7 +1002,7 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
 /// (1, 2 or 4 each), `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
 pub fn cfg_for(cfg: MatvecConfig, fusion: Fusion, fmt: KernelFormat) -> MatvecConfig {
     let k = knobs();
-    if fusion.half_x && fmt.wide() && k.wide {
+    if fusion.half_x && k.wide {
         return MatvecConfig {
             rows_per_plane: k.wide_rows,
             planes_per_row: k

@@ -326,19 +326,19 @@ pub fn dot_slot_h2(
         let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
         let pa = (magic_h2(b[0]) - off) * h2(xa[0]) + (magic_h2(b[1]) - off) * h2(xa[1]);
         let pb = (magic_h2(b[2]) - off) * h2(xb[0]) + (magic_h2(b[3]) - off) * h2(xb[1]);
-        let j = slot / 8;
-        let d = half_at_hw(scales, 8 * block);
-        let dmin = half_at_hw(scales, 8 * block + 1);
-        let s0 = scales[(4 * block + 1) as usize];
-        let s1 = scales[(4 * block + 2) as usize];
-        let s2 = scales[(4 * block + 3) as usize];
-        let xsa = h2(xa[0]) + h2(xa[1]);
-        let xsb = h2(xb[0]) + h2(xb[1]);
-        let ra = d * k4_scale(2 * j, s0, s1, s2) * h2_sum(pa)
-            - dmin * k4_min(2 * j, s0, s1, s2) * h2_sum(xsa);
-        let rb = d * k4_scale(2 * j + 1, s0, s1, s2) * h2_sum(pb)
-            - dmin * k4_min(2 * j + 1, s0, s1, s2) * h2_sum(xsb);
-        out = sa * ra + sb * rb;
+        let xsa = h2_sum(h2(xa[0]) + h2(xa[1]));
+        let xsb = h2_sum(h2(xb[0]) + h2(xb[1]));
+        out = k_pair_apply(
+            scales,
+            block,
+            slot / 8,
+            h2_sum(pa),
+            h2_sum(pb),
+            xsa,
+            xsb,
+            sa,
+            sb,
+        );
     } else {
         // One block: one scale (and min) for both runs, one activation scale (`sb` is `sa`):
         // one chain of products.
@@ -604,6 +604,27 @@ pub fn dot_kchunk_h2(
         lo += h2_sum(pa);
         hi += h2_sum(pb);
     }
+    k_pair_apply(scales, block, j, lo, hi, xa, xb, sa, sb)
+}
+
+/// The scales of `Q4_K`/`Q5_K` sub-blocks `2j` and `2j + 1` of global block `block` applied to
+/// their half-math sums (both half paths): `lo`/`hi` the sums of quants times scaled `x`,
+/// `xa`/`xb` the sums of scaled `x`, `sa`/`sb` the activation scales, each sub-block
+/// `s * (d * scale * sum - dmin * min * xsum)`. The header (`d`, `dmin` and the packed 6-bit
+/// scales) is one aligned 16-byte run of the scale plane.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn k_pair_apply(
+    scales: &Array<u32>,
+    block: u32,
+    j: u32,
+    lo: f32,
+    hi: f32,
+    xa: f32,
+    xb: f32,
+    sa: f32,
+    sb: f32,
+) -> f32 {
     let d = half_at_hw(scales, 8 * block);
     let dmin = half_at_hw(scales, 8 * block + 1);
     let s0 = scales[(4 * block + 1) as usize];

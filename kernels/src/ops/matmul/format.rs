@@ -118,12 +118,6 @@ impl KernelFormat {
         }
     }
 
-    /// Whether the mat-vec on half activations can take the wide layout: every half format
-    /// (`decode::dot_wide_h2`).
-    pub fn wide(self) -> bool {
-        self.half_x()
-    }
-
     /// 32-column groups (one activation scale each) in a wide lane's columns.
     pub fn wide_groups(self) -> u32 {
         self.wide_cols() / 32

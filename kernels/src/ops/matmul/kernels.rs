@@ -38,7 +38,7 @@ pub struct MatvecConfig {
     pub unroll: u32,
     /// Each lane takes `KernelFormat::wide_cols` columns of a block at once (a whole 32-weight
     /// block, a K-quant's 64-weight chunk), their quants and their half `x` in 16-byte loads
-    /// (`Fusion::half_x`: `decode::dot_block_h2`, `decode::dot_kchunk_h2`), instead of
+    /// (`Fusion::half_x`, every format that takes it: `decode::dot_wide_h2`), instead of
     /// `KernelFormat::lanes_per_block` lanes a block, a word each.
     pub wide: bool,
 }
