@@ -1,6 +1,7 @@
 //! `hip_check`: every kernel variant the runtime can launch, compiled to HIP C++ by CubeCL's HIP
-//! compiler and then by hipcc for gfx90a (MI200, wave64) and gfx1030 (RDNA2, wave32), so ROCm
-//! breakage shows without an AMD GPU. `cargo xtask hip-check` (and `cargo xtask test`) run it;
+//! compiler and then by hipcc for gfx90a (MI200, wave64) and gfx1030 (RDNA2, wave32), and the
+//! quantized mat-mat on matrix units for gfx1100 (RDNA3, WMMA), so ROCm breakage shows without
+//! an AMD GPU. `cargo xtask hip-check` (and `cargo xtask test`) run it;
 //! it ends with the line `hip-check: N/M kernels compiled` and exits 1 when N < M.
 //!
 //! Kernel definitions are built through a wgpu client (any runtime's client would do; wgpu is
@@ -22,9 +23,18 @@ use rocforge_kernels::ops::gpu::cubecl::hip::runtime::HipCompiler;
 use rocforge_kernels::ops::gpu::cubecl::prelude::*;
 use rocforge_kernels::ops::gpu::cubecl::wgpu::WgpuRuntime;
 use rocforge_kernels::ops::gpu::cubecl::Compiler;
+use rocforge_kernels::ops::matmul::catalog::mma_definitions;
 
-/// Target architectures and their wavefront size.
-const ARCHS: [(&str, u32); 2] = [("gfx90a", 64), ("gfx1030", 32)];
+/// Target architectures, their wavefront size, and whether they take the quantized mat-mat
+/// only: that kernel runs where CubeCL 0.10's HIP compiler drives matrix units (RDNA3 WMMA,
+/// wave32), so it is checked for gfx1100 instead. Debian's ROCm 5.2 has no gfx1100 device
+/// library, so gfx1100 sources are compiled to assembly (`-S -nogpulib`: front end and code
+/// generation, WMMA instructions included, without the device-library link).
+const ARCHS: [(&str, u32, bool); 3] = [
+    ("gfx90a", 64, false),
+    ("gfx1030", 32, false),
+    ("gfx1100", 32, true),
+];
 
 /// Kernels per hipcc translation unit.
 const BUNDLE: usize = 24;
@@ -60,10 +70,14 @@ fn run() -> Result<bool, String> {
     let hipcc = std::env::var("HIPCC").unwrap_or_else(|_| "hipcc".into());
     let client = WgpuRuntime::client(&Default::default());
     let (mut total, mut failures, mut sources) = (0usize, Vec::new(), Vec::new());
-    for (arch, warp_size) in ARCHS {
+    for (arch, warp_size, mma_only) in ARCHS {
         // Fresh definitions per target: compiling drains state a clone of a definition shares
         // (the second compile of a clone loses its local declarations).
-        let defs = kernel_definitions(&client);
+        let defs = if mma_only {
+            mma_definitions(&client, warp_size)
+        } else {
+            kernel_definitions(&client)
+        };
         total += defs.len();
         for (name, def) in defs {
             let case = format!("{name} [{arch}]");
@@ -93,7 +107,7 @@ fn run() -> Result<bool, String> {
     }
     let bundles: Vec<&[Source]> = ARCHS
         .iter()
-        .flat_map(|(arch, _)| chunks_of(&sources, arch))
+        .flat_map(|(arch, _, _)| chunks_of(&sources, arch))
         .collect();
     eprintln!(
         "hip-check: {} sources in {} hipcc bundles",
@@ -202,12 +216,19 @@ fn compile_bundle(hipcc: &str, dir: &Path, bundle: &[Source]) -> (Vec<String>, u
 
 /// Compiles one file with hipcc for `arch`; the error holds the first lines of its complaint.
 fn hipcc_one(hipcc: &str, arch: &str, src: &Path) -> Result<(), String> {
+    let assembly = ARCHS.iter().any(|&(a, _, mma_only)| a == arch && mma_only);
+    let mode: &[&str] = if assembly {
+        &["-nogpulib", "-S"]
+    } else {
+        &["-c"]
+    };
     let out = Command::new(hipcc)
         .arg(format!("--offload-arch={arch}"))
-        .args(["--cuda-device-only", "-c"])
+        .arg("--cuda-device-only")
+        .args(mode)
         .arg(src)
         .arg("-o")
-        .arg(src.with_extension("o"))
+        .arg(src.with_extension(if assembly { "s" } else { "o" }))
         .output()
         .map_err(|e| format!("running `{hipcc}`: {e} (install ROCm's hipcc or set HIPCC)"))?;
     if out.status.success() {

@@ -477,6 +477,55 @@ fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
     }
 }
 
+/// The quantized mat-mat on the matrix units, every tile it launches, batches of one partial
+/// tile and of several (the output starts as noise, so a missed element shows), against the CPU reference; and the dequantize path it
+/// replaces, on the same inputs. Devices without f16 `cmma` (lavapipe) run the latter only.
+fn check_mma<R: Runtime>(fmt: KernelFormat) {
+    let mut c = Case::<R>::new(0x5EED ^ (fmt as u64) << 8);
+    let mma = match mm::prefill_kernel(&c.client, 64) {
+        mm::PrefillKernel::Mma(cfg) => Some(cfg),
+        mm::PrefillKernel::Dequantize => None,
+    };
+    if let (Some(cfg), KernelFormat::F32 | KernelFormat::F16) = (mma, fmt) {
+        // x is read as f16 in 16-byte vectors: other widths are refused (and `matmul` takes
+        // the dequantize path for them).
+        let (w, _) = c.weight(fmt, 3, 12);
+        let (x, y) = (c.upload(&[0.0; 9 * 12]), c.client.empty(9 * 3 * 4));
+        let err = mm::launch_mma(&c.client, &w, &x, &y, 9, cfg).expect_err("12 columns");
+        assert!(matches!(err, MatmulError::BadShape { .. }), "{err}");
+    }
+    // Plain widths rounded up to a multiple of 8, the quantized mat-mat's.
+    let shapes = Case::<R>::shapes(fmt).map(|(rows, cols)| (rows, cols.next_multiple_of(8)));
+    for (rows, cols) in shapes {
+        let (w, wf) = c.weight(fmt, rows, cols);
+        for tokens in [9, 40, 77] {
+            let x = c.rng.vec(tokens * cols);
+            let y0 = c.rng.vec(tokens * rows);
+            let xd = c.upload(&x);
+            let want = matmul_cpu(&wf, rows, cols, &x, tokens);
+            let scratch = DequantScratch::new(&c.client, rows * cols);
+            let y = c.client.empty(tokens * rows * 4);
+            mm::matmul_dequantized(&c.client, &w, &xd, &y, tokens, Some(&scratch))
+                .expect("dequantize path");
+            let tol = match scratch.precision() {
+                mm::PrefillPrecision::F32 => PREFILL_NMSE_TOLERANCE,
+                mm::PrefillPrecision::F16 { .. } => PREFILL_F16_NMSE_TOLERANCE,
+            };
+            let case = format!("dequantized matmul {fmt} {tokens}x{rows}x{cols}");
+            assert_within(&case, tol, &c.read(y), &want);
+            let Some(plane) = mma.map(|cfg| cfg.plane) else {
+                continue;
+            };
+            for cfg in catalog::mma_configs(plane) {
+                let y = c.upload(&y0);
+                mm::launch_mma(&c.client, &w, &xd, &y, tokens, cfg).expect("mma");
+                let case = format!("mma {fmt} {tokens}x{rows}x{cols} tile {cfg:?}");
+                assert_within(&case, PREFILL_F16_NMSE_TOLERANCE, &c.read(y), &want);
+            }
+        }
+    }
+}
+
 fn check_dequantize<R: Runtime>(fmt: KernelFormat) {
     let mut c = Case::<R>::new(0x7777 ^ fmt as u64);
     for (rows, cols) in Case::<R>::shapes(fmt) {
@@ -658,6 +707,8 @@ macro_rules! format_tests {
             fn matmul_max_matvec_batch() { check_matmul::<$runtime>(FMT, mm::MAX_MATVEC_TOKENS) }
             #[test]
             fn matmul_prefill() { check_matmul::<$runtime>(FMT, 11) }
+            #[test]
+            fn mma() { check_mma::<$runtime>(FMT) }
             #[test]
             fn dequantize() { check_dequantize::<$runtime>(FMT) }
             #[test]

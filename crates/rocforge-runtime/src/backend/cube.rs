@@ -537,7 +537,8 @@ impl<R: Runtime> CubeBackend<R> {
             .all(|b| matches!(&b.m, Matrix::Tuned(w) if norm_fusable(w)));
         // Batches above MAX_MATVEC_TOKENS dequantize a layer matrix into this scratch and
         // multiply; the vocabulary projection gets its own only if perplexity asks for it.
-        let dequant = (b > MAX_MATVEC_TOKENS)
+        let dequant = (b > MAX_MATVEC_TOKENS
+            && mm::prefill_kernel(gpu.client(), b) == mm::PrefillKernel::Dequantize)
             .then(|| DequantScratch::new(gpu.client(), need.largest_layer_matrix));
         let inv_freqs = super::cpu::scaled(
             rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref()),
@@ -877,14 +878,17 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     /// [`Self::linear`] on the tuned kernels: one mat-vec up to `MAX_MATVEC_TOKENS` tokens,
-    /// above that a dequantize pass into the scratch and cubek's matmul.
+    /// above that the quantized mat-mat on the matrix units where the device has them
+    /// (`mm::prefill_kernel`), else a dequantize pass into the scratch and cubek's matmul.
     fn linear_tuned(&self, w: &QWeight<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
         let client = self.gpu.client();
         let r = if n == 1 {
             return self
                 .matvec(mm::Matvec::new(w, x.handle(), out.handle()))
                 .map(drop);
-        } else if n <= MAX_MATVEC_TOKENS {
+        } else if n <= MAX_MATVEC_TOKENS
+            || matches!(mm::prefill_kernel(client, n), mm::PrefillKernel::Mma(_))
+        {
             self.gpu.count_launches(1);
             mm::matmul(client, w, x.handle(), out.handle(), n, None)
         } else {
@@ -1262,7 +1266,12 @@ impl<R: Runtime> Executor for CubeBackend<R> {
         let Some(output) = self.output.single() else {
             return self.logits_split(rows);
         };
-        if let Matrix::Tuned(w) = output {
+        let mma = matches!(
+            mm::prefill_kernel(self.gpu.client(), rows),
+            mm::PrefillKernel::Mma(_)
+        );
+        // The quantized mat-mat reads the weight as it is: no scratch to size.
+        if let (Matrix::Tuned(w), false) = (output, mma) {
             let elems = w.rows * w.cols;
             let fits =
                 |s: &Option<DequantScratch<R>>| s.as_ref().is_some_and(|s| s.elems() >= elems);

@@ -14,6 +14,7 @@ use cubek::std::InputBinding;
 use super::format::KernelFormat;
 use super::kernels::{self, Fusion, MatvecConfig};
 use super::layout;
+use super::mma::{self, MmaConfig};
 use crate::ops::activation::GateAct;
 use crate::ops::launch::{self, array_arg, Arg};
 use crate::quant::GgmlType;
@@ -686,6 +687,22 @@ pub fn matmul<R: Runtime>(
             },
         );
     }
+    if let (PrefillKernel::Mma(cfg), 0) = (prefill_kernel(client, n_tokens), w.cols % 8) {
+        return launch_mma(client, w, x, y, n_tokens, cfg);
+    }
+    matmul_dequantized(client, w, x, y, n_tokens, scratch)
+}
+
+/// [`matmul`] through the dequantize pass and cubek, whatever [`prefill_kernel`] says (tests and
+/// A/B runs compare both paths).
+pub fn matmul_dequantized<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x: &Handle,
+    y: &Handle,
+    n_tokens: usize,
+    scratch: Option<&DequantScratch<R>>,
+) -> Result<(), MatmulError> {
     let scratch = scratch.ok_or(MatmulError::BufferTooSmall {
         what: "scratch",
         needed: (w.rows * w.cols) as u64 * 4,
@@ -743,6 +760,144 @@ pub fn matmul<R: Runtime>(
         }
     }
     run(&Strategy::Auto, &mut dtypes).map_err(|e| MatmulError::Matmul(format!("{e:?}")))
+}
+
+/// How a batch above [`MAX_MATVEC_TOKENS`] tokens is multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// The quantized mat-mat on the matrix units ([`mma::mma_kernel`]): weights read in their
+    /// uploaded layout, no scratch.
+    Mma(MmaConfig),
+    /// The dequantize pass into a [`DequantScratch`], then cubek's matmul.
+    Dequantize,
+}
+
+/// The quantized mat-mat's tiles, `[planes_m, planes_n, frags_m, frags_n]` (see [`MmaConfig`]):
+/// for up to 32 tokens, up to 128, and more. Chosen on the H200 from `quant_matmul`'s sweep
+/// (docs/performance.md): 32x32 with 4 planes, 64x32 with 8, 64x128 with 8.
+pub const MMA_TILES: [[u32; 4]; 3] = [[2, 2, 1, 1], [4, 2, 1, 1], [2, 4, 2, 2]];
+
+/// The mat-mat for `n_tokens` tokens on `client`'s device: [`PrefillKernel::Mma`] where the
+/// device's `cmma` multiplies 16x16x16 f16 tiles into f32 and its plane width is fixed,
+/// otherwise [`PrefillKernel::Dequantize`].
+///
+/// Tile (tokens x weight rows per cube, [`MMA_TILES`]): 32x32 up to 32 tokens, 64x32 up to
+/// 128, 64x128 above, so a batched-decode step still spreads a 4096-row weight over 128 cubes. Tuning runs
+/// override it, read once: `ROCFORGE_MMA=0` (always dequantize), `ROCFORGE_MMA_TILE=pm,pn,fm,fn`
+/// (planes and fragments along tokens and rows, `pm * pn` at most 8, fragments at most 4 each),
+/// `ROCFORGE_MMA_MAX=N` (dequantize above N tokens).
+pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) -> PrefillKernel {
+    struct MmaKnobs {
+        off: bool,
+        tile: Option<[u32; 4]>,
+        max: Option<usize>,
+    }
+    static KNOBS: std::sync::OnceLock<MmaKnobs> = std::sync::OnceLock::new();
+    let k = KNOBS.get_or_init(|| MmaKnobs {
+        off: std::env::var("ROCFORGE_MMA").is_ok_and(|v| v == "0"),
+        tile: std::env::var("ROCFORGE_MMA_TILE").ok().and_then(|v| {
+            let p: Vec<u32> = v.split(',').filter_map(|t| t.trim().parse().ok()).collect();
+            let ok = p.len() == 4 && p.iter().all(|&n| (1..=4).contains(&n)) && p[0] * p[1] <= 8;
+            ok.then(|| [p[0], p[1], p[2], p[3]])
+        }),
+        max: std::env::var("ROCFORGE_MMA_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    });
+    if k.off || k.max.is_some_and(|max| n_tokens > max) {
+        return PrefillKernel::Dequantize;
+    }
+    let props = client.properties();
+    let hw = &props.hardware;
+    let (f16, f32) = (
+        half::f16::as_type_native_unchecked().storage_type(),
+        f32::as_type_native_unchecked().storage_type(),
+    );
+    let cmma = props.features.matmul.cmma.iter().any(|c| {
+        c.a_type == f16 && c.b_type == f16 && c.cd_type == f32 && (c.m, c.n, c.k) == (16, 16, 16)
+    });
+    let plane = hw.plane_size_max;
+    if !cmma
+        || !props.supports_type(half::f16::as_type_native_unchecked())
+        || hw.plane_size_min != plane
+        || !(256 % plane == 0 && plane >= 16)
+    {
+        return PrefillKernel::Dequantize;
+    }
+    let [planes_m, planes_n, frags_m, frags_n] = k.tile.unwrap_or(match n_tokens {
+        0..=32 => MMA_TILES[0],
+        33..=128 => MMA_TILES[1],
+        _ => MMA_TILES[2],
+    });
+    PrefillKernel::Mma(MmaConfig {
+        plane,
+        planes_m,
+        planes_n,
+        frags_m,
+        frags_n,
+    })
+}
+
+/// `y = W·x` for `n_tokens` tokens with the quantized mat-mat (see [`prefill_kernel`]).
+pub fn launch_mma<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x: &Handle,
+    y: &Handle,
+    n_tokens: usize,
+    cfg: MmaConfig,
+) -> Result<(), MatmulError> {
+    if w.cols % 8 != 0 {
+        // `x` is read as f16 in 16-byte vectors.
+        return Err(MatmulError::BadShape {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+        });
+    }
+    check_buffer("x", x, n_tokens * w.cols)?;
+    check_buffer("y", y, n_tokens * w.rows)?;
+    check_u32((n_tokens * w.cols.max(w.rows)) as u64)?;
+    let (bm, bn) = (cfg.block_m() as usize, cfg.block_n() as usize);
+    let count = CubeCount::new_2d(w.rows.div_ceil(bn) as u32, n_tokens.div_ceil(bm) as u32);
+    let kernel = mma::mma_kernel::MmaKernel::<R>::new(
+        launch::settings(CubeDim::new_2d(cfg.plane, cfg.planes_m * cfg.planes_n)),
+        client.clone(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        array_arg(),
+        (),
+        (),
+        (),
+        (),
+        w.format,
+        cfg,
+    );
+    let [wq, ws] = w.args();
+    // The kernel stages x as f16: converted once here rather than by every cube that reads it.
+    let x16 = client.empty(n_tokens * w.cols * 2);
+    to_f16(client, x, &x16, n_tokens * w.cols)?;
+    // SAFETY: x and y hold the batch (checked above); the kernel masks rows, tokens and
+    // columns past the shape, and reads only whole blocks of the weight's planes.
+    unsafe {
+        launch::launch(
+            client,
+            kernel,
+            count,
+            &[
+                wq,
+                ws,
+                Arg::vec::<half::f16>(&x16, n_tokens * w.cols / 8, 8),
+                Arg::of::<f32>(y, n_tokens * w.rows),
+                Arg::U32(n_tokens as u32),
+                Arg::U32(w.rows as u32),
+                Arg::U32(w.cols as u32),
+                Arg::U32(w.blocks_per_row),
+            ],
+        )
+    };
+    Ok(())
 }
 
 /// `out = x` as f16 for `n` values.

@@ -7,6 +7,7 @@ use cubecl::prelude::*;
 use super::api::{self, DequantScratch, MatmulError, Matvec, QWeight, MAX_MATVEC_TOKENS};
 use super::format::KernelFormat;
 use super::kernels::{self, Fusion, MatvecConfig};
+use super::mma::{self, MmaConfig};
 use crate::ops::activation::GateAct;
 use crate::ops::launch::settings;
 
@@ -335,6 +336,65 @@ pub fn definition<R: Runtime>(
         )
         .define(),
     }
+}
+
+/// The quantized mat-mat's tiles [`api::prefill_kernel`] launches, for plane width `plane`.
+pub fn mma_configs(plane: u32) -> Vec<MmaConfig> {
+    api::MMA_TILES
+        .into_iter()
+        .map(|[planes_m, planes_n, frags_m, frags_n]| MmaConfig {
+            plane,
+            planes_m,
+            planes_n,
+            frags_m,
+            frags_n,
+        })
+        .collect()
+}
+
+/// A tile's name: `block_m x block_n`, planes along tokens and rows.
+pub fn mma_tag(cfg: MmaConfig) -> String {
+    format!(
+        "{}x{}_p{}x{}",
+        cfg.block_m(),
+        cfg.block_n(),
+        cfg.planes_m,
+        cfg.planes_n
+    )
+}
+
+/// `(name, definition)` of the quantized mat-mat for every format and tile of [`mma_configs`]:
+/// only devices whose `cmma` multiplies f16 tiles launch it.
+pub fn mma_definitions<R: Runtime>(
+    client: &ComputeClient<R>,
+    plane: u32,
+) -> Vec<(String, KernelDefinition)> {
+    let a = crate::ops::launch::array_arg;
+    let mut out = Vec::new();
+    for fmt in KernelFormat::ALL {
+        for cfg in mma_configs(plane) {
+            {
+                let name = format!("mma_{}_{}", fmt.ggml().name().to_lowercase(), mma_tag(cfg));
+                let def = mma::mma_kernel::MmaKernel::<R>::new(
+                    settings(CubeDim::new_2d(cfg.plane, cfg.planes_m * cfg.planes_n)),
+                    client.clone(),
+                    a(),
+                    a(),
+                    a(),
+                    a(),
+                    (),
+                    (),
+                    (),
+                    (),
+                    fmt,
+                    cfg,
+                )
+                .define();
+                out.push((name, def));
+            }
+        }
+    }
+    out
 }
 
 /// `(name, definition)` of every variant of [`variants`] under every config of

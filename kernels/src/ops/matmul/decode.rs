@@ -296,31 +296,7 @@ pub fn dot_slot_h2(
             mn = half_at_hw(scales, halves * block + 1) * sa;
         }
     }
-    // The slot's quant word(s) and, for the 5-bit formats, the word of fifth bits.
-    let mut word2 = 0u32;
-    let mut hi = 0u32;
-    let first = comptime![match fmt {
-        KernelFormat::Q8_0 => 0u32,
-        KernelFormat::Q5_0 | KernelFormat::Q5_1 => 1u32,
-        KernelFormat::Q5K => 8u32,
-        _ => 0u32,
-    }];
-    let per_slot = comptime![if fmt == KernelFormat::Q8_0 {
-        2u32
-    } else {
-        1u32
-    }];
-    let word = w[(wb + first + per_slot * slot) as usize];
-    if comptime![fmt == KernelFormat::Q8_0] {
-        word2 = w[(wb + 2 * slot + 1) as usize];
-    }
-    if comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)] {
-        hi = w[wb as usize];
-    }
-    if comptime![fmt == KernelFormat::Q5K] {
-        hi = w[(wb + slot % 8) as usize];
-    }
-    slot_pairs(word, word2, hi, slot, &mut b, fmt);
+    load_slot_pairs(w, wb, slot, &mut b, fmt);
     let mut out = 0.0f32;
     if comptime![kquant] {
         let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
@@ -348,6 +324,41 @@ pub fn dot_slot_h2(
         }
     }
     out
+}
+
+/// Loads slot `slot`'s quant word(s) (block words from `wb`) and, for the 5-bit formats, its
+/// word of fifth bits, and unpacks them into `b` ([`slot_pairs`]).
+#[cube]
+fn load_slot_pairs(
+    w: &Array<u32>,
+    wb: u32,
+    slot: u32,
+    b: &mut Array<u32>,
+    #[comptime] fmt: KernelFormat,
+) {
+    let mut word2 = 0u32;
+    let mut hi = 0u32;
+    let first = comptime![match fmt {
+        KernelFormat::Q5_0 | KernelFormat::Q5_1 => 1u32,
+        KernelFormat::Q5K => 8u32,
+        _ => 0u32,
+    }];
+    let per_slot = comptime![if fmt == KernelFormat::Q8_0 {
+        2u32
+    } else {
+        1u32
+    }];
+    let word = w[(wb + first + per_slot * slot) as usize];
+    if comptime![fmt == KernelFormat::Q8_0] {
+        word2 = w[(wb + 2 * slot + 1) as usize];
+    }
+    if comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)] {
+        hi = w[wb as usize];
+    }
+    if comptime![fmt == KernelFormat::Q5K] {
+        hi = w[(wb + slot % 8) as usize];
+    }
+    slot_pairs(word, word2, hi, slot, b, fmt);
 }
 
 /// The four quant pairs of slot `slot` (see [`dot_slot_h2`]) from its loaded words, into
@@ -667,4 +678,68 @@ pub fn half_at_hw(scales: &Array<u32>, i: u32) -> f32 {
     // The half to the low bits, so the pair is indexed by a constant.
     let pair = h2(scales[(i / 2) as usize] >> ((i % 2) * 16));
     f32::cast_from(pair[0])
+}
+
+/// Slot `slot` of global block `block` (a format with [`KernelFormat::half_x`]) as four packed
+/// half pairs of weights with their scales (and mins) applied, in [`slot_pairs`]'s order:
+/// `p[0]` holds the weights at columns 0 and 2 of the slot's first run of 4
+/// (`slot_col(slot, 0)`), `p[1]` columns 1 and 3, `p[2]`/`p[3]` the same of its second run.
+/// The quants become halves by the `1024 + n` trick and each weight is `(q - offset) * a + m`
+/// in packed half math: `q - offset` is exact, so a format without a min rounds once, as the
+/// `f32` path's conversion to half does. Run scales are formed in `f32` (`K`-quants:
+/// `d * scale`, `-dmin * min`), then rounded to half.
+#[cube]
+#[allow(unused_assignments)]
+pub fn decode_slot_h2(
+    w: &Array<u32>,
+    scales: &Array<u32>,
+    block: u32,
+    slot: u32,
+    p: &mut Array<Vector<half::f16, Const<2>>>,
+    #[comptime] fmt: KernelFormat,
+) {
+    let wb = block * comptime![fmt.words_per_block()];
+    let kquant = comptime![matches!(fmt, KernelFormat::Q4K | KernelFormat::Q5K)];
+    let halves = comptime![fmt.halves_per_block()];
+    let mut b = Array::<u32>::new(4usize);
+    load_slot_pairs(w, wb, slot, &mut b, fmt);
+    // Scale and min of the slot's two runs.
+    let mut a0 = 0.0f32;
+    let mut a1 = 0.0f32;
+    let mut m0 = 0.0f32;
+    let mut m1 = 0.0f32;
+    if comptime![kquant] {
+        let j = slot / 8;
+        let d = half_at_hw(scales, 8 * block);
+        let dmin = half_at_hw(scales, 8 * block + 1);
+        let s0 = scales[(4 * block + 1) as usize];
+        let s1 = scales[(4 * block + 2) as usize];
+        let s2 = scales[(4 * block + 3) as usize];
+        a0 = d * k4_scale(2 * j, s0, s1, s2);
+        m0 = -(dmin * k4_min(2 * j, s0, s1, s2));
+        a1 = d * k4_scale(2 * j + 1, s0, s1, s2);
+        m1 = -(dmin * k4_min(2 * j + 1, s0, s1, s2));
+    } else {
+        a0 = half_at_hw(scales, halves * block);
+        a1 = a0;
+        if comptime![fmt.has_min()] {
+            m0 = half_at_hw(scales, halves * block + 1);
+            m1 = m0;
+        }
+    }
+    let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
+    let sa = Vector::<half::f16, Const<2>>::cast_from(a0);
+    let sb = Vector::<half::f16, Const<2>>::cast_from(a1);
+    p[0] = (magic_h2(b[0]) - off) * sa;
+    p[1] = (magic_h2(b[1]) - off) * sa;
+    p[2] = (magic_h2(b[2]) - off) * sb;
+    p[3] = (magic_h2(b[3]) - off) * sb;
+    if comptime![fmt.has_min()] {
+        let ma = Vector::<half::f16, Const<2>>::cast_from(m0);
+        let mb = Vector::<half::f16, Const<2>>::cast_from(m1);
+        p[0] += ma;
+        p[1] += ma;
+        p[2] += mb;
+        p[3] += mb;
+    }
 }

@@ -7,6 +7,7 @@
 //! - [`decode`]: device code unpacking one slot of weights into registers (the only one).
 //! - [`kernels`]: the `#[cube(launch_unchecked)]` kernels: the mat-vec family, the embedding
 //!   lookup and the dequantize pass.
+//! - [`mma`]: the quantized mat-mat on the matrix units (batches above `MAX_MATVEC_TOKENS`).
 //! - [`api`]: [`QWeight`] and the validated entry points the backend calls.
 //! - [`catalog`]: every kernel variant by name, for offline compilation checks.
 //!
@@ -23,22 +24,20 @@
 //! their activation (SiLU or GELU) in one launch. `f16` values are decoded from `u32` words with integer ops so the
 //! kernels need no `shader-f16`, which Mesa lavapipe does not offer to wgpu.
 //!
-//! # Prefill (mat-mat)
-//! Two paths, chosen by batch size:
+//! # Prefill and batched decode (mat-mat)
+//! Chosen by batch size:
 //! - up to [`MAX_MATVEC_TOKENS`] tokens: the mat-vec kernel with a comptime token count, so
 //!   each weight unit is decoded once for all tokens (still memory-bound at this size);
-//! - above: a dequantize pass into a reused `f32` scratch, then cubek's matmul (`Strategy::Auto`).
+//! - above, where the device's `cmma` multiplies f16 tiles ([`prefill_kernel`]): [`mma`], a
+//!   tiled mat-mat on the matrix units that decodes each weight tile into shared memory as it
+//!   goes (no dequantized copy);
+//! - above, elsewhere: a dequantize pass into a reused scratch, then cubek's matmul.
 //!
-//! Why dequantize + cubek instead of a tiled kernel decoding tiles on the fly: prefill at
-//! pp512 is compute-bound. cubek's tiled matmul reaches the tensor cores (cmma/mma) on CUDA
-//! and HIP; a hand-written on-the-fly tile kernel would have to do the same to compete, and
-//! a plain-FMA one tops out at a small fraction of the H200's tensor throughput. The extra
-//! traffic of the pass is one write and one read of the `f32` matrix (4096x4096: 64 MiB each,
-//! ~28 µs at 4.8 TB/s), small beside the matmul on 512 tokens and amortised across all of
-//! them. Measuring on lavapipe cannot settle this (CPU, no tensor cores), so the choice rests
-//! on the roofline above. Left for the GPU: an `f16` scratch (halves the pass, enables f16
-//! tensor cores) where the runtime has `f16`, and an on-the-fly kernel if profiles show the
-//! pass matters.
+//! The on-the-fly kernel replaced dequantize + cubek where both run because batched decode
+//! (tens of rows) is bound by the pass and by cubek's per-launch cost, not by FLOPs: on the
+//! H200 a 4096x4096 Q4_0 weight at 64 rows takes 0.042 ms against 0.147, and the 8B shape's
+//! 64-sequence decode went from 1,007 to 2,085 t/s; at 512 rows the two are level
+//! (docs/performance.md, "quantized mat-mat").
 //!
 //! # Kernel definitions
 //! Each kernel is a plain `#[cube(launch_unchecked)]` fn whose only comptime parameters are a
@@ -55,11 +54,14 @@ pub mod decode;
 pub mod format;
 pub mod kernels;
 pub mod layout;
+pub mod mma;
 
 pub use api::{
-    dequantize, embed, embed_rows, fuses_norm, launch_matvec, matmul, matvec, matvec_config,
-    matvec_gated, matvec_gated_norm, matvec_norm, prefill_precision, DequantScratch, Epilogue,
-    HalfActs, MatmulError, Matvec, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
+    dequantize, embed, embed_rows, fuses_norm, launch_matvec, launch_mma, matmul,
+    matmul_dequantized, matvec, matvec_config, matvec_gated, matvec_gated_norm, matvec_norm,
+    prefill_kernel, prefill_precision, DequantScratch, Epilogue, HalfActs, MatmulError, Matvec,
+    PrefillKernel, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
 pub use kernels::{Fusion, MatvecConfig};
+pub use mma::MmaConfig;

@@ -1,0 +1,148 @@
+//! The batched mat-mat (`ops::matmul::matmul` above `MAX_MATVEC_TOKENS` tokens) on the shapes
+//! of Llama-3-8B, printed as a markdown table: the quantized mat-mat on the matrix units
+//! (`launch_mma`, every tile of `catalog::mma_configs`) against the dequantize pass + cubek
+//! (`matmul_dequantized`), in ms per call and TFLOP/s. Made for the H200:
+//!
+//! ```text
+//! cargo run --release -p rocforge-kernels --features cuda --example quant_matmul -- 16 64 512
+//! ```
+//!
+//! Arguments: token counts (default 16 64 512); `--formats q4_0,q8_0` (default those two; the
+//! formats `quant::quantize_row` writes);
+//! `--iters N` (default 50); `--tiles pm,pn,fm,fn;...` (tiles beyond the launched ones). Times are wall time between two syncs over back-to-back calls
+//! on one weight (an 8B layer matrix of 4-10 MB stays in L2 at these sizes: this measures
+//! the kernels' compute side; decode-step totals come from `rocforge-bench`).
+
+use std::time::Instant;
+
+use cubecl::prelude::*;
+use rocforge_kernels::ops::gpu::Gpu;
+use rocforge_kernels::ops::matmul::{self as mm, catalog, DequantScratch, KernelFormat, QWeight};
+use rocforge_kernels::quant::quantize_row;
+use rocforge_kernels::GgmlType;
+
+type R = cubecl::cuda::CudaRuntime;
+
+/// Llama-3-8B's layer matrices (rows x cols): fused QKV, attention output, gate (= up), down.
+const SHAPES: [(usize, usize); 4] = [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)];
+
+fn time(gpu: &Gpu<R>, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    gpu.sync().expect("sync");
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    gpu.sync().expect("sync");
+    t.elapsed().as_secs_f64() / iters as f64
+}
+
+fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    let rb = ty.row_bytes(cols as u64).expect("whole blocks") as usize;
+    let mut bytes = vec![0u8; rows * rb];
+    bytes.par_chunks_mut(rb).enumerate().for_each(|(r, dst)| {
+        let src: Vec<f32> = (0..cols)
+            .map(|c| (((r * 7919 + c * 104729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect();
+        quantize_row(ty, &src, dst).expect("quantize");
+    });
+    bytes
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let iters: usize = opt("--iters").and_then(|v| v.parse().ok()).unwrap_or(50);
+    let formats: Vec<KernelFormat> = opt("--formats")
+        .unwrap_or_else(|| "q4_0,q8_0".into())
+        .split(',')
+        .map(|n| {
+            KernelFormat::ALL
+                .into_iter()
+                .find(|f| f.ggml().name().eq_ignore_ascii_case(n.trim()))
+                .unwrap_or_else(|| panic!("unknown format {n}"))
+        })
+        .collect();
+    let mut skip = false;
+    let ms: Vec<usize> = args
+        .iter()
+        .filter(|a| {
+            let s = skip;
+            skip = a.starts_with("--");
+            !s && !a.starts_with("--")
+        })
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let ms = if ms.is_empty() { vec![16, 64, 512] } else { ms };
+    // `--tiles 2,4,1,1;4,2,1,1`: more tiles (planes and fragments along tokens and rows).
+    let extra: Vec<[u32; 4]> = opt("--tiles")
+        .map(|v| {
+            v.split(';')
+                .filter_map(|t| {
+                    let p: Vec<u32> = t.split(',').filter_map(|n| n.parse().ok()).collect();
+                    (p.len() == 4).then(|| [p[0], p[1], p[2], p[3]])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let gpu = Gpu::<R>::new(R::client(&Default::default()));
+    let client = gpu.client();
+    let max_m = *ms.iter().max().unwrap();
+    let x = client.create_from_slice(f32::as_bytes(
+        &(0..max_m * 14336)
+            .map(|i| ((i * 31 % 997) as f32 / 498.5) - 1.0)
+            .collect::<Vec<_>>(),
+    ));
+    let y = client.empty(max_m * 14336 * 4);
+    let scratch = DequantScratch::new(client, 14336 * 4096);
+    let plane = match mm::prefill_kernel(client, 64) {
+        mm::PrefillKernel::Mma(cfg) => cfg.plane,
+        mm::PrefillKernel::Dequantize => panic!("this device has no f16 cmma"),
+    };
+    println!("| format | M | N x K | kernel | ms | TFLOP/s |");
+    println!("|---|---:|---|---|---:|---:|");
+    for &fmt in &formats {
+        for &(n, k) in &SHAPES {
+            let w = QWeight::upload(client, fmt.ggml(), n, k, &weights(fmt.ggml(), n, k))
+                .expect("upload");
+            for &m in &ms {
+                let flop = 2.0 * (m * n * k) as f64;
+                let mut row = |name: String, s: f64| {
+                    println!(
+                        "| {} | {m} | {n} x {k} | {name} | {:.3} | {:.1} |",
+                        fmt.ggml().name(),
+                        s * 1e3,
+                        flop / s / 1e12
+                    )
+                };
+                let s = time(&gpu, iters, || {
+                    mm::matmul_dequantized(client, &w, &x, &y, m, Some(&scratch)).expect("mm")
+                });
+                row("dequantize + cubek".into(), s);
+                let mut cfgs = catalog::mma_configs(plane);
+                cfgs.extend(extra.iter().map(|&[planes_m, planes_n, frags_m, frags_n]| {
+                    mm::MmaConfig {
+                        plane,
+                        planes_m,
+                        planes_n,
+                        frags_m,
+                        frags_n,
+                    }
+                }));
+                for cfg in cfgs {
+                    let s = time(&gpu, iters, || {
+                        mm::launch_mma(client, &w, &x, &y, m, cfg).expect("mma")
+                    });
+                    row(format!("mma {}", catalog::mma_tag(cfg)), s);
+                }
+            }
+        }
+    }
+}
