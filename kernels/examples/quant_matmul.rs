@@ -7,50 +7,23 @@
 //! cargo run --release -p rocforge-kernels --features cuda --example quant_matmul -- 16 64 512
 //! ```
 //!
-//! Arguments: token counts (default 16 64 512); `--formats q4_0,q8_0` (default those two; the
-//! formats `quant::quantize_row` writes);
+//! Arguments: token counts (default 16 64 512); `--formats q4_0,q4_k` (default those two; any
+//! format, K-quants as random blocks);
 //! `--iters N` (default 50); `--tiles pm,pn,fm,fn;...` (tiles beyond the launched ones). Times are wall time between two syncs over back-to-back calls
 //! on one weight (an 8B layer matrix of 4-10 MB stays in L2 at these sizes: this measures
 //! the kernels' compute side; decode-step totals come from `rocforge-bench`).
 
-use std::time::Instant;
-
 use cubecl::prelude::*;
 use rocforge_kernels::ops::gpu::Gpu;
 use rocforge_kernels::ops::matmul::{self as mm, catalog, DequantScratch, KernelFormat, QWeight};
-use rocforge_kernels::quant::quantize_row;
-use rocforge_kernels::GgmlType;
+
+mod common;
+use common::{any_weights, time};
 
 type R = cubecl::cuda::CudaRuntime;
 
 /// Llama-3-8B's layer matrices (rows x cols): fused QKV, attention output, gate (= up), down.
 const SHAPES: [(usize, usize); 4] = [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)];
-
-fn time(gpu: &Gpu<R>, iters: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..3 {
-        f();
-    }
-    gpu.sync().expect("sync");
-    let t = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    gpu.sync().expect("sync");
-    t.elapsed().as_secs_f64() / iters as f64
-}
-
-fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    use rayon::prelude::*;
-    let rb = ty.row_bytes(cols as u64).expect("whole blocks") as usize;
-    let mut bytes = vec![0u8; rows * rb];
-    bytes.par_chunks_mut(rb).enumerate().for_each(|(r, dst)| {
-        let src: Vec<f32> = (0..cols)
-            .map(|c| (((r * 7919 + c * 104729) % 2003) as f32 / 1001.5) - 1.0)
-            .collect();
-        quantize_row(ty, &src, dst).expect("quantize");
-    });
-    bytes
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -61,7 +34,7 @@ fn main() {
     };
     let iters: usize = opt("--iters").and_then(|v| v.parse().ok()).unwrap_or(50);
     let formats: Vec<KernelFormat> = opt("--formats")
-        .unwrap_or_else(|| "q4_0,q8_0".into())
+        .unwrap_or_else(|| "q4_0,q4_k".into())
         .split(',')
         .map(|n| {
             KernelFormat::ALL
@@ -110,11 +83,11 @@ fn main() {
     println!("|---|---:|---|---|---:|---:|");
     for &fmt in &formats {
         for &(n, k) in &SHAPES {
-            let w = QWeight::upload(client, fmt.ggml(), n, k, &weights(fmt.ggml(), n, k))
+            let w = QWeight::upload(client, fmt.ggml(), n, k, &any_weights(fmt.ggml(), n, k))
                 .expect("upload");
             for &m in &ms {
                 let flop = 2.0 * (m * n * k) as f64;
-                let mut row = |name: String, s: f64| {
+                let row = |name: String, s: f64| {
                     println!(
                         "| {} | {m} | {n} x {k} | {name} | {:.3} | {:.1} |",
                         fmt.ggml().name(),

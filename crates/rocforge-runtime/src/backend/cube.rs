@@ -143,7 +143,9 @@ struct DeviceNeeds {
 }
 
 impl DeviceNeeds {
-    fn of(model: &Model, b: usize, kv: KvType, fused_qkv: bool) -> Self {
+    /// `dequant_scratch`: batches above `MAX_MATVEC_TOKENS` take the dequantize + cubek path
+    /// (`mm::prefill_kernel`), which needs a scratch for the largest layer matrix.
+    fn of(model: &Model, b: usize, kv: KvType, fused_qkv: bool, dequant_scratch: bool) -> Self {
         let (c, w) = (&model.config, &model.weights);
         let bytes = |m: &Weight| model.bytes(m).len() as u64;
         let tied_shared = w.tied_output && KernelFormat::from_ggml(w.token_embd.ty).is_some();
@@ -181,7 +183,7 @@ impl DeviceNeeds {
         let activations =
             b * (3 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff + qkv) + c.n_vocab + 2;
         let attn = c.n_head * b.max(attention::MAX_DECODE_SPLITS) * (c.head_dim + 2);
-        let dequant = if b > MAX_MATVEC_TOKENS {
+        let dequant = if dequant_scratch {
             largest_layer_matrix
         } else {
             0
@@ -462,7 +464,9 @@ impl<R: Runtime> CubeBackend<R> {
                 && KernelFormat::from_ggml(q.ty).is_some()
         };
         let fused = w.layers.iter().any(fits_qkv);
-        let need = DeviceNeeds::of(&model, b, kv_type, fused);
+        let dequant_scratch = b > MAX_MATVEC_TOKENS
+            && mm::prefill_kernel(gpu.client(), b) == mm::PrefillKernel::Dequantize;
+        let need = DeviceNeeds::of(&model, b, kv_type, fused, dequant_scratch);
         // `ROCFORGE_MEMORY_CHECK=0` skips the comparison, so that tests can reach the path
         // where an allocation fails after it (see `check_device_fault`).
         let check_memory = std::env::var("ROCFORGE_MEMORY_CHECK").map_or(true, |v| v != "0");
@@ -537,9 +541,8 @@ impl<R: Runtime> CubeBackend<R> {
             .all(|b| matches!(&b.m, Matrix::Tuned(w) if norm_fusable(w)));
         // Batches above MAX_MATVEC_TOKENS dequantize a layer matrix into this scratch and
         // multiply; the vocabulary projection gets its own only if perplexity asks for it.
-        let dequant = (b > MAX_MATVEC_TOKENS
-            && mm::prefill_kernel(gpu.client(), b) == mm::PrefillKernel::Dequantize)
-            .then(|| DequantScratch::new(gpu.client(), need.largest_layer_matrix));
+        let dequant =
+            dequant_scratch.then(|| DequantScratch::new(gpu.client(), need.largest_layer_matrix));
         let inv_freqs = super::cpu::scaled(
             rope::inv_freqs(c.rope_dim, c.rope_base, w.rope_freqs.as_deref()),
             c.rope_freq_scale,
