@@ -687,7 +687,8 @@ pub fn matmul<R: Runtime>(
             },
         );
     }
-    if let (PrefillKernel::Mma(cfg), 0) = (prefill_kernel(client, n_tokens), w.cols % 8) {
+    if let (PrefillKernel::Mma(cfg), 0) = (prefill_kernel_for(client, n_tokens, w.rows), w.cols % 8)
+    {
         return launch_mma(client, w, x, y, n_tokens, cfg);
     }
     matmul_dequantized(client, w, x, y, n_tokens, scratch)
@@ -781,12 +782,25 @@ pub const MMA_TILES: [[u32; 4]; 3] = [[2, 2, 1, 1], [4, 2, 1, 1], [2, 4, 2, 2]];
 /// device's `cmma` multiplies 16x16x16 f16 tiles into f32 and its plane width is fixed,
 /// otherwise [`PrefillKernel::Dequantize`].
 ///
+/// Its tile is the one for a weight of unknown height ([`prefill_kernel_for`] picks by height).
+pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) -> PrefillKernel {
+    prefill_kernel_for(client, n_tokens, 0)
+}
+
+/// [`prefill_kernel`] for a weight of `rows` rows.
+///
 /// Tile (tokens x weight rows per cube, [`MMA_TILES`]): 32x32 up to 32 tokens, 64x32 up to
-/// 128, 64x128 above, so a batched-decode step still spreads a 4096-row weight over 128 cubes. Tuning runs
+/// 128, 64x128 above, so a batched-decode step still spreads a 4096-row weight over 128 cubes;
+/// from 8192 rows 64x128 already from 33 tokens (H200, 14336x4096 Q4_0: 0.092 against
+/// 0.113 ms at 64 tokens, 0.166 against 0.179 at 128; docs/performance.md). Tuning runs
 /// override it, read once: `ROCFORGE_MMA=0` (always dequantize), `ROCFORGE_MMA_TILE=pm,pn,fm,fn`
 /// (planes and fragments along tokens and rows, `pm * pn` at most 8, fragments at most 4 each),
 /// `ROCFORGE_MMA_MAX=N` (dequantize above N tokens).
-pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) -> PrefillKernel {
+pub fn prefill_kernel_for<R: Runtime>(
+    client: &ComputeClient<R>,
+    n_tokens: usize,
+    rows: usize,
+) -> PrefillKernel {
     struct MmaKnobs {
         off: bool,
         tile: Option<[u32; 4]>,
@@ -826,7 +840,7 @@ pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) ->
     }
     let [planes_m, planes_n, frags_m, frags_n] = k.tile.unwrap_or(match n_tokens {
         0..=32 => MMA_TILES[0],
-        33..=128 => MMA_TILES[1],
+        33..=128 if rows < 8192 => MMA_TILES[1],
         _ => MMA_TILES[2],
     });
     PrefillKernel::Mma(MmaConfig {

@@ -59,8 +59,8 @@ pub mod mma;
 pub use api::{
     dequantize, embed, embed_rows, fuses_norm, launch_matvec, launch_mma, matmul,
     matmul_dequantized, matvec, matvec_config, matvec_gated, matvec_gated_norm, matvec_norm,
-    prefill_kernel, prefill_precision, DequantScratch, Epilogue, HalfActs, MatmulError, Matvec,
-    PrefillKernel, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
+    prefill_kernel, prefill_kernel_for, prefill_precision, DequantScratch, Epilogue, HalfActs,
+    MatmulError, Matvec, PrefillKernel, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
 pub use kernels::{Fusion, MatvecConfig};
