@@ -155,6 +155,18 @@ fn markdown(r: &Report) -> String {
             let _ = writeln!(out, "| {op} | {:.3} | {:.3} |", t(&p.prefill), t(&p.decode));
         }
     }
+    for p in &r.batch_profiles {
+        let _ = writeln!(
+            out,
+            "\nPer-op time of one decode step of {} sequences ({} tokens deep) on {} ({} launches):\n\n| op | calls | ms |\n| -- | --: | --: |",
+            p.sequences, p.depth, p.backend, p.launches
+        );
+        for o in &p.ops {
+            let _ = writeln!(out, "| {} | {} | {:.3} |", o.op, o.calls, o.total_ms);
+        }
+        let total: f64 = p.ops.iter().map(|o| o.total_ms).sum();
+        let _ = writeln!(out, "| total | | {total:.3} |");
+    }
     let _ = writeln!(
         out,
         "\n{} iterations after {} warm-up · batch {} · ctx {}{}",

@@ -30,6 +30,9 @@ pub struct Report {
     /// Per-op timing of one prefill and one decode step, per backend.
     #[serde(default)]
     pub profiles: Vec<KernelProfile>,
+    /// Per-op timing of one decode step of the concurrency sweep's largest level, per backend.
+    #[serde(default)]
+    pub batch_profiles: Vec<BatchProfile>,
 }
 
 /// The suite settings a report was made with.
@@ -148,6 +151,18 @@ pub struct KernelProfile {
     /// Kernel launches (CPU: parallel regions) per token.
     pub prefill_launches_per_token: f64,
     pub decode_launches_per_token: f64,
+}
+
+/// Time per op family of one decode step of `sequences` sequences at once (each `depth`
+/// tokens into its context): where a batched step's time goes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BatchProfile {
+    pub backend: String,
+    pub sequences: usize,
+    pub depth: usize,
+    pub ops: Vec<OpRecord>,
+    /// Kernel launches (CPU: parallel regions) of the step.
+    pub launches: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

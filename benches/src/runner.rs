@@ -14,7 +14,7 @@ use crate::config::Scenario;
 use crate::energy::{self, EnergyMeter};
 use crate::error::{BenchError, Result};
 use crate::memory::{self, PeakMemory};
-use crate::record::{KernelProfile, OpRecord, RunRecord, Samples};
+use crate::record::{BatchProfile, KernelProfile, OpRecord, RunRecord, Samples};
 use crate::stats::Summary;
 
 /// Deterministic pseudo-random token ids below `n_vocab` (what llama-bench feeds too: speed
@@ -357,6 +357,62 @@ pub fn profile(session: &mut Session, prefill_tokens: usize) -> Result<KernelPro
         decode: decode_ops,
         prefill_launches_per_token: launches as f64 / prefill_tokens as f64,
         decode_launches_per_token: decode_launches as f64,
+    })
+}
+
+/// Times one decode step of `level` sequences of `sc` per op family: `level` requests are
+/// added and stepped until each has its first token (every prompt in the cache), then one
+/// step runs with the backend's profiler on; the requests are then cancelled.
+pub fn profile_sweep_step(
+    engine: &mut Engine,
+    sc: &Scenario,
+    level: usize,
+) -> Result<BatchProfile> {
+    let n_vocab = engine.model().config.n_vocab;
+    let opts = GenerateOptions {
+        max_tokens: sc.gen_tokens.max(2),
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        stop_at_eog: false,
+    };
+    let mut ids = Vec::with_capacity(level);
+    for r in 0..level {
+        let prompt = bench_tokens(n_vocab, sc.prompt_tokens, 100 + r as u64);
+        ids.push(engine.add(Request::new(prompt, opts.clone()))?);
+    }
+    let mut started = std::collections::HashSet::new();
+    while started.len() < level && !engine.is_idle() {
+        for e in engine.step()? {
+            if let Event::Token { id, .. } = e {
+                started.insert(id);
+            }
+        }
+    }
+    engine.set_profiling(true);
+    engine.step()?;
+    let ops = engine
+        .op_profile()
+        .into_iter()
+        .map(|o| OpRecord {
+            op: o.op,
+            calls: o.calls,
+            total_ms: o.total_ms,
+        })
+        .collect();
+    let launches = engine.launches_last_step();
+    engine.set_profiling(false);
+    for id in ids {
+        engine.cancel(id);
+    }
+    engine.run(|_| {})?;
+    Ok(BatchProfile {
+        backend: engine.backend_kind().name().to_string(),
+        sequences: level,
+        depth: sc.prompt_tokens,
+        ops,
+        launches,
     })
 }
 

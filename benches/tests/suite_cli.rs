@@ -263,7 +263,6 @@ fn concurrency_sweep_writes_fields_table_and_chart() {
         "2",
         "--warmup",
         "1",
-        "--no-profile",
         "--out-dir",
         results.to_str().unwrap(),
     ]);
@@ -275,6 +274,10 @@ fn concurrency_sweep_writes_fields_table_and_chart() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("Concurrency sweep"), "{stdout}");
+    assert!(
+        stdout.contains("Per-op time of one decode step of 4 sequences (32 tokens deep) on cpu"),
+        "{stdout}"
+    );
     assert!(stdout.contains("| cpu | 4 |"), "{stdout}");
     let run_dir = std::fs::read_to_string(results.join("LATEST")).unwrap();
     let run_dir = std::path::Path::new(run_dir.trim());
@@ -286,6 +289,18 @@ fn concurrency_sweep_writes_fields_table_and_chart() {
     assert_eq!(json["schema"], "rocforge-bench/2");
     let runs = json["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2, "the sweep replaces the default scenarios");
+    // The profiled step of the largest level: every sequence decoding, time per op family.
+    let bp = &json["batch_profiles"][0];
+    assert_eq!(
+        (bp["backend"].as_str(), bp["sequences"].as_u64()),
+        (Some("cpu"), Some(4))
+    );
+    let ops = bp["ops"].as_array().unwrap();
+    assert!(ops.iter().any(|o| o["op"] == "attention"), "{bp}");
+    assert!(
+        ops.iter().all(|o| o["total_ms"].as_f64().unwrap() >= 0.0),
+        "{bp}"
+    );
     for (run, level) in runs.iter().zip([1u64, 4]) {
         assert_eq!(run["scenario"], format!("pp32+tg32 @c{level}"));
         assert_eq!(run["concurrency"], level);

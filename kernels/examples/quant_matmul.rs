@@ -9,7 +9,11 @@
 //!
 //! Arguments: token counts (default 16 64 512); `--formats q4_0,q4_k` (default those two; any
 //! format, K-quants as random blocks);
-//! `--iters N` (default 50); `--tiles pm,pn,fm,fn;...` (tiles beyond the launched ones). Times are wall time between two syncs over back-to-back calls
+//! `--iters N` (default 50); `--tiles pm,pn,fm,fn;...` (tiles beyond the launched ones);
+//! `--splits 1,2,4` (column splits to time beside `mma_splits`' choice, the `/sN` rows);
+//! `--shape NxK,...` (these shapes instead); `--only` (the `--tiles` alone, no baseline: for
+//! `ncu` runs).
+//! Times are wall time between two syncs over back-to-back calls
 //! on one weight (an 8B layer matrix of 4-10 MB stays in L2 at these sizes: this measures
 //! the kernels' compute side; decode-step totals come from `rocforge-bench`).
 
@@ -54,27 +58,46 @@ fn main() {
         .filter_map(|a| a.parse().ok())
         .collect();
     let ms = if ms.is_empty() { vec![16, 64, 512] } else { ms };
-    // `--tiles 2,4,1,1;4,2,1,1`: more tiles (planes and fragments along tokens and rows).
-    let extra: Vec<[u32; 4]> = opt("--tiles")
+    // `--tiles 2,4,1,1;4,2,1,1,128`: more tiles (planes and fragments along tokens and rows,
+    // columns per step, default 256).
+    let extra: Vec<[u32; 5]> = opt("--tiles")
         .map(|v| {
             v.split(';')
                 .filter_map(|t| {
                     let p: Vec<u32> = t.split(',').filter_map(|n| n.parse().ok()).collect();
-                    (p.len() == 4).then(|| [p[0], p[1], p[2], p[3]])
+                    matches!(p.len(), 4 | 5)
+                        .then(|| [p[0], p[1], p[2], p[3], p.get(4).copied().unwrap_or(256)])
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let splits: Vec<u32> = opt("--splits")
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    // `--shape 1536x576,576x1536`: other weight shapes (SmolLM2's, say) instead of the 8B's.
+    let shapes: Vec<(usize, usize)> = opt("--shape").map_or(SHAPES.to_vec(), |v| {
+        v.split(',')
+            .filter_map(|t| {
+                let (n, k) = t.split_once('x')?;
+                Some((n.trim().parse().ok()?, k.trim().parse().ok()?))
+            })
+            .collect()
+    });
+    let only = args.iter().any(|a| a == "--only");
     let gpu = Gpu::<R>::new(R::client(&Default::default()));
     let client = gpu.client();
     let max_m = *ms.iter().max().unwrap();
+    let widest = shapes.iter().map(|&(n, k)| n.max(k)).max().unwrap_or(1);
     let x = client.create_from_slice(f32::as_bytes(
-        &(0..max_m * 14336)
+        &(0..max_m * widest)
             .map(|i| ((i * 31 % 997) as f32 / 498.5) - 1.0)
             .collect::<Vec<_>>(),
     ));
-    let y = client.empty(max_m * 14336 * 4);
-    let scratch = DequantScratch::new(client, 14336 * 4096);
+    let y = client.empty(max_m * widest * 4);
+    let scratch = DequantScratch::new(
+        client,
+        shapes.iter().map(|&(n, k)| n * k).max().unwrap_or(1),
+    );
     let plane = match mm::prefill_kernel(client, 64) {
         mm::PrefillKernel::Mma(cfg) => cfg.plane,
         mm::PrefillKernel::Dequantize => panic!("this device has no f16 cmma"),
@@ -82,7 +105,7 @@ fn main() {
     println!("| format | M | N x K | kernel | ms | TFLOP/s |");
     println!("|---|---:|---|---|---:|---:|");
     for &fmt in &formats {
-        for &(n, k) in &SHAPES {
+        for &(n, k) in &shapes {
             let w = QWeight::upload(client, fmt.ggml(), n, k, &any_weights(fmt.ggml(), n, k))
                 .expect("upload");
             for &m in &ms {
@@ -95,25 +118,30 @@ fn main() {
                         flop / s / 1e12
                     )
                 };
-                let s = time(&gpu, iters, || {
-                    mm::matmul_dequantized(client, &w, &x, &y, m, Some(&scratch)).expect("mm")
-                });
-                row("dequantize + cubek".into(), s);
-                let mut cfgs = catalog::mma_configs(plane);
-                cfgs.extend(extra.iter().map(|&[planes_m, planes_n, frags_m, frags_n]| {
-                    mm::MmaConfig {
-                        plane,
-                        planes_m,
-                        planes_n,
-                        frags_m,
-                        frags_n,
-                    }
-                }));
+                if !only {
+                    let s = time(&gpu, iters, || {
+                        mm::matmul_dequantized(client, &w, &x, &y, m, Some(&scratch)).expect("mm")
+                    });
+                    row("dequantize + cubek".into(), s);
+                }
+                let mut cfgs = if only {
+                    Vec::new()
+                } else {
+                    catalog::mma_configs(plane)
+                };
+                cfgs.extend(extra.iter().map(|&t| mm::MmaConfig::from_tile(plane, t)));
                 for cfg in cfgs {
                     let s = time(&gpu, iters, || {
                         mm::launch_mma(client, &w, &x, &y, m, cfg).expect("mma")
                     });
-                    row(format!("mma {}", catalog::mma_tag(cfg)), s);
+                    let auto = mm::mma_splits(client, &w, m, cfg);
+                    row(format!("mma {} (s{auto})", catalog::mma_tag(cfg)), s);
+                    for &n in &splits {
+                        let s = time(&gpu, iters, || {
+                            mm::launch_mma_split(client, &w, &x, &y, m, cfg, n).expect("mma")
+                        });
+                        row(format!("mma {} /s{n}", catalog::mma_tag(cfg)), s);
+                    }
                 }
             }
         }

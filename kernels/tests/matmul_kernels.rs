@@ -516,11 +516,23 @@ fn check_mma<R: Runtime>(fmt: KernelFormat) {
             let Some(plane) = mma.map(|cfg| cfg.plane) else {
                 continue;
             };
-            for cfg in catalog::mma_configs(plane) {
+            // Every tile the runtime launches, with either step width.
+            let cfgs = catalog::mma_configs(plane)
+                .into_iter()
+                .flat_map(|cfg| [128, 256].map(|k_step| mm::MmaConfig { k_step, ..cfg }));
+            for cfg in cfgs {
                 let y = c.upload(&y0);
                 mm::launch_mma(&c.client, &w, &xd, &y, tokens, cfg).expect("mma");
                 let case = format!("mma {fmt} {tokens}x{rows}x{cols} tile {cfg:?}");
                 assert_within(&case, PREFILL_F16_NMSE_TOLERANCE, &c.read(y), &want);
+                // The columns split over cubes, evenly and not (partials summed after).
+                for splits in [2, 3] {
+                    let y = c.upload(&y0);
+                    mm::launch_mma_split(&c.client, &w, &xd, &y, tokens, cfg, splits)
+                        .expect("mma split");
+                    let case = format!("{case}, {splits} splits");
+                    assert_within(&case, PREFILL_F16_NMSE_TOLERANCE, &c.read(y), &want);
+                }
             }
         }
     }

@@ -177,6 +177,7 @@ fn sweep(
     model: &std::sync::Arc<Model>,
     kind: BackendKind,
     runs: &mut Vec<rocforge_bench::RunRecord>,
+    batch_profiles: &mut Vec<rocforge_bench::record::BatchProfile>,
 ) -> Result<(BackendKind, String)> {
     let most = cfg.concurrency.iter().copied().max().unwrap_or(1);
     let opts = EngineOptions {
@@ -233,6 +234,17 @@ fn sweep(
         );
         runs.push(record);
     }
+    let top = cfg
+        .concurrency
+        .iter()
+        .copied()
+        .filter(|&l| l <= engine.parallel())
+        .max();
+    if let (true, Some(level)) = (cfg.profile, top) {
+        let p = runner::profile_sweep_step(&mut engine, &cfg.sweep, level)
+            .with_context(|| format!("profiling a step of {level} sequences on {actual}"))?;
+        batch_profiles.push(p);
+    }
     Ok((actual, engine.device_name()))
 }
 
@@ -257,11 +269,12 @@ fn run(args: RunArgs) -> Result<i32> {
     let started = Instant::now();
     let mut runs = Vec::new();
     let mut profiles = Vec::new();
+    let mut batch_profiles = Vec::new();
     let mut gpu = None;
     let mut backend_names = Vec::new();
     for &kind in &cfg.backends {
         if !cfg.concurrency.is_empty() {
-            let (actual, device) = sweep(&cfg, &model, kind, &mut runs)?;
+            let (actual, device) = sweep(&cfg, &model, kind, &mut runs, &mut batch_profiles)?;
             if actual != BackendKind::Cpu && gpu.is_none() {
                 gpu = Some(device);
             }
@@ -334,6 +347,7 @@ fn run(args: RunArgs) -> Result<i32> {
         },
         runs,
         profiles,
+        batch_profiles,
     };
     let dir = args.out_dir.join(&stamp);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -343,6 +343,20 @@ impl Engine {
         self.backend.capacity()
     }
 
+    /// Turns the backend's per-op timing on (and clears it) or off: see
+    /// [`Backend::set_profiling`] (on a GPU it synchronizes after every op).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.backend.set_profiling(on);
+    }
+    /// Time per op family since profiling was turned on.
+    pub fn op_profile(&self) -> Vec<crate::backend::OpTiming> {
+        self.backend.op_profile()
+    }
+    /// Kernel launches of the last step's forward pass.
+    pub fn launches_last_step(&self) -> u64 {
+        self.backend.launches_last_forward()
+    }
+
     /// Steps until every request has finished, handing each event to `on_event`.
     pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<()> {
         while !self.is_idle() {

@@ -889,10 +889,11 @@ impl<R: Runtime> CubeBackend<R> {
             return self
                 .matvec(mm::Matvec::new(w, x.handle(), out.handle()))
                 .map(drop);
-        } else if n <= MAX_MATVEC_TOKENS
-            || matches!(mm::prefill_kernel(client, n), mm::PrefillKernel::Mma(_))
-        {
+        } else if n <= MAX_MATVEC_TOKENS {
             self.gpu.count_launches(1);
+            mm::matmul(client, w, x.handle(), out.handle(), n, None)
+        } else if let mm::PrefillKernel::Mma(cfg) = mm::prefill_kernel(client, n) {
+            self.gpu.count_launches(mm::mma_launches(client, w, n, cfg));
             mm::matmul(client, w, x.handle(), out.handle(), n, None)
         } else {
             self.gpu.count_launches(2);

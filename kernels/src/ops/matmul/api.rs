@@ -687,9 +687,15 @@ pub fn matmul<R: Runtime>(
             },
         );
     }
-    if let (PrefillKernel::Mma(cfg), 0) = (prefill_kernel_for(client, n_tokens, w.rows), w.cols % 8)
-    {
-        return launch_mma(client, w, x, y, n_tokens, cfg);
+    if let (PrefillKernel::Mma(cfg), 0) = (prefill_kernel(client, n_tokens), w.cols % 8) {
+        return launch_mma(
+            client,
+            w,
+            x,
+            y,
+            n_tokens,
+            mma_tile(client, w, n_tokens, cfg),
+        );
     }
     matmul_dequantized(client, w, x, y, n_tokens, scratch)
 }
@@ -773,51 +779,109 @@ pub enum PrefillKernel {
     Dequantize,
 }
 
-/// The quantized mat-mat's tiles, `[planes_m, planes_n, frags_m, frags_n]` (see [`MmaConfig`]):
-/// for up to 32 tokens, up to 128, and more. Chosen on the H200 from `quant_matmul`'s sweep
-/// (docs/performance.md): 32x32 with 4 planes, 64x32 with 8, 64x128 with 8.
-pub const MMA_TILES: [[u32; 4]; 3] = [[2, 2, 1, 1], [4, 2, 1, 1], [2, 4, 2, 2]];
+/// The quantized mat-mat's tiles, `[planes_m, planes_n, frags_m, frags_n, k_step]` (see
+/// [`MmaConfig`]), for up to 32 tokens, up to 64, up to 256 and more: 32x32 (4 planes), 64x128
+/// (8 planes, 256-column steps), 128x128 and 128x256 (16 planes, 128-column steps). Chosen on
+/// the H200 from `quant_matmul`'s sweeps of the 8B shapes in Q4_0 (docs/performance.md): a
+/// decode step of 64 sequences decodes each weight once in the 64x128 tile, with its column
+/// splits ([`mma_splits`]) filling the SMs; from 128 tokens the taller tiles decode each
+/// weight fewer times and, at 16 planes, keep twice the warps resident (their 128-column
+/// steps halve the stages).
+pub const MMA_TILES: [[u32; 5]; 4] = [
+    [2, 2, 1, 1, 256],
+    [2, 4, 2, 2, 256],
+    [4, 4, 2, 2, 128],
+    [4, 4, 2, 4, 128],
+];
+
+/// The quantized mat-mat's tuning knobs, read once from the environment (see
+/// [`prefill_kernel`]).
+struct MmaKnobs {
+    off: bool,
+    tile: Option<[u32; 5]>,
+    max: Option<usize>,
+}
+
+fn mma_knobs() -> &'static MmaKnobs {
+    static KNOBS: std::sync::OnceLock<MmaKnobs> = std::sync::OnceLock::new();
+    KNOBS.get_or_init(|| MmaKnobs {
+        off: std::env::var("ROCFORGE_MMA").is_ok_and(|v| v == "0"),
+        tile: std::env::var("ROCFORGE_MMA_TILE").ok().and_then(|v| {
+            let p: Vec<u32> = v.split(',').filter_map(|t| t.trim().parse().ok()).collect();
+            let k = p.get(4).copied().unwrap_or(256);
+            let ok = matches!(p.len(), 4 | 5)
+                && p[..4].iter().all(|&n| (1..=4).contains(&n))
+                && p[0] * p[1] <= 16
+                && matches!(k, 128 | 256);
+            ok.then(|| [p[0], p[1], p[2], p[3], k])
+        }),
+        max: std::env::var("ROCFORGE_MMA_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    })
+}
+
+/// The tile [`matmul`] launches for weight `w` and `n_tokens` tokens, from `cfg`
+/// ([`prefill_kernel`]'s pick by batch size): above 32 tokens, the tallest tile of
+/// [`MMA_TILES`] no taller than `cfg` (and as far as the device's shared memory holds it) that
+/// still gives the device at least half as many cubes as it has SMs (tiles times the column
+/// splits its steps allow), else the one with the most cubes. Measured on the H200 (docs/performance.md): SmolLM2's
+/// 960x576 QKV at 512 tokens is 16 tiles of 128x256 that cannot be split (0.036 ms a call),
+/// 480 tiles of 32x32 (0.023); its 1536x576 up/gate take 64x128 (96 tiles, 0.024 against
+/// 0.036); at 64 tokens its weights are 5 to 12 tiles of 64x128, so they take 32x32. A
+/// `ROCFORGE_MMA_TILE` override is kept as it is.
+pub fn mma_tile<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    n_tokens: usize,
+    cfg: MmaConfig,
+) -> MmaConfig {
+    let hw = &client.properties().hardware;
+    let Some(sms) = hw.num_streaming_multiprocessors else {
+        return cfg;
+    };
+    if mma_knobs().tile.is_some() || n_tokens <= 32 {
+        return cfg;
+    }
+    let tile = |t: [u32; 5]| MmaConfig::from_tile(cfg.plane, t);
+    let cubes = |c: &MmaConfig| {
+        let tiles = w.rows.div_ceil(c.block_n() as usize) * n_tokens.div_ceil(c.block_m() as usize);
+        let steps = w.cols.div_ceil(c.k_step as usize);
+        tiles * (steps / 4).max(1)
+    };
+    let fits = |c: &MmaConfig| {
+        c.block_m() <= cfg.block_m() && c.shared_bytes() <= hw.max_shared_memory_size
+    };
+    let candidates: Vec<MmaConfig> = [
+        cfg,
+        tile(MMA_TILES[2]),
+        tile(MMA_TILES[1]),
+        tile(MMA_TILES[0]),
+    ]
+    .into_iter()
+    .filter(fits)
+    .collect();
+    candidates
+        .iter()
+        .find(|c| 2 * cubes(c) >= sms as usize)
+        .or_else(|| candidates.iter().max_by_key(|c| cubes(c)))
+        .copied()
+        .unwrap_or(cfg)
+}
 
 /// The mat-mat for `n_tokens` tokens on `client`'s device: [`PrefillKernel::Mma`] where the
 /// device's `cmma` multiplies 16x16x16 f16 tiles into f32 and its plane width is fixed,
 /// otherwise [`PrefillKernel::Dequantize`].
 ///
-/// Its tile is the one for a weight of unknown height ([`prefill_kernel_for`] picks by height).
-pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) -> PrefillKernel {
-    prefill_kernel_for(client, n_tokens, 0)
-}
-
-/// [`prefill_kernel`] for a weight of `rows` rows.
-///
-/// Tile (tokens x weight rows per cube, [`MMA_TILES`]): 32x32 up to 32 tokens, 64x32 up to
-/// 128, 64x128 above, so a batched-decode step still spreads a 4096-row weight over 128 cubes;
-/// from 8192 rows 64x128 already from 33 tokens (H200, 14336x4096 Q4_0: 0.092 against
-/// 0.113 ms at 64 tokens, 0.166 against 0.179 at 128; docs/performance.md). Tuning runs
-/// override it, read once: `ROCFORGE_MMA=0` (always dequantize), `ROCFORGE_MMA_TILE=pm,pn,fm,fn`
-/// (planes and fragments along tokens and rows, `pm * pn` at most 8, fragments at most 4 each),
+/// Tile (tokens x weight rows per cube, [`MMA_TILES`]): 32x32 up to 32 tokens, 64x128 up to
+/// 64, 128x128 up to 256, 128x256 above (a batched-decode step's few tiles are spread over the
+/// SMs by [`mma_splits`]). Tuning runs
+/// override it, read once: `ROCFORGE_MMA=0` (always dequantize), `ROCFORGE_MMA_TILE=pm,pn,fm,fn[,k]`
+/// (planes and fragments along tokens and rows, `pm * pn` at most 16, fragments at most 4 each;
+/// columns per step, 128 or 256, default 256),
 /// `ROCFORGE_MMA_MAX=N` (dequantize above N tokens).
-pub fn prefill_kernel_for<R: Runtime>(
-    client: &ComputeClient<R>,
-    n_tokens: usize,
-    rows: usize,
-) -> PrefillKernel {
-    struct MmaKnobs {
-        off: bool,
-        tile: Option<[u32; 4]>,
-        max: Option<usize>,
-    }
-    static KNOBS: std::sync::OnceLock<MmaKnobs> = std::sync::OnceLock::new();
-    let k = KNOBS.get_or_init(|| MmaKnobs {
-        off: std::env::var("ROCFORGE_MMA").is_ok_and(|v| v == "0"),
-        tile: std::env::var("ROCFORGE_MMA_TILE").ok().and_then(|v| {
-            let p: Vec<u32> = v.split(',').filter_map(|t| t.trim().parse().ok()).collect();
-            let ok = p.len() == 4 && p.iter().all(|&n| (1..=4).contains(&n)) && p[0] * p[1] <= 8;
-            ok.then(|| [p[0], p[1], p[2], p[3]])
-        }),
-        max: std::env::var("ROCFORGE_MMA_MAX")
-            .ok()
-            .and_then(|v| v.parse().ok()),
-    });
+pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) -> PrefillKernel {
+    let k = mma_knobs();
     if k.off || k.max.is_some_and(|max| n_tokens > max) {
         return PrefillKernel::Dequantize;
     }
@@ -838,21 +902,24 @@ pub fn prefill_kernel_for<R: Runtime>(
     {
         return PrefillKernel::Dequantize;
     }
-    let [planes_m, planes_n, frags_m, frags_n] = k.tile.unwrap_or(match n_tokens {
+    let tile = |t: [u32; 5]| MmaConfig::from_tile(plane, t);
+    let cfg = tile(k.tile.unwrap_or(match n_tokens {
         0..=32 => MMA_TILES[0],
-        33..=128 if rows < 8192 => MMA_TILES[1],
-        _ => MMA_TILES[2],
-    });
-    PrefillKernel::Mma(MmaConfig {
-        plane,
-        planes_m,
-        planes_n,
-        frags_m,
-        frags_n,
-    })
+        33..=64 => MMA_TILES[1],
+        65..=256 => MMA_TILES[2],
+        _ => MMA_TILES[3],
+    }));
+    // A device whose cubes hold less shared memory (RDNA3: 64 KiB) takes the smallest tile
+    // if that fits.
+    let fits = |c: &MmaConfig| c.shared_bytes() <= hw.max_shared_memory_size;
+    match [cfg, tile(MMA_TILES[0])].into_iter().find(fits) {
+        Some(cfg) => PrefillKernel::Mma(cfg),
+        None => PrefillKernel::Dequantize,
+    }
 }
 
-/// `y = W·x` for `n_tokens` tokens with the quantized mat-mat (see [`prefill_kernel`]).
+/// `y = W·x` for `n_tokens` tokens with the quantized mat-mat (see [`prefill_kernel`]), its
+/// columns split over [`mma_splits`] cubes per tile.
 pub fn launch_mma<R: Runtime>(
     client: &ComputeClient<R>,
     w: &QWeight<R>,
@@ -860,6 +927,70 @@ pub fn launch_mma<R: Runtime>(
     y: &Handle,
     n_tokens: usize,
     cfg: MmaConfig,
+) -> Result<(), MatmulError> {
+    let splits = mma_splits(client, w, n_tokens, cfg);
+    launch_mma_split(client, w, x, y, n_tokens, cfg, splits)
+}
+
+/// How many cubes share a tile's columns ([`mma::mma_kernel`]'s grid `z`). A launch with few
+/// tiles (a batched-decode step: 64 tokens of a 4096-row weight are 32 tiles of 64x128) leaves
+/// most SMs idle; splitting its columns fills them. Measured on the H200 (`quant_matmul
+/// --splits`, docs/performance.md): the best count is about `SMs x (cubes an SM holds / 2)
+/// / tiles` (64x128 tiles, 2 per SM: one cube per SM; 32x32 tiles, 6 per SM: three), and each
+/// split keeps at least 4 steps of `cfg.k_step` columns. 1 where the tiles fill the device
+/// or its SM count is unknown. `ROCFORGE_MMA_SPLIT=N` fixes it (A/B runs).
+pub fn mma_splits<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    n_tokens: usize,
+    cfg: MmaConfig,
+) -> u32 {
+    static KNOB: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let steps = (w.cols as u32).div_ceil(cfg.k_step).max(1);
+    let fixed = *KNOB.get_or_init(|| {
+        std::env::var("ROCFORGE_MMA_SPLIT")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&n| n >= 1)
+    });
+    let hw = &client.properties().hardware;
+    let want = match (fixed, hw.num_streaming_multiprocessors) {
+        (Some(n), _) => n,
+        (None, Some(sms)) => {
+            let tiles = (w.rows.div_ceil(cfg.block_n() as usize)
+                * n_tokens.div_ceil(cfg.block_m() as usize)) as u32;
+            let resident = (hw.max_shared_memory_size / cfg.shared_bytes().max(1)) as u32;
+            (sms * (resident / 2).max(1) / tiles.max(1)).min(steps / 4)
+        }
+        (None, None) => 1,
+    };
+    // Whole steps per split, no empty split.
+    let per = steps.div_ceil(want.clamp(1, steps));
+    steps.div_ceil(per)
+}
+
+/// Kernel launches of one [`matmul`] through the mat-mat with `cfg` ([`prefill_kernel`]'s
+/// pick): the `f16` conversion of `x`, the mat-mat and, when its columns are split, the sum of
+/// the partial products.
+pub fn mma_launches<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    n_tokens: usize,
+    cfg: MmaConfig,
+) -> u64 {
+    let cfg = mma_tile(client, w, n_tokens, cfg);
+    2 + u64::from(mma_splits(client, w, n_tokens, cfg) > 1)
+}
+
+/// [`launch_mma`] with `splits` cubes per tile along the columns (rounded to whole steps).
+pub fn launch_mma_split<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x: &Handle,
+    y: &Handle,
+    n_tokens: usize,
+    cfg: MmaConfig,
+    splits: u32,
 ) -> Result<(), MatmulError> {
     if w.cols % 8 != 0 {
         // `x` is read as f16 in 16-byte vectors.
@@ -869,11 +1000,25 @@ pub fn launch_mma<R: Runtime>(
             cols: w.cols,
         });
     }
+    if !matches!(cfg.k_step, 128 | 256) {
+        return Err(MatmulError::Matmul(format!(
+            "the quantized mat-mat stages 128 or 256 columns per step, not {}",
+            cfg.k_step
+        )));
+    }
     check_buffer("x", x, n_tokens * w.cols)?;
     check_buffer("y", y, n_tokens * w.rows)?;
-    check_u32((n_tokens * w.cols.max(w.rows)) as u64)?;
+    let steps = (w.cols as u32).div_ceil(cfg.k_step).max(1);
+    let per = steps.div_ceil(splits.clamp(1, steps));
+    let splits = steps.div_ceil(per);
+    let out_len = n_tokens * w.rows * splits as usize;
+    check_u32((n_tokens * w.cols).max(out_len) as u64)?;
     let (bm, bn) = (cfg.block_m() as usize, cfg.block_n() as usize);
-    let count = CubeCount::new_2d(w.rows.div_ceil(bn) as u32, n_tokens.div_ceil(bm) as u32);
+    let count = CubeCount::new_3d(
+        w.rows.div_ceil(bn) as u32,
+        n_tokens.div_ceil(bm) as u32,
+        splits,
+    );
     let kernel = mma::mma_kernel::MmaKernel::<R>::new(
         launch::settings(CubeDim::new_2d(cfg.plane, cfg.planes_m * cfg.planes_n)),
         client.clone(),
@@ -885,6 +1030,7 @@ pub fn launch_mma<R: Runtime>(
         (),
         (),
         (),
+        (),
         w.format,
         cfg,
     );
@@ -892,8 +1038,10 @@ pub fn launch_mma<R: Runtime>(
     // The kernel stages x as f16: converted once here rather than by every cube that reads it.
     let x16 = client.empty(n_tokens * w.cols * 2);
     to_f16(client, x, &x16, n_tokens * w.cols)?;
-    // SAFETY: x and y hold the batch (checked above); the kernel masks rows, tokens and
-    // columns past the shape, and reads only whole blocks of the weight's planes.
+    // Split partial products go to a scratch of `splits` outputs, then are added into y.
+    let part = (splits > 1).then(|| client.empty(out_len * 4));
+    // SAFETY: x and y (or the partials) hold the batch (checked above); the kernel masks rows,
+    // tokens and columns past the shape, and reads only whole blocks of the weight's planes.
     unsafe {
         launch::launch(
             client,
@@ -903,14 +1051,40 @@ pub fn launch_mma<R: Runtime>(
                 wq,
                 ws,
                 Arg::vec::<half::f16>(&x16, n_tokens * w.cols / 8, 8),
-                Arg::of::<f32>(y, n_tokens * w.rows),
+                Arg::of::<f32>(part.as_ref().unwrap_or(y), out_len),
                 Arg::U32(n_tokens as u32),
                 Arg::U32(w.rows as u32),
                 Arg::U32(w.cols as u32),
                 Arg::U32(w.blocks_per_row),
+                Arg::U32(per),
             ],
         )
     };
+    if let Some(part) = part {
+        let n = n_tokens * w.rows;
+        let kernel = mma::split_sum_kernel::SplitSumKernel::<R>::new(
+            launch::settings(CubeDim::new_1d(ROW_THREADS)),
+            client.clone(),
+            array_arg(),
+            array_arg(),
+            (),
+            (),
+        );
+        // SAFETY: `part` holds `splits` outputs of `n` values, `y` one; the kernel guards `i < n`.
+        unsafe {
+            launch::launch(
+                client,
+                kernel,
+                grid((n as u32).div_ceil(ROW_THREADS)),
+                &[
+                    Arg::of::<f32>(&part, out_len),
+                    Arg::of::<f32>(y, n),
+                    Arg::U32(n as u32),
+                    Arg::U32(splits),
+                ],
+            )
+        };
+    }
     Ok(())
 }
 

@@ -342,24 +342,19 @@ pub fn definition<R: Runtime>(
 pub fn mma_configs(plane: u32) -> Vec<MmaConfig> {
     api::MMA_TILES
         .into_iter()
-        .map(|[planes_m, planes_n, frags_m, frags_n]| MmaConfig {
-            plane,
-            planes_m,
-            planes_n,
-            frags_m,
-            frags_n,
-        })
+        .map(|t| MmaConfig::from_tile(plane, t))
         .collect()
 }
 
 /// A tile's name: `block_m x block_n`, planes along tokens and rows.
 pub fn mma_tag(cfg: MmaConfig) -> String {
     format!(
-        "{}x{}_p{}x{}",
+        "{}x{}_p{}x{}_k{}",
         cfg.block_m(),
         cfg.block_n(),
         cfg.planes_m,
-        cfg.planes_n
+        cfg.planes_n,
+        cfg.k_step
     )
 }
 
@@ -370,7 +365,18 @@ pub fn mma_definitions<R: Runtime>(
     plane: u32,
 ) -> Vec<(String, KernelDefinition)> {
     let a = crate::ops::launch::array_arg;
-    let mut out = Vec::new();
+    let mut out = vec![(
+        "mma_split_sum".to_string(),
+        mma::split_sum_kernel::SplitSumKernel::<R>::new(
+            settings(CubeDim::new_1d(DEQUANT_THREADS)),
+            client.clone(),
+            a(),
+            a(),
+            (),
+            (),
+        )
+        .define(),
+    )];
     for fmt in KernelFormat::ALL {
         for cfg in mma_configs(plane) {
             {
@@ -382,6 +388,7 @@ pub fn mma_definitions<R: Runtime>(
                     a(),
                     a(),
                     a(),
+                    (),
                     (),
                     (),
                     (),

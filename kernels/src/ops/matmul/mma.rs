@@ -3,7 +3,7 @@
 //! weights in their uploaded (quantized) layout.
 //!
 //! A cube computes a `block_m x block_n` tile of `Y` (tokens x weight rows). Per step of
-//! [`k_step`] columns it stages that slice of `X` (already `f16`, 16-byte loads) and of `W`
+//! `cfg.k_step` columns it stages that slice of `X` (already `f16`, 16-byte loads) and of `W`
 //! (each slot decoded once, as packed half pairs by `decode::decode_slot_h2` for the formats
 //! with `KernelFormat::half_x`, else by `decode_slot`) in shared memory; then each plane
 //! multiplies its `frags_m x frags_n` 16x16 fragments with CubeCL's `cmma` (f16 x f16 -> f32).
@@ -32,9 +32,24 @@ pub struct MmaConfig {
     /// 16x16 accumulator fragments per plane along the tokens and the weight rows.
     pub frags_m: u32,
     pub frags_n: u32,
+    /// Columns staged per step: 128 or 256 (a K-quant's 256-weight super-block then spans
+    /// one or two steps; a `Q6_K` slot's runs stay within one 128-column half).
+    pub k_step: u32,
 }
 
 impl MmaConfig {
+    /// The config of plane width `plane` and tile `[planes_m, planes_n, frags_m, frags_n,
+    /// k_step]` (the form of `api::MMA_TILES` and of `ROCFORGE_MMA_TILE`).
+    pub const fn from_tile(plane: u32, t: [u32; 5]) -> Self {
+        Self {
+            plane,
+            planes_m: t[0],
+            planes_n: t[1],
+            frags_m: t[2],
+            frags_n: t[3],
+            k_step: t[4],
+        }
+    }
     /// Tokens per cube.
     pub const fn block_m(&self) -> u32 {
         16 * self.planes_m * self.frags_m
@@ -47,27 +62,25 @@ impl MmaConfig {
     pub const fn units(&self) -> u32 {
         self.plane * self.planes_m * self.planes_n
     }
-}
-
-/// Columns staged per step: a whole number of every format's blocks (a K-quant's 256-weight
-/// super-block), and enough loads in flight per step to cover memory latency with one cube
-/// per SM (a batched-decode step has few cubes). Measured on the H200 (docs/performance.md):
-/// with steps of 64 columns a 4096x4096 Q4_0 weight took 0.22 ms at 16 tokens.
-pub const fn k_step(_fmt: KernelFormat) -> u32 {
-    256
-}
-
-/// Row stride of the staged tiles, in halves: 8 past `k_step` so the 16 rows a fragment load
-/// reads start in different shared-memory banks (a multiple of 8 halves keeps each fragment's
-/// start 16-byte aligned, as `cmma` loads require).
-pub const fn stage_stride(fmt: KernelFormat) -> u32 {
-    k_step(fmt) + 8
+    /// Row stride of the staged tiles, in halves: 8 past `k_step` so the 16 rows a fragment
+    /// load reads start in different shared-memory banks (a multiple of 8 halves keeps each
+    /// fragment's start 16-byte aligned, as `cmma` loads require).
+    pub const fn stage_stride(&self) -> u32 {
+        self.k_step + 8
+    }
+    /// Shared memory a cube holds: the two staged tiles and the planes' output stages.
+    pub const fn shared_bytes(&self) -> usize {
+        ((self.block_m() + self.block_n()) * self.stage_stride() * 2
+            + 256 * 4 * self.planes_m * self.planes_n) as usize
+    }
 }
 
 /// `y[t * rows + r] = Σ_c W[r, c] · x[t * cols + c]` for `t < m`, `r < rows`: `x` and `y`
 /// row-major, `x` in `f16` read as 16-byte vectors (`cols` a multiple of 8), `y` in `f32`, `W` in
-/// the layout of `layout::pack`. Grid: `(rows / block_n, m / block_m)`
-/// cubes, rounded up (edges masked).
+/// the layout of `layout::pack`. Grid: `(rows / block_n, m / block_m, splits)` cubes, rounded
+/// up (edges masked). Cube `z` sums steps `z * split_steps ..` of `cfg.k_step` columns and writes
+/// its partial product to `y[z * m * rows ..]` ([`split_sum_kernel`] adds the partials when
+/// there is more than one split).
 #[cube(launch_unchecked)]
 pub fn mma_kernel(
     w: &Array<u32>,
@@ -78,21 +91,22 @@ pub fn mma_kernel(
     rows: u32,
     cols: u32,
     blocks_per_row: u32,
+    split_steps: u32,
     #[comptime] fmt: KernelFormat,
     #[comptime] cfg: MmaConfig,
 ) {
-    let bk = comptime![k_step(fmt)];
-    let ld = comptime![stage_stride(fmt)];
+    let bk = comptime![cfg.k_step];
+    let ld = comptime![cfg.stage_stride()];
     let bm = comptime![cfg.block_m()];
     let bn = comptime![cfg.block_n()];
     let units = comptime![cfg.units()];
     let groups = comptime![fmt.groups_per_slot()];
-    let slots = comptime![k_step(fmt) / (4 * fmt.groups_per_slot())];
+    let slots = comptime![cfg.k_step / (4 * fmt.groups_per_slot())];
     let spb = comptime![fmt.slots_per_block()];
     let epb = comptime![fmt.elems_per_block()];
-    let x_trips = comptime![(cfg.block_m() * k_step(fmt) / 8).div_ceil(cfg.units())];
+    let x_trips = comptime![(cfg.block_m() * cfg.k_step / 8).div_ceil(cfg.units())];
     let w_trips = comptime![
-        (cfg.block_n() * (k_step(fmt) / (4 * fmt.groups_per_slot()))).div_ceil(cfg.units())
+        (cfg.block_n() * (cfg.k_step / (4 * fmt.groups_per_slot()))).div_ceil(cfg.units())
     ];
 
     let unit = UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X;
@@ -102,10 +116,14 @@ pub fn mma_kernel(
     let row0 = CUBE_POS_X * bn;
     let tok0 = CUBE_POS_Y * bm;
 
-    let mut xs =
-        SharedMemory::<half::f16>::new(comptime![(cfg.block_m() * stage_stride(fmt)) as usize]);
-    let mut ws =
-        SharedMemory::<half::f16>::new(comptime![(cfg.block_n() * stage_stride(fmt)) as usize]);
+    // The stages hold vectors so that each staged run is one 16-byte (activations) or 8-byte
+    // (a run of 4 decoded weights) shared-memory store rather than 8 or 4 of one half each.
+    let mut xs = SharedMemory::<Vector<half::f16, Const<8>>>::new(comptime![
+        (cfg.block_m() * cfg.stage_stride() / 8) as usize
+    ]);
+    let mut ws = SharedMemory::<Vector<half::f16, Const<4>>>::new(comptime![
+        (cfg.block_n() * cfg.stage_stride() / 4) as usize
+    ]);
     let mut stage =
         SharedMemory::<f32>::new(comptime![(256 * cfg.planes_m * cfg.planes_n) as usize]);
 
@@ -122,13 +140,17 @@ pub fn mma_kernel(
         ));
     }
 
-    let zero = half::f16::cast_from(0.0f32);
-    let x_full = comptime![(cfg.block_m() * k_step(fmt) / 8) % cfg.units() == 0];
+    let zero8 = Vector::<half::f16, Const<8>>::cast_from(0.0f32);
+    let zero4 = Vector::<half::f16, Const<4>>::cast_from(0.0f32);
+    let x_full = comptime![(cfg.block_m() * cfg.k_step / 8) % cfg.units() == 0];
     let w_full =
-        comptime![(cfg.block_n() * (k_step(fmt) / (4 * fmt.groups_per_slot()))) % cfg.units() == 0];
+        comptime![(cfg.block_n() * (cfg.k_step / (4 * fmt.groups_per_slot()))) % cfg.units() == 0];
 
     let steps = (blocks_per_row * epb).div_ceil(bk);
-    for step in 0..steps {
+    let first = CUBE_POS_Z * split_steps;
+    let end = first + split_steps;
+    let last = select(end < steps, end, steps);
+    for step in first..last {
         let k0 = step * bk;
         // Activations: `bm` tokens x `bk` columns in 16-byte loads, zero past the batch and
         // the row. No load sits behind a branch (clamped index, then `select`), so the
@@ -136,27 +158,23 @@ pub fn mma_kernel(
         #[unroll]
         for i in 0..x_trips {
             let e = unit + i * units;
-            if x_full || e < comptime![cfg.block_m() * k_step(fmt) / 8] {
-                let r = e / comptime![k_step(fmt) / 8];
-                let c = 8 * (e % comptime![k_step(fmt) / 8]);
+            if x_full || e < comptime![cfg.block_m() * cfg.k_step / 8] {
+                let r = e / comptime![cfg.k_step / 8];
+                let c8 = e % comptime![cfg.k_step / 8];
                 let t = tok0 + r;
-                let col = k0 + c;
+                let col = k0 + 8 * c8;
                 let valid = t < m && col < cols;
                 let v = x[select(valid, (t * cols + col) / 8, 0u32) as usize];
-                let o = r * ld + c;
-                #[unroll]
-                for j in 0..8u32 {
-                    xs[(o + j) as usize] = select(valid, v[j as usize], zero);
-                }
+                xs[(r * comptime![cfg.stage_stride() / 8] + c8) as usize] = select(valid, v, zero8);
             }
         }
         // Weights: `bn` rows x `slots` slots, each decoded once (clamped into the matrix and
-        // zeroed past it, again without a branch around the loads).
+        // zeroed past it, again without a branch around the loads). A slot's runs of 4
+        // columns start at multiples of 4.
         #[unroll]
         for i in 0..w_trips {
             let u = unit + i * units;
-            if w_full || u < comptime![cfg.block_n() * (k_step(fmt) / (4 * fmt.groups_per_slot()))]
-            {
+            if w_full || u < comptime![cfg.block_n() * (cfg.k_step / (4 * fmt.groups_per_slot()))] {
                 let r = u / slots;
                 let s = step * slots + u % slots;
                 let blk = s / spb;
@@ -164,19 +182,21 @@ pub fn mma_kernel(
                 let row = row0 + r;
                 let live = row < rows && blk < blocks_per_row;
                 let blk_w = select(live, row * blocks_per_row + blk, 0u32);
+                let base = r * ld + blk * epb - k0;
                 if comptime![fmt.half_x()] {
-                    // Packed half pairs (columns 0/2 and 1/3 of each run of 4).
+                    // Packed half pairs: columns 0/2 and 1/3 of each run of 4.
                     let mut p = Array::<Vector<half::f16, Const<2>>>::new(4usize);
                     decode_slot_h2(w, scales, blk_w, slot, &mut p, fmt);
                     #[unroll]
                     for g in 0..2u32 {
-                        let o = r * ld + blk * epb + slot_col(slot, g, fmt) - k0;
                         let lo = p[(2 * g) as usize];
                         let hi = p[(2 * g + 1) as usize];
-                        xs_w(&mut ws, o, select(live, lo[0], zero));
-                        xs_w(&mut ws, o + 2, select(live, lo[1], zero));
-                        xs_w(&mut ws, o + 1, select(live, hi[0], zero));
-                        xs_w(&mut ws, o + 3, select(live, hi[1], zero));
+                        let mut v = Vector::<half::f16, Const<4>>::empty();
+                        v[0] = lo[0];
+                        v[1] = hi[0];
+                        v[2] = lo[1];
+                        v[3] = hi[1];
+                        ws[((base + slot_col(slot, g, fmt)) / 4) as usize] = select(live, v, zero4);
                     }
                 } else {
                     let mut q = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
@@ -185,33 +205,55 @@ pub fn mma_kernel(
                     decode_slot(w, scales, blk_w, slot, &mut q, &mut a, &mut mn, fmt);
                     #[unroll]
                     for g in 0..groups {
-                        let c0 = blk * epb + slot_col(slot, g, fmt);
+                        let mut v = Vector::<half::f16, Const<4>>::empty();
                         #[unroll]
                         for k in 0..4u32 {
-                            let mut v = a[g as usize] * q[(4 * g + k) as usize];
+                            let mut f = a[g as usize] * q[(4 * g + k) as usize];
                             if comptime![fmt.has_min()] {
-                                v += mn[g as usize];
+                                f += mn[g as usize];
                             }
-                            let h = select(live && c0 + k < cols, half::f16::cast_from(v), zero);
-                            ws[(r * ld + c0 + k - k0) as usize] = h;
+                            v[k as usize] = half::f16::cast_from(f);
                         }
+                        ws[((base + slot_col(slot, g, fmt)) / 4) as usize] = select(live, v, zero4);
                     }
                 }
             }
         }
         sync_cube();
         #[unroll]
-        for kk in 0..comptime![k_step(fmt) / 16] {
+        for kk in 0..comptime![cfg.k_step / 16] {
+            // A plane's weight fragments of this slice, loaded once for all its token rows.
+            let mut bf = Sequence::<cmma::Matrix<half::f16>>::new();
+            #[unroll]
+            for j in 0..comptime![cfg.frags_n] {
+                let b_row = (pn * comptime![cfg.frags_n] + j) * 16;
+                bf.push(fragment(
+                    &ws,
+                    ((b_row * ld + 16 * kk) / 4) as usize,
+                    cmma::MatrixIdent::B,
+                    4usize,
+                    ld,
+                ));
+            }
             #[unroll]
             for i in 0..comptime![cfg.frags_m] {
-                let a_off = ((pm * comptime![cfg.frags_m] + i) * 16 * ld + 16 * kk) as usize;
-                let af = fragment(&xs, a_off, cmma::MatrixIdent::A, fmt);
+                let a_row = (pm * comptime![cfg.frags_m] + i) * 16;
+                let af = fragment(
+                    &xs,
+                    ((a_row * ld + 16 * kk) / 8) as usize,
+                    cmma::MatrixIdent::A,
+                    8usize,
+                    ld,
+                );
                 #[unroll]
                 for j in 0..comptime![cfg.frags_n] {
-                    let b_off = ((pn * comptime![cfg.frags_n] + j) * 16 * ld + 16 * kk) as usize;
-                    let bf = fragment(&ws, b_off, cmma::MatrixIdent::B, fmt);
                     let c = &acc[comptime![(i * cfg.frags_n + j) as usize]];
-                    cmma::execute::<half::f16, half::f16, f32, f32>(&af, &bf, c, c);
+                    cmma::execute::<half::f16, half::f16, f32, f32>(
+                        &af,
+                        &bf[comptime![j as usize]],
+                        c,
+                        c,
+                    );
                 }
             }
         }
@@ -219,6 +261,7 @@ pub fn mma_kernel(
     }
 
     // Each plane writes its fragments through its own 16x16 stage, edges masked.
+    let out0 = CUBE_POS_Z * m * rows;
     let mine = (plane * 256) as usize;
     #[unroll]
     for i in 0..comptime![cfg.frags_m] {
@@ -240,7 +283,7 @@ pub fn mma_kernel(
                 let r = r_base + idx % 16;
                 if t < m {
                     if r < rows {
-                        y[(t * rows + r) as usize] = stage[mine + idx as usize];
+                        y[(out0 + t * rows + r) as usize] = stage[mine + idx as usize];
                     }
                 }
             }
@@ -249,32 +292,42 @@ pub fn mma_kernel(
     }
 }
 
-/// `stage[i] = v` (one staged half).
-#[cube]
-fn xs_w(stage: &mut SharedMemory<half::f16>, i: u32, v: half::f16) {
-    stage[i as usize] = v;
+/// `y[i] = Σ_z part[z * n + i]` for `i < n`: the split partial products of [`mma_kernel`],
+/// added in split order (so a result does not depend on which cube finished first).
+#[cube(launch_unchecked)]
+pub fn split_sum_kernel(part: &Array<f32>, y: &mut Array<f32>, n: u32, splits: u32) {
+    let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    if i < n {
+        let mut s = 0.0f32;
+        for z in 0..splits {
+            s += part[(z * n + i) as usize];
+        }
+        y[i as usize] = s;
+    }
 }
 
-/// The 16x16 `f16` fragment at `off` of a staged tile (rows `stage_stride` apart): the tokens'
-/// rows as `A` (row-major), the weight rows as the columns of `B` (column-major).
+/// The 16x16 `f16` fragment at vector `off` of a staged tile of `n`-half vectors (rows `ld`
+/// halves apart): the tokens' rows as `A` (row-major), the weight rows as the
+/// columns of `B` (column-major).
 #[cube]
-fn fragment(
-    stage: &SharedMemory<half::f16>,
+fn fragment<N: Size>(
+    stage: &SharedMemory<Vector<half::f16, N>>,
     off: usize,
     #[comptime] ident: cmma::MatrixIdent,
-    #[comptime] fmt: KernelFormat,
+    #[comptime] n: usize,
+    #[comptime] ld: u32,
 ) -> cmma::Matrix<half::f16> {
     let layout = comptime![match ident {
         cmma::MatrixIdent::A => cmma::MatrixLayout::RowMajor,
         _ => cmma::MatrixLayout::ColMajor,
     }];
-    cmma::Matrix::<half::f16>::from_slice(
-        ident,
-        16usize,
-        16usize,
-        16usize,
-        layout,
-        &stage.slice(off, off + comptime![(15 * stage_stride(fmt) + 16) as usize]),
-        comptime![stage_stride(fmt)],
-    )
+    let mat = unsafe {
+        cmma::Matrix::<half::f16>::uninitialized(ident, 16usize, 16usize, 16usize, layout)
+    };
+    cmma::load(
+        &mat,
+        &stage.slice(off, off + comptime![(15 * ld as usize + 16) / n]),
+        ld,
+    );
+    mat
 }

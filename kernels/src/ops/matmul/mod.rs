@@ -57,10 +57,11 @@ pub mod layout;
 pub mod mma;
 
 pub use api::{
-    dequantize, embed, embed_rows, fuses_norm, launch_matvec, launch_mma, matmul,
+    dequantize, embed, embed_rows, fuses_norm, launch_matvec, launch_mma, launch_mma_split, matmul,
     matmul_dequantized, matvec, matvec_config, matvec_gated, matvec_gated_norm, matvec_norm,
-    prefill_kernel, prefill_kernel_for, prefill_precision, DequantScratch, Epilogue, HalfActs,
-    MatmulError, Matvec, PrefillKernel, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
+    mma_launches, mma_splits, mma_tile, prefill_kernel, prefill_precision, DequantScratch,
+    Epilogue, HalfActs, MatmulError, Matvec, PrefillKernel, PrefillPrecision, QWeight,
+    MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
 pub use kernels::{Fusion, MatvecConfig};
