@@ -8,11 +8,13 @@
 //! with `KernelFormat::half_x`, else by `decode_slot`) in shared memory; then each plane
 //! multiplies its `frags_m x frags_n` 16x16 fragments with CubeCL's `cmma` (f16 x f16 -> f32).
 //! A weight is read once per tile row of tokens and never written back dequantized: no
-//! scratch, no dequantize launch.
+//! scratch, no dequantize launch. A launch with few tiles splits each tile's columns over
+//! several cubes (grid `z`) and [`split_sum_kernel`] adds their partial products.
 //!
-//! What bounds it (ncu on the H200, docs/performance.md): the staging instructions, not bytes or
-//! the matrix units. Hence the `f16` activations converted once per launch rather than per cube,
-//! the half-pair decode, and loads that no branch separates (clamped indices, `select`).
+//! What bounds it (ncu on the H200, docs/performance.md): the staging, not bytes or the matrix
+//! units: its instructions, and at the 64x128 tile its registers (one cube per SM). Hence the
+//! `f16` activations converted once per launch rather than per cube, the half-pair decode,
+//! vector shared stores, and loads that no branch separates (clamped indices, `select`).
 
 use cubecl::prelude::*;
 
