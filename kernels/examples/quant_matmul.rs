@@ -132,13 +132,13 @@ fn main() {
                 cfgs.extend(extra.iter().map(|&t| mm::MmaConfig::from_tile(plane, t)));
                 for cfg in cfgs {
                     let s = time(&gpu, iters, || {
-                        mm::launch_mma(client, &w, &x, &y, m, cfg).expect("mma")
+                        mm::launch_mma(client, &w, &x, &y, m, cfg).expect("mma");
                     });
                     let auto = mm::mma_splits(client, &w, m, cfg);
                     row(format!("mma {} (s{auto})", catalog::mma_tag(cfg)), s);
                     for &n in &splits {
                         let s = time(&gpu, iters, || {
-                            mm::launch_mma_split(client, &w, &x, &y, m, cfg, n).expect("mma")
+                            mm::launch_mma_split(client, &w, &x, &y, m, cfg, n).expect("mma");
                         });
                         row(format!("mma {} /s{n}", catalog::mma_tag(cfg)), s);
                     }

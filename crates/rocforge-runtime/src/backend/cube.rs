@@ -893,8 +893,9 @@ impl<R: Runtime> CubeBackend<R> {
             self.gpu.count_launches(1);
             mm::matmul(client, w, x.handle(), out.handle(), n, None)
         } else if let mm::PrefillKernel::Mma(cfg) = mm::prefill_kernel(client, n) {
-            self.gpu.count_launches(mm::mma_launches(client, w, n, cfg));
-            mm::matmul(client, w, x.handle(), out.handle(), n, None)
+            let cfg = mm::mma_tile(client, w, n, cfg);
+            mm::launch_mma(client, w, x.handle(), out.handle(), n, cfg)
+                .map(|launches| self.gpu.count_launches(launches))
         } else {
             self.gpu.count_launches(2);
             let scratch = [&self.dequant, &self.dequant_logits]

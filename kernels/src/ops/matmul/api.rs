@@ -688,14 +688,8 @@ pub fn matmul<R: Runtime>(
         );
     }
     if let (PrefillKernel::Mma(cfg), 0) = (prefill_kernel(client, n_tokens), w.cols % 8) {
-        return launch_mma(
-            client,
-            w,
-            x,
-            y,
-            n_tokens,
-            mma_tile(client, w, n_tokens, cfg),
-        );
+        let cfg = mma_tile(client, w, n_tokens, cfg);
+        return launch_mma(client, w, x, y, n_tokens, cfg).map(drop);
     }
     matmul_dequantized(client, w, x, y, n_tokens, scratch)
 }
@@ -919,7 +913,9 @@ pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) ->
 }
 
 /// `y = W·x` for `n_tokens` tokens with the quantized mat-mat (see [`prefill_kernel`]), its
-/// columns split over [`mma_splits`] cubes per tile.
+/// columns split over [`mma_splits`] cubes per tile. Returns the kernel launches it made: the
+/// `f16` conversion of `x`, the mat-mat and, when the columns are split, the sum of the partial
+/// products.
 pub fn launch_mma<R: Runtime>(
     client: &ComputeClient<R>,
     w: &QWeight<R>,
@@ -927,7 +923,7 @@ pub fn launch_mma<R: Runtime>(
     y: &Handle,
     n_tokens: usize,
     cfg: MmaConfig,
-) -> Result<(), MatmulError> {
+) -> Result<u64, MatmulError> {
     let splits = mma_splits(client, w, n_tokens, cfg);
     launch_mma_split(client, w, x, y, n_tokens, cfg, splits)
 }
@@ -969,20 +965,8 @@ pub fn mma_splits<R: Runtime>(
     steps.div_ceil(per)
 }
 
-/// Kernel launches of one [`matmul`] through the mat-mat with `cfg` ([`prefill_kernel`]'s
-/// pick): the `f16` conversion of `x`, the mat-mat and, when its columns are split, the sum of
-/// the partial products.
-pub fn mma_launches<R: Runtime>(
-    client: &ComputeClient<R>,
-    w: &QWeight<R>,
-    n_tokens: usize,
-    cfg: MmaConfig,
-) -> u64 {
-    let cfg = mma_tile(client, w, n_tokens, cfg);
-    2 + u64::from(mma_splits(client, w, n_tokens, cfg) > 1)
-}
-
-/// [`launch_mma`] with `splits` cubes per tile along the columns (rounded to whole steps).
+/// [`launch_mma`] with `splits` cubes per tile along the columns (rounded to whole steps);
+/// returns its launches.
 pub fn launch_mma_split<R: Runtime>(
     client: &ComputeClient<R>,
     w: &QWeight<R>,
@@ -991,7 +975,7 @@ pub fn launch_mma_split<R: Runtime>(
     n_tokens: usize,
     cfg: MmaConfig,
     splits: u32,
-) -> Result<(), MatmulError> {
+) -> Result<u64, MatmulError> {
     if w.cols % 8 != 0 {
         // `x` is read as f16 in 16-byte vectors.
         return Err(MatmulError::BadShape {
@@ -1085,7 +1069,7 @@ pub fn launch_mma_split<R: Runtime>(
             )
         };
     }
-    Ok(())
+    Ok(2 + u64::from(splits > 1))
 }
 
 /// `out = x` as f16 for `n` values.
