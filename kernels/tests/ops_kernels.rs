@@ -34,6 +34,8 @@ const TOLERANCE: &[(&str, f64)] = &[
     ("rope_store_f16", 1e-6),
     ("attention", 1e-10),
     ("attention_f16", 1e-5),
+    // Flash attention multiplies on the matrix units: Q (scaled) and the probabilities in f16.
+    ("attention_flash", 2e-5),
     ("embedding", 0.0),
     ("linear_plain", 1e-10),
 ];
@@ -393,6 +395,15 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
             (2, 1, 64, 0, 9, Some(1)),
             // A head_dim that no vector width divides: keys read one value per load.
             (3, 1, 18, 40, 2, None),
+            // Prefill on the matrix units where the device has them (flash attention): groups
+            // of 4, 3 (a tile of 21 tokens, one row idle) and 1, several key tiles, a window
+            // inside the tile, and one key wide.
+            (8, 2, 128, 0, 100, None),
+            (9, 3, 64, 37, 64, None),
+            (4, 4, 64, 0, 33, None),
+            (32, 8, 128, 5, 150, Some(100)),
+            (4, 1, 256, 200, 70, Some(16)),
+            (2, 1, 64, 0, 17, Some(1)),
         ] {
             let win = window.map_or("full".to_string(), |w| format!("win{w}"));
             let case = format!(
@@ -477,12 +488,16 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
                 shape,
                 window,
             );
-            let op = if kv == KvType::F16 {
-                "attention_f16"
-            } else {
-                "attention"
+            let op = |paged| {
+                if attention::flash_plane(gpu, n, shape, paged).is_some() {
+                    "attention_flash"
+                } else if kv == KvType::F16 {
+                    "attention_f16"
+                } else {
+                    "attention"
+                }
             };
-            check(op, &case, &gpu.read_f32(&out).unwrap(), &want);
+            check(op(false), &case, &gpu.read_f32(&out).unwrap(), &want);
 
             // The same sequence over scattered KV pages (a multi-sequence batch's layout): its
             // keys stored through a page table in reverse order, then the same queries.
@@ -530,7 +545,7 @@ fn attention<R: Runtime>(gpu: &Gpu<R>) {
                 window,
             );
             check(
-                op,
+                op(true),
                 &format!("{case}_paged"),
                 &gpu.read_f32(&out).unwrap(),
                 &want,

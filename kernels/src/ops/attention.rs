@@ -3,10 +3,14 @@
 //! Cache layout (per layer): `[ctx][n_kv_heads][head_dim]`, f32. Query head `h` reads KV
 //! head `h / (n_heads / n_kv_heads)`.
 //!
-//! The CubeCL path keeps the same layout on the device, in f32 or f16 ([`KvType`]). One kernel
-//! serves decode and causal prefill: a cube per (query token, head, split of the keys) walks
-//! its keys in tiles of `head_dim` with an online softmax (flash-decoding); when a query's
-//! keys are split, a second kernel combines the partial results. Query `t` of a call at `pos`
+//! The CubeCL path keeps the same layout on the device, in f32 or f16 ([`KvType`]). Decode
+//! (and any call the matrix units cannot take) runs [`attention_kernel`]: a cube per (query
+//! token, head, split of the keys) walks its keys in tiles of `head_dim` with an online softmax
+//! (flash-decoding); when a query's keys are split, a second kernel combines the partial
+//! results. A prefill of [`FLASH_MIN_TOKENS`] or more tokens on a device with `f16` `cmma` runs
+//! [`flash_attention_kernel`]: a cube per (tile of tokens, KV head) stages each tile of keys
+//! and values once for all the group's query heads and multiplies on the matrix units, never
+//! holding more than a tile of scores. Query `t` of a call at `pos`
 //! sees keys `0..=pos + t`, which is the causal mask; with a sliding window of `w` keys
 //! (Gemma's local layers) only the last `w` of them, `pos + t + 1 - w ..= pos + t`, as
 //! llama.cpp's `is_masked_swa` (key p0 is seen by query p1 iff p1 - p0 < w).
@@ -704,6 +708,7 @@ use cubecl::prelude::*;
 use super::launch::{self, array_arg, Arg};
 
 use super::gpu::{row_grid, Buf, Gpu, Pos};
+use super::matmul::mma::fragment;
 
 /// Element type of the device KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1064,6 +1069,503 @@ pub fn attention_combine_kernel(
     out[row * hd + u] = num / den;
 }
 
+/// Query rows (a token's query heads of one KV head, tokens after one another) per cube of
+/// [`flash_attention_kernel`]: 4 planes of 16.
+pub const FLASH_ROWS: usize = 64;
+/// Keys per tile of [`flash_attention_kernel`].
+pub const FLASH_KEYS: usize = 64;
+/// Fewest queries a call takes to [`flash_attention_kernel`] (prefill and its chunks); fewer
+/// (decode) keep [`attention_kernel`], whose splits fill the GPU from one query.
+pub const FLASH_MIN_TOKENS: usize = 16;
+
+/// Shared memory a cube of [`flash_attention_kernel`] holds for head dimension `hd` and `units`
+/// units: `Q`, `K` and `V` tiles in `f16`, the scores in `f32` and as `f16` probabilities, the
+/// output rows in `f32`, and the per-row statistics.
+pub const fn flash_shared_bytes(hd: usize, units: usize) -> usize {
+    3 * FLASH_ROWS * (hd + 8) * 2
+        + FLASH_ROWS * (FLASH_KEYS + 4) * 4
+        + FLASH_ROWS * (FLASH_KEYS + 8) * 2
+        + FLASH_ROWS * (hd + 4) * 4
+        + units * 4
+        + 3 * FLASH_ROWS * 4
+}
+
+/// The plane width [`flash_attention_kernel`] runs at for `n` queries of `shape`,
+/// or `None` where the call keeps [`attention_kernel`]: a paged batch (a multi-sequence step,
+/// whose tiles are one token each: measured slower on the H200 than [`attention_kernel`] at 8
+/// and 64 sequences, docs/performance.md; `ROCFORGE_FLASH_PAGED=1` takes it there for A/B
+/// runs), fewer than [`FLASH_MIN_TOKENS`] queries, a device without `f16` `cmma`, a head
+/// dimension not a multiple of 16, a query group over [`FLASH_ROWS`] heads, a cube's shared
+/// memory too small, or `ROCFORGE_FLASH=0`.
+pub fn flash_plane<R: Runtime>(
+    gpu: &Gpu<R>,
+    n: usize,
+    shape: AttnShape,
+    paged: bool,
+) -> Option<u32> {
+    static KNOBS: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+    let (off, paged_on) = *KNOBS.get_or_init(|| {
+        let is = |k: &str, v: &str| std::env::var(k).is_ok_and(|x| x == v);
+        (is("ROCFORGE_FLASH", "0"), is("ROCFORGE_FLASH_PAGED", "1"))
+    });
+    let group = shape.n_heads / shape.n_kv_heads.max(1);
+    if off
+        || (paged && !paged_on)
+        || n < FLASH_MIN_TOKENS
+        || !shape.head_dim.is_multiple_of(16)
+        || !(1..=FLASH_ROWS).contains(&group)
+    {
+        return None;
+    }
+    let plane = super::matmul::api::f16_cmma_plane(gpu.client())?;
+    let units = 4 * plane as usize;
+    (units >= FLASH_ROWS
+        && flash_shared_bytes(shape.head_dim, units)
+            <= gpu.client().properties().hardware.max_shared_memory_size)
+        .then_some(plane)
+}
+
+/// Causal attention of a tile of queries on the matrix units (flash attention): cube `(x, y)`
+/// takes KV head `y` and tokens `x * tpc ..` (`tpc = FLASH_ROWS / group` tokens in order, each
+/// with its `group` query heads: the tile's rows; one token when `paged`, as a multi-sequence
+/// batch's tokens may each be another sequence), 4 planes of 16 rows. Per tile of [`FLASH_KEYS`] keys
+/// it stages `K` and `V` once for the whole group (as `f16`), multiplies the scores `Q·Kᵀ` on
+/// `cmma`, updates each row's running max and sum (online softmax, causal and window masks per
+/// element), rescales the output rows and adds `P·V` on `cmma`. `Q` is staged once, scaled
+/// by `scale`, in `f16`; the output rows stay in `f32` shared memory until the last tile.
+#[cube(launch_unchecked)]
+pub fn flash_attention_kernel<K: Float>(
+    q: &Array<Vector<f32, Const<4>>>,
+    k_cache: &Array<Vector<K, Const<4>>>,
+    v_cache: &Array<Vector<K, Const<4>>>,
+    out: &mut Array<f32>,
+    pos_dev: &Array<u32>,
+    meta: &Array<u32>,
+    pos: u32,
+    n_tokens: u32,
+    tpc: u32,
+    n_head: u32,
+    n_kv: u32,
+    scale: f32,
+    window: u32,
+    #[comptime] hd: u32,
+    #[comptime] plane: u32,
+    #[comptime] paged: bool,
+) {
+    let rows = comptime![FLASH_ROWS as u32];
+    let keys = comptime![FLASH_KEYS as u32];
+    let units = comptime![4 * plane];
+    // Row strides: staged f16 tiles in halves (8 past hd keeps fragment starts 16-byte
+    // aligned and in different banks), and in vectors of 4.
+    let ld = comptime![hd + 8];
+    let ldv = comptime![(hd + 8) / 4];
+    let pld = comptime![FLASH_KEYS as u32 + 8];
+    // f32 strides of the scores and the output rows: 4 past a multiple of 32 banks, so the
+    // 16 rows of a fragment's load or store fall in different banks.
+    let lds = comptime![FLASH_KEYS as u32 + 4];
+    let ldo = comptime![hd + 4];
+    let hd4 = comptime![hd / 4];
+    // Threads per row in the softmax pass, and the columns each takes.
+    let lpr = comptime![4 * plane / FLASH_ROWS as u32];
+    let runs = comptime![FLASH_KEYS as u32 / (4 * plane / FLASH_ROWS as u32) / 4];
+
+    let unit = UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X;
+    let pl = UNIT_POS_Y;
+    let group = n_head / n_kv;
+    let kvh = CUBE_POS_Y;
+    let t0 = CUBE_POS_X * tpc;
+    let t_end = min(t0 + tpc, n_tokens);
+    let base = pos + pos_dev[0];
+    let kv_dim = n_kv * hd;
+
+    let mut qs = SharedMemory::<Vector<half::f16, Const<4>>>::new(comptime![
+        (FLASH_ROWS as u32 * (hd + 8) / 4) as usize
+    ]);
+    let mut ks = SharedMemory::<Vector<half::f16, Const<4>>>::new(comptime![
+        (FLASH_KEYS as u32 * (hd + 8) / 4) as usize
+    ]);
+    let mut vs = SharedMemory::<Vector<half::f16, Const<4>>>::new(comptime![
+        (FLASH_KEYS as u32 * (hd + 8) / 4) as usize
+    ]);
+    let mut ss = SharedMemory::<f32>::new(comptime![FLASH_ROWS * (FLASH_KEYS + 4)]);
+    let mut ps = SharedMemory::<Vector<half::f16, Const<4>>>::new(comptime![
+        FLASH_ROWS * (FLASH_KEYS + 8) / 4
+    ]);
+    let mut os = SharedMemory::<f32>::new(comptime![(FLASH_ROWS as u32 * (hd + 4)) as usize]);
+    let mut red = SharedMemory::<f32>::new(comptime![(4 * plane) as usize]);
+    let mut ms = SharedMemory::<f32>::new(comptime![FLASH_ROWS]);
+    let mut ls = SharedMemory::<f32>::new(comptime![FLASH_ROWS]);
+    let mut al = SharedMemory::<f32>::new(comptime![FLASH_ROWS]);
+
+    let zero4 = Vector::<half::f16, Const<4>>::cast_from(0.0f32);
+    // Q rows, scaled, as f16 (zero past the batch); the output rows and statistics cleared.
+    #[unroll]
+    for i in 0..comptime![(FLASH_ROWS as u32 * hd / 4).div_ceil(4 * plane)] {
+        let e = unit + i * units;
+        if e < comptime![FLASH_ROWS as u32 * hd / 4] {
+            let r = e / hd4;
+            let c4 = e % hd4;
+            let t = t0 + r / group;
+            let h = kvh * group + r % group;
+            let valid = r < tpc * group && t < t_end;
+            let v = q[select(valid, ((t * n_head + h) * hd) / 4 + c4, 0u32) as usize];
+            let mut hv = Vector::<half::f16, Const<4>>::empty();
+            #[unroll]
+            for j in 0..4u32 {
+                hv[j as usize] = half::f16::cast_from(v[j as usize] * scale);
+            }
+            qs[(r * ldv + c4) as usize] = select(valid, hv, zero4);
+        }
+    }
+    #[unroll]
+    for i in 0..comptime![(FLASH_ROWS as u32 * (hd + 4)).div_ceil(4 * plane)] {
+        let e = unit + i * units;
+        if e < comptime![FLASH_ROWS as u32 * (hd + 4)] {
+            os[e as usize] = 0.0;
+        }
+    }
+    if unit < rows {
+        // -1e30 stands in for minus infinity: exp(m_old - m_new) stays free of inf - inf.
+        ms[unit as usize] = -1.0e30;
+        ls[unit as usize] = 0.0;
+    }
+
+    // The tile's keys: from the first key its first token sees to its last token's own (a
+    // paged tile is one token: the tokens of a batch may belong to different sequences).
+    let first_q = query_pos(meta, base, t0, paged);
+    let last_q = query_pos(meta, base, t_end - 1, paged);
+    let mut table = 0u32;
+    if comptime![paged] {
+        table = meta[(2 * n_tokens + t0) as usize];
+    }
+    let mut k_lo = 0u32;
+    if window > 0 && first_q + 1 > window {
+        k_lo = first_q + 1 - window;
+    }
+    let k_end = last_q + 1;
+    // This thread's row in the softmax pass: its token's position and first visible key.
+    let row = unit / lpr;
+    let part = unit % lpr;
+    let row_live = row < tpc * group && t0 + row / group < t_end;
+    let row_q = query_pos(meta, base, select(row_live, t0 + row / group, t0), paged);
+    let mut row_lo = 0u32;
+    if window > 0 && row_q + 1 > window {
+        row_lo = row_q + 1 - window;
+    }
+    sync_cube();
+
+    let tiles = (k_end - k_lo).div_ceil(keys);
+    for it in 0..tiles {
+        let k0 = k_lo + it * keys;
+        // K and V rows of the tile, f16, zero past the last key (a zero value row keeps a
+        // masked key's zero probability from meeting garbage).
+        #[unroll]
+        for i in 0..comptime![(FLASH_KEYS as u32 * hd / 4).div_ceil(4 * plane)] {
+            let e = unit + i * units;
+            if e < comptime![FLASH_KEYS as u32 * hd / 4] {
+                let j = e / hd4;
+                let c4 = e % hd4;
+                let key = k0 + j;
+                let valid = key < k_end;
+                let kr = cache_row(meta, table, select(valid, key, 0u32), paged);
+                let at = select(valid, (kr * kv_dim + kvh * hd) / 4 + c4, 0u32) as usize;
+                let kv = k_cache[at];
+                let vv = v_cache[at];
+                let mut hk = Vector::<half::f16, Const<4>>::empty();
+                let mut hv = Vector::<half::f16, Const<4>>::empty();
+                #[unroll]
+                for c in 0..4u32 {
+                    hk[c as usize] = half::f16::cast_from(kv[c as usize]);
+                    hv[c as usize] = half::f16::cast_from(vv[c as usize]);
+                }
+                ks[(j * ldv + c4) as usize] = select(valid, hk, zero4);
+                vs[(j * ldv + c4) as usize] = select(valid, hv, zero4);
+            }
+        }
+        sync_cube();
+        // Scores of the plane's 16 rows against the tile's keys.
+        let mut sc = Sequence::<cmma::Matrix<f32>>::new();
+        #[unroll]
+        for _ in 0..comptime![FLASH_KEYS / 16] {
+            sc.push(cmma::Matrix::<f32>::from_value(
+                cmma::MatrixIdent::Accumulator,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::Undefined,
+                0.0,
+            ));
+        }
+        #[unroll]
+        for d in 0..comptime![hd / 16] {
+            let af = fragment(
+                &qs,
+                ((pl * 16 * ld + 16 * d) / 4) as usize,
+                cmma::MatrixIdent::A,
+                cmma::MatrixLayout::RowMajor,
+                4usize,
+                ld,
+            );
+            #[unroll]
+            for j in 0..comptime![FLASH_KEYS as u32 / 16] {
+                let bf = fragment(
+                    &ks,
+                    ((16 * j * ld + 16 * d) / 4) as usize,
+                    cmma::MatrixIdent::B,
+                    cmma::MatrixLayout::ColMajor,
+                    4usize,
+                    ld,
+                );
+                let c = &sc[comptime![j as usize]];
+                cmma::execute::<half::f16, half::f16, f32, f32>(&af, &bf, c, c);
+            }
+        }
+        #[unroll]
+        for j in 0..comptime![FLASH_KEYS as u32 / 16] {
+            let off = (pl * 16 * lds + 16 * j) as usize;
+            cmma::store(
+                &mut ss.slice_mut(off, off + comptime![15 * (FLASH_KEYS + 4) + 16]),
+                &sc[comptime![j as usize]],
+                lds,
+                cmma::MatrixLayout::RowMajor,
+            );
+        }
+        sync_cube();
+        // Online softmax of the row's new scores, `lpr` threads a row, each taking runs of 4
+        // columns `lpr` runs apart (neighbouring lanes read neighbouring runs, so a warp's
+        // reads spread over the banks).
+        let m_old = ms[row as usize];
+        let mut mx = f32::new(-1.0e30);
+        #[unroll]
+        for g in 0..runs {
+            #[unroll]
+            for i in 0..4u32 {
+                let c = 4 * (part + lpr * g) + i;
+                let key = k0 + c;
+                let live = row_live && key <= row_q && key >= row_lo;
+                mx = select(live, max(mx, ss[(row * lds + c) as usize]), mx);
+            }
+        }
+        red[unit as usize] = mx;
+        sync_cube();
+        let mut m_new = m_old;
+        #[unroll]
+        for i in 0..lpr {
+            m_new = max(m_new, red[(row * lpr + i) as usize]);
+        }
+        let alpha = f32::exp(m_old - m_new);
+        if part == 0 {
+            al[row as usize] = alpha;
+        }
+        sync_cube();
+        let mut sum = 0.0f32;
+        #[unroll]
+        for g in 0..runs {
+            let c4 = part + lpr * g;
+            let mut v = Vector::<half::f16, Const<4>>::empty();
+            #[unroll]
+            for i in 0..4u32 {
+                let c = 4 * c4 + i;
+                let key = k0 + c;
+                let live = row_live && key <= row_q && key >= row_lo;
+                let p = select(live, f32::exp(ss[(row * lds + c) as usize] - m_new), 0.0f32);
+                sum += p;
+                v[i as usize] = half::f16::cast_from(p);
+            }
+            ps[(row * (pld / 4) + c4) as usize] = v;
+        }
+        red[unit as usize] = sum;
+        // The plane's output rows scaled by their rows' alpha, lanes on consecutive columns.
+        #[unroll]
+        for i in 0..comptime![16 * hd / plane] {
+            let e = i * comptime![plane] + UNIT_POS_X;
+            let r = pl * 16 + e / hd;
+            let at = (r * ldo + e % hd) as usize;
+            os[at] = os[at] * al[r as usize];
+        }
+        sync_cube();
+        if part == 0 {
+            let mut s = 0.0f32;
+            #[unroll]
+            for i in 0..lpr {
+                s += red[(row * lpr + i) as usize];
+            }
+            ls[row as usize] = ls[row as usize] * alpha + s;
+            ms[row as usize] = m_new;
+        }
+        // O += P·V for the plane's rows, 16 output columns at a time.
+        let mut pf = Sequence::<cmma::Matrix<half::f16>>::new();
+        #[unroll]
+        for j in 0..comptime![FLASH_KEYS as u32 / 16] {
+            pf.push(fragment(
+                &ps,
+                ((pl * 16 * pld + 16 * j) / 4) as usize,
+                cmma::MatrixIdent::A,
+                cmma::MatrixLayout::RowMajor,
+                4usize,
+                pld,
+            ));
+        }
+        #[unroll]
+        for d in 0..comptime![hd / 16] {
+            let off = (pl * 16 * ldo + 16 * d) as usize;
+            let acc = unsafe {
+                cmma::Matrix::<f32>::uninitialized(
+                    cmma::MatrixIdent::Accumulator,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::Undefined,
+                )
+            };
+            cmma::load_with_layout(
+                &acc,
+                &os.slice(off, off + comptime![(15 * (hd + 4) + 16) as usize]),
+                ldo,
+                cmma::MatrixLayout::RowMajor,
+            );
+            #[unroll]
+            for j in 0..comptime![FLASH_KEYS as u32 / 16] {
+                let bf = fragment(
+                    &vs,
+                    ((16 * j * ld + 16 * d) / 4) as usize,
+                    cmma::MatrixIdent::B,
+                    cmma::MatrixLayout::RowMajor,
+                    4usize,
+                    ld,
+                );
+                cmma::execute::<half::f16, half::f16, f32, f32>(
+                    &pf[comptime![j as usize]],
+                    &bf,
+                    &acc,
+                    &acc,
+                );
+            }
+            cmma::store(
+                &mut os.slice_mut(off, off + comptime![(15 * (hd + 4) + 16) as usize]),
+                &acc,
+                ldo,
+                cmma::MatrixLayout::RowMajor,
+            );
+        }
+        sync_cube();
+    }
+
+    // Normalised rows out, `(t, h * hd)`.
+    #[unroll]
+    for i in 0..comptime![(FLASH_ROWS as u32 * hd).div_ceil(4 * plane)] {
+        let e = unit + i * units;
+        if e < comptime![FLASH_ROWS as u32 * hd] {
+            let r = e / hd;
+            let c = e % hd;
+            let t = t0 + r / group;
+            let h = kvh * group + r % group;
+            if r < tpc * group {
+                if t < t_end {
+                    out[((t * n_head + h) * hd + c) as usize] =
+                        os[(r * ldo + c) as usize] / ls[r as usize];
+                }
+            }
+        }
+    }
+}
+
+/// Position of query `t`: `base + t`, or from the batch's `meta` when paged.
+#[cube]
+fn query_pos(meta: &Array<u32>, base: u32, t: u32, #[comptime] paged: bool) -> u32 {
+    let mut p = base + t;
+    if comptime![paged] {
+        p = meta[t as usize];
+    }
+    p
+}
+
+/// Cache row of `key` for the sequence whose page table starts at `meta[table]` ([`key_row`]
+/// in `u32`).
+#[cube]
+fn cache_row(meta: &Array<u32>, table: u32, key: u32, #[comptime] paged: bool) -> u32 {
+    let mut row = key;
+    if comptime![paged] {
+        let page = comptime![KV_PAGE_SIZE as u32];
+        row = meta[(table + key / page) as usize] * page + key % page;
+    }
+    row
+}
+
+/// Launches [`flash_attention_kernel`] at plane width `plane` (see [`flash_plane`]).
+#[allow(clippy::too_many_arguments)]
+fn launch_flash<R: Runtime>(
+    gpu: &Gpu<R>,
+    q: &Buf,
+    cache: &KvCache,
+    layer: usize,
+    out: &Buf,
+    pos: &Pos<'_>,
+    n: usize,
+    shape: AttnShape,
+    window: Option<usize>,
+    plane: u32,
+) {
+    let hd = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    let tpc = if pos.paged() { 1 } else { FLASH_ROWS / group };
+    let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+    let scale = 1.0 / (hd as f32).sqrt();
+    gpu.count();
+    macro_rules! launch {
+        ($k:ty) => {
+            // SAFETY: cube (x, y) reads the rows of its tokens in `q` and cache rows below
+            // their last position (asserted within the cache by the caller), and writes its
+            // tokens' rows of `out`; every index past the batch is clamped or skipped.
+            unsafe {
+                launch::launch(
+                    gpu.client(),
+                    flash_attention_kernel::FlashAttentionKernel::<$k, R>::new(
+                        launch::settings(CubeDim::new_2d(plane, 4)),
+                        gpu.client().clone(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        (),
+                        hd as u32,
+                        plane,
+                        pos.paged(),
+                    ),
+                    CubeCount::new_2d(n.div_ceil(tpc) as u32, shape.n_kv_heads as u32),
+                    &[
+                        Arg::vec::<f32>(q.handle(), q.len() / 4, 4),
+                        Arg::vec::<$k>(kc.handle(), kc.len() / 4, 4),
+                        Arg::vec::<$k>(vc.handle(), vc.len() / 4, 4),
+                        Arg::buf::<f32>(out),
+                        Arg::buf::<u32>(pos.buf(&cache.zero)),
+                        Arg::buf::<u32>(pos.meta(&cache.zero)),
+                        Arg::U32(pos.scalar()),
+                        Arg::U32(n as u32),
+                        Arg::U32(tpc as u32),
+                        Arg::U32(shape.n_heads as u32),
+                        Arg::U32(shape.n_kv_heads as u32),
+                        Arg::F32(scale),
+                        Arg::U32(window.unwrap_or(0) as u32),
+                    ],
+                )
+            }
+        };
+    }
+    match cache.ty() {
+        KvType::F32 => launch!(f32),
+        KvType::F16 => launch!(half::f16),
+    }
+}
+
 /// Causal attention of `n` queries at positions `pos..pos + n` (rows of `q`, heads back to
 /// back) over layer `layer` of the cache, which already holds their keys. Output: `(n, n_head *
 /// head_dim)` in `out`. One launch, or two when the keys are split.
@@ -1119,6 +1621,9 @@ pub fn launch_attention_window<'a, R: Runtime>(
         window.is_none_or(|w| (1..=u32::MAX as usize).contains(&w)),
         "attention: window {window:?} out of range"
     );
+    if let Some(plane) = flash_plane(gpu, n, shape, pos.paged()) {
+        return launch_flash(gpu, q, cache, layer, out, &pos, n, shape, window, plane);
+    }
     // A device position plans for the largest it may hold: splits past its keys find none.
     let kv_len = pos.end(n);
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);

@@ -863,6 +863,28 @@ pub fn mma_tile<R: Runtime>(
         .unwrap_or(cfg)
 }
 
+/// The plane width of `client`'s device when its `cmma` multiplies 16x16x16 `f16` tiles into
+/// `f32` and that width is fixed (16 to 256, dividing 256): what the kernels on the matrix
+/// units (the quantized mat-mat, flash attention) need. `None` elsewhere (lavapipe).
+pub fn f16_cmma_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<u32> {
+    let props = client.properties();
+    let hw = &props.hardware;
+    let (f16, f32) = (
+        half::f16::as_type_native_unchecked().storage_type(),
+        f32::as_type_native_unchecked().storage_type(),
+    );
+    let cmma = props.features.matmul.cmma.iter().any(|c| {
+        c.a_type == f16 && c.b_type == f16 && c.cd_type == f32 && (c.m, c.n, c.k) == (16, 16, 16)
+    });
+    let plane = hw.plane_size_max;
+    (cmma
+        && props.supports_type(half::f16::as_type_native_unchecked())
+        && hw.plane_size_min == plane
+        && 256 % plane == 0
+        && plane >= 16)
+        .then_some(plane)
+}
+
 /// The mat-mat for `n_tokens` tokens on `client`'s device: [`PrefillKernel::Mma`] where the
 /// device's `cmma` multiplies 16x16x16 f16 tiles into f32 and its plane width is fixed,
 /// otherwise [`PrefillKernel::Dequantize`].
@@ -879,23 +901,10 @@ pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) ->
     if k.off || k.max.is_some_and(|max| n_tokens > max) {
         return PrefillKernel::Dequantize;
     }
-    let props = client.properties();
-    let hw = &props.hardware;
-    let (f16, f32) = (
-        half::f16::as_type_native_unchecked().storage_type(),
-        f32::as_type_native_unchecked().storage_type(),
-    );
-    let cmma = props.features.matmul.cmma.iter().any(|c| {
-        c.a_type == f16 && c.b_type == f16 && c.cd_type == f32 && (c.m, c.n, c.k) == (16, 16, 16)
-    });
-    let plane = hw.plane_size_max;
-    if !cmma
-        || !props.supports_type(half::f16::as_type_native_unchecked())
-        || hw.plane_size_min != plane
-        || !(256 % plane == 0 && plane >= 16)
-    {
+    let hw = &client.properties().hardware;
+    let Some(plane) = f16_cmma_plane(client) else {
         return PrefillKernel::Dequantize;
-    }
+    };
     let tile = |t: [u32; 5]| MmaConfig::from_tile(plane, t);
     let cfg = tile(k.tile.unwrap_or(match n_tokens {
         0..=32 => MMA_TILES[0],

@@ -233,6 +233,7 @@ pub fn mma_kernel(
                     &ws,
                     ((b_row * ld + 16 * kk) / 4) as usize,
                     cmma::MatrixIdent::B,
+                    cmma::MatrixLayout::ColMajor,
                     4usize,
                     ld,
                 ));
@@ -244,6 +245,7 @@ pub fn mma_kernel(
                     &xs,
                     ((a_row * ld + 16 * kk) / 8) as usize,
                     cmma::MatrixIdent::A,
+                    cmma::MatrixLayout::RowMajor,
                     8usize,
                     ld,
                 );
@@ -309,20 +311,18 @@ pub fn split_sum_kernel(part: &Array<f32>, y: &mut Array<f32>, n: u32, splits: u
 }
 
 /// The 16x16 `f16` fragment at vector `off` of a staged tile of `n`-half vectors (rows `ld`
-/// halves apart): the tokens' rows as `A` (row-major), the weight rows as the
-/// columns of `B` (column-major).
+/// halves apart), read in `layout`: the mat-mat's tokens as `A` (row-major) and its weight rows
+/// as the columns of `B` (column-major); attention's keys likewise, its values as a row-major
+/// `B`.
 #[cube]
-fn fragment<N: Size>(
+pub(crate) fn fragment<N: Size>(
     stage: &SharedMemory<Vector<half::f16, N>>,
     off: usize,
     #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] layout: cmma::MatrixLayout,
     #[comptime] n: usize,
     #[comptime] ld: u32,
 ) -> cmma::Matrix<half::f16> {
-    let layout = comptime![match ident {
-        cmma::MatrixIdent::A => cmma::MatrixLayout::RowMajor,
-        _ => cmma::MatrixLayout::ColMajor,
-    }];
     let mat = unsafe {
         cmma::Matrix::<half::f16>::uninitialized(ident, 16usize, 16usize, 16usize, layout)
     };
