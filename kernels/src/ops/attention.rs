@@ -1094,9 +1094,9 @@ pub const fn flash_shared_bytes(hd: usize, units: usize) -> usize {
 /// or `None` where the call keeps [`attention_kernel`]: a paged batch (a multi-sequence step,
 /// whose tiles are one token each: measured slower on the H200 than [`attention_kernel`] at 8
 /// and 64 sequences, docs/performance.md; `ROCFORGE_FLASH_PAGED=1` takes it there for A/B
-/// runs), fewer than [`FLASH_MIN_TOKENS`] queries, a device without `f16` `cmma`, a head
-/// dimension not a multiple of 16, a query group over [`FLASH_ROWS`] heads, a cube's shared
-/// memory too small, or `ROCFORGE_FLASH=0`.
+/// runs), HIP (see the body), fewer than [`FLASH_MIN_TOKENS`] queries, a device without `f16`
+/// `cmma`, a head dimension not a multiple of 16, a query group over [`FLASH_ROWS`] heads, a
+/// cube's shared memory too small, or `ROCFORGE_FLASH=0`.
 pub fn flash_plane<R: Runtime>(
     gpu: &Gpu<R>,
     n: usize,
@@ -1115,6 +1115,12 @@ pub fn flash_plane<R: Runtime>(
         || !shape.head_dim.is_multiple_of(16)
         || !(1..=FLASH_ROWS).contains(&group)
     {
+        return None;
+    }
+    // CubeCL 0.10's HIP WMMA code names its execute helper by element types only, so this
+    // kernel's two products (`B` column-major for the scores, row-major for the values) define
+    // it twice and hipcc rejects the source: HIP keeps flash-decoding.
+    if R::name(gpu.client()) == "hip" {
         return None;
     }
     let plane = super::matmul::api::f16_cmma_plane(gpu.client())?;

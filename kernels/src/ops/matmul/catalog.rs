@@ -401,55 +401,6 @@ pub fn mma_definitions<R: Runtime>(
             }
         }
     }
-    out.extend(flash_definitions(client, plane));
-    out
-}
-
-/// `(name, definition)` of flash attention ([`crate::ops::attention::flash_attention_kernel`],
-/// the prefill attention on the matrix units) for every head dimension of
-/// [`crate::ops::catalog::HEAD_DIMS`], both cache types, contiguous and paged.
-fn flash_definitions<R: Runtime>(
-    client: &ComputeClient<R>,
-    plane: u32,
-) -> Vec<(String, KernelDefinition)> {
-    use crate::ops::attention::flash_attention_kernel::FlashAttentionKernel;
-    let a = crate::ops::launch::array_arg;
-    let mut out = Vec::new();
-    for hd in crate::ops::catalog::HEAD_DIMS {
-        macro_rules! def {
-            ($k:ty, $paged:expr) => {
-                FlashAttentionKernel::<$k, R>::new(
-                    settings(CubeDim::new_2d(plane, 4)),
-                    client.clone(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    a(),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    (),
-                    hd as u32,
-                    plane,
-                    $paged,
-                )
-                .define()
-            };
-        }
-        for paged in [false, true] {
-            let tag = if paged { "_paged" } else { "" };
-            out.push((format!("flash_attention_f32_hd{hd}{tag}"), def!(f32, paged)));
-            out.push((
-                format!("flash_attention_f16_hd{hd}{tag}"),
-                def!(half::f16, paged),
-            ));
-        }
-    }
     out
 }
 
