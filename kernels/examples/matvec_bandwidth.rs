@@ -139,7 +139,9 @@ fn run<R: Runtime>(
             let tall = QWeight::upload(&client, ty, rows * copies, cols, &bytes_w.repeat(copies))
                 .expect("upload");
             let tall_out = gpu.zeros(rows * copies);
-            let passes = (iters / copies).clamp(3, 50);
+            // At least 20 passes: with 3 (what `--iters 100` gave a 4096x4096 format of 29
+            // copies) the two syncs' overhead sat in a 0.3 ms figure and cut it by a third.
+            let passes = (iters / copies).clamp(20, 200);
             let stacked = time(&gpu, passes, || {
                 let op = Matvec {
                     half: half.as_ref(),

@@ -130,7 +130,9 @@ fn main() {
                     catalog::mma_configs(plane)
                 };
                 cfgs.extend(extra.iter().map(|&t| mm::MmaConfig::from_tile(plane, t)));
-                for cfg in cfgs {
+                // Wide or slot-per-load staging as the runtime picks it.
+                let wide = mm::mma_wide(m, fmt);
+                for cfg in cfgs.into_iter().map(|c| mm::MmaConfig { wide, ..c }) {
                     let s = time(&gpu, iters, || {
                         mm::launch_mma(client, &w, &x, &y, m, cfg).expect("mma");
                     });

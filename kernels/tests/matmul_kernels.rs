@@ -516,10 +516,22 @@ fn check_mma<R: Runtime>(fmt: KernelFormat) {
             let Some(plane) = mma.map(|cfg| cfg.plane) else {
                 continue;
             };
-            // Every tile the runtime launches, with either step width.
-            let cfgs = catalog::mma_configs(plane)
-                .into_iter()
-                .flat_map(|cfg| [128, 256].map(|k_step| mm::MmaConfig { k_step, ..cfg }));
+            // Every tile the runtime launches, with either step width, staged a slot per
+            // load and wide (where the format has a wide staging; else the same kernel).
+            let wides: &[bool] = if fmt.half_x() && fmt.mma_quad() > 1 {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            let cfgs = catalog::mma_configs(plane).into_iter().flat_map(|cfg| {
+                [128, 256].into_iter().flat_map(move |k_step| {
+                    wides.iter().map(move |&wide| mm::MmaConfig {
+                        k_step,
+                        wide,
+                        ..cfg
+                    })
+                })
+            });
             for cfg in cfgs {
                 let y = c.upload(&y0);
                 mm::launch_mma(&c.client, &w, &xd, &y, tokens, cfg).expect("mma");

@@ -731,7 +731,7 @@ pub fn matmul_dequantized<R: Runtime>(
     };
     let f16_ty = half::f16::as_type_native_unchecked().storage_type();
     let x16 = scratch.activations(client, n_tokens * k);
-    to_f16(client, x, &x16, n_tokens * k)?;
+    to_f16(client, x, &x16, n_tokens * k, false)?;
     // f16 operands, f32 accumulation and output.
     let mut dtypes = MatmulElems {
         lhs_global: f16_ty,
@@ -775,15 +775,16 @@ pub enum PrefillKernel {
 
 /// The quantized mat-mat's tiles, `[planes_m, planes_n, frags_m, frags_n, k_step]` (see
 /// [`MmaConfig`]), for up to 32 tokens, up to 64, up to 256 and more: 32x32 (4 planes), 64x128
-/// (8 planes, 256-column steps), 128x128 and 128x256 (16 planes, 128-column steps). Chosen on
+/// (16 planes, 256-column steps), 128x128 and 128x256 (16 planes, 128-column steps). Chosen on
 /// the H200 from `quant_matmul`'s sweeps of the 8B shapes in Q4_0 (docs/performance.md): a
 /// decode step of 64 sequences decodes each weight once in the 64x128 tile, with its column
 /// splits ([`mma_splits`]) filling the SMs; from 128 tokens the taller tiles decode each
-/// weight fewer times and, at 16 planes, keep twice the warps resident (their 128-column
-/// steps halve the stages).
+/// weight fewer times. One cube fills an SM's registers either way; 16 planes keep twice the
+/// warps resident to hide the staging loads' latency (the 64x128 tile on 8 planes was 15-50 %
+/// slower once its staging was lean).
 pub const MMA_TILES: [[u32; 5]; 4] = [
     [2, 2, 1, 1, 256],
-    [2, 4, 2, 2, 256],
+    [4, 4, 1, 2, 256],
     [4, 4, 2, 2, 128],
     [4, 4, 2, 4, 128],
 ];
@@ -792,6 +793,7 @@ pub const MMA_TILES: [[u32; 5]; 4] = [
 /// [`prefill_kernel`]).
 struct MmaKnobs {
     off: bool,
+    wide: Option<bool>,
     tile: Option<[u32; 5]>,
     max: Option<usize>,
 }
@@ -800,6 +802,7 @@ fn mma_knobs() -> &'static MmaKnobs {
     static KNOBS: std::sync::OnceLock<MmaKnobs> = std::sync::OnceLock::new();
     KNOBS.get_or_init(|| MmaKnobs {
         off: std::env::var("ROCFORGE_MMA").is_ok_and(|v| v == "0"),
+        wide: std::env::var("ROCFORGE_MMA_WIDE").ok().map(|v| v != "0"),
         tile: std::env::var("ROCFORGE_MMA_TILE").ok().and_then(|v| {
             let p: Vec<u32> = v.split(',').filter_map(|t| t.trim().parse().ok()).collect();
             let k = p.get(4).copied().unwrap_or(256);
@@ -823,13 +826,18 @@ fn mma_knobs() -> &'static MmaKnobs {
 /// 960x576 QKV at 512 tokens is 16 tiles of 128x256 that cannot be split (0.036 ms a call),
 /// 480 tiles of 32x32 (0.023); its 1536x576 up/gate take 64x128 (96 tiles, 0.024 against
 /// 0.036); at 64 tokens its weights are 5 to 12 tiles of 64x128, so they take 32x32. A
-/// `ROCFORGE_MMA_TILE` override is kept as it is.
+/// `ROCFORGE_MMA_TILE` override is kept as it is. The staging is [`mma_wide`]'s pick for the
+/// weight's format and `n_tokens`.
 pub fn mma_tile<R: Runtime>(
     client: &ComputeClient<R>,
     w: &QWeight<R>,
     n_tokens: usize,
     cfg: MmaConfig,
 ) -> MmaConfig {
+    let cfg = MmaConfig {
+        wide: mma_wide(n_tokens, w.format),
+        ..cfg
+    };
     let hw = &client.properties().hardware;
     let Some(sms) = hw.num_streaming_multiprocessors else {
         return cfg;
@@ -837,7 +845,10 @@ pub fn mma_tile<R: Runtime>(
     if mma_knobs().tile.is_some() || n_tokens <= 32 {
         return cfg;
     }
-    let tile = |t: [u32; 5]| MmaConfig::from_tile(cfg.plane, t);
+    let tile = |t: [u32; 5]| MmaConfig {
+        wide: cfg.wide,
+        ..MmaConfig::from_tile(cfg.plane, t)
+    };
     let cubes = |c: &MmaConfig| {
         let tiles = w.rows.div_ceil(c.block_n() as usize) * n_tokens.div_ceil(c.block_m() as usize);
         let steps = w.cols.div_ceil(c.k_step as usize);
@@ -885,6 +896,33 @@ pub fn f16_cmma_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<u32> {
         .then_some(plane)
 }
 
+/// Batches of at least this many tokens stage a 32-weight format's weights wide
+/// ([`MmaConfig::wide`]).
+pub const MMA_WIDE_MIN_TOKENS: usize = 65;
+
+/// Whether a mat-mat of `n_tokens` tokens by a weight of format `fmt` stages the weight wide,
+/// 16-byte loads of several slots with their scales decoded once ([`MmaConfig::wide`]).
+/// Measured on the H200 in one binary (`ROCFORGE_MMA_WIDE=0|1`, docs/performance.md):
+/// - `Q4_K`/`Q5_K` always: a slot's 6-bit scales cost more to decode than its weights, so the
+///   kernel is bound by the staging's instructions at every batch size (8B Q4_K_M pp512 10,370
+///   t/s wide against 8,418, 64 sequences 3,806 decode-phase t/s against 3,277);
+/// - the 32-weight formats from [`MMA_WIDE_MIN_TOKENS`] tokens (prefill), where each weight is
+///   decoded by several token tiles (8B Q4_0 pp512 12,318-12,321 against 11,639-11,698); a
+///   batched-decode step of up to 64 tokens decodes each weight once and waits on its loads,
+///   and there a slot per load is faster (64 sequences: 4,459-4,478 against 4,144-4,160).
+///
+/// Formats without a wide staging (`Q5_0`, `Q5_1`, `Q6_K`, the float formats) answer false.
+/// `ROCFORGE_MMA_WIDE=0|1` fixes it for the others (A/B runs).
+pub fn mma_wide(n_tokens: usize, fmt: KernelFormat) -> bool {
+    // A format without a wide staging has one kernel (its config says so, so that the
+    // variants launched are the ones hip-check compiles).
+    fmt.half_x()
+        && fmt.mma_quad() > 1
+        && mma_knobs().wide.unwrap_or(
+            n_tokens >= MMA_WIDE_MIN_TOKENS || matches!(fmt, KernelFormat::Q4K | KernelFormat::Q5K),
+        )
+}
+
 /// The mat-mat for `n_tokens` tokens on `client`'s device: [`PrefillKernel::Mma`] where the
 /// device's `cmma` multiplies 16x16x16 f16 tiles into f32 and its plane width is fixed,
 /// otherwise [`PrefillKernel::Dequantize`].
@@ -895,7 +933,8 @@ pub fn f16_cmma_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<u32> {
 /// override it, read once: `ROCFORGE_MMA=0` (always dequantize), `ROCFORGE_MMA_TILE=pm,pn,fm,fn[,k]`
 /// (planes and fragments along tokens and rows, `pm * pn` at most 16, fragments at most 4 each;
 /// columns per step, 128 or 256, default 256),
-/// `ROCFORGE_MMA_MAX=N` (dequantize above N tokens).
+/// `ROCFORGE_MMA_MAX=N` (dequantize above N tokens), `ROCFORGE_MMA_WIDE=0|1` (see
+/// [`mma_wide`]).
 pub fn prefill_kernel<R: Runtime>(client: &ComputeClient<R>, n_tokens: usize) -> PrefillKernel {
     let k = mma_knobs();
     if k.off || k.max.is_some_and(|max| n_tokens > max) {
@@ -1019,6 +1058,7 @@ pub fn launch_mma_split<R: Runtime>(
         array_arg(),
         array_arg(),
         array_arg(),
+        array_arg(),
         (),
         (),
         (),
@@ -1028,9 +1068,10 @@ pub fn launch_mma_split<R: Runtime>(
         cfg,
     );
     let [wq, ws] = w.args();
+    let wq4 = w.quads();
     // The kernel stages x as f16: converted once here rather than by every cube that reads it.
     let x16 = client.empty(n_tokens * w.cols * 2);
-    to_f16(client, x, &x16, n_tokens * w.cols)?;
+    to_f16(client, x, &x16, n_tokens * w.cols, true)?;
     // Split partial products go to a scratch of `splits` outputs, then are added into y.
     let part = (splits > 1).then(|| client.empty(out_len * 4));
     // SAFETY: x and y (or the partials) hold the batch (checked above); the kernel masks rows,
@@ -1042,6 +1083,7 @@ pub fn launch_mma_split<R: Runtime>(
             count,
             &[
                 wq,
+                wq4,
                 ws,
                 Arg::vec::<half::f16>(&x16, n_tokens * w.cols / 8, 8),
                 Arg::of::<f32>(part.as_ref().unwrap_or(y), out_len),
@@ -1081,12 +1123,14 @@ pub fn launch_mma_split<R: Runtime>(
     Ok(2 + u64::from(splits > 1))
 }
 
-/// `out = x` as f16 for `n` values.
+/// `out = x` as f16 for `n` values, each run of 4 in pair order with `pairs` (the quantized
+/// mat-mat's staging order, see `kernels::to_f16_kernel`).
 fn to_f16<R: Runtime>(
     client: &ComputeClient<R>,
     x: &Handle,
     out: &Handle,
     n: usize,
+    pairs: bool,
 ) -> Result<(), MatmulError> {
     check_u32(n as u64)?;
     let kernel = kernels::to_f16_kernel::ToF16Kernel::<R>::new(
@@ -1095,8 +1139,10 @@ fn to_f16<R: Runtime>(
         array_arg(),
         array_arg(),
         (),
+        pairs,
     );
-    // SAFETY: both buffers hold `n` values (checked by the caller); the kernel guards `i < n`.
+    // SAFETY: both buffers hold `n` values (checked by the caller); the kernel guards `i < n`;
+    // in pair order each source index stays in its run of 4 (`n` is a multiple of 8 here).
     unsafe {
         launch::launch(
             client,

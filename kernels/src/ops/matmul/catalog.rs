@@ -346,15 +346,16 @@ pub fn mma_configs(plane: u32) -> Vec<MmaConfig> {
         .collect()
 }
 
-/// A tile's name: `block_m x block_n`, planes along tokens and rows.
+/// A tile's name: `block_m x block_n`, planes along tokens and rows, `_w` when it stages wide.
 pub fn mma_tag(cfg: MmaConfig) -> String {
     format!(
-        "{}x{}_p{}x{}_k{}",
+        "{}x{}_p{}x{}_k{}{}",
         cfg.block_m(),
         cfg.block_n(),
         cfg.planes_m,
         cfg.planes_n,
-        cfg.k_step
+        cfg.k_step,
+        if cfg.wide { "_w" } else { "" }
     )
 }
 
@@ -378,12 +379,22 @@ pub fn mma_definitions<R: Runtime>(
         .define(),
     )];
     for fmt in KernelFormat::ALL {
-        for cfg in mma_configs(plane) {
+        // Both stagings where the format has a wide one (the runtime picks by batch size).
+        let widths: &[bool] = if fmt.half_x() && fmt.mma_quad() > 1 {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        let cfgs = mma_configs(plane)
+            .into_iter()
+            .flat_map(|c| widths.iter().map(move |&wide| MmaConfig { wide, ..c }));
+        for cfg in cfgs {
             {
                 let name = format!("mma_{}_{}", fmt.ggml().name().to_lowercase(), mma_tag(cfg));
                 let def = mma::mma_kernel::MmaKernel::<R>::new(
                     settings(CubeDim::new_2d(cfg.plane, cfg.planes_m * cfg.planes_n)),
                     client.clone(),
+                    a(),
                     a(),
                     a(),
                     a(),
@@ -410,17 +421,23 @@ pub fn kernel_definitions<R: Runtime>(
     client: &ComputeClient<R>,
 ) -> Vec<(String, KernelDefinition)> {
     let cfgs = check_configs(client);
-    let mut out = vec![(
-        "to_f16".to_string(),
-        kernels::to_f16_kernel::ToF16Kernel::<R>::new(
-            settings(CubeDim::new_1d(DEQUANT_THREADS)),
-            client.clone(),
-            crate::ops::launch::array_arg(),
-            crate::ops::launch::array_arg(),
-            (),
-        )
-        .define(),
-    )];
+    let mut out: Vec<_> = [false, true]
+        .into_iter()
+        .map(|pairs| {
+            (
+                format!("to_f16{}", if pairs { "_pairs" } else { "" }),
+                kernels::to_f16_kernel::ToF16Kernel::<R>::new(
+                    settings(CubeDim::new_1d(DEQUANT_THREADS)),
+                    client.clone(),
+                    crate::ops::launch::array_arg(),
+                    crate::ops::launch::array_arg(),
+                    (),
+                    pairs,
+                )
+                .define(),
+            )
+        })
+        .collect();
     for v in variants() {
         if matches!(
             v.kind,

@@ -680,30 +680,36 @@ pub fn half_at_hw(scales: &Array<u32>, i: u32) -> f32 {
     f32::cast_from(pair[0])
 }
 
-/// Slot `slot` of global block `block` (a format with [`KernelFormat::half_x`]) as four packed
-/// half pairs of weights with their scales (and mins) applied, in [`slot_pairs`]'s order:
-/// `p[0]` holds the weights at columns 0 and 2 of the slot's first run of 4
-/// (`slot_col(slot, 0)`), `p[1]` columns 1 and 3, `p[2]`/`p[3]` the same of its second run.
+/// Slots `slot .. slot + n` of global block `block` (a format with [`KernelFormat::half_x`]) as
+/// four packed half pairs of weights each, with their scales (and mins) applied, in
+/// [`slot_pairs`]'s order: `p[4k]` holds the weights at columns 0 and 2 of slot `slot + k`'s
+/// first run of 4 (`slot_col(slot + k, 0)`), `p[4k + 1]` columns 1 and 3, `p[4k + 2]`/`p[4k + 3]`
+/// the same of its second run. With `n == 1` the slot's words are loaded one by one from `w`;
+/// with `n == fmt.mma_quad()` (> 1) they come in one 16-byte load from `w4`, the quant plane as
+/// vectors, and the scales (shared by the `n` slots) are decoded once.
 /// The quants become halves by the `1024 + n` trick and each weight is `(q - offset) * a + m`
 /// in packed half math: `q - offset` is exact, so a format without a min rounds once, as the
 /// `f32` path's conversion to half does. Run scales are formed in `f32` (`K`-quants:
-/// `d * scale`, `-dmin * min`), then rounded to half.
+/// `d * scale`, `-dmin * min`), then rounded to half. Where `live` is false the scales and
+/// mins are zero, so every weight is zero (the caller clamps `block` into the matrix): one
+/// select per run rather than one per weight.
 #[cube]
-#[allow(unused_assignments)]
-pub fn decode_slot_h2(
+#[allow(unused_assignments, clippy::too_many_arguments)]
+pub fn decode_slots_h2(
     w: &Array<u32>,
+    w4: &Array<Vector<u32, Const<4>>>,
     scales: &Array<u32>,
     block: u32,
     slot: u32,
+    live: bool,
     p: &mut Array<Vector<half::f16, Const<2>>>,
+    #[comptime] n: u32,
     #[comptime] fmt: KernelFormat,
 ) {
     let wb = block * comptime![fmt.words_per_block()];
     let kquant = comptime![matches!(fmt, KernelFormat::Q4K | KernelFormat::Q5K)];
     let halves = comptime![fmt.halves_per_block()];
-    let mut b = Array::<u32>::new(4usize);
-    load_slot_pairs(w, wb, slot, &mut b, fmt);
-    // Scale and min of the slot's two runs.
+    // Scale and min of the slots' two runs (a `K`-quant's `n` slots share their sub-blocks).
     let mut a0 = 0.0f32;
     let mut a1 = 0.0f32;
     let mut m0 = 0.0f32;
@@ -727,19 +733,72 @@ pub fn decode_slot_h2(
             m1 = m0;
         }
     }
+    a0 = select(live, a0, 0.0);
+    a1 = select(live, a1, 0.0);
     let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
     let sa = Vector::<half::f16, Const<2>>::cast_from(a0);
     let sb = Vector::<half::f16, Const<2>>::cast_from(a1);
-    p[0] = (magic_h2(b[0]) - off) * sa;
-    p[1] = (magic_h2(b[1]) - off) * sa;
-    p[2] = (magic_h2(b[2]) - off) * sb;
-    p[3] = (magic_h2(b[3]) - off) * sb;
+    let ma = Vector::<half::f16, Const<2>>::cast_from(select(live, m0, 0.0));
+    let mb = Vector::<half::f16, Const<2>>::cast_from(select(live, m1, 0.0));
+    let mut b = Array::<u32>::new(4usize);
+    if comptime![n == 1] {
+        load_slot_pairs(w, wb, slot, &mut b, fmt);
+        scale_pairs(&b, sa, sb, ma, mb, p, 0u32, off, fmt);
+    } else {
+        let first = comptime![if fmt == KernelFormat::Q5K { 8u32 } else { 0u32 }];
+        let per_slot = comptime![4 / n];
+        let quad = w4[((wb + first + per_slot * slot) / 4) as usize];
+        // `Q5_K`: the slots' words of fifth bits, `qh` words `slot % 8 ..`.
+        let mut hq = quad;
+        if comptime![fmt == KernelFormat::Q5K] {
+            hq = w4[((wb + slot % 8) / 4) as usize];
+        }
+        #[unroll]
+        for k in 0..n {
+            let mut word2 = 0u32;
+            let mut hi = 0u32;
+            if comptime![per_slot == 2] {
+                word2 = quad[(2 * k + 1) as usize];
+            }
+            if comptime![fmt == KernelFormat::Q5K] {
+                hi = hq[k as usize];
+            }
+            slot_pairs(
+                quad[(per_slot * k) as usize],
+                word2,
+                hi,
+                slot + k,
+                &mut b,
+                fmt,
+            );
+            scale_pairs(&b, sa, sb, ma, mb, p, 4 * k, off, fmt);
+        }
+    }
+}
+
+/// `p[at ..at + 4]`: the quant pairs `b` ([`slot_pairs`]) as weights, `(q - off) * scale + min`
+/// per run.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn scale_pairs(
+    b: &Array<u32>,
+    sa: Vector<half::f16, Const<2>>,
+    sb: Vector<half::f16, Const<2>>,
+    ma: Vector<half::f16, Const<2>>,
+    mb: Vector<half::f16, Const<2>>,
+    p: &mut Array<Vector<half::f16, Const<2>>>,
+    at: u32,
+    off: Vector<half::f16, Const<2>>,
+    #[comptime] fmt: KernelFormat,
+) {
+    p[at as usize] = (magic_h2(b[0]) - off) * sa;
+    p[(at + 1) as usize] = (magic_h2(b[1]) - off) * sa;
+    p[(at + 2) as usize] = (magic_h2(b[2]) - off) * sb;
+    p[(at + 3) as usize] = (magic_h2(b[3]) - off) * sb;
     if comptime![fmt.has_min()] {
-        let ma = Vector::<half::f16, Const<2>>::cast_from(m0);
-        let mb = Vector::<half::f16, Const<2>>::cast_from(m1);
-        p[0] += ma;
-        p[1] += ma;
-        p[2] += mb;
-        p[3] += mb;
+        p[at as usize] += ma;
+        p[(at + 1) as usize] += ma;
+        p[(at + 2) as usize] += mb;
+        p[(at + 3) as usize] += mb;
     }
 }

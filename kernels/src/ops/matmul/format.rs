@@ -194,6 +194,18 @@ impl KernelFormat {
             }
     }
 
+    /// Slots whose quant words are one aligned 16-byte load of the quant plane, where the
+    /// quantized mat-mat takes them together (`decode::decode_slots_h2`): the half formats
+    /// whose blocks (and, for `Q5_K`, fifth-bit words) start on 16 bytes; 1 (a slot at a time)
+    /// for the rest.
+    pub fn mma_quad(self) -> u32 {
+        match self {
+            Self::Q4_0 | Self::Q4_1 | Self::Q4K | Self::Q5K => 4,
+            Self::Q8_0 => 2,
+            _ => 1,
+        }
+    }
+
     /// Whether a weight is `a * q + m` with an offset `m` (a min) rather than `a * q`.
     pub fn has_min(self) -> bool {
         matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K)

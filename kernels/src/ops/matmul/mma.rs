@@ -4,7 +4,7 @@
 //!
 //! A cube computes a `block_m x block_n` tile of `Y` (tokens x weight rows). Per step of
 //! `cfg.k_step` columns it stages that slice of `X` (already `f16`, 16-byte loads) and of `W`
-//! (each slot decoded once, as packed half pairs by `decode::decode_slot_h2` for the formats
+//! (each slot decoded once, as packed half pairs by `decode::decode_slots_h2` for the formats
 //! with `KernelFormat::half_x`, else by `decode_slot`) in shared memory; then each plane
 //! multiplies its `frags_m x frags_n` 16x16 fragments with CubeCL's `cmma` (f16 x f16 -> f32).
 //! A weight is read once per tile row of tokens and never written back dequantized: no
@@ -12,13 +12,16 @@
 //! several cubes (grid `z`) and [`split_sum_kernel`] adds their partial products.
 //!
 //! What bounds it (ncu on the H200, docs/performance.md): the staging, not bytes or the matrix
-//! units: its instructions, and at the 64x128 tile its registers (one cube per SM). Hence the
-//! `f16` activations converted once per launch rather than per cube, the half-pair decode,
-//! vector shared stores, and loads that no branch separates (clamped indices, `select`).
+//! units: its instructions where each weight is decoded for several token tiles (prefill), its
+//! loads' latency where it is decoded once (a 64-sequence decode step). Hence the `f16`
+//! activations converted once per launch (in pair order, so no decoded run is shuffled), the
+//! half-pair decode, loads that no branch separates and no `select` per half (CubeCL 0.10
+//! lowers a vector of halves to scalar halves: a select or shuffle costs instructions per
+//! half), vector shared stores, and the wide staging (`MmaConfig::wide`).
 
 use cubecl::prelude::*;
 
-use super::decode::{decode_slot, decode_slot_h2, slot_col};
+use super::decode::{decode_slot, decode_slots_h2, slot_col};
 use super::format::KernelFormat;
 
 /// Comptime shape of a quantized mat-mat launch. A cube is `plane x planes_m * planes_n`
@@ -37,6 +40,9 @@ pub struct MmaConfig {
     /// Columns staged per step: 128 or 256 (a K-quant's 256-weight super-block then spans
     /// one or two steps; a `Q6_K` slot's runs stay within one 128-column half).
     pub k_step: u32,
+    /// Whether a unit decodes `fmt.mma_quad()` slots from one 16-byte load (one scale decode,
+    /// a quarter of the address work) rather than one slot per load.
+    pub wide: bool,
 }
 
 impl MmaConfig {
@@ -50,6 +56,7 @@ impl MmaConfig {
             frags_m: t[2],
             frags_n: t[3],
             k_step: t[4],
+            wide: true,
         }
     }
     /// Tokens per cube.
@@ -86,6 +93,7 @@ impl MmaConfig {
 #[cube(launch_unchecked)]
 pub fn mma_kernel(
     w: &Array<u32>,
+    w4: &Array<Vector<u32, Const<4>>>,
     scales: &Array<u32>,
     x: &Array<Vector<half::f16, Const<8>>>,
     y: &mut Array<f32>,
@@ -107,9 +115,14 @@ pub fn mma_kernel(
     let spb = comptime![fmt.slots_per_block()];
     let epb = comptime![fmt.elems_per_block()];
     let x_trips = comptime![(cfg.block_m() * cfg.k_step / 8).div_ceil(cfg.units())];
-    let w_trips = comptime![
-        (cfg.block_n() * (cfg.k_step / (4 * fmt.groups_per_slot()))).div_ceil(cfg.units())
-    ];
+    // Slots a unit decodes together, and such runs per staged row.
+    let quad = comptime![if cfg.wide && fmt.half_x() {
+        fmt.mma_quad()
+    } else {
+        1
+    }];
+    let quads = comptime![cfg.k_step / (4 * fmt.groups_per_slot() * quad)];
+    let w_trips = comptime![(cfg.block_n() * quads).div_ceil(cfg.units())];
 
     let unit = UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X;
     let plane = UNIT_POS_Y;
@@ -142,11 +155,16 @@ pub fn mma_kernel(
         ));
     }
 
-    let zero8 = Vector::<half::f16, Const<8>>::cast_from(0.0f32);
     let zero4 = Vector::<half::f16, Const<4>>::cast_from(0.0f32);
     let x_full = comptime![(cfg.block_m() * cfg.k_step / 8) % cfg.units() == 0];
-    let w_full =
-        comptime![(cfg.block_n() * (cfg.k_step / (4 * fmt.groups_per_slot()))) % cfg.units() == 0];
+    let w_full = comptime![(cfg.block_n() * quads) % cfg.units() == 0];
+    // Where the cube's units cover whole staged rows of slots, a unit keeps one slot position
+    // and steps down the rows: its row and slot come from two constants, not a division per
+    // trip.
+    let aligned = comptime![cfg.units() % quads == 0];
+    let r_first = unit / quads;
+    let s_first = unit % quads;
+    let float = comptime![matches!(fmt, KernelFormat::F32 | KernelFormat::F16)];
 
     let steps = (blocks_per_row * epb).div_ceil(bk);
     let first = CUBE_POS_Z * split_steps;
@@ -154,31 +172,37 @@ pub fn mma_kernel(
     let last = select(end < steps, end, steps);
     for step in first..last {
         let k0 = step * bk;
-        // Activations: `bm` tokens x `bk` columns in 16-byte loads, zero past the batch and
-        // the row. No load sits behind a branch (clamped index, then `select`), so the
-        // compiler issues a step's loads together rather than one latency per trip.
+        // Activations: `bm` tokens x `bk` columns in 16-byte loads. No value is selected: a
+        // token past the batch reads the last token's row (it feeds only output rows that are
+        // never written) and a column past the row reads the row's last 8 columns (they meet
+        // zero weights), so no load sits behind a branch and nothing is shuffled per half.
         #[unroll]
         for i in 0..x_trips {
             let e = unit + i * units;
             if x_full || e < comptime![cfg.block_m() * cfg.k_step / 8] {
                 let r = e / comptime![cfg.k_step / 8];
                 let c8 = e % comptime![cfg.k_step / 8];
-                let t = tok0 + r;
-                let col = k0 + 8 * c8;
-                let valid = t < m && col < cols;
-                let v = x[select(valid, (t * cols + col) / 8, 0u32) as usize];
-                xs[(r * comptime![cfg.stage_stride() / 8] + c8) as usize] = select(valid, v, zero8);
+                let t = min(tok0 + r, m - 1);
+                let col = min(k0 + 8 * c8, cols - 8);
+                xs[(r * comptime![cfg.stage_stride() / 8] + c8) as usize] =
+                    x[((t * cols + col) / 8) as usize];
             }
         }
-        // Weights: `bn` rows x `slots` slots, each decoded once (clamped into the matrix and
-        // zeroed past it, again without a branch around the loads). A slot's runs of 4
-        // columns start at multiples of 4.
+        // Weights: `bn` rows x `slots` slots, each decoded once (clamped into the matrix, its
+        // scales zeroed past it, again without a branch around the loads). A slot's runs of 4
+        // columns start at multiples of 4 and are staged in pair order, (0, 2, 1, 3), as
+        // `decode_slot_h2` makes them and as `x` arrives (`to_f16_kernel` with `pairs`).
         #[unroll]
         for i in 0..w_trips {
             let u = unit + i * units;
-            if w_full || u < comptime![cfg.block_n() * (cfg.k_step / (4 * fmt.groups_per_slot()))] {
-                let r = u / slots;
-                let s = step * slots + u % slots;
+            if w_full || u < comptime![cfg.block_n() * quads] {
+                let mut r = u / quads;
+                let mut sl = u % quads;
+                if comptime![aligned] {
+                    r = r_first + i * comptime![cfg.units() / quads];
+                    sl = s_first;
+                }
+                let s = step * slots + sl * quad;
                 let blk = s / spb;
                 let slot = s % spb;
                 let row = row0 + r;
@@ -186,19 +210,22 @@ pub fn mma_kernel(
                 let blk_w = select(live, row * blocks_per_row + blk, 0u32);
                 let base = r * ld + blk * epb - k0;
                 if comptime![fmt.half_x()] {
-                    // Packed half pairs: columns 0/2 and 1/3 of each run of 4.
-                    let mut p = Array::<Vector<half::f16, Const<2>>>::new(4usize);
-                    decode_slot_h2(w, scales, blk_w, slot, &mut p, fmt);
+                    let mut p =
+                        Array::<Vector<half::f16, Const<2>>>::new(comptime![(4 * quad) as usize]);
+                    decode_slots_h2(w, w4, scales, blk_w, slot, live, &mut p, quad, fmt);
                     #[unroll]
-                    for g in 0..2u32 {
-                        let lo = p[(2 * g) as usize];
-                        let hi = p[(2 * g + 1) as usize];
-                        let mut v = Vector::<half::f16, Const<4>>::empty();
-                        v[0] = lo[0];
-                        v[1] = hi[0];
-                        v[2] = lo[1];
-                        v[3] = hi[1];
-                        ws[((base + slot_col(slot, g, fmt)) / 4) as usize] = select(live, v, zero4);
+                    for k in 0..quad {
+                        #[unroll]
+                        for g in 0..2u32 {
+                            let lo = p[(4 * k + 2 * g) as usize];
+                            let hi = p[(4 * k + 2 * g + 1) as usize];
+                            let mut v = Vector::<half::f16, Const<4>>::empty();
+                            v[0] = lo[0];
+                            v[1] = lo[1];
+                            v[2] = hi[0];
+                            v[3] = hi[1];
+                            ws[((base + slot_col(slot + k, g, fmt)) / 4) as usize] = v;
+                        }
                     }
                 } else {
                     let mut q = Array::<f32>::new(comptime![(4 * fmt.groups_per_slot()) as usize]);
@@ -207,16 +234,26 @@ pub fn mma_kernel(
                     decode_slot(w, scales, blk_w, slot, &mut q, &mut a, &mut mn, fmt);
                     #[unroll]
                     for g in 0..groups {
+                        let sc = select(live, a[g as usize], 0.0);
                         let mut v = Vector::<half::f16, Const<4>>::empty();
                         #[unroll]
                         for k in 0..4u32 {
-                            let mut f = a[g as usize] * q[(4 * g + k) as usize];
+                            // Pair order: columns 0, 2, 1, 3 of the run.
+                            let c = (k % 2) * 2 + k / 2;
+                            let mut f = sc * q[(4 * g + c) as usize];
                             if comptime![fmt.has_min()] {
-                                f += mn[g as usize];
+                                f += select(live, mn[g as usize], 0.0);
                             }
                             v[k as usize] = half::f16::cast_from(f);
                         }
-                        ws[((base + slot_col(slot, g, fmt)) / 4) as usize] = select(live, v, zero4);
+                        let at = ((base + slot_col(slot, g, fmt)) / 4) as usize;
+                        if comptime![float] {
+                            // A float weight is its own value: an infinity clamped in from
+                            // row 0 would make 0 * inf, so these formats zero the value.
+                            ws[at] = select(live, v, zero4);
+                        } else {
+                            ws[at] = v;
+                        }
                     }
                 }
             }
