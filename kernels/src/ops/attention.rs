@@ -817,6 +817,22 @@ fn tuning_knob(name: &str, range: std::ops::RangeInclusive<usize>, default: usiz
         .unwrap_or(default)
 }
 
+/// Query heads a cube of [`attention_kernel`] takes together, sharing each key and value row
+/// they read: in a paged batch (the decode step of several sequences) the largest of 4, 3 and
+/// 2 that divides the query group, else 1. One sequence keeps a cube per head, whose splits
+/// fill the GPU from a single query (a long context's decode is latency-bound on few cubes).
+/// On the H200, 8B Q4_0 at 64 sequences (group 4): docs/performance.md. `ROCFORGE_ATTN_GROUP=0`
+/// turns the sharing off (A/B runs). Read once.
+pub fn heads_per_cube(shape: AttnShape, paged: bool) -> usize {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("ROCFORGE_ATTN_GROUP").is_ok_and(|v| v == "0"));
+    let group = shape.n_heads / shape.n_kv_heads.max(1);
+    if off || !paged {
+        return 1;
+    }
+    [4, 3, 2].into_iter().find(|h| group % h == 0).unwrap_or(1)
+}
+
 /// Largest head dimension the kernels take (a unit per dimension in one cube).
 pub const MAX_HEAD_DIM: usize = 1024;
 /// Splits a single decode query may use (so long contexts still fill the GPU).
@@ -922,11 +938,15 @@ pub fn key_width(head_dim: usize) -> usize {
     }
 }
 
-/// Cube `(t, h, s)` (row-major) with `head_dim` units: attention of query `t`, head `h` over
-/// keys `s * chunk .. min((s + 1) * chunk, pos + t + 1)`, those below `pos + t + 1 - window`
-/// left out when `window > 0`. With `finalize` (one split) it writes the normalised output
-/// `(t, h*head_dim)`; otherwise the unnormalised output and (max, sum); a split with no key
-/// left gives (-1e30, 0), which the combine weighs zero.
+/// Cube `(t, hb, s)` (row-major) with `head_dim` units: attention of query `t`, heads
+/// `hb * hpc .. (hb + 1) * hpc` (`hpc` heads of one KV head) over keys
+/// `s * chunk .. min((s + 1) * chunk, pos + t + 1)`, those below `pos + t + 1 - window` left out
+/// when `window > 0`. The `hpc` heads share each load of a key and value row, so a KV head's
+/// rows are read once for them rather than once per head; each head's sums run in the same
+/// order as with `hpc == 1`, so the results do not depend on it. With `finalize` (one split) it
+/// writes the normalised output `(t, h*head_dim)` of each head `h`; otherwise the unnormalised
+/// output and (max, sum) of row `(t, h, s)`; a split with no key left gives (-1e30, 0), which
+/// the combine weighs zero.
 #[cube(launch_unchecked)]
 pub fn attention_kernel<K: Float, N: Size>(
     q: &Array<f32>,
@@ -945,17 +965,19 @@ pub fn attention_kernel<K: Float, N: Size>(
     scale: f32,
     window: u32,
     #[comptime] hd: usize,
+    #[comptime] hpc: usize,
     #[comptime] finalize: bool,
     #[comptime] paged: bool,
 ) {
     let (n_head, n_kv, splits) = (n_head as usize, n_kv as usize, n_splits as usize);
+    let blocks = n_head / hpc;
     let u = UNIT_POS as usize;
-    let row = CUBE_POS;
-    let s = row % splits;
-    let h = (row / splits) % n_head;
-    let t = row / (splits * n_head);
+    let cube = CUBE_POS;
+    let s = cube % splits;
+    let h0 = ((cube / splits) % blocks) * hpc;
+    let t = cube / (splits * blocks);
     let kv_dim = n_kv * hd;
-    let kv_off = (h / (n_head / n_kv)) * hd;
+    let kv_off = (h0 / (n_head / n_kv)) * hd;
     // Query t's position, and where its sequence's page table starts when paged.
     let mut qpos = (pos + pos_dev[0]) as usize + t;
     let mut table = 0usize;
@@ -970,74 +992,126 @@ pub fn attention_kernel<K: Float, N: Size>(
         start = max(start, qpos + 1 - w);
     }
 
-    let mut q_sh = SharedMemory::<f32>::new(hd);
-    let mut p_sh = SharedMemory::<f32>::new(hd);
-    q_sh[u] = q[(t * n_head + h) * hd + u];
+    // Head g's query at `g * hd`, its scores (then weights) of the tile at `g * hd`.
+    let mut q_sh = SharedMemory::<f32>::new(hd * hpc);
+    let mut p_sh = SharedMemory::<f32>::new(hd * hpc);
+    #[unroll]
+    for g in 0..hpc {
+        q_sh[g * hd + u] = q[(t * n_head + h0 + g) * hd + u];
+    }
     sync_cube();
 
     // -1e30 stands in for minus infinity: it keeps exp(m_old - m_new) free of inf - inf.
-    let mut m = f32::new(-1.0e30);
-    let mut l = 0.0f32;
-    let mut acc = 0.0f32;
+    let mut m = Array::<f32>::new(hpc);
+    let mut l = Array::<f32>::new(hpc);
+    let mut acc = Array::<f32>::new(hpc);
+    #[unroll]
+    for g in 0..hpc {
+        m[g] = f32::new(-1.0e30);
+        l[g] = 0.0;
+        acc[g] = 0.0;
+    }
+    let mut score = Array::<f32>::new(hpc);
+    let mut corr = Array::<f32>::new(hpc);
+    let mut m_new = Array::<f32>::new(hpc);
+    let mut o = Array::<f32>::new(hpc);
+    let mut sum_p = Array::<f32>::new(hpc);
     let mut t0 = start;
     while t0 < end {
-        // Unit u scores key t0 + u.
+        // Unit u scores key t0 + u for every head of the cube.
         let key = t0 + u;
-        let mut score = f32::new(-1.0e30);
+        #[unroll]
+        for g in 0..hpc {
+            score[g] = f32::new(-1.0e30);
+        }
         if key < end {
             // A unit walks its own key's row, so each load takes `N` values of it (the
             // launcher's widest vector dividing `head_dim`): a warp's loads touch one cache
             // line per key, and `N` times fewer loads wait on them.
             let width = N::value();
             let base = (key_row(meta, table, key, paged) * kv_dim + kv_off) / width;
-            let mut dot = 0.0f32;
+            let mut dot = Array::<f32>::new(hpc);
+            #[unroll]
+            for g in 0..hpc {
+                dot[g] = 0.0;
+            }
             for c in 0..hd / width {
                 let kv = k_cache[base + c];
                 #[unroll]
                 for i in 0..width {
-                    dot += q_sh[c * width + i] * f32::cast_from(kv[i]);
+                    let kf = f32::cast_from(kv[i]);
+                    #[unroll]
+                    for g in 0..hpc {
+                        dot[g] += q_sh[g * hd + c * width + i] * kf;
+                    }
                 }
             }
-            score = dot * scale;
+            #[unroll]
+            for g in 0..hpc {
+                score[g] = dot[g] * scale;
+            }
         }
-        p_sh[u] = score;
+        #[unroll]
+        for g in 0..hpc {
+            p_sh[g * hd + u] = score[g];
+        }
         sync_cube();
-        let mut tile_max = f32::new(-1.0e30);
-        for j in 0..hd {
-            tile_max = max(tile_max, p_sh[j]);
+        #[unroll]
+        for g in 0..hpc {
+            let mut tile_max = f32::new(-1.0e30);
+            for j in 0..hd {
+                tile_max = max(tile_max, p_sh[g * hd + j]);
+            }
+            m_new[g] = max(m[g], tile_max);
+            corr[g] = f32::exp(m[g] - m_new[g]);
         }
-        let m_new = max(m, tile_max);
-        let corr = f32::exp(m - m_new);
         sync_cube();
-        let mut p = 0.0f32;
-        if key < end {
-            p = f32::exp(score - m_new);
+        #[unroll]
+        for g in 0..hpc {
+            let mut p = 0.0f32;
+            if key < end {
+                p = f32::exp(score[g] - m_new[g]);
+            }
+            p_sh[g * hd + u] = p;
         }
-        p_sh[u] = p;
         sync_cube();
         // Unit u accumulates output dim u over the tile's keys.
         let n_keys = min(hd, end - t0);
-        let mut sum_p = 0.0f32;
-        let mut o = acc * corr;
-        for j in 0..n_keys {
-            let pj = p_sh[j];
-            sum_p += pj;
-            let vrow = key_row(meta, table, t0 + j, paged);
-            o += pj * f32::cast_from(v_cache[vrow * kv_dim + kv_off + u]);
+        #[unroll]
+        for g in 0..hpc {
+            sum_p[g] = 0.0;
+            o[g] = acc[g] * corr[g];
         }
-        l = l * corr + sum_p;
-        acc = o;
-        m = m_new;
+        for j in 0..n_keys {
+            let vrow = key_row(meta, table, t0 + j, paged);
+            let v = f32::cast_from(v_cache[vrow * kv_dim + kv_off + u]);
+            #[unroll]
+            for g in 0..hpc {
+                let pj = p_sh[g * hd + j];
+                sum_p[g] += pj;
+                o[g] += pj * v;
+            }
+        }
+        #[unroll]
+        for g in 0..hpc {
+            l[g] = l[g] * corr[g] + sum_p[g];
+            acc[g] = o[g];
+            m[g] = m_new[g];
+        }
         sync_cube();
         t0 += hd;
     }
-    if comptime!(finalize) {
-        out[row * hd + u] = acc / l;
-    } else {
-        out[row * hd + u] = acc;
-        if u == 0 {
-            part_ml[row * 2] = m;
-            part_ml[row * 2 + 1] = l;
+    #[unroll]
+    for g in 0..hpc {
+        let row = (t * n_head + h0 + g) * splits + s;
+        if comptime!(finalize) {
+            out[row * hd + u] = acc[g] / l[g];
+        } else {
+            out[row * hd + u] = acc[g];
+            if u == 0 {
+                part_ml[row * 2] = m[g];
+                part_ml[row * 2 + 1] = l[g];
+            }
         }
     }
 }
@@ -1634,6 +1708,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
     let kv_len = pos.end(n);
     let (splits, chunk) = plan_splits(n, n_heads, kv_len, scratch.rows);
     let finalize = splits == 1;
+    let hpc = heads_per_cube(shape, pos.paged());
     let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
     let dst = if finalize { out } else { &scratch.part_o };
     let scale = 1.0 / (hd as f32).sqrt();
@@ -1641,8 +1716,9 @@ pub fn launch_attention_window<'a, R: Runtime>(
     gpu.count();
     macro_rules! launch {
         ($k:ty) => {
-            // SAFETY: cube (t, h, s) reads q row t, cache rows below pos + n, and writes row
-            // (t, h, s) of `dst`, all within the lengths asserted above.
+            // SAFETY: cube (t, hb, s) reads q row t, cache rows below pos + n, and writes rows
+            // (t, h, s) of `dst` for its `hpc` heads h (`hpc` divides the query group), all
+            // within the lengths asserted above.
             unsafe {
                 launch::launch(
                     gpu.client(),
@@ -1666,10 +1742,11 @@ pub fn launch_attention_window<'a, R: Runtime>(
                         (),
                         width,
                         hd,
+                        hpc,
                         finalize,
                         pos.paged(),
                     ),
-                    row_grid(n * n_heads * splits),
+                    row_grid(n * n_heads / hpc * splits),
                     &[
                         Arg::buf::<f32>(q),
                         Arg::vec::<$k>(kc.handle(), kc.len() / width, width),

@@ -161,7 +161,7 @@ pub fn kernel_definitions<R: Runtime>(
         ));
     }
     macro_rules! attention_def {
-        ($k:ty, $hd:expr, $finalize:expr, $paged:expr) => {
+        ($k:ty, $hd:expr, $hpc:expr, $finalize:expr, $paged:expr) => {
             attention::attention_kernel::AttentionKernel::<$k, R>::new(
                 settings($hd),
                 c(),
@@ -182,6 +182,7 @@ pub fn kernel_definitions<R: Runtime>(
                 (),
                 attention::key_width($hd),
                 $hd,
+                $hpc,
                 $finalize,
                 $paged,
             )
@@ -192,14 +193,23 @@ pub fn kernel_definitions<R: Runtime>(
         for (finalize, paged) in [(true, false), (false, false), (true, true), (false, true)] {
             let tag = if finalize { "single" } else { "split" };
             let paging = if paged { "_paged" } else { "" };
-            out.push((
-                format!("attention_f32_hd{hd}_{tag}{paging}"),
-                attention_def!(f32, hd, finalize, paged),
-            ));
-            out.push((
-                format!("attention_f16_hd{hd}_{tag}{paging}"),
-                attention_def!(half::f16, hd, finalize, paged),
-            ));
+            // A paged batch's cube takes 1 to 4 heads of a query group (`heads_per_cube`).
+            let hpcs: &[usize] = if paged { &[1, 2, 3, 4] } else { &[1] };
+            for &hpc in hpcs {
+                let heads = if hpc > 1 {
+                    format!("_x{hpc}")
+                } else {
+                    String::new()
+                };
+                out.push((
+                    format!("attention_f32_hd{hd}_{tag}{paging}{heads}"),
+                    attention_def!(f32, hd, hpc, finalize, paged),
+                ));
+                out.push((
+                    format!("attention_f16_hd{hd}_{tag}{paging}{heads}"),
+                    attention_def!(half::f16, hd, hpc, finalize, paged),
+                ));
+            }
         }
         out.push((
             format!("attention_combine_hd{hd}"),
