@@ -518,7 +518,7 @@ fn check_mma<R: Runtime>(fmt: KernelFormat) {
             };
             // Every tile the runtime launches, with either step width, staged a slot per
             // load and wide (where the format has a wide staging; else the same kernel).
-            let wides: &[bool] = if fmt.half_x() && fmt.mma_quad() > 1 {
+            let wides: &[bool] = if fmt.mma_quad() > 1 {
                 &[false, true]
             } else {
                 &[false]

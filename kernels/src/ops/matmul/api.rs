@@ -916,8 +916,7 @@ pub const MMA_WIDE_MIN_TOKENS: usize = 65;
 pub fn mma_wide(n_tokens: usize, fmt: KernelFormat) -> bool {
     // A format without a wide staging has one kernel (its config says so, so that the
     // variants launched are the ones hip-check compiles).
-    fmt.half_x()
-        && fmt.mma_quad() > 1
+    fmt.mma_quad() > 1
         && mma_knobs().wide.unwrap_or(
             n_tokens >= MMA_WIDE_MIN_TOKENS || matches!(fmt, KernelFormat::Q4K | KernelFormat::Q5K),
         )

@@ -380,7 +380,7 @@ pub fn mma_definitions<R: Runtime>(
     )];
     for fmt in KernelFormat::ALL {
         // Both stagings where the format has a wide one (the runtime picks by batch size).
-        let widths: &[bool] = if fmt.half_x() && fmt.mma_quad() > 1 {
+        let widths: &[bool] = if fmt.mma_quad() > 1 {
             &[false, true]
         } else {
             &[false]

@@ -197,7 +197,7 @@ impl KernelFormat {
     /// Slots whose quant words are one aligned 16-byte load of the quant plane, where the
     /// quantized mat-mat takes them together (`decode::decode_slots_h2`): the half formats
     /// whose blocks (and, for `Q5_K`, fifth-bit words) start on 16 bytes; 1 (a slot at a time)
-    /// for the rest.
+    /// for the rest, so above 1 implies [`Self::half_x`] (the quads decode to half pairs).
     pub fn mma_quad(self) -> u32 {
         match self {
             Self::Q4_0 | Self::Q4_1 | Self::Q4K | Self::Q5K => 4,
@@ -241,6 +241,13 @@ mod tests {
             assert_eq!(f.slots_per_block() % f.slots_per_lane(), 0, "{f}");
             // The narrowest plane (8 lanes) still covers a block.
             assert!(f.lanes_per_block() <= 8, "{f}");
+            // The mat-mat's wide staging decodes half pairs, and its 16-byte loads stay
+            // inside a block and a quad of slots inside one step's slots.
+            if f.mma_quad() > 1 {
+                assert!(f.half_x(), "{f}");
+                assert_eq!((4 * f.words_per_block()) % 16, 0, "{f}");
+                assert_eq!(f.slots_per_block() % f.mma_quad(), 0, "{f}");
+            }
         }
     }
 

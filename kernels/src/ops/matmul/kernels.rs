@@ -691,7 +691,7 @@ pub fn embed_kernel(
 
 /// `out[i] = x[i]` as `f16` for `i < n`: activations into the f16 operand of the prefill
 /// matmul. With `pairs`, each run of 4 values is written in pair order (0, 2, 1, 3), the order
-/// in which the quantized mat-mat stages a run of decoded weights (`decode::decode_slot_h2`'s
+/// in which the quantized mat-mat stages a run of decoded weights (`decode::decode_slots_h2`'s
 /// half pairs), so neither operand is shuffled in the kernel (`n` a multiple of 4).
 #[cube(launch_unchecked)]
 pub fn to_f16_kernel(x: &Array<f32>, out: &mut Array<half::f16>, n: u32, #[comptime] pairs: bool) {

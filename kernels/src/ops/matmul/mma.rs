@@ -116,11 +116,7 @@ pub fn mma_kernel(
     let epb = comptime![fmt.elems_per_block()];
     let x_trips = comptime![(cfg.block_m() * cfg.k_step / 8).div_ceil(cfg.units())];
     // Slots a unit decodes together, and such runs per staged row.
-    let quad = comptime![if cfg.wide && fmt.half_x() {
-        fmt.mma_quad()
-    } else {
-        1
-    }];
+    let quad = comptime![if cfg.wide { fmt.mma_quad() } else { 1 }];
     let quads = comptime![cfg.k_step / (4 * fmt.groups_per_slot() * quad)];
     let w_trips = comptime![(cfg.block_n() * quads).div_ceil(cfg.units())];
 
@@ -191,7 +187,7 @@ pub fn mma_kernel(
         // Weights: `bn` rows x `slots` slots, each decoded once (clamped into the matrix, its
         // scales zeroed past it, again without a branch around the loads). A slot's runs of 4
         // columns start at multiples of 4 and are staged in pair order, (0, 2, 1, 3), as
-        // `decode_slot_h2` makes them and as `x` arrives (`to_f16_kernel` with `pairs`).
+        // `decode_slots_h2` makes them and as `x` arrives (`to_f16_kernel` with `pairs`).
         #[unroll]
         for i in 0..w_trips {
             let u = unit + i * units;
