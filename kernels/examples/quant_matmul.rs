@@ -12,7 +12,8 @@
 //! `--iters N` (default 50); `--tiles pm,pn,fm,fn;...` (tiles beyond the launched ones);
 //! `--splits 1,2,4` (column splits to time beside `mma_splits`' choice, the `/sN` rows);
 //! `--shape NxK,...` (these shapes instead); `--only` (the `--tiles` alone, no baseline: for
-//! `ncu` runs).
+//! `ncu` runs); `--copies N` (N uploads of each weight, called in turn, so that reads come from
+//! HBM as in a decode step rather than from L2).
 //! Times are wall time between two syncs over back-to-back calls
 //! on one weight (an 8B layer matrix of 4-10 MB stays in L2 at these sizes: this measures
 //! the kernels' compute side; decode-step totals come from `rocforge-bench`).
@@ -84,6 +85,12 @@ fn main() {
             .collect()
     });
     let only = args.iter().any(|a| a == "--only");
+    // `--copies N`: N uploads of each weight, called in turn (the L2 holds about 60 MB: a
+    // decode step streams its weights from HBM, one weight called again and again does not).
+    let copies: usize = opt("--copies")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let gpu = Gpu::<R>::new(R::client(&Default::default()));
     let client = gpu.client();
     let max_m = *ms.iter().max().unwrap();
@@ -106,8 +113,17 @@ fn main() {
     println!("|---|---:|---|---|---:|---:|");
     for &fmt in &formats {
         for &(n, k) in &shapes {
-            let w = QWeight::upload(client, fmt.ggml(), n, k, &any_weights(fmt.ggml(), n, k))
-                .expect("upload");
+            let bytes = any_weights(fmt.ggml(), n, k);
+            let ws: Vec<_> = (0..copies)
+                .map(|_| QWeight::upload(client, fmt.ggml(), n, k, &bytes).expect("upload"))
+                .collect();
+            let w = &ws[0];
+            // Each call takes the next copy, so with enough copies every read comes from HBM.
+            let mut turn = 0usize;
+            let mut next = || {
+                turn += 1;
+                &ws[turn % copies]
+            };
             for &m in &ms {
                 let flop = 2.0 * (m * n * k) as f64;
                 let row = |name: String, s: f64| {
@@ -120,7 +136,8 @@ fn main() {
                 };
                 if !only {
                     let s = time(&gpu, iters, || {
-                        mm::matmul_dequantized(client, &w, &x, &y, m, Some(&scratch)).expect("mm")
+                        mm::matmul_dequantized(client, next(), &x, &y, m, Some(&scratch))
+                            .expect("mm")
                     });
                     row("dequantize + cubek".into(), s);
                 }
@@ -134,13 +151,13 @@ fn main() {
                 let wide = mm::mma_wide(m, fmt);
                 for cfg in cfgs.into_iter().map(|c| mm::MmaConfig { wide, ..c }) {
                     let s = time(&gpu, iters, || {
-                        mm::launch_mma(client, &w, &x, &y, m, cfg).expect("mma");
+                        mm::launch_mma(client, next(), &x, &y, m, cfg).expect("mma");
                     });
-                    let auto = mm::mma_splits(client, &w, m, cfg);
+                    let auto = mm::mma_splits(client, w, m, cfg);
                     row(format!("mma {} (s{auto})", catalog::mma_tag(cfg)), s);
                     for &n in &splits {
                         let s = time(&gpu, iters, || {
-                            mm::launch_mma_split(client, &w, &x, &y, m, cfg, n).expect("mma");
+                            mm::launch_mma_split(client, next(), &x, &y, m, cfg, n).expect("mma");
                         });
                         row(format!("mma {} /s{n}", catalog::mma_tag(cfg)), s);
                     }

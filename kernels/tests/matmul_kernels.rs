@@ -473,6 +473,21 @@ fn check_matmul<R: Runtime>(fmt: KernelFormat, tokens: usize) {
             assert_within(&case, tol, &c.read(y), &want);
         } else {
             assert_close(&case, fmt, &c.read(y), &want);
+            // Several tokens in both row layouts (`mm::whole_rows` picks by size and device).
+            if tokens > 1 {
+                let xd = c.upload(&x);
+                for whole in [false, true] {
+                    let y = c.client.empty(tokens * rows * 4);
+                    let op = mm::Matvec {
+                        tokens,
+                        whole_rows: Some(whole),
+                        ..mm::Matvec::new(&w, &xd, &y)
+                    };
+                    mm::launch_matvec(&c.client, &op).expect("matvec");
+                    let case = format!("{case}, whole rows {whole}");
+                    assert_close(&case, fmt, &c.read(y), &want);
+                }
+            }
         }
     }
 }

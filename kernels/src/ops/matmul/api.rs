@@ -472,6 +472,9 @@ pub struct Matvec<'a, R: Runtime> {
     /// `half` already holds this `x` (and norm), converted by the previous launch of the same
     /// input (the row blocks of a split output matrix): skip the conversion.
     pub half_ready: bool,
+    /// A plane per row group for several tokens (see [`whole_rows`]): `None` takes that
+    /// rule; `Some` fixes it (tests run both layouts on every device).
+    pub whole_rows: Option<bool>,
 }
 
 impl<'a, R: Runtime> Matvec<'a, R> {
@@ -487,6 +490,7 @@ impl<'a, R: Runtime> Matvec<'a, R> {
             epilogue: Epilogue::Store,
             half: None,
             half_ready: false,
+            whole_rows: None,
         }
     }
 
@@ -570,7 +574,13 @@ pub fn launch_matvec<R: Runtime>(
             Arg::vec::<u32>(op.x, op.tokens * w.cols / 4, 4),
         ),
     };
-    let cfg = cfg_for(matvec_config(client), fusion, w.format);
+    let cfg = cfg_for(
+        matvec_config(client),
+        fusion,
+        w.format,
+        op.whole_rows
+            .unwrap_or_else(|| whole_rows(client, op.tokens, w.rows)),
+    );
     let kernel = kernels::matvec_kernel::MatvecKernel::<R>::new(
         launch::settings(CubeDim::new_2d(cfg.lanes, cfg.planes_per_cube)),
         client.clone(),
@@ -1381,8 +1391,24 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
 /// Tuning runs override these from the environment, read once: `ROCFORGE_MATVEC_WIDE=0` (the
 /// narrow layout for halves too), `ROCFORGE_MATVEC_WIDE_ROWS`, `ROCFORGE_MATVEC_WIDE_SPLIT`
 /// (1, 2 or 4 each), `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
-pub fn cfg_for(cfg: MatvecConfig, fusion: Fusion, fmt: KernelFormat) -> MatvecConfig {
+///
+/// `whole_rows` ([`whole_rows`]): a batch of several tokens over a matrix with rows enough to
+/// fill the device gives each row group a plane of its own (and its format's unroll).
+pub fn cfg_for(
+    cfg: MatvecConfig,
+    fusion: Fusion,
+    fmt: KernelFormat,
+    whole_rows: bool,
+) -> MatvecConfig {
     let k = knobs();
+    let cfg = if whole_rows && fusion.tokens > 1 {
+        MatvecConfig {
+            planes_per_row: 1,
+            ..cfg
+        }
+    } else {
+        cfg
+    };
     if fusion.half_x && k.wide {
         return MatvecConfig {
             rows_per_plane: k.wide_rows,
@@ -1414,6 +1440,28 @@ pub fn cfg_for(cfg: MatvecConfig, fusion: Fusion, fmt: KernelFormat) -> MatvecCo
         unroll,
         ..cfg
     }
+}
+
+/// Whether a mat-vec of `tokens` tokens over `rows` rows on `client`'s device runs a plane per
+/// row group ([`cfg_for`]'s `whole_rows`): several tokens, and at least 2 cubes per SM that way.
+/// Measured on the H200 with `ROCFORGE_MATVEC_SPLIT=1` against the default [`PLANES_PER_ROW`]
+/// (docs/performance.md): the 8B shape (4,096 to 14,336 rows) at 8 sequences 609.5-611.9
+/// decode-phase t/s against 567.2-568.7, at 4 442.6-443.2 against 429.1-430.5, level at 2;
+/// SmolLM2's shape (576 to 1,536 rows: 72 to 192 such cubes) lost 8-10 % at 8. Not where
+/// `ROCFORGE_MATVEC_SPLIT` is set, nor where the SM count is unknown (wgpu, and HIP under
+/// CubeCL 0.10, whose runtimes report none: hip-check has no such variant to compile).
+pub fn whole_rows<R: Runtime>(client: &ComputeClient<R>, tokens: usize, rows: usize) -> bool {
+    static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let split_knob = *KNOB.get_or_init(|| std::env::var_os("ROCFORGE_MATVEC_SPLIT").is_some());
+    let Some(sms) = client.properties().hardware.num_streaming_multiprocessors else {
+        return false;
+    };
+    let per_cube = MatvecConfig {
+        planes_per_row: 1,
+        ..matvec_config(client)
+    }
+    .rows_per_cube() as usize;
+    tokens > 1 && !split_knob && rows.div_ceil(per_cube) >= 2 * sms as usize
 }
 
 /// Rows a plane computes together in the wide layout ([`cfg_for`]).

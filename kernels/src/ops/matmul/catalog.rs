@@ -251,7 +251,9 @@ pub fn definition<R: Runtime>(
     let a = crate::ops::launch::array_arg;
     let c = || client.clone();
     let mv = match v.kind {
-        KernelKind::Matvec(f) => api::cfg_for(cfg, f, v.format),
+        // No `whole_rows` variant: it needs the SM count, which CubeCL 0.10's HIP runtime does
+        // not report, so HIP never launches one (`api::whole_rows`).
+        KernelKind::Matvec(f) => api::cfg_for(cfg, f, v.format, false),
         _ => cfg,
     };
     match v.kind {
