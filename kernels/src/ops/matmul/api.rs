@@ -1354,15 +1354,7 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
             .unwrap_or(ROWS_PER_PLANE)
     });
     let planes_per_cube = (128 / lanes).max(1);
-    // Read once as well; must divide the cube's planes.
-    static SPLIT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let planes_per_row = *SPLIT.get_or_init(|| {
-        std::env::var("ROCFORGE_MATVEC_SPLIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|s| [1, 2, 4].contains(s))
-            .unwrap_or(PLANES_PER_ROW)
-    });
+    let planes_per_row = split_knob().unwrap_or(PLANES_PER_ROW);
     MatvecConfig {
         lanes,
         planes_per_cube,
@@ -1372,6 +1364,18 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
         unroll: 1,
         wide: false,
     }
+}
+
+/// `ROCFORGE_MATVEC_SPLIT` (1, 2 or 4; must divide the cube's planes), read once: the planes a
+/// row group takes, fixed for tuning runs ([`matvec_config`], [`whole_rows`]).
+fn split_knob() -> Option<u32> {
+    static SPLIT: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(|| {
+        std::env::var("ROCFORGE_MATVEC_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| [1, 2, 4].contains(s))
+    })
 }
 
 fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
@@ -1451,8 +1455,10 @@ pub fn cfg_for(
 /// `ROCFORGE_MATVEC_SPLIT` is set, nor where the SM count is unknown (wgpu, and HIP under
 /// CubeCL 0.10, whose runtimes report none: hip-check has no such variant to compile).
 pub fn whole_rows<R: Runtime>(client: &ComputeClient<R>, tokens: usize, rows: usize) -> bool {
-    static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let split_knob = *KNOB.get_or_init(|| std::env::var_os("ROCFORGE_MATVEC_SPLIT").is_some());
+    // Single-token decode asks on every launch: answered before any device query.
+    if tokens < 2 || split_knob().is_some() {
+        return false;
+    }
     let Some(sms) = client.properties().hardware.num_streaming_multiprocessors else {
         return false;
     };
@@ -1461,7 +1467,7 @@ pub fn whole_rows<R: Runtime>(client: &ComputeClient<R>, tokens: usize, rows: us
         ..matvec_config(client)
     }
     .rows_per_cube() as usize;
-    tokens > 1 && !split_knob && rows.div_ceil(per_cube) >= 2 * sms as usize
+    rows.div_ceil(per_cube) >= 2 * sms as usize
 }
 
 /// Rows a plane computes together in the wide layout ([`cfg_for`]).
