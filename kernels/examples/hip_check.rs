@@ -76,7 +76,7 @@ fn run() -> Result<bool, String> {
         let defs = if mma_only {
             mma_definitions(&client, warp_size)
         } else {
-            kernel_definitions(&client)
+            kernel_definitions(&client, warp_size as usize)
         };
         total += defs.len();
         for (name, def) in defs {

@@ -547,10 +547,20 @@ fn check_mma<R: Runtime>(fmt: KernelFormat) {
                     })
                 })
             });
+            // The activations as the norm and the gated activation write them for it: f16,
+            // each run of 4 in pair order (0, 2, 1, 3).
+            let pairs: Vec<half::f16> = (0..x.len())
+                .map(|i| half::f16::from_f32(x[if i % 4 == 1 || i % 4 == 2 { i ^ 3 } else { i }]))
+                .collect();
+            let x16 = c.client.create_from_slice(bytemuck::cast_slice(&pairs));
             for cfg in cfgs {
                 let y = c.upload(&y0);
                 mm::launch_mma(&c.client, &w, &xd, &y, tokens, cfg).expect("mma");
                 let case = format!("mma {fmt} {tokens}x{rows}x{cols} tile {cfg:?}");
+                assert_within(&case, PREFILL_F16_NMSE_TOLERANCE, &c.read(y), &want);
+                let y = c.upload(&y0);
+                mm::launch_mma_half(&c.client, &w, &x16, &y, tokens, cfg).expect("mma half");
+                let case = format!("{case}, f16 activations");
                 assert_within(&case, PREFILL_F16_NMSE_TOLERANCE, &c.read(y), &want);
                 // The columns split over cubes, evenly and not (partials summed after).
                 for splits in [2, 3] {

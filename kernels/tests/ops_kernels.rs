@@ -38,7 +38,22 @@ const TOLERANCE: &[(&str, f64)] = &[
     ("attention_flash", 2e-5),
     ("embedding", 0.0),
     ("linear_plain", 1e-10),
+    // The quantized mat-mat's activations: f16 (11-bit mantissa, NMSE about 1e-7 of a
+    // uniform spread) in its pair order; a wrong order fails by orders of magnitude.
+    ("f16_pairs", 1e-6),
+    // An input a launch must leave as it was.
+    ("unchanged", 0.0),
 ];
+
+/// `got` (f16 in the mat-mat's pair order: 0, 2, 1, 3 in each run of 4) back in order.
+fn from_pairs(got: &[half::f16]) -> Vec<f32> {
+    (0..got.len())
+        .map(|i| {
+            let j = if i % 4 == 1 || i % 4 == 2 { i ^ 3 } else { i };
+            got[j].to_f32()
+        })
+        .collect()
+}
 
 fn tolerance(op: &str) -> f64 {
     TOLERANCE
@@ -156,6 +171,29 @@ fn rms_norm<R: Runtime>(gpu: &Gpu<R>) {
             &gpu.read_f32(&xb).unwrap(),
             &sum,
         );
+        if gpu.supports_f16() {
+            // Into f16 in the quantized mat-mat's pair order (its activations), after the
+            // residual above: rmsnorm(x + y), then adding y once more.
+            let out16 = gpu.zeros_of(rows * d, 2);
+            norm::launch_rms_norm(gpu, &xb, &wb, &out16, all, 1e-5);
+            let got = from_pairs(&gpu.read_f16(&out16).unwrap());
+            check("f16_pairs", &format!("rms_norm_{case}"), &got, &want);
+            let sum2: Vec<f32> = sum.iter().zip(&y).map(|(a, b)| a + b).collect();
+            let mut want2 = vec![0.0; rows * d];
+            for r in 0..rows {
+                let row = r * d..(r + 1) * d;
+                norm::rms_norm(&sum2[row.clone()], &w, 1e-5, &mut want2[row]);
+            }
+            norm::launch_add_rms_norm(gpu, &xb, &yb, &wb, &out16, all, 1e-5);
+            let got = from_pairs(&gpu.read_f16(&out16).unwrap());
+            check("f16_pairs", &format!("add_rms_norm_{case}"), &got, &want2);
+            check(
+                "add_assign",
+                &format!("{case}_residual_f16"),
+                &gpu.read_f32(&xb).unwrap(),
+                &sum2,
+            );
+        }
 
         // Gemma's post-norm residual: x += rmsnorm(y) * w.
         let mut want = x.clone();
@@ -223,6 +261,19 @@ fn elementwise<R: Runtime>(gpu: &Gpu<R>) {
         let mut want = g4.clone();
         activation::gated(activation::GateAct::GeluTanh, &mut want, &u);
         let gb = gpu.f32s(&g4);
+        if gpu.supports_f16() && n % 4 == 0 {
+            // Into f16 in the quantized mat-mat's pair order, `gate` untouched.
+            let out16 = gpu.zeros_of(n, 2);
+            activation::launch_gated_half(gpu, activation::GateAct::GeluTanh, &gb, &ub, &out16, n);
+            let got = from_pairs(&gpu.read_f16(&out16).unwrap());
+            check("f16_pairs", &format!("geglu_n{n}"), &got, &want);
+            check(
+                "unchanged",
+                &format!("geglu_n{n}_gate"),
+                &gpu.read_f32(&gb).unwrap(),
+                &g4,
+            );
+        }
         activation::launch_gated(gpu, activation::GateAct::GeluTanh, &gb, &ub, n);
         check(
             "geglu",

@@ -160,6 +160,7 @@ use cubecl::prelude::*;
 use super::launch::{self, array_arg, Arg};
 
 use super::gpu::{elementwise, Buf, Gpu};
+use super::matmul::kernels::pair_slot;
 
 /// `act(g)` on the device; `gelu` picks GELU (tanh) over SiLU at compile time.
 #[cube]
@@ -174,12 +175,26 @@ pub fn gate_act(g: f32, #[comptime] gelu: bool) -> f32 {
     }
 }
 
-/// `gate[i] = act(gate[i]) * up[i]` for `i < n`.
+/// `gate[i] = act(gate[i]) * up[i]` for `i < n`; with `pairs`, written to `out` instead, as
+/// f16 in the quantized mat-mat's pair order (`matmul::kernels::pair_slot`: its activations),
+/// and `gate` is left as it was.
 #[cube(launch_unchecked)]
-pub fn gated_act_kernel(gate: &mut Array<f32>, up: &Array<f32>, n: u32, #[comptime] gelu: bool) {
+pub fn gated_act_kernel<O: Float>(
+    gate: &mut Array<f32>,
+    up: &Array<f32>,
+    out: &mut Array<O>,
+    n: u32,
+    #[comptime] gelu: bool,
+    #[comptime] pairs: bool,
+) {
     let i = ABSOLUTE_POS;
     if i < n as usize {
-        gate[i] = gate_act(gate[i], gelu) * up[i];
+        let h = gate_act(gate[pair_slot(i, pairs)], gelu) * up[pair_slot(i, pairs)];
+        if comptime!(pairs) {
+            out[i] = O::cast_from(h);
+        } else {
+            gate[i] = h;
+        }
     }
 }
 
@@ -203,32 +218,83 @@ pub fn add_assign_kernel(x: &mut Array<f32>, y: &Array<f32>, n: u32) {
 
 /// The gated activation in place over the first `n` elements of `gate`.
 pub fn launch_gated<R: Runtime>(gpu: &Gpu<R>, act: GateAct, gate: &Buf, up: &Buf, n: usize) {
+    launch_gated_to(gpu, act, gate, up, None, n)
+}
+
+/// The gated activation of the first `n` elements of `gate` and `up` into `out`, a buffer of
+/// 2-byte elements, as f16 in the quantized mat-mat's pair order (its activations,
+/// `matmul::launch_mma_half`; `n` a multiple of 4). `gate` is left as it was.
+pub fn launch_gated_half<R: Runtime>(
+    gpu: &Gpu<R>,
+    act: GateAct,
+    gate: &Buf,
+    up: &Buf,
+    out: &Buf,
+    n: usize,
+) {
     assert!(
-        n <= gate.len() && n <= up.len(),
+        out.elem_bytes() == 2,
+        "{}: the f16 result needs a buffer of f16",
+        act.name()
+    );
+    launch_gated_to(gpu, act, gate, up, Some(out), n)
+}
+
+/// [`launch_gated`] in place, or into `half` ([`launch_gated_half`]).
+fn launch_gated_to<R: Runtime>(
+    gpu: &Gpu<R>,
+    act: GateAct,
+    gate: &Buf,
+    up: &Buf,
+    half: Option<&Buf>,
+    n: usize,
+) {
+    let pairs = half.is_some();
+    let out = half.unwrap_or(gate);
+    assert!(
+        n <= gate.len() && n <= up.len() && n <= out.len(),
         "{}: {n} elements out of range",
+        act.name()
+    );
+    assert!(
+        !pairs || n.is_multiple_of(4),
+        "{}: f16 pairs need a multiple of 4 elements, not {n}",
         act.name()
     );
     let (count, dim) = elementwise(n);
     gpu.count();
-    // SAFETY: the kernel guards `i < n`, and n is within both buffers.
-    unsafe {
-        launch::launch(
-            gpu.client(),
-            gated_act_kernel::GatedActKernel::<R>::new(
-                launch::settings(dim),
-                gpu.client().clone(),
-                array_arg(),
-                array_arg(),
-                (),
-                act == GateAct::GeluTanh,
-            ),
-            count,
-            &[
-                Arg::buf::<f32>(&gate),
-                Arg::buf::<f32>(&up),
-                Arg::U32(n as u32),
-            ],
-        )
+    macro_rules! launch {
+        ($o:ty) => {
+            // SAFETY: the kernel guards `i < n`, and n is within the three buffers; pair
+            // order permutes within runs of 4 below n.
+            unsafe {
+                launch::launch(
+                    gpu.client(),
+                    gated_act_kernel::GatedActKernel::<$o, R>::new(
+                        launch::settings(dim),
+                        gpu.client().clone(),
+                        array_arg(),
+                        array_arg(),
+                        array_arg(),
+                        (),
+                        act == GateAct::GeluTanh,
+                        pairs,
+                    ),
+                    count,
+                    &[
+                        Arg::buf::<f32>(&gate),
+                        Arg::buf::<f32>(&up),
+                        Arg::buf::<$o>(&out),
+                        Arg::U32(n as u32),
+                    ],
+                )
+            }
+        };
+    }
+    if pairs {
+        launch!(half::f16)
+    } else {
+        launch!(f32)
     }
 }
 

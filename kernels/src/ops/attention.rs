@@ -938,6 +938,38 @@ pub fn key_width(head_dim: usize) -> usize {
     }
 }
 
+/// The plane width [`attention_kernel`] takes its tile maxima with on `client`'s device for
+/// head dimension `hd`: the device's plane width where it has plane operations, one fixed
+/// width (CUDA, HIP; wgpu where the adapter's subgroups are one size) that divides `hd`, else
+/// 0 (the tile's scores read through shared memory). `ROCFORGE_ATTN_PLANE=0` takes 0
+/// everywhere (A/B runs). Read once.
+pub fn attention_plane<R: Runtime>(client: &ComputeClient<R>, hd: usize) -> usize {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("ROCFORGE_ATTN_PLANE").is_ok_and(|v| v == "0")) {
+        return 0;
+    }
+    let hw = &client.properties().hardware;
+    let ops = client
+        .features()
+        .plane
+        .contains(cubecl::features::Plane::Ops);
+    if ops && hw.plane_size_min == hw.plane_size_max {
+        plane_for(hw.plane_size_min as usize, hd)
+    } else {
+        0
+    }
+}
+
+/// [`attention_plane`] for a device of plane width `plane`: `plane` where it is a power of two
+/// of 8 to 64 dividing `hd`, else 0.
+pub fn plane_for(plane: usize, hd: usize) -> usize {
+    if plane.is_power_of_two() && (8..=64).contains(&plane) && hd.is_multiple_of(plane) {
+        plane
+    } else {
+        0
+    }
+}
+
 /// Cube `(t, hb, s)` (row-major) with `head_dim` units: attention of query `t`, heads
 /// `hb * hpc .. (hb + 1) * hpc` (`hpc` heads of one KV head) over keys
 /// `s * chunk .. min((s + 1) * chunk, pos + t + 1)`, those below `pos + t + 1 - window` left out
@@ -947,9 +979,14 @@ pub fn key_width(head_dim: usize) -> usize {
 /// writes the normalised output `(t, h*head_dim)` of each head `h`; otherwise the unnormalised
 /// output and (max, sum) of row `(t, h, s)`; a split with no key left gives (-1e30, 0), which
 /// the combine weighs zero.
+///
+/// The query sits in shared memory as `N`-vectors, one load per key vector. With `plane` (the
+/// device's fixed plane width, dividing `hd`: [`attention_plane`]) a tile's max comes from
+/// `plane_max` and one value per plane; without (`plane == 0`) every unit reads the tile's
+/// scores. The max is exact either way, so the results do not depend on `plane`.
 #[cube(launch_unchecked)]
 pub fn attention_kernel<K: Float, N: Size>(
-    q: &Array<f32>,
+    q: &Array<Vector<f32, N>>,
     k_cache: &Array<Vector<K, N>>,
     v_cache: &Array<K>,
     out: &mut Array<f32>,
@@ -968,6 +1005,7 @@ pub fn attention_kernel<K: Float, N: Size>(
     #[comptime] hpc: usize,
     #[comptime] finalize: bool,
     #[comptime] paged: bool,
+    #[comptime] plane: usize,
 ) {
     let (n_head, n_kv, splits) = (n_head as usize, n_kv as usize, n_splits as usize);
     let blocks = n_head / hpc;
@@ -992,12 +1030,19 @@ pub fn attention_kernel<K: Float, N: Size>(
         start = max(start, qpos + 1 - w);
     }
 
-    // Head g's query at `g * hd`, its scores (then weights) of the tile at `g * hd`.
-    let mut q_sh = SharedMemory::<f32>::new(hd * hpc);
+    // Head g's query at vector `g * hd / N`, its scores (then weights) of the tile at `g * hd`;
+    // with `plane`, each plane's tile max of head g at `p * hpc + g`.
+    let width = N::value();
+    let hdv = comptime!(hd / width);
+    let mut q_sh = SharedMemory::<Vector<f32, N>>::new(hdv * hpc);
     let mut p_sh = SharedMemory::<f32>::new(hd * hpc);
-    #[unroll]
-    for g in 0..hpc {
-        q_sh[g * hd + u] = q[(t * n_head + h0 + g) * hd + u];
+    let mut max_sh =
+        SharedMemory::<f32>::new(comptime!(if plane > 0 { hd / plane * hpc } else { 1 }));
+    if u < hdv {
+        #[unroll]
+        for g in 0..hpc {
+            q_sh[g * hdv + u] = q[(t * n_head + h0 + g) * hdv + u];
+        }
     }
     sync_cube();
 
@@ -1028,21 +1073,20 @@ pub fn attention_kernel<K: Float, N: Size>(
             // A unit walks its own key's row, so each load takes `N` values of it (the
             // launcher's widest vector dividing `head_dim`): a warp's loads touch one cache
             // line per key, and `N` times fewer loads wait on them.
-            let width = N::value();
             let base = (key_row(meta, table, key, paged) * kv_dim + kv_off) / width;
             let mut dot = Array::<f32>::new(hpc);
             #[unroll]
             for g in 0..hpc {
                 dot[g] = 0.0;
             }
-            for c in 0..hd / width {
+            for c in 0..hdv {
                 let kv = k_cache[base + c];
                 #[unroll]
-                for i in 0..width {
-                    let kf = f32::cast_from(kv[i]);
+                for g in 0..hpc {
+                    let qv = q_sh[g * hdv + c];
                     #[unroll]
-                    for g in 0..hpc {
-                        dot[g] += q_sh[g * hd + c * width + i] * kf;
+                    for i in 0..width {
+                        dot[g] += qv[i] * f32::cast_from(kv[i]);
                     }
                 }
             }
@@ -1051,21 +1095,43 @@ pub fn attention_kernel<K: Float, N: Size>(
                 score[g] = dot[g] * scale;
             }
         }
-        #[unroll]
-        for g in 0..hpc {
-            p_sh[g * hd + u] = score[g];
-        }
-        sync_cube();
-        #[unroll]
-        for g in 0..hpc {
-            let mut tile_max = f32::new(-1.0e30);
-            for j in 0..hd {
-                tile_max = max(tile_max, p_sh[g * hd + j]);
+        if comptime!(plane > 0) {
+            // Each plane's max, then theirs: a read per plane rather than per key.
+            #[unroll]
+            for g in 0..hpc {
+                let pm = plane_max(score[g]);
+                if UNIT_POS_PLANE == 0 {
+                    max_sh[(u / plane) * hpc + g] = pm;
+                }
             }
-            m_new[g] = max(m[g], tile_max);
-            corr[g] = f32::exp(m[g] - m_new[g]);
+            sync_cube();
+            #[unroll]
+            for g in 0..hpc {
+                let mut tile_max = f32::new(-1.0e30);
+                #[unroll]
+                for p in 0..hd / plane {
+                    tile_max = max(tile_max, max_sh[p * hpc + g]);
+                }
+                m_new[g] = max(m[g], tile_max);
+                corr[g] = f32::exp(m[g] - m_new[g]);
+            }
+        } else {
+            #[unroll]
+            for g in 0..hpc {
+                p_sh[g * hd + u] = score[g];
+            }
+            sync_cube();
+            #[unroll]
+            for g in 0..hpc {
+                let mut tile_max = f32::new(-1.0e30);
+                for j in 0..hd {
+                    tile_max = max(tile_max, p_sh[g * hd + j]);
+                }
+                m_new[g] = max(m[g], tile_max);
+                corr[g] = f32::exp(m[g] - m_new[g]);
+            }
+            sync_cube();
         }
-        sync_cube();
         #[unroll]
         for g in 0..hpc {
             let mut p = 0.0f32;
@@ -1713,6 +1779,7 @@ pub fn launch_attention_window<'a, R: Runtime>(
     let dst = if finalize { out } else { &scratch.part_o };
     let scale = 1.0 / (hd as f32).sqrt();
     let width = key_width(hd);
+    let plane = attention_plane(gpu.client(), hd);
     gpu.count();
     macro_rules! launch {
         ($k:ty) => {
@@ -1745,10 +1812,11 @@ pub fn launch_attention_window<'a, R: Runtime>(
                         hpc,
                         finalize,
                         pos.paged(),
+                        plane,
                     ),
                     row_grid(n * n_heads / hpc * splits),
                     &[
-                        Arg::buf::<f32>(q),
+                        Arg::vec::<f32>(q.handle(), q.len() / width, width),
                         Arg::vec::<$k>(kc.handle(), kc.len() / width, width),
                         Arg::buf::<$k>(vc),
                         Arg::buf::<f32>(dst),

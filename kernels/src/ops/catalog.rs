@@ -12,9 +12,11 @@ use super::{activation, argmax, attention, dequant, embedding, norm, rope};
 /// Gemma 3 256).
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// `(name, definition)` of every kernel variant, built with `client`'s device properties.
+/// `(name, definition)` of every kernel variant, built with `client`'s device properties; the
+/// attention's for a device of fixed plane width `plane` (the HIP target's wave size).
 pub fn kernel_definitions<R: Runtime>(
     client: &ComputeClient<R>,
+    plane: usize,
 ) -> Vec<(String, KernelDefinition)> {
     let settings = |threads: usize| super::launch::settings(CubeDim::new_1d(threads as u32));
     let c = || client.clone();
@@ -22,42 +24,7 @@ pub fn kernel_definitions<R: Runtime>(
     let a = crate::ops::launch::array_arg;
     let mut out: Vec<(String, KernelDefinition)> = Vec::new();
     let row = norm::ROW_CUBE;
-    for gather in [false, true] {
-        let tag = if gather { "_gather" } else { "" };
-        out.push((
-            format!("rms_norm{tag}"),
-            norm::rms_norm_kernel::RmsNormKernel::<R>::new(
-                settings(row),
-                c(),
-                a(),
-                a(),
-                a(),
-                a(),
-                (),
-                (),
-                row,
-                gather,
-            )
-            .define(),
-        ));
-        out.push((
-            format!("add_rms_norm{tag}"),
-            norm::add_rms_norm_kernel::AddRmsNormKernel::<R>::new(
-                settings(row),
-                c(),
-                a(),
-                a(),
-                a(),
-                a(),
-                a(),
-                (),
-                (),
-                row,
-                gather,
-            )
-            .define(),
-        ));
-    }
+    out.extend(activation_definitions::<f32, R>(client, false));
     out.push((
         "add_rms_normed".into(),
         norm::add_rms_normed_kernel::AddRmsNormedKernel::<R>::new(
@@ -86,21 +53,6 @@ pub fn kernel_definitions<R: Runtime>(
         )
         .define(),
     ));
-    for gelu in [false, true] {
-        let name = if gelu { "geglu" } else { "swiglu" };
-        out.push((
-            name.into(),
-            activation::gated_act_kernel::GatedActKernel::<R>::new(
-                settings(256),
-                c(),
-                a(),
-                a(),
-                (),
-                gelu,
-            )
-            .define(),
-        ));
-    }
     out.push((
         "scale".into(),
         activation::scale_kernel::ScaleKernel::<R>::new(settings(256), c(), a(), (), ()).define(),
@@ -185,6 +137,7 @@ pub fn kernel_definitions<R: Runtime>(
                 $hpc,
                 $finalize,
                 $paged,
+                attention::plane_for(plane, $hd),
             )
             .define()
         };
@@ -286,5 +239,77 @@ pub fn kernel_definitions<R: Runtime>(
     // The quantized mat-vec / fused SwiGLU / dequantize kernels: every (format, variant) the
     // matmul API launches, under each mat-vec config HIP (wave64, wave32) or `client` uses.
     out.extend(super::matmul::catalog::kernel_definitions(client));
+    out
+}
+
+/// The RMSNorm and gated-activation variants whose output is `O`: f32 for every device, or
+/// (with `pairs`) f16 in the quantized mat-mat's pair order, which devices running the mat-mat
+/// launch before it (`matmul::catalog::mma_definitions`); the gathered norms only in f32 (the
+/// logits' rows).
+pub fn activation_definitions<O: Float, R: Runtime>(
+    client: &ComputeClient<R>,
+    pairs: bool,
+) -> Vec<(String, KernelDefinition)> {
+    let settings = |threads: usize| super::launch::settings(CubeDim::new_1d(threads as u32));
+    let (c, a) = (|| client.clone(), crate::ops::launch::array_arg);
+    let suffix = if pairs { "_f16_pairs" } else { "" };
+    let row = norm::ROW_CUBE;
+    let mut out = Vec::new();
+    let gathers: &[bool] = if pairs { &[false] } else { &[false, true] };
+    for &gather in gathers {
+        let tag = if gather { "_gather" } else { "" };
+        out.push((
+            format!("rms_norm{tag}{suffix}"),
+            norm::rms_norm_kernel::RmsNormKernel::<O, R>::new(
+                settings(row),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                row,
+                gather,
+                pairs,
+            )
+            .define(),
+        ));
+        out.push((
+            format!("add_rms_norm{tag}{suffix}"),
+            norm::add_rms_norm_kernel::AddRmsNormKernel::<O, R>::new(
+                settings(row),
+                c(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                row,
+                gather,
+                pairs,
+            )
+            .define(),
+        ));
+    }
+    for gelu in [false, true] {
+        let name = if gelu { "geglu" } else { "swiglu" };
+        out.push((
+            format!("{name}{suffix}"),
+            activation::gated_act_kernel::GatedActKernel::<O, R>::new(
+                settings(256),
+                c(),
+                a(),
+                a(),
+                a(),
+                (),
+                gelu,
+                pairs,
+            )
+            .define(),
+        ));
+    }
     out
 }

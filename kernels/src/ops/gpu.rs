@@ -40,6 +40,10 @@ impl Buf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Bytes per element: 4 (f32, u32) or 2 (f16).
+    pub fn elem_bytes(&self) -> usize {
+        self.elem_bytes
+    }
     /// Bytes the buffer holds.
     pub fn bytes(&self) -> u64 {
         (self.len * self.elem_bytes) as u64

@@ -43,6 +43,7 @@ use cubecl::prelude::*;
 use super::launch::{self, array_arg, Arg};
 
 use super::gpu::{row_grid, Buf, Gpu};
+use super::matmul::kernels::pair_slot;
 
 /// Threads per cube of the row kernels (a power of two: the sum halves it).
 pub(crate) const ROW_CUBE: usize = 256;
@@ -67,24 +68,27 @@ pub(crate) fn cube_sum(v: f32, #[comptime] block: usize) -> f32 {
     total
 }
 
-/// Writes `weight * x / rms(x)` of the row that starts at `src` into `out[dst..]`. Every unit
-/// reads back only the elements it accumulated, so `x` may have been written by the same unit.
+/// Writes `weight * x / rms(x)` of the row that starts at `src` into `out[dst..]`, in the
+/// mat-mat's pair order with `pairs` (`matmul::kernels::pair_slot`). Every unit reads back only
+/// the elements it accumulated, so `x` may have been written by the same unit.
 #[cube]
-fn normalize_row(
+#[allow(clippy::too_many_arguments)]
+fn normalize_row<O: Float>(
     x: &Array<f32>,
     weight: &Array<f32>,
-    out: &mut Array<f32>,
+    out: &mut Array<O>,
     src: usize,
     dst: usize,
     sum_sq: f32,
     eps: f32,
     #[comptime] block: usize,
+    #[comptime] pairs: bool,
 ) {
     let d = weight.len();
     let scale = 1.0 / f32::sqrt(sum_sq / f32::cast_from(d) + eps);
     let mut i = UNIT_POS as usize;
     while i < d {
-        out[dst + i] = x[src + i] * scale * weight[i];
+        out[dst + pair_slot(i, pairs)] = O::cast_from(x[src + i] * scale * weight[i]);
         i += block;
     }
 }
@@ -100,17 +104,19 @@ fn src_row(pick: &Array<u32>, row0: u32, r: usize, #[comptime] gather: bool) -> 
     row
 }
 
-/// `out[r] = rmsnorm(x[row0 + r]) * weight` for each cube `r`.
+/// `out[r] = rmsnorm(x[row0 + r]) * weight` for each cube `r` (`O`: f32, or f16 in the
+/// mat-mat's pair order with `pairs`).
 #[cube(launch_unchecked)]
-pub fn rms_norm_kernel(
+pub fn rms_norm_kernel<O: Float>(
     x: &Array<f32>,
     weight: &Array<f32>,
-    out: &mut Array<f32>,
+    out: &mut Array<O>,
     pick: &Array<u32>,
     row0: u32,
     eps: f32,
     #[comptime] block: usize,
     #[comptime] gather: bool,
+    #[comptime] pairs: bool,
 ) {
     let d = weight.len();
     let r = CUBE_POS;
@@ -123,21 +129,24 @@ pub fn rms_norm_kernel(
         i += block;
     }
     let sum_sq = cube_sum(acc, block);
-    normalize_row(x, weight, out, src, r * d, sum_sq, eps, block);
+    normalize_row::<O>(x, weight, out, src, r * d, sum_sq, eps, block, pairs);
 }
 
-/// Residual add then norm: `x[row0 + r] += y[row0 + r]; out[r] = rmsnorm(x[row0 + r]) * weight`.
+/// Residual add then norm: `x[row0 + r] += y[row0 + r]; out[r] = rmsnorm(x[row0 + r]) * weight`
+/// (`O` and `pairs` as in [`rms_norm_kernel`]).
 #[cube(launch_unchecked)]
-pub fn add_rms_norm_kernel(
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_kernel<O: Float>(
     x: &mut Array<f32>,
     y: &Array<f32>,
     weight: &Array<f32>,
-    out: &mut Array<f32>,
+    out: &mut Array<O>,
     pick: &Array<u32>,
     row0: u32,
     eps: f32,
     #[comptime] block: usize,
     #[comptime] gather: bool,
+    #[comptime] pairs: bool,
 ) {
     let d = weight.len();
     let r = CUBE_POS;
@@ -151,7 +160,7 @@ pub fn add_rms_norm_kernel(
         i += block;
     }
     let sum_sq = cube_sum(acc, block);
-    normalize_row(x, weight, out, src, r * d, sum_sq, eps, block);
+    normalize_row::<O>(x, weight, out, src, r * d, sum_sq, eps, block, pairs);
 }
 
 /// Post-norm residual: `x[r] += rmsnorm(p[r]) * weight` for each cube `r`.
@@ -275,7 +284,9 @@ impl Rows<'_> {
     }
 }
 
-/// `rows` of `x` (rows of `weight.len()`), normalised into `out[0..rows.count]`.
+/// `rows` of `x` (rows of `weight.len()`), normalised into `out[0..rows.count]`: f32, or f16
+/// in the quantized mat-mat's pair order where `out` holds 2-byte elements (its activations,
+/// `matmul::launch_mma_half`; rows of a multiple of 4).
 pub fn launch_rms_norm<R: Runtime>(
     gpu: &Gpu<R>,
     x: &Buf,
@@ -284,42 +295,11 @@ pub fn launch_rms_norm<R: Runtime>(
     rows: Rows<'_>,
     eps: f32,
 ) {
-    let d = weight.len();
-    assert!(
-        rows.end() * d <= x.len() && rows.count() * d <= out.len(),
-        "rms_norm: rows out of range"
-    );
-    gpu.count();
-    // SAFETY: every index is below the lengths checked above.
-    unsafe {
-        launch::launch(
-            gpu.client(),
-            rms_norm_kernel::RmsNormKernel::<R>::new(
-                launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
-                gpu.client().clone(),
-                array_arg(),
-                array_arg(),
-                array_arg(),
-                array_arg(),
-                (),
-                (),
-                ROW_CUBE,
-                rows.gather(),
-            ),
-            row_grid(rows.count()),
-            &[
-                Arg::buf::<f32>(&x),
-                Arg::buf::<f32>(&weight),
-                Arg::buf::<f32>(&out),
-                Arg::buf::<u32>(rows.pick(x)),
-                Arg::U32(rows.first()),
-                Arg::F32(eps),
-            ],
-        )
-    }
+    launch_norm(gpu, x, None, weight, out, rows, eps)
 }
 
-/// `x += y` on `rows`, then those rows normalised into `out[0..rows.count]`.
+/// `x += y` on `rows`, then those rows normalised into `out[0..rows.count]` (f32 or f16 pairs,
+/// as [`launch_rms_norm`]).
 pub fn launch_add_rms_norm<R: Runtime>(
     gpu: &Gpu<R>,
     x: &Buf,
@@ -329,40 +309,104 @@ pub fn launch_add_rms_norm<R: Runtime>(
     rows: Rows<'_>,
     eps: f32,
 ) {
+    launch_norm(gpu, x, Some(y), weight, out, rows, eps)
+}
+
+/// [`launch_rms_norm`], adding `y` into `x` first where given.
+fn launch_norm<R: Runtime>(
+    gpu: &Gpu<R>,
+    x: &Buf,
+    y: Option<&Buf>,
+    weight: &Buf,
+    out: &Buf,
+    rows: Rows<'_>,
+    eps: f32,
+) {
     let d = weight.len();
+    let name = if y.is_some() {
+        "add_rms_norm"
+    } else {
+        "rms_norm"
+    };
     assert!(
-        rows.end() * d <= x.len().min(y.len()) && rows.count() * d <= out.len(),
-        "add_rms_norm: rows out of range"
+        rows.end() * d <= x.len().min(y.map_or(usize::MAX, Buf::len))
+            && rows.count() * d <= out.len(),
+        "{name}: rows out of range"
+    );
+    let half = out.elem_bytes() == 2;
+    assert!(
+        !half || d.is_multiple_of(4),
+        "{name}: f16 pairs need rows of a multiple of 4, not {d}"
     );
     gpu.count();
-    // SAFETY: every index is below the lengths checked above.
-    unsafe {
-        launch::launch(
-            gpu.client(),
-            add_rms_norm_kernel::AddRmsNormKernel::<R>::new(
-                launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
-                gpu.client().clone(),
-                array_arg(),
-                array_arg(),
-                array_arg(),
-                array_arg(),
-                array_arg(),
-                (),
-                (),
-                ROW_CUBE,
-                rows.gather(),
-            ),
-            row_grid(rows.count()),
-            &[
-                Arg::buf::<f32>(&x),
-                Arg::buf::<f32>(&y),
-                Arg::buf::<f32>(&weight),
-                Arg::buf::<f32>(&out),
-                Arg::buf::<u32>(rows.pick(x)),
-                Arg::U32(rows.first()),
-                Arg::F32(eps),
-            ],
-        )
+    let grid = row_grid(rows.count());
+    let (first, pick) = (Arg::U32(rows.first()), Arg::buf::<u32>(rows.pick(x)));
+    macro_rules! launch {
+        ($o:ty) => {
+            // SAFETY: every index is below the lengths checked above; pair order permutes
+            // within runs of 4 of a row.
+            unsafe {
+                match y {
+                    None => launch::launch(
+                        gpu.client(),
+                        rms_norm_kernel::RmsNormKernel::<$o, R>::new(
+                            launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
+                            gpu.client().clone(),
+                            array_arg(),
+                            array_arg(),
+                            array_arg(),
+                            array_arg(),
+                            (),
+                            (),
+                            ROW_CUBE,
+                            rows.gather(),
+                            half,
+                        ),
+                        grid,
+                        &[
+                            Arg::buf::<f32>(&x),
+                            Arg::buf::<f32>(&weight),
+                            Arg::buf::<$o>(&out),
+                            pick,
+                            first,
+                            Arg::F32(eps),
+                        ],
+                    ),
+                    Some(y) => launch::launch(
+                        gpu.client(),
+                        add_rms_norm_kernel::AddRmsNormKernel::<$o, R>::new(
+                            launch::settings(CubeDim::new_1d(ROW_CUBE as u32)),
+                            gpu.client().clone(),
+                            array_arg(),
+                            array_arg(),
+                            array_arg(),
+                            array_arg(),
+                            array_arg(),
+                            (),
+                            (),
+                            ROW_CUBE,
+                            rows.gather(),
+                            half,
+                        ),
+                        grid,
+                        &[
+                            Arg::buf::<f32>(&x),
+                            Arg::buf::<f32>(&y),
+                            Arg::buf::<f32>(&weight),
+                            Arg::buf::<$o>(&out),
+                            pick,
+                            first,
+                            Arg::F32(eps),
+                        ],
+                    ),
+                }
+            }
+        };
+    }
+    if half {
+        launch!(half::f16)
+    } else {
+        launch!(f32)
     }
 }
 

@@ -145,7 +145,15 @@ struct DeviceNeeds {
 impl DeviceNeeds {
     /// `dequant_scratch`: batches above `MAX_MATVEC_TOKENS` take the dequantize + cubek path
     /// (`mm::prefill_kernel`), which needs a scratch for the largest layer matrix.
-    fn of(model: &Model, b: usize, kv: KvType, fused_qkv: bool, dequant_scratch: bool) -> Self {
+    /// `half_acts`: the batch's activations also in f16 for the quantized mat-mat (`acts16`).
+    fn of(
+        model: &Model,
+        b: usize,
+        kv: KvType,
+        fused_qkv: bool,
+        dequant_scratch: bool,
+        half_acts: bool,
+    ) -> Self {
         let (c, w) = (&model.config, &model.weights);
         let bytes = |m: &Weight| model.bytes(m).len() as u64;
         let tied_shared = w.tied_output && KernelFormat::from_ggml(w.token_embd.ty).is_some();
@@ -180,8 +188,16 @@ impl DeviceNeeds {
         } else {
             0
         };
-        let activations =
-            b * (3 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff + qkv) + c.n_vocab + 2;
+        // f16 activations count half an f32 each.
+        let halves = if half_acts {
+            b * c.n_embd.max(c.n_ff)
+        } else {
+            0
+        };
+        let activations = b * (3 * c.n_embd + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.n_ff + qkv)
+            + c.n_vocab
+            + 2
+            + halves.div_ceil(2);
         let attn = c.n_head * b.max(attention::MAX_DECODE_SPLITS) * (c.head_dim + 2);
         let dequant = if dequant_scratch {
             largest_layer_matrix
@@ -264,6 +280,12 @@ pub struct CubeBackend<R: Runtime> {
     no_ids: Buf, // (1) unused device token buffer: single-token embedding passes the id as an argument
     cache: KvCache,
     scratch: AttnScratch,
+    /// (batch, max(n_embd, n_ff)) f16, where the device runs the quantized mat-mat: a norm's or
+    /// the gated activation's output in the mat-mat's staging order, written there instead of
+    /// in f32 when every matrix that reads it takes the mat-mat (saves its conversion launch).
+    acts16: Option<Buf>,
+    /// The last `ffn_in` left its activation in `acts16` (for `ffn_out`'s projection).
+    ffn_half: bool,
     host_logits: Vec<f32>,
     host_fresh: bool,
     n_logit_rows: usize,
@@ -466,7 +488,12 @@ impl<R: Runtime> CubeBackend<R> {
         let fused = w.layers.iter().any(fits_qkv);
         let dequant_scratch = b > MAX_MATVEC_TOKENS
             && mm::prefill_kernel(gpu.client(), b) == mm::PrefillKernel::Dequantize;
-        let need = DeviceNeeds::of(&model, b, kv_type, fused, dequant_scratch);
+        let half_acts = b > MAX_MATVEC_TOKENS
+            && matches!(
+                mm::prefill_kernel(gpu.client(), MAX_MATVEC_TOKENS + 1),
+                mm::PrefillKernel::Mma(_)
+            );
+        let need = DeviceNeeds::of(&model, b, kv_type, fused, dequant_scratch, half_acts);
         // `ROCFORGE_MEMORY_CHECK=0` skips the comparison, so that tests can reach the path
         // where an allocation fails after it (see `check_device_fault`).
         let check_memory = std::env::var("ROCFORGE_MEMORY_CHECK").map_or(true, |v| v != "0");
@@ -585,6 +612,8 @@ impl<R: Runtime> CubeBackend<R> {
             proj: gpu.zeros(b * c.n_embd),
             gate: gpu.zeros(b * c.n_ff),
             up: gpu.zeros(b * c.n_ff),
+            acts16: half_acts.then(|| gpu.zeros_of(b * c.n_embd.max(c.n_ff), 2)),
+            ffn_half: false,
             logits: gpu.zeros(c.n_vocab),
             best: gpu.zeros(1),
             best_rows: gpu.zeros(b),
@@ -688,8 +717,18 @@ impl<R: Runtime> CubeBackend<R> {
     }
 
     /// `h = act(W_gate · xn) * (W_up · xn)` for the batch's rows (into `gate`): one fused
-    /// launch for a single token where both weights take the tuned kernels alike.
-    fn gated_ffn(&self, gate: &Matrix<R>, up: &Matrix<R>, n: usize, act: Activation) -> Result<()> {
+    /// launch for a single token where both weights take the tuned kernels alike. `xn16`: `xn`
+    /// as the mat-mat's f16 activations (see `acts16`), the only copy. With `h16`, `h` goes
+    /// there in f16 instead (for a mat-mat down projection). Returns whether it did.
+    fn gated_ffn(
+        &self,
+        gate: &Matrix<R>,
+        up: &Matrix<R>,
+        n: usize,
+        act: Activation,
+        xn16: Option<&Buf>,
+        h16: Option<&Buf>,
+    ) -> Result<bool> {
         let act = match act {
             Activation::Silu => activation::GateAct::Silu,
             Activation::GeluTanh => activation::GateAct::GeluTanh,
@@ -701,31 +740,56 @@ impl<R: Runtime> CubeBackend<R> {
                         up: Some((u, act)),
                         ..mm::Matvec::new(g, self.xn.handle(), self.gate.handle())
                     })
-                    .map(drop);
+                    .map(|_| false);
             }
         }
-        self.linear(gate, &self.xn, &self.gate, n)?;
-        self.linear(up, &self.xn, &self.up, n)?;
-        activation::launch_gated(
-            &self.gpu,
-            act,
-            &self.gate,
-            &self.up,
-            n * self.model.config.n_ff,
-        );
-        Ok(())
+        self.linear_x(gate, &self.xn, xn16, &self.gate, n)?;
+        self.linear_x(up, &self.xn, xn16, &self.up, n)?;
+        let len = n * self.model.config.n_ff;
+        match h16 {
+            Some(h16) => {
+                activation::launch_gated_half(&self.gpu, act, &self.gate, &self.up, h16, len)
+            }
+            None => activation::launch_gated(&self.gpu, act, &self.gate, &self.up, len),
+        }
+        Ok(h16.is_some())
     }
 
-    /// `xn = rmsnorm(x) * weight` for the batch's rows, adding a pending residual first.
-    fn norm(&mut self, weight: &Buf) -> Result<()> {
+    /// `acts16`'s first `self.n` rows of `cols`, where the batch's products of `cols` columns
+    /// run on the quantized mat-mat (above `MAX_MATVEC_TOKENS` tokens, on a device that has it,
+    /// `cols` a multiple of 8); `None` otherwise, or always with `ROCFORGE_MMA_HALF_ACTS=0`
+    /// (A/B runs; read once).
+    fn acts16_for(&self, cols: usize) -> Option<Buf> {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off =
+            *OFF.get_or_init(|| std::env::var("ROCFORGE_MMA_HALF_ACTS").is_ok_and(|v| v == "0"));
+        let (buf, n) = (self.acts16.as_ref().filter(|_| !off)?, self.n);
+        let mma = matches!(
+            mm::prefill_kernel(self.gpu.client(), n),
+            mm::PrefillKernel::Mma(_)
+        );
+        (n > MAX_MATVEC_TOKENS && mma && cols % 8 == 0 && n * cols <= buf.len())
+            .then(|| buf.view(0, n * cols))
+    }
+
+    /// `xn = rmsnorm(x) * weight` for the batch's rows, adding a pending residual first. With
+    /// `half` (every matrix reading `xn` is tuned), where the batch takes the mat-mat it goes
+    /// to `acts16` in f16 instead, returned (`xn` is then not written).
+    fn norm(&mut self, weight: &Buf, half: bool) -> Result<Option<Buf>> {
         let (n, eps) = (self.n, self.model.config.rms_eps);
         let rows = norm::Rows::Range { first: 0, count: n };
-        if std::mem::take(&mut self.pending_add) {
-            norm::launch_add_rms_norm(&self.gpu, &self.x, &self.proj, weight, &self.xn, rows, eps);
+        let xn16 = if half {
+            self.acts16_for(self.model.config.n_embd)
         } else {
-            norm::launch_rms_norm(&self.gpu, &self.x, weight, &self.xn, rows, eps);
+            None
+        };
+        let out = xn16.as_ref().unwrap_or(&self.xn);
+        if std::mem::take(&mut self.pending_add) {
+            norm::launch_add_rms_norm(&self.gpu, &self.x, &self.proj, weight, out, rows, eps);
+        } else {
+            norm::launch_rms_norm(&self.gpu, &self.x, weight, out, rows, eps);
         }
-        Ok(())
+        Ok(xn16)
     }
 
     /// Whether a step may fold its RMSNorm into the projection after it (one token, no residual
@@ -736,7 +800,7 @@ impl<R: Runtime> CubeBackend<R> {
 
     /// `x += W · h`: for one token in the mat-vec's epilogue, otherwise into `proj`, left
     /// pending for the next norm to add (`add_rms_norm`), which saves a launch per projection.
-    fn project_add(&mut self, w: &Matrix<R>, h: &Buf) -> Result<()> {
+    fn project_add(&mut self, w: &Matrix<R>, h: &Buf, h16: Option<&Buf>) -> Result<()> {
         if self.pending_add {
             activation::launch_add_assign(
                 &self.gpu,
@@ -754,7 +818,7 @@ impl<R: Runtime> CubeBackend<R> {
                 })
                 .map(drop);
         }
-        self.linear(w, h, &self.proj, self.n)?;
+        self.linear_x(w, h, h16, &self.proj, self.n)?;
         self.pending_add = true;
         Ok(())
     }
@@ -843,6 +907,7 @@ impl<R: Runtime> CubeBackend<R> {
         &mut self,
         w: &Matrix<R>,
         h: &Buf,
+        h16: Option<&Buf>,
         post: Option<&Buf>,
         l: usize,
         name: &str,
@@ -857,7 +922,7 @@ impl<R: Runtime> CubeBackend<R> {
                 self.n * self.model.config.n_embd,
             );
         }
-        self.linear(w, h, &self.proj, self.n)?;
+        self.linear_x(w, h, h16, &self.proj, self.n)?;
         norm::launch_add_rms_normed(
             &self.gpu,
             &self.x,
@@ -871,20 +936,50 @@ impl<R: Runtime> CubeBackend<R> {
 
     /// `out[t] = W · x[t]` for the first `n` rows of `x`.
     fn linear(&self, w: &Matrix<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
+        self.linear_x(w, x, None, out, n)
+    }
+
+    /// [`Self::linear`] where `x16`, if given, holds `x` as the mat-mat's f16 activations
+    /// (`acts16`) and `x` itself was not written.
+    fn linear_x(
+        &self,
+        w: &Matrix<R>,
+        x: &Buf,
+        x16: Option<&Buf>,
+        out: &Buf,
+        n: usize,
+    ) -> Result<()> {
         match w {
-            Matrix::Plain(w) => {
+            Matrix::Plain(w) if x16.is_none() => {
                 dequant::launch_linear_plain(&self.gpu, w, x, out, n);
                 Ok(())
             }
-            Matrix::Tuned(w) => self.linear_tuned(w, x, out, n),
+            Matrix::Plain(_) => {
+                Err(self
+                    .backend_err("f16 activations reached a matrix without the quantized mat-mat"))
+            }
+            Matrix::Tuned(w) => self.linear_tuned(w, x, x16, out, n),
         }
     }
 
     /// [`Self::linear`] on the tuned kernels: one mat-vec up to `MAX_MATVEC_TOKENS` tokens,
     /// above that the quantized mat-mat on the matrix units where the device has them
     /// (`mm::prefill_kernel`), else a dequantize pass into the scratch and cubek's matmul.
-    fn linear_tuned(&self, w: &QWeight<R>, x: &Buf, out: &Buf, n: usize) -> Result<()> {
+    fn linear_tuned(
+        &self,
+        w: &QWeight<R>,
+        x: &Buf,
+        x16: Option<&Buf>,
+        out: &Buf,
+        n: usize,
+    ) -> Result<()> {
         let client = self.gpu.client();
+        let mma = mm::prefill_kernel(client, n);
+        if x16.is_some() && (n <= MAX_MATVEC_TOKENS || mma == mm::PrefillKernel::Dequantize) {
+            return Err(self.backend_err(format!(
+                "f16 activations of {n} tokens reached a product without the quantized mat-mat"
+            )));
+        }
         let r = if n == 1 {
             return self
                 .matvec(mm::Matvec::new(w, x.handle(), out.handle()))
@@ -892,10 +987,13 @@ impl<R: Runtime> CubeBackend<R> {
         } else if n <= MAX_MATVEC_TOKENS {
             self.gpu.count_launches(1);
             mm::matmul(client, w, x.handle(), out.handle(), n, None)
-        } else if let mm::PrefillKernel::Mma(cfg) = mm::prefill_kernel(client, n) {
+        } else if let mm::PrefillKernel::Mma(cfg) = mma {
             let cfg = mm::mma_tile(client, w, n, cfg);
-            mm::launch_mma(client, w, x.handle(), out.handle(), n, cfg)
-                .map(|launches| self.gpu.count_launches(launches))
+            match x16 {
+                Some(x16) => mm::launch_mma_half(client, w, x16.handle(), out.handle(), n, cfg),
+                None => mm::launch_mma(client, w, x.handle(), out.handle(), n, cfg),
+            }
+            .map(|launches| self.gpu.count_launches(launches))
         } else {
             self.gpu.count_launches(2);
             let scratch = [&self.dequant, &self.dequant_logits]
@@ -949,7 +1047,15 @@ enum Hidden {
 
 impl<R: Runtime> CubeBackend<R> {
     /// `x += post_norm?(W · h)` for layer `l`'s output projection of `which` block.
-    fn residual(&mut self, l: usize, which: Hidden, h: &Buf, post_norm: bool) -> Result<()> {
+    /// `h16`: `h` as the mat-mat's f16 activations (`acts16`), the only copy.
+    fn residual(
+        &mut self,
+        l: usize,
+        which: Hidden,
+        h: &Buf,
+        h16: Option<&Buf>,
+        post_norm: bool,
+    ) -> Result<()> {
         // The layer list moves out while its weights are borrowed by a `&mut self` step (a
         // pointer swap, no allocation).
         let layers = std::mem::take(&mut self.layers);
@@ -963,9 +1069,9 @@ impl<R: Runtime> CubeBackend<R> {
             Hidden::FeedForward => (&layer.ffn_down, &layer.post_ffw_norm, "post_ffw_norm"),
         };
         let r = if post_norm {
-            self.project_add_normed(w, h, post.as_ref(), l, name)
+            self.project_add_normed(w, h, h16, post.as_ref(), l, name)
         } else {
-            self.project_add(w, h)
+            self.project_add(w, h, h16)
         };
         self.layers = layers;
         r
@@ -1057,14 +1163,18 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                 .map(drop);
         }
         let norm_w = layer.attn_norm.clone();
-        self.norm(&norm_w)?;
-        let (layer, n) = (&self.layers[l], self.n);
+        let tuned = match &layer.attn_qkv {
+            Qkv::Fused(_) => true,
+            Qkv::Separate(ws) => ws.iter().all(|w| matches!(w, Matrix::Tuned(_))),
+        };
+        let x16 = self.norm(&norm_w, tuned)?;
+        let (layer, n, x16) = (&self.layers[l], self.n, x16.as_ref());
         match &layer.attn_qkv {
-            Qkv::Fused(w) => self.linear_tuned(w, &self.xn, &self.qkv, n),
+            Qkv::Fused(w) => self.linear_tuned(w, &self.xn, x16, &self.qkv, n),
             Qkv::Separate([wq, wk, wv]) => {
-                self.linear(wq, &self.xn, &self.att, n)?;
-                self.linear(wk, &self.xn, &self.k, n)?;
-                self.linear(wv, &self.xn, &self.v, n)
+                self.linear_x(wq, &self.xn, x16, &self.att, n)?;
+                self.linear_x(wk, &self.xn, x16, &self.k, n)?;
+                self.linear_x(wv, &self.xn, x16, &self.v, n)
             }
         }
     }
@@ -1165,10 +1275,11 @@ impl<R: Runtime> Executor for CubeBackend<R> {
 
     fn attn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
         let att = self.att.clone();
-        self.residual(l, Hidden::Attention, &att, post_norm)
+        self.residual(l, Hidden::Attention, &att, None, post_norm)
     }
 
     fn ffn_in(&mut self, l: usize, act: Activation) -> Result<()> {
+        self.ffn_half = false;
         let layer = &self.layers[l];
         if let (Matrix::Tuned(gate), Matrix::Tuned(up), true) = (
             &layer.ffn_gate,
@@ -1189,14 +1300,33 @@ impl<R: Runtime> Executor for CubeBackend<R> {
                 .map(drop);
         }
         let norm_w = layer.ffn_norm.clone();
-        self.norm(&norm_w)?;
+        let tuned = |w: &Matrix<R>| matches!(w, Matrix::Tuned(_));
+        let x16 = self.norm(&norm_w, tuned(&layer.ffn_gate) && tuned(&layer.ffn_up))?;
         let layer = &self.layers[l];
-        self.gated_ffn(&layer.ffn_gate, &layer.ffn_up, self.n, act)
+        let h16 = if tuned(&layer.ffn_down) {
+            self.acts16_for(self.model.config.n_ff)
+        } else {
+            None
+        };
+        self.ffn_half = self.gated_ffn(
+            &layer.ffn_gate,
+            &layer.ffn_up,
+            self.n,
+            act,
+            x16.as_ref(),
+            h16.as_ref(),
+        )?;
+        Ok(())
     }
 
     fn ffn_out(&mut self, l: usize, post_norm: bool) -> Result<()> {
         let h = self.gate.clone();
-        self.residual(l, Hidden::FeedForward, &h, post_norm)
+        let h16 = if std::mem::take(&mut self.ffn_half) {
+            self.acts16_for(self.model.config.n_ff)
+        } else {
+            None
+        };
+        self.residual(l, Hidden::FeedForward, &h, h16.as_ref(), post_norm)
     }
 
     fn logits(&mut self) -> Result<()> {

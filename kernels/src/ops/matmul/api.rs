@@ -985,6 +985,24 @@ pub fn launch_mma<R: Runtime>(
     launch_mma_split(client, w, x, y, n_tokens, cfg, splits)
 }
 
+/// [`launch_mma`] on activations already in `f16` in the kernel's staging order (`x16`:
+/// `n_tokens` rows of `w.cols`, each run of 4 in pair order, as the RMSNorm and the gated
+/// activation write them for it: `norm::launch_rms_norm`, `activation::launch_gated_half`),
+/// which saves the conversion's launch. Returns its launches.
+pub fn launch_mma_half<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x16: &Handle,
+    y: &Handle,
+    n_tokens: usize,
+    cfg: MmaConfig,
+) -> Result<u64, MatmulError> {
+    let splits = mma_splits(client, w, n_tokens, cfg);
+    mma_checked(w, y, n_tokens, cfg, splits)?;
+    check_half_buffer("x16", x16, n_tokens * w.cols)?;
+    Ok(mma_on_half(client, w, x16, y, n_tokens, cfg, splits))
+}
+
 /// How many cubes share a tile's columns ([`mma::mma_kernel`]'s grid `z`). A launch with few
 /// tiles (a batched-decode step: 64 tokens of a 4096-row weight are 32 tiles of 64x128) leaves
 /// most SMs idle; splitting its columns fills them. Measured on the H200 (`quant_matmul
@@ -1033,6 +1051,23 @@ pub fn launch_mma_split<R: Runtime>(
     cfg: MmaConfig,
     splits: u32,
 ) -> Result<u64, MatmulError> {
+    mma_checked(w, y, n_tokens, cfg, splits)?;
+    check_buffer("x", x, n_tokens * w.cols)?;
+    // The kernel stages x as f16: converted once here rather than by every cube that reads it.
+    let x16 = client.empty(n_tokens * w.cols * 2);
+    to_f16(client, x, &x16, n_tokens * w.cols, true)?;
+    Ok(1 + mma_on_half(client, w, &x16, y, n_tokens, cfg, splits))
+}
+
+/// The mat-mat's checks of everything but its activations: the shape, the staging step, `y`,
+/// and sizes within u32.
+fn mma_checked<R: Runtime>(
+    w: &QWeight<R>,
+    y: &Handle,
+    n_tokens: usize,
+    cfg: MmaConfig,
+    splits: u32,
+) -> Result<(), MatmulError> {
     if w.cols % 8 != 0 {
         // `x` is read as f16 in 16-byte vectors.
         return Err(MatmulError::BadShape {
@@ -1047,13 +1082,27 @@ pub fn launch_mma_split<R: Runtime>(
             cfg.k_step
         )));
     }
-    check_buffer("x", x, n_tokens * w.cols)?;
     check_buffer("y", y, n_tokens * w.rows)?;
+    let steps = (w.cols as u32).div_ceil(cfg.k_step).max(1);
+    let splits = steps.div_ceil(steps.div_ceil(splits.clamp(1, steps)));
+    check_u32((n_tokens * w.cols).max(n_tokens * w.rows * splits as usize) as u64)
+}
+
+/// The mat-mat (and the sum of its split partial products) on checked arguments; returns its
+/// launches.
+fn mma_on_half<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &QWeight<R>,
+    x16: &Handle,
+    y: &Handle,
+    n_tokens: usize,
+    cfg: MmaConfig,
+    splits: u32,
+) -> u64 {
     let steps = (w.cols as u32).div_ceil(cfg.k_step).max(1);
     let per = steps.div_ceil(splits.clamp(1, steps));
     let splits = steps.div_ceil(per);
     let out_len = n_tokens * w.rows * splits as usize;
-    check_u32((n_tokens * w.cols).max(out_len) as u64)?;
     let (bm, bn) = (cfg.block_m() as usize, cfg.block_n() as usize);
     let count = CubeCount::new_3d(
         w.rows.div_ceil(bn) as u32,
@@ -1078,9 +1127,6 @@ pub fn launch_mma_split<R: Runtime>(
     );
     let [wq, ws] = w.args();
     let wq4 = w.quads();
-    // The kernel stages x as f16: converted once here rather than by every cube that reads it.
-    let x16 = client.empty(n_tokens * w.cols * 2);
-    to_f16(client, x, &x16, n_tokens * w.cols, true)?;
     // Split partial products go to a scratch of `splits` outputs, then are added into y.
     let part = (splits > 1).then(|| client.empty(out_len * 4));
     // SAFETY: x and y (or the partials) hold the batch (checked above); the kernel masks rows,
@@ -1094,7 +1140,7 @@ pub fn launch_mma_split<R: Runtime>(
                 wq,
                 wq4,
                 ws,
-                Arg::vec::<half::f16>(&x16, n_tokens * w.cols / 8, 8),
+                Arg::vec::<half::f16>(x16, n_tokens * w.cols / 8, 8),
                 Arg::of::<f32>(part.as_ref().unwrap_or(y), out_len),
                 Arg::U32(n_tokens as u32),
                 Arg::U32(w.rows as u32),
@@ -1129,7 +1175,7 @@ pub fn launch_mma_split<R: Runtime>(
             )
         };
     }
-    Ok(2 + u64::from(splits > 1))
+    1 + u64::from(splits > 1)
 }
 
 /// `out = x` as f16 for `n` values, each run of 4 in pair order with `pairs` (the quantized
@@ -1516,8 +1562,17 @@ fn grid(n: u32) -> CubeCount {
 }
 
 fn check_buffer(what: &'static str, h: &Handle, elems: usize) -> Result<(), MatmulError> {
+    check_bytes(what, h, elems as u64 * 4)
+}
+
+/// [`check_buffer`] for `elems` f16 values.
+fn check_half_buffer(what: &'static str, h: &Handle, elems: usize) -> Result<(), MatmulError> {
+    check_bytes(what, h, elems as u64 * 2)
+}
+
+fn check_bytes(what: &'static str, h: &Handle, needed: u64) -> Result<(), MatmulError> {
     // Runtimes may round allocations up, so this catches wrong shapes, not off-by-a-few.
-    let (needed, got) = (elems as u64 * 4, h.size_in_used());
+    let got = h.size_in_used();
     if got < needed {
         return Err(MatmulError::BufferTooSmall { what, needed, got });
     }

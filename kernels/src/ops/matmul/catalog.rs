@@ -380,6 +380,10 @@ pub fn mma_definitions<R: Runtime>(
         )
         .define(),
     )];
+    // Its activations in f16, written by the norm and the gated activation before it.
+    out.extend(crate::ops::catalog::activation_definitions::<half::f16, R>(
+        client, true,
+    ));
     for fmt in KernelFormat::ALL {
         // Both stagings where the format has a wide one (the runtime picks by batch size).
         let widths: &[bool] = if fmt.mma_quad() > 1 {

@@ -697,11 +697,19 @@ pub fn embed_kernel(
 pub fn to_f16_kernel(x: &Array<f32>, out: &mut Array<half::f16>, n: u32, #[comptime] pairs: bool) {
     let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
     if i < n {
-        let mut src = i;
-        if comptime![pairs] {
-            let j = i % 4;
-            src = select(j == 1 || j == 2, i ^ 3, i);
-        }
-        out[i as usize] = half::f16::cast_from(x[src as usize]);
+        out[i as usize] = half::f16::cast_from(x[pair_slot(i as usize, pairs)]);
     }
+}
+
+/// Where value `i` of a row goes in the mat-mat's pair order (0, 2, 1, 3 in each run of 4; an
+/// involution, so it also names the value slot `i` holds), or `i` without `pairs`. The producers
+/// of the mat-mat's activations (RMSNorm, the gated activation, [`to_f16_kernel`]) write in it.
+#[cube]
+pub fn pair_slot(i: usize, #[comptime] pairs: bool) -> usize {
+    let mut slot = i;
+    if comptime![pairs] {
+        let j = i % 4;
+        slot = select(j == 1 || j == 2, i ^ 3, i);
+    }
+    slot
 }

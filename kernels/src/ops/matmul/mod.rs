@@ -57,10 +57,11 @@ pub mod layout;
 pub mod mma;
 
 pub use api::{
-    dequantize, embed, embed_rows, fuses_norm, launch_matvec, launch_mma, launch_mma_split, matmul,
-    matmul_dequantized, matvec, matvec_config, matvec_gated, matvec_gated_norm, matvec_norm,
-    mma_splits, mma_tile, mma_wide, prefill_kernel, prefill_precision, DequantScratch, Epilogue,
-    HalfActs, MatmulError, Matvec, PrefillKernel, PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
+    dequantize, embed, embed_rows, fuses_norm, launch_matvec, launch_mma, launch_mma_half,
+    launch_mma_split, matmul, matmul_dequantized, matvec, matvec_config, matvec_gated,
+    matvec_gated_norm, matvec_norm, mma_splits, mma_tile, mma_wide, prefill_kernel,
+    prefill_precision, DequantScratch, Epilogue, HalfActs, MatmulError, Matvec, PrefillKernel,
+    PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
 pub use kernels::{Fusion, MatvecConfig};
