@@ -272,6 +272,7 @@ pub fn activation_definitions<O: Float, R: Runtime>(
                 row,
                 gather,
                 pairs,
+                norm::NORM_UNROLL,
             )
             .define(),
         ));
@@ -290,6 +291,7 @@ pub fn activation_definitions<O: Float, R: Runtime>(
                 row,
                 gather,
                 pairs,
+                norm::NORM_UNROLL,
             )
             .define(),
         ));

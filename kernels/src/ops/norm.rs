@@ -48,6 +48,24 @@ use super::matmul::kernels::pair_slot;
 /// Threads per cube of the row kernels (a power of two: the sum halves it).
 pub(crate) const ROW_CUBE: usize = 256;
 
+/// Elements a unit of [`rms_norm_kernel`] and [`add_rms_norm_kernel`] loads per trip, issued
+/// together (clamped, the extras' sums dropped): a batch's norm is one cube per row, too few
+/// cubes to hide a load's latency, and a trip of one load waited for each (8B at 64 sequences
+/// on the H200: 13 µs a launch for 64 rows of 4,096). `ROCFORGE_NORM_UNROLL=1` for A/B runs.
+pub const NORM_UNROLL: usize = 4;
+
+/// [`NORM_UNROLL`], or 1 with `ROCFORGE_NORM_UNROLL=1`. Read once.
+fn norm_unroll() -> usize {
+    static U: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *U.get_or_init(|| {
+        if std::env::var("ROCFORGE_NORM_UNROLL").is_ok_and(|v| v == "1") {
+            1
+        } else {
+            NORM_UNROLL
+        }
+    })
+}
+
 /// Sum of `v` over the cube's `block` units (a power of two), returned to every unit.
 #[cube]
 pub(crate) fn cube_sum(v: f32, #[comptime] block: usize) -> f32 {
@@ -83,13 +101,22 @@ fn normalize_row<O: Float>(
     eps: f32,
     #[comptime] block: usize,
     #[comptime] pairs: bool,
+    #[comptime] unroll: usize,
 ) {
     let d = weight.len();
     let scale = 1.0 / f32::sqrt(sum_sq / f32::cast_from(d) + eps);
     let mut i = UNIT_POS as usize;
     while i < d {
-        out[dst + pair_slot(i, pairs)] = O::cast_from(x[src + i] * scale * weight[i]);
-        i += block;
+        #[unroll]
+        for k in 0..unroll {
+            let j = i + k * block;
+            let c = select(j < d, j, d - 1);
+            let v = O::cast_from(x[src + c] * scale * weight[c]);
+            if j < d {
+                out[dst + pair_slot(j, pairs)] = v;
+            }
+        }
+        i += unroll * block;
     }
 }
 
@@ -117,6 +144,7 @@ pub fn rms_norm_kernel<O: Float>(
     #[comptime] block: usize,
     #[comptime] gather: bool,
     #[comptime] pairs: bool,
+    #[comptime] unroll: usize,
 ) {
     let d = weight.len();
     let r = CUBE_POS;
@@ -124,12 +152,27 @@ pub fn rms_norm_kernel<O: Float>(
     let mut acc = 0.0f32;
     let mut i = UNIT_POS as usize;
     while i < d {
-        let v = x[src + i];
-        acc += v * v;
-        i += block;
+        #[unroll]
+        for k in 0..unroll {
+            let j = i + k * block;
+            let v = x[src + select(j < d, j, d - 1)];
+            acc += select(j < d, v * v, 0.0);
+        }
+        i += unroll * block;
     }
     let sum_sq = cube_sum(acc, block);
-    normalize_row::<O>(x, weight, out, src, r * d, sum_sq, eps, block, pairs);
+    normalize_row::<O>(
+        x,
+        weight,
+        out,
+        src,
+        r * d,
+        sum_sq,
+        eps,
+        block,
+        pairs,
+        unroll,
+    );
 }
 
 /// Residual add then norm: `x[row0 + r] += y[row0 + r]; out[r] = rmsnorm(x[row0 + r]) * weight`
@@ -147,6 +190,7 @@ pub fn add_rms_norm_kernel<O: Float>(
     #[comptime] block: usize,
     #[comptime] gather: bool,
     #[comptime] pairs: bool,
+    #[comptime] unroll: usize,
 ) {
     let d = weight.len();
     let r = CUBE_POS;
@@ -154,13 +198,31 @@ pub fn add_rms_norm_kernel<O: Float>(
     let mut acc = 0.0f32;
     let mut i = UNIT_POS as usize;
     while i < d {
-        let v = x[src + i] + y[src + i];
-        x[src + i] = v;
-        acc += v * v;
-        i += block;
+        #[unroll]
+        for k in 0..unroll {
+            let j = i + k * block;
+            let c = src + select(j < d, j, d - 1);
+            let v = x[c] + y[c];
+            if j < d {
+                x[c] = v;
+                acc += v * v;
+            }
+        }
+        i += unroll * block;
     }
     let sum_sq = cube_sum(acc, block);
-    normalize_row::<O>(x, weight, out, src, r * d, sum_sq, eps, block, pairs);
+    normalize_row::<O>(
+        x,
+        weight,
+        out,
+        src,
+        r * d,
+        sum_sq,
+        eps,
+        block,
+        pairs,
+        unroll,
+    );
 }
 
 /// Post-norm residual: `x[r] += rmsnorm(p[r]) * weight` for each cube `r`.
@@ -339,6 +401,7 @@ fn launch_norm<R: Runtime>(
         "{name}: f16 pairs need rows of a multiple of 4, not {d}"
     );
     gpu.count();
+    let unroll = norm_unroll();
     let grid = row_grid(rows.count());
     let (first, pick) = (Arg::U32(rows.first()), Arg::buf::<u32>(rows.pick(x)));
     macro_rules! launch {
@@ -361,6 +424,7 @@ fn launch_norm<R: Runtime>(
                             ROW_CUBE,
                             rows.gather(),
                             half,
+                            unroll,
                         ),
                         grid,
                         &[
@@ -387,6 +451,7 @@ fn launch_norm<R: Runtime>(
                             ROW_CUBE,
                             rows.gather(),
                             half,
+                            unroll,
                         ),
                         grid,
                         &[

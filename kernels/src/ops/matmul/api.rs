@@ -1443,7 +1443,8 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
 /// (1, 2 or 4 each), `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
 ///
 /// `whole_rows` ([`whole_rows`]): a batch of several tokens over a matrix with rows enough to
-/// fill the device gives each row group a plane of its own (and its format's unroll).
+/// fill the device gives each row group a plane of its own (and its format's unroll), and above
+/// [`BATCH_ROWS_4_ABOVE`] tokens 4 rows a plane.
 pub fn cfg_for(
     cfg: MatvecConfig,
     fusion: Fusion,
@@ -1477,8 +1478,10 @@ pub fn cfg_for(
     }
     let rows_per_plane = if fusion.tokens == 1 {
         cfg.rows_per_plane
+    } else if whole_rows && fusion.tokens > BATCH_ROWS_4_ABOVE {
+        k.batch_rows.unwrap_or(4)
     } else {
-        cfg.rows_per_plane.min(2)
+        k.batch_rows.unwrap_or(cfg.rows_per_plane.min(2))
     };
     let unroll = k.unroll.unwrap_or(if cfg.planes_per_row > 1 {
         1
@@ -1516,6 +1519,14 @@ pub fn whole_rows<R: Runtime>(client: &ComputeClient<R>, tokens: usize, rows: us
     rows.div_ceil(per_cube) >= 2 * sms as usize
 }
 
+/// Tokens above which a batch in the whole-rows layout ([`whole_rows`]) takes 4 rows per plane
+/// rather than 2: each token's `x` is read from L1 once per plane's rows, 4 bytes a weight per
+/// token shared by the rows, and 4 rows keep that at 8 bytes a weight up to 8 tokens, as 2 rows
+/// do up to 4. Measured on the H200 at 8 tokens, 8B Q4_0 at 8 sequences: 704.5 decode-phase t/s
+/// against 623.3-624.3 with 2 rows (docs/performance.md); 5 to 7 tokens follow the rule
+/// unmeasured. `ROCFORGE_MATVEC_BATCH_ROWS` (1, 2 or 4) fixes the rows of every batch.
+pub const BATCH_ROWS_4_ABOVE: u32 = 4;
+
 /// Rows a plane computes together in the wide layout ([`cfg_for`]).
 pub const WIDE_ROWS_PER_PLANE: u32 = 2;
 /// Planes that share a row group in the wide layout: 2 for the 32-weight formats; 1 for
@@ -1534,6 +1545,7 @@ struct Knobs {
     wide_split: Option<u32>,
     wide_unroll: u32,
     unroll: Option<u32>,
+    batch_rows: Option<u32>,
 }
 
 fn knobs() -> &'static Knobs {
@@ -1551,6 +1563,7 @@ fn knobs() -> &'static Knobs {
             wide_split: var("ROCFORGE_MATVEC_WIDE_SPLIT", &[1, 2, 4]),
             wide_unroll: var("ROCFORGE_MATVEC_WIDE_UNROLL", &[1, 2]).unwrap_or(WIDE_UNROLL),
             unroll: var("ROCFORGE_MATVEC_UNROLL", &[1, 2]),
+            batch_rows: var("ROCFORGE_MATVEC_BATCH_ROWS", &[1, 2, 4]),
         }
     })
 }

@@ -249,7 +249,7 @@ fn dot_slot(
 /// fusion needs them (the launcher passes `w` and `x` otherwise); with `half_x` the kernel
 /// reads `xh` (8 bytes per run of 4 columns, see `half_x_kernel`) and `xsc` (a block's scale)
 /// instead of `x4`. A row group computes
-/// `cfg.rows_per_plane` rows from one load of `x` (1, 2 or 4 for one token; 1 or 2 for a batch).
+/// `cfg.rows_per_plane` rows from one load of `x` (1, 2 or 4).
 #[cube(launch_unchecked)]
 pub fn matvec_kernel(
     w: &Array<u32>,
@@ -298,10 +298,10 @@ pub fn matvec_kernel(
     let mut q = Array::<f32>::new(comptime![(4 * groups) as usize]);
     let mut a = Array::<f32>::new(comptime![groups as usize]);
     let mut m = Array::<f32>::new(comptime![groups as usize]);
-    // The second row's slot when several tokens share two rows.
-    let mut q2 = Array::<f32>::new(comptime![(4 * groups) as usize]);
-    let mut a2 = Array::<f32>::new(comptime![groups as usize]);
-    let mut m2 = Array::<f32>::new(comptime![groups as usize]);
+    // Each row's decoded slot when several tokens share the plane's rows (row r at r * len).
+    let mut qr = Array::<f32>::new(comptime![(4 * groups * rpp) as usize]);
+    let mut ar = Array::<f32>::new(comptime![(groups * rpp) as usize]);
+    let mut mr = Array::<f32>::new(comptime![(groups * rpp) as usize]);
     let mut xs = Array::<f32>::new(comptime![(4 * groups) as usize]);
     let mut xsum = Array::<f32>::new(comptime![groups as usize]);
     // A wide lane's columns of half `x`: 2 per word.
@@ -421,13 +421,21 @@ pub fn matvec_kernel(
                         }
                     } else {
                         // Several tokens: each row's slot decoded once for all of them, each
-                        // token's run of `x` loaded once for both rows (rows_per_plane 1 or 2).
-                        let block = row0 * blocks_per_row + bc;
-                        decode_slot(w, scales, block, slot, &mut q, &mut a, &mut m, fmt);
-                        if comptime![rpp == 2] {
-                            let wr = select(row0 + 1 < rows, row0 + 1, rows - 1);
-                            let block2 = wr * blocks_per_row + bc;
-                            decode_slot(w, scales, block2, slot, &mut q2, &mut a2, &mut m2, fmt);
+                        // token's run of `x` loaded once for all the rows.
+                        #[unroll]
+                        for r in 0..rpp {
+                            let wr = select(row0 + r < rows, row0 + r, rows - 1);
+                            let block = wr * blocks_per_row + bc;
+                            decode_slot(w, scales, block, slot, &mut q, &mut a, &mut m, fmt);
+                            #[unroll]
+                            for i in 0..comptime![4 * groups] {
+                                qr[(r * 4 * groups + i) as usize] = q[i as usize];
+                            }
+                            #[unroll]
+                            for g in 0..groups {
+                                ar[(r * groups + g) as usize] = a[g as usize];
+                                mr[(r * groups + g) as usize] = m[g as usize];
+                            }
                         }
                         #[unroll]
                         for t in 0..tokens {
@@ -442,11 +450,19 @@ pub fn matvec_kernel(
                                 fmt,
                                 false,
                             );
-                            let d = dot_slot(&q, &a, &m, &xs, &xsum, fmt);
-                            acc[(t * rpp) as usize] += select(live, d, 0.0);
-                            if comptime![rpp == 2] {
-                                let d2 = dot_slot(&q2, &a2, &m2, &xs, &xsum, fmt);
-                                acc[(t * rpp + 1) as usize] += select(live, d2, 0.0);
+                            #[unroll]
+                            for r in 0..rpp {
+                                #[unroll]
+                                for i in 0..comptime![4 * groups] {
+                                    q[i as usize] = qr[(r * 4 * groups + i) as usize];
+                                }
+                                #[unroll]
+                                for g in 0..groups {
+                                    a[g as usize] = ar[(r * groups + g) as usize];
+                                    m[g as usize] = mr[(r * groups + g) as usize];
+                                }
+                                let d = dot_slot(&q, &a, &m, &xs, &xsum, fmt);
+                                acc[(t * rpp + r) as usize] += select(live, d, 0.0);
                             }
                         }
                     }
