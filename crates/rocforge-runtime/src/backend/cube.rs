@@ -974,8 +974,9 @@ impl<R: Runtime> CubeBackend<R> {
         n: usize,
     ) -> Result<()> {
         let client = self.gpu.client();
-        let mma = mm::prefill_kernel(client, n);
-        if x16.is_some() && (n <= MAX_MATVEC_TOKENS || mma == mm::PrefillKernel::Dequantize) {
+        // Asked only above the mat-vec's batches: single-token decode launches here per matrix.
+        let mma = (n > MAX_MATVEC_TOKENS).then(|| mm::prefill_kernel(client, n));
+        if x16.is_some() && !matches!(mma, Some(mm::PrefillKernel::Mma(_))) {
             return Err(self.backend_err(format!(
                 "f16 activations of {n} tokens reached a product without the quantized mat-mat"
             )));
@@ -987,7 +988,7 @@ impl<R: Runtime> CubeBackend<R> {
         } else if n <= MAX_MATVEC_TOKENS {
             self.gpu.count_launches(1);
             mm::matmul(client, w, x.handle(), out.handle(), n, None)
-        } else if let mm::PrefillKernel::Mma(cfg) = mma {
+        } else if let Some(mm::PrefillKernel::Mma(cfg)) = mma {
             let cfg = mm::mma_tile(client, w, n, cfg);
             match x16 {
                 Some(x16) => mm::launch_mma_half(client, w, x16.handle(), out.handle(), n, cfg),
