@@ -129,11 +129,12 @@ fn run<R: Runtime>(
                 launch_matvec(&client, &op).expect("matvec");
                 next += 1;
             });
-            let hx = if half.is_some() && KernelFormat::from_ggml(ty).is_some_and(|f| f.half_x()) {
-                " (half x)"
-            } else {
-                ""
-            };
+            let hx =
+                if half.is_some() && KernelFormat::from_ggml(ty).is_some_and(|f| f.matvec_half()) {
+                    " (half x)"
+                } else {
+                    ""
+                };
             row(&format!("matvec cycled{hx}"), cycled, true);
             drop(qs);
             let tall = QWeight::upload(&client, ty, rows * copies, cols, &bytes_w.repeat(copies))

@@ -315,6 +315,46 @@ const HALF_X_NMSE_TOLERANCE: f64 = 1e-4;
 /// sums of inputs spanning 1e-3 to 3e3 loses more than the plain cases' 1e-10 (2.2e-10 seen).
 const HALF_X_F32_NMSE_TOLERANCE: f64 = 1e-8;
 
+/// Gated outputs `silu(g) * u` judged through their inputs: each must be `silu(g') * u'` for
+/// some `g'`, `u'` within `sqrt(tol)` of the root mean square of `g` (of `u`) around the
+/// reference's, the error an NMSE of `tol` allows each dot product. An NMSE on the products
+/// themselves would let SiLU's exponential tail turn an input error of 0.4 % at `g = -35` into
+/// 14 % of an output of 1e-14 (a one-row case).
+fn assert_gated_within(case: &str, tol: f64, got: &[f32], g: &[f32], u: &[f32]) {
+    assert_eq!(got.len(), g.len(), "{case}: length");
+    let rms =
+        |v: &[f32]| (v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+    let (dg, du) = (tol.sqrt() * rms(g), tol.sqrt() * rms(u));
+    let silu = |x: f64| x / (1.0 + (-x).exp());
+    // SiLU's minimum, where the interval holds it.
+    const SILU_MIN_AT: f64 = -1.278_464_542_761_074;
+    // Rounding of the largest output, and an f32 output's floor: SiLU far into its tail
+    // (1e-67 at g = -160) is 0 in f32.
+    let noise = 1e-6
+        * g.iter()
+            .zip(u)
+            .map(|(&g, &u)| (silu(g as f64) * u as f64).abs())
+            .fold(0.0, f64::max)
+        + f32::MIN_POSITIVE as f64;
+    for (i, ((&y, &g), &u)) in got.iter().zip(g).zip(u).enumerate() {
+        let (g, u) = (g as f64, u as f64);
+        let mut acts = vec![silu(g - dg), silu(g + dg)];
+        if (g - dg..=g + dg).contains(&SILU_MIN_AT) {
+            acts.push(silu(SILU_MIN_AT));
+        }
+        let ends: Vec<f64> = acts
+            .iter()
+            .flat_map(|a| [a * (u - du), a * (u + du)])
+            .collect();
+        let lo = ends.iter().copied().fold(f64::INFINITY, f64::min) - noise;
+        let hi = ends.iter().copied().fold(f64::NEG_INFINITY, f64::max) + noise;
+        assert!(
+            y.is_finite() && (lo..=hi).contains(&(y as f64)),
+            "{case}: row {i}: {y} outside [{lo}, {hi}] (g {g}, u {u}, slack {dg} / {du})"
+        );
+    }
+}
+
 /// The single-token mat-vec on packed-half activations, every fusion it takes (plain,
 /// accumulate, norm, gated, gated + norm), against the CPU with `x` in the thousands in one
 /// block and tiny in another (the per-block scale must keep both). Formats without a half path
@@ -342,7 +382,7 @@ fn check_half_x<R: Runtime>(fmt: KernelFormat) {
         rocforge_kernels::ops::norm::rms_norm(&x, &nw, 1e-5, &mut xn);
         let (xd, nwd) = (c.upload(&x), c.upload(&nw));
         let residual = c.rng.vec(rows);
-        let tol = if fmt.half_x() {
+        let tol = if fmt.matvec_half() {
             HALF_X_NMSE_TOLERANCE
         } else {
             HALF_X_F32_NMSE_TOLERANCE
@@ -366,27 +406,22 @@ fn check_half_x<R: Runtime>(fmt: KernelFormat) {
                 half: Some(&half),
                 ..Matvec::new(&gate, &xd, &y)
             };
-            assert_eq!(op.fusion().half_x, fmt.half_x(), "{fmt} takes halves");
+            assert_eq!(op.fusion().half_x, fmt.matvec_half(), "{fmt} takes halves");
             mm::launch_matvec(&c.client, &op).expect("half matvec");
             let xin = if norm { &xn } else { &x };
             let g = matmul_cpu(&gf, rows, cols, xin, 1);
-            let want: Vec<f32> = if gated {
+            let case = format!("half_x {fmt} {rows}x{cols} norm {norm} gated {gated} acc {acc}");
+            if gated {
                 let u = matmul_cpu(&uf, rows, cols, xin, 1);
-                g.iter()
-                    .zip(&u)
-                    .map(|(&g, &u)| activation::silu(g) * u)
-                    .collect()
-            } else if acc {
+                assert_gated_within(&case, tol, &c.read(y), &g, &u);
+                continue;
+            }
+            let want: Vec<f32> = if acc {
                 g.iter().zip(&residual).map(|(g, r)| g + r).collect()
             } else {
                 g
             };
-            assert_within(
-                &format!("half_x {fmt} {rows}x{cols} norm {norm} gated {gated} acc {acc}"),
-                tol,
-                &c.read(y),
-                &want,
-            );
+            assert_within(&case, tol, &c.read(y), &want);
         }
     }
 }
@@ -395,10 +430,10 @@ fn check_half_x<R: Runtime>(fmt: KernelFormat) {
 /// backend): each 32 columns scaled by their largest magnitude, which is stored, rounded to the
 /// nearest half, each run of 4 columns stored as the pairs (0, 2), (1, 3); with and without the
 /// folded RMSNorm; a block of zeros gives scale 0 and zero halves; values down in f16's
-/// subnormal range keep their rounding.
+/// subnormal range keep their rounding; the wide lanes' interleaved orders hold the same pieces.
 fn check_half_x_conversion<R: Runtime>() {
     let mut c = Case::<R>::new(0x4843);
-    let cols = 320;
+    let cols = 512;
     let half = mm::HalfActs::<R>::conversion_only(&c.client, cols);
     let mut x = c.rng.vec(cols);
     for (i, v) in x.iter_mut().enumerate() {
@@ -445,12 +480,77 @@ fn check_half_x_conversion<R: Runtime>() {
             }
         }
     }
+    // Interleaved for wide lanes: the same 16-byte pieces, each where `XLayout::piece` puts
+    // it (a bijection), with full and partial groups (512 columns: 16 chunks of 32, 8 of 64,
+    // 8 of Q6_K's lanes).
+    half.convert(&c.client, &xd, None, cols).expect("convert");
+    let (columns, _) = half.read(&c.client).expect("read");
+    for layout in [
+        (32, 6, false),
+        (64, 3, false),
+        (32, 32, false),
+        (64, 4, true),
+        (64, 3, true),
+    ]
+    .map(|(chunk_cols, group, q6k)| mm::XLayout {
+        chunk_cols,
+        group,
+        q6k,
+    }) {
+        half.convert_as(&c.client, &xd, None, cols, layout)
+            .expect("convert");
+        let (bits, _) = half.read(&c.client).expect("read");
+        let mut seen = vec![false; cols / 8];
+        for q in 0..cols / 8 {
+            let at = layout.piece(q as u32, cols as u32) as usize;
+            assert!(
+                !seen[at],
+                "{layout:?}: piece {q} lands on a taken place {at}"
+            );
+            seen[at] = true;
+            assert_eq!(
+                bits[8 * at..8 * at + 8],
+                columns[8 * q..8 * q + 8],
+                "{layout:?}: piece {q} at {at}"
+            );
+        }
+    }
+    assert!(
+        half.convert_as(
+            &c.client,
+            &xd,
+            None,
+            96,
+            mm::XLayout {
+                chunk_cols: 64,
+                group: 2,
+                q6k: false
+            }
+        )
+        .is_err(),
+        "96 columns in 64-column chunks"
+    );
+    assert!(
+        half.convert_as(
+            &c.client,
+            &xd,
+            None,
+            320,
+            mm::XLayout {
+                chunk_cols: 64,
+                group: 2,
+                q6k: true
+            }
+        )
+        .is_err(),
+        "320 columns in Q6_K blocks"
+    );
     assert!(
         half.convert(&c.client, &xd, None, 33).is_err(),
         "33 columns"
     );
     assert!(
-        half.convert(&c.client, &xd, None, 352).is_err(),
+        half.convert(&c.client, &xd, None, 544).is_err(),
         "beyond the buffers"
     );
 }

@@ -12,7 +12,7 @@ use cubek::matmul::launch::{launch_ref, Strategy};
 use cubek::std::InputBinding;
 
 use super::format::KernelFormat;
-use super::kernels::{self, Fusion, MatvecConfig};
+use super::kernels::{self, Fusion, MatvecConfig, XLayout};
 use super::layout;
 use super::mma::{self, MmaConfig};
 use crate::ops::activation::GateAct;
@@ -350,7 +350,15 @@ pub struct HalfActs<R: Runtime> {
     xsc: Handle,
     cols: usize,
     min_weights: usize,
+    /// The layout of the last conversion launched ([`layout_key`]), so that `half_ready` never
+    /// hands a launch `x` in another launch's order.
+    written: std::sync::atomic::AtomicU64,
     _runtime: PhantomData<fn() -> R>,
+}
+
+/// `(cols, layout)` of a conversion as one number for [`HalfActs`]'s `written` (0: none yet).
+fn layout_key(cols: usize, layout: XLayout) -> u64 {
+    ((cols as u64) << 32 | (layout.chunk_cols as u64) << 16 | layout.group as u64) + 1
 }
 
 /// Smallest weight (rows x cols) that takes the half path by default: the conversion is one more
@@ -401,13 +409,14 @@ impl<R: Runtime> HalfActs<R> {
             xsc: client.empty(cols / 32 * 4),
             cols,
             min_weights: 0,
+            written: std::sync::atomic::AtomicU64::new(0),
             _runtime: PhantomData,
         }
     }
 
     /// Converts `cols` values of `x` (with `norm`, `rmsnorm(x) * norm_w` first) into the
-    /// buffers, as a half mat-vec does before its product. `cols` must be a multiple of 32 that
-    /// fits the buffers.
+    /// buffers in column order, as a narrow half mat-vec does before its product. `cols` must
+    /// be a multiple of 32 that fits the buffers.
     pub fn convert(
         &self,
         client: &ComputeClient<R>,
@@ -415,7 +424,30 @@ impl<R: Runtime> HalfActs<R> {
         norm: Option<(&Handle, f32)>,
         cols: usize,
     ) -> Result<(), MatmulError> {
-        if cols == 0 || cols % 32 != 0 || cols > self.cols {
+        self.convert_as(client, x, norm, cols, XLayout::COLUMNS)
+    }
+
+    /// [`Self::convert`] with the pieces in `layout`'s order (a wide launch's
+    /// [`MatvecConfig::x_layout`]); `cols` must also be a multiple of `layout.chunk_cols`.
+    pub fn convert_as(
+        &self,
+        client: &ComputeClient<R>,
+        x: &Handle,
+        norm: Option<(&Handle, f32)>,
+        cols: usize,
+        layout: XLayout,
+    ) -> Result<(), MatmulError> {
+        // Q6_K's chunks tile whole 256-column blocks.
+        let chunk = if layout.q6k {
+            256
+        } else {
+            (layout.chunk_cols as usize).max(32)
+        };
+        if cols == 0
+            || cols % chunk != 0
+            || cols > self.cols
+            || (layout.chunk_cols > 0 && (layout.chunk_cols % 8 != 0 || layout.group == 0))
+        {
             return Err(MatmulError::BufferTooSmall {
                 what: "half activations",
                 needed: cols as u64 * 2,
@@ -426,7 +458,7 @@ impl<R: Runtime> HalfActs<R> {
         if let Some((n, _)) = norm {
             check_buffer("norm_w", n, cols)?;
         }
-        half_x(client, x, norm, cols, self)
+        half_x(client, x, norm, cols, self, layout)
     }
 
     /// The buffers read back: the halves' bits (in the kernel's pair order) and the scales
@@ -450,7 +482,8 @@ impl<R: Runtime> HalfActs<R> {
     /// matrix large enough.
     fn takes(&self, op: &Matvec<'_, R>) -> bool {
         op.tokens == 1
-            && op.w.format.half_x()
+            // Q6_K has only the wide layout's half path.
+            && (op.w.format.half_x() || (op.w.format.matvec_half() && knobs().wide))
             && op.w.cols <= self.cols
             && op.w.rows * op.w.cols >= self.min_weights
     }
@@ -472,8 +505,9 @@ pub struct Matvec<'a, R: Runtime> {
     /// `half` already holds this `x` (and norm), converted by the previous launch of the same
     /// input (the row blocks of a split output matrix): skip the conversion.
     pub half_ready: bool,
-    /// A plane per row group for several tokens (see [`whole_rows`]): `None` takes that
-    /// rule; `Some` fixes it (tests run both layouts on every device).
+    /// A plane per row group (see [`whole_rows`]: several tokens, or one on half activations
+    /// over a matrix that fills the device): `None` takes that rule; `Some` fixes it (tests
+    /// run both layouts on every device).
     pub whole_rows: Option<bool>,
 }
 
@@ -556,10 +590,19 @@ pub fn launch_matvec<R: Runtime>(
     };
     let w2 = op.up.map_or(w, |(up, _)| up);
     let fusion = op.fusion();
+    let cfg = cfg_for(
+        matvec_config(client),
+        fusion,
+        w.format,
+        op.whole_rows
+            .unwrap_or_else(|| whole_rows(client, op.tokens, w.rows, fusion.half_x)),
+    );
     let (xh, xsc, xh4) = match op.half {
         Some(h) if fusion.half_x => {
-            if !op.half_ready {
-                half_x(client, op.x, op.norm, w.cols, h)?;
+            let layout = cfg.x_layout(w.format);
+            let key = layout_key(w.cols, layout);
+            if !op.half_ready || h.written.load(std::sync::atomic::Ordering::Relaxed) != key {
+                half_x(client, op.x, op.norm, w.cols, h, layout)?;
             }
             (
                 Arg::vec::<u32>(&h.xh, h.cols / 4, 2),
@@ -574,13 +617,6 @@ pub fn launch_matvec<R: Runtime>(
             Arg::vec::<u32>(op.x, op.tokens * w.cols / 4, 4),
         ),
     };
-    let cfg = cfg_for(
-        matvec_config(client),
-        fusion,
-        w.format,
-        op.whole_rows
-            .unwrap_or_else(|| whole_rows(client, op.tokens, w.rows)),
-    );
     let kernel = kernels::matvec_kernel::MatvecKernel::<R>::new(
         launch::settings(CubeDim::new_2d(cfg.lanes, cfg.planes_per_cube)),
         client.clone(),
@@ -634,14 +670,16 @@ pub fn launch_matvec<R: Runtime>(
     Ok(())
 }
 
-/// `h.xh`, `h.xsc` = `x` (or `rmsnorm(x) * norm_w`) as packed halves scaled per 32 columns
-/// ([`kernels::half_x_kernel`]); `x` and `norm_w` were checked to hold `cols` values.
+/// `h.xh`, `h.xsc` = `x` (or `rmsnorm(x) * norm_w`) as packed halves scaled per 32 columns,
+/// in `layout`'s order ([`kernels::half_x_kernel`]); `x` and `norm_w` were checked to hold
+/// `cols` values, `cols` is a multiple of the layout's chunk.
 fn half_x<R: Runtime>(
     client: &ComputeClient<R>,
     x: &Handle,
     norm: Option<(&Handle, f32)>,
     cols: usize,
     h: &HalfActs<R>,
+    layout: XLayout,
 ) -> Result<(), MatmulError> {
     let kernel = kernels::half_x_kernel::HalfXKernel::<R>::new(
         launch::settings(CubeDim::new_1d(kernels::HALF_X_THREADS)),
@@ -653,6 +691,7 @@ fn half_x<R: Runtime>(
         (),
         (),
         norm.is_some(),
+        layout,
     );
     let norm_w = norm.map_or(x, |(n, _)| n);
     let blocks = (cols / 32) as u32;
@@ -673,6 +712,10 @@ fn half_x<R: Runtime>(
             ],
         )
     };
+    h.written.store(
+        layout_key(cols, layout),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     Ok(())
 }
 
@@ -1400,7 +1443,13 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
             .unwrap_or(ROWS_PER_PLANE)
     });
     let planes_per_cube = (128 / lanes).max(1);
-    let planes_per_row = split_knob().unwrap_or(PLANES_PER_ROW);
+    // Without plane operations (lavapipe) a split row group's sums meet in shared memory a
+    // second time: SmolLM2's decode step on lavapipe took 6.5 s split 4 ways, 3.0 s unsplit.
+    let planes_per_row = split_knob().unwrap_or(if client.features().plane.contains(Plane::Ops) {
+        PLANES_PER_ROW
+    } else {
+        1
+    });
     MatvecConfig {
         lanes,
         planes_per_cube,
@@ -1409,6 +1458,7 @@ pub fn matvec_config<R: Runtime>(client: &ComputeClient<R>) -> MatvecConfig {
         plane_reduce,
         unroll: 1,
         wide: false,
+        interleave_x: false,
     }
 }
 
@@ -1430,8 +1480,11 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
 
 /// `cfg` as launched for `fusion` on `fmt`:
 /// - a single token on half activations takes the wide layout
-///   ([`MatvecConfig::wide`]) with [`WIDE_ROWS_PER_PLANE`] rows, [`WIDE_PLANES_PER_ROW`]
-///   ([`WIDE_KQUANT_PLANES_PER_ROW`]) planes a row and [`WIDE_UNROLL`] blocks a trip;
+///   ([`MatvecConfig::wide`]) with its `x` interleaved ([`XLayout`]), [`WIDE_ROWS_PER_PLANE`]
+///   rows a plane and [`WIDE_UNROLL`] blocks a trip; the 32-weight formats split a row group
+///   over [`WIDE_PLANES_PER_ROW`] planes, the 64-column chunks (`Q4_K`, `Q5_K`, `Q6_K`) take a
+///   plane a row group, and one row a plane ([`WIDE_KQUANT_ROWS_FEW`]) where the matrix does
+///   not fill the device (`whole_rows`, [`whole_rows`]);
 /// - otherwise several rows per plane share each load of `x`, batches at most 2 (each row's
 ///   slot is decoded once for all tokens and held while the tokens' runs of `x` stream past),
 ///   and a lane unrolls `KernelFormat::unroll` blocks only when its plane has the row to
@@ -1461,18 +1514,20 @@ pub fn cfg_for(
         cfg
     };
     if fusion.half_x && k.wide {
+        let kquant = fmt.wide_cols() > 32;
         return MatvecConfig {
-            rows_per_plane: k.wide_rows,
+            rows_per_plane: k.wide_rows.unwrap_or(if kquant && !whole_rows {
+                WIDE_KQUANT_ROWS_FEW
+            } else {
+                WIDE_ROWS_PER_PLANE
+            }),
             planes_per_row: k
                 .wide_split
-                .unwrap_or(if fmt.wide_cols() > 32 {
-                    WIDE_KQUANT_PLANES_PER_ROW
-                } else {
-                    WIDE_PLANES_PER_ROW
-                })
+                .unwrap_or(if kquant { 1 } else { WIDE_PLANES_PER_ROW })
                 .min(cfg.planes_per_cube),
             unroll: k.wide_unroll,
             wide: true,
+            interleave_x: k.interleave_x,
             ..cfg
         };
     }
@@ -1503,9 +1558,17 @@ pub fn cfg_for(
 /// SmolLM2's shape (576 to 1,536 rows: 72 to 192 such cubes) lost 8-10 % at 8. Not where
 /// `ROCFORGE_MATVEC_SPLIT` is set, nor where the SM count is unknown (wgpu, and HIP under
 /// CubeCL 0.10, whose runtimes report none: hip-check has no such variant to compile).
-pub fn whole_rows<R: Runtime>(client: &ComputeClient<R>, tokens: usize, rows: usize) -> bool {
-    // Single-token decode asks on every launch: answered before any device query.
-    if tokens < 2 || split_knob().is_some() {
+///
+/// A single token asks only for the wide layout (`half`), where the bar is
+/// [`WIDE_WHOLE_ROWS_CUBES_PER_SM`] cubes per SM.
+pub fn whole_rows<R: Runtime>(
+    client: &ComputeClient<R>,
+    tokens: usize,
+    rows: usize,
+    half: bool,
+) -> bool {
+    // The single-token `f32` path asks on every launch: answered before any device query.
+    if (tokens < 2 && !half) || split_knob().is_some() {
         return false;
     }
     let Some(sms) = client.properties().hardware.num_streaming_multiprocessors else {
@@ -1513,11 +1576,27 @@ pub fn whole_rows<R: Runtime>(client: &ComputeClient<R>, tokens: usize, rows: us
     };
     let per_cube = MatvecConfig {
         planes_per_row: 1,
+        rows_per_plane: WIDE_ROWS_PER_PLANE,
         ..matvec_config(client)
     }
     .rows_per_cube() as usize;
-    rows.div_ceil(per_cube) >= 2 * sms as usize
+    let bar = if tokens < 2 {
+        WIDE_WHOLE_ROWS_CUBES_PER_SM
+    } else {
+        2
+    };
+    rows.div_ceil(per_cube) >= bar * sms as usize
 }
+
+/// Cubes per SM (of 128 units, a plane a row group, [`WIDE_ROWS_PER_PLANE`] rows a plane) from
+/// which a single-token wide launch of the 64-column chunks keeps 2 rows a plane
+/// ([`whole_rows`]): half the SM's warps. Measured on the H200, 8B Q4_K_M, `x` interleaved:
+/// tg128 at one row a plane everywhere 288.7 t/s against 281.8 at 2 (the 4,096-row matrices
+/// make 512 such cubes, 3.9 an SM), while the stacked `Q4_K` mat-vec (every matrix far above
+/// the bar) ran 53-56 % of 4.23 TB/s at 2 and 47-50 % at 1. The 32-weight formats keep their
+/// split instead: a plane a row group above the bar ran the stacked Q4_0 mat-vec at 62-70 %
+/// (60-67 % split) but 8B Q4_0 tg128 at 354.4-355.4 t/s against 361-362.5 split.
+pub const WIDE_WHOLE_ROWS_CUBES_PER_SM: usize = 8;
 
 /// Tokens above which a batch in the whole-rows layout ([`whole_rows`]) takes 4 rows per plane
 /// rather than 2: each token's `x` is read from L1 once per plane's rows, 4 bytes a weight per
@@ -1529,19 +1608,22 @@ pub const BATCH_ROWS_4_ABOVE: u32 = 4;
 
 /// Rows a plane computes together in the wide layout ([`cfg_for`]).
 pub const WIDE_ROWS_PER_PLANE: u32 = 2;
-/// Planes that share a row group in the wide layout: 2 for the 32-weight formats; 1 for
-/// `Q4_K`/`Q5_K`, whose 64-column chunks already fill a plane's trip with 8 blocks (8B Q4_K_M
-/// tg128 on the H200: 254.5 t/s with 1, 248.9 with 2, 218.2 with 4).
+/// Rows a plane computes in the wide layout for `Q4_K`/`Q5_K` below the
+/// [`WIDE_WHOLE_ROWS_CUBES_PER_SM`] bar: twice the planes.
+pub const WIDE_KQUANT_ROWS_FEW: u32 = 1;
+/// Planes that share a row group in the wide layout, for the 32-weight formats. `Q4_K`, `Q5_K`
+/// and `Q6_K` keep a plane a row group: their 64-column chunks already fill a plane's trip with
+/// 8 blocks (8B Q4_K_M tg128 on the H200, `x` in column
+/// order: 254.5 t/s with 1, 248.9 with 2, 218.2 with 4).
 pub const WIDE_PLANES_PER_ROW: u32 = 2;
-/// [`WIDE_PLANES_PER_ROW`] for the K-quants.
-pub const WIDE_KQUANT_PLANES_PER_ROW: u32 = 1;
 /// Blocks a lane loads per trip in the wide layout.
 pub const WIDE_UNROLL: u32 = 1;
 
 /// The layout overrides of [`cfg_for`], from the environment.
 struct Knobs {
     wide: bool,
-    wide_rows: u32,
+    interleave_x: bool,
+    wide_rows: Option<u32>,
     wide_split: Option<u32>,
     wide_unroll: u32,
     unroll: Option<u32>,
@@ -1559,7 +1641,8 @@ fn knobs() -> &'static Knobs {
         };
         Knobs {
             wide: std::env::var("ROCFORGE_MATVEC_WIDE").map_or(true, |v| v != "0"),
-            wide_rows: var("ROCFORGE_MATVEC_WIDE_ROWS", &[1, 2, 4]).unwrap_or(WIDE_ROWS_PER_PLANE),
+            interleave_x: std::env::var("ROCFORGE_MATVEC_X_ORDER").map_or(true, |v| v != "columns"),
+            wide_rows: var("ROCFORGE_MATVEC_WIDE_ROWS", &[1, 2, 4]),
             wide_split: var("ROCFORGE_MATVEC_WIDE_SPLIT", &[1, 2, 4]),
             wide_unroll: var("ROCFORGE_MATVEC_WIDE_UNROLL", &[1, 2]).unwrap_or(WIDE_UNROLL),
             unroll: var("ROCFORGE_MATVEC_UNROLL", &[1, 2]),

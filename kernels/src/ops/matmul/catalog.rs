@@ -22,7 +22,8 @@ pub enum KernelKind {
     /// block of a split table (device ids).
     Embed { from_scalar: bool, ranged: bool },
     /// `half_x_kernel`, the activations as halves for the `half_x` mat-vec, with or without
-    /// the RMSNorm (format-independent: listed once, under Q4_0).
+    /// the RMSNorm, in the order its format's wide launch reads them (`MatvecConfig::x_layout`:
+    /// listed under Q4_0 for 32-column chunks, Q4_K for 64 and Q6_K for its own).
     HalfX { norm: bool },
 }
 
@@ -78,6 +79,14 @@ pub fn fusions() -> Vec<Fusion> {
     out
 }
 
+/// The single token on half activations (what a conversion precedes).
+fn half_fusion() -> Fusion {
+    Fusion {
+        half_x: true,
+        ..Fusion::plain(1)
+    }
+}
+
 /// `t1`, `t1_acc`, `t1_norm_geglu`, ...
 pub fn fusion_tag(f: Fusion) -> String {
     let mut tag = format!("t{}", f.tokens);
@@ -103,7 +112,7 @@ pub fn variants() -> Vec<KernelVariant> {
     for format in KernelFormat::ALL {
         let mut push = |name: String, kind| out.push(KernelVariant { name, format, kind });
         for f in fusions() {
-            if f.half_x && !format.half_x() {
+            if f.half_x && !format.matvec_half() {
                 continue;
             }
             push(
@@ -111,10 +120,15 @@ pub fn variants() -> Vec<KernelVariant> {
                 KernelKind::Matvec(f),
             );
         }
-        if format == KernelFormat::Q4_0 {
+        if let Some(layout) = match format {
+            KernelFormat::Q4_0 => Some("c32"),
+            KernelFormat::Q4K => Some("c64"),
+            KernelFormat::Q6K => Some("q6k"),
+            _ => None,
+        } {
             for norm in [false, true] {
                 let tag = if norm { "_norm" } else { "" };
-                push(format!("half_x{tag}"), KernelKind::HalfX { norm });
+                push(format!("half_x_{layout}{tag}"), KernelKind::HalfX { norm });
             }
         }
         push(
@@ -220,6 +234,7 @@ pub fn check_configs<R: Runtime>(client: &ComputeClient<R>) -> Vec<MatvecConfig>
         plane_reduce: true,
         unroll: 1,
         wide: false,
+        interleave_x: false,
     };
     let mut out = vec![plane(64), plane(32)];
     let own = api::matvec_config(client);
@@ -254,6 +269,8 @@ pub fn definition<R: Runtime>(
         // No `whole_rows` variant: it needs the SM count, which CubeCL 0.10's HIP runtime does
         // not report, so HIP never launches one (`api::whole_rows`).
         KernelKind::Matvec(f) => api::cfg_for(cfg, f, v.format, false),
+        // The conversion's layout is its mat-vec's.
+        KernelKind::HalfX { .. } => api::cfg_for(cfg, half_fusion(), v.format, false),
         _ => cfg,
     };
     match v.kind {
@@ -314,6 +331,7 @@ pub fn definition<R: Runtime>(
             (),
             (),
             norm,
+            mv.x_layout(v.format),
         )
         .define(),
         KernelKind::Embed {
@@ -447,7 +465,7 @@ pub fn kernel_definitions<R: Runtime>(
     for v in variants() {
         if matches!(
             v.kind,
-            KernelKind::Dequantize { .. } | KernelKind::Embed { .. } | KernelKind::HalfX { .. }
+            KernelKind::Dequantize { .. } | KernelKind::Embed { .. }
         ) {
             out.push((v.name.clone(), definition(client, &v, cfgs[0])));
             continue;

@@ -618,6 +618,65 @@ pub fn dot_kchunk_h2(
     k_pair_apply(scales, block, j, lo, hi, xa, xb, sa, sb)
 }
 
+/// Lane `t` of a `Q6_K` block (global block `block`) in packed half math: positions `16h ..
+/// 16h + 16` (`h = t % 2`) of half-block `n = t / 2` in each of its 4 sub-rows `k` (see
+/// `kernels::XLayout`), against `xr`, those columns of half `x` as 32 words (sub-row `k` at
+/// words `8k ..`, runs of 4 columns in pair order), and `xs[k]`, the sub-row's 32-column
+/// activation scale. The quant plane's block is 13 16-byte vectors: `ql` (8), `qh` (4), the
+/// 16 signed sub-block scales (1). The lane's bytes sit together: `ql[64n + 16h ..]` (sub-rows
+/// 0 and 2, low and high nibbles), `ql[64n + 32 + 16h ..]` (1 and 3), `qh[32n + 16h ..]` (2
+/// bits each) and scales `8n + h + 2k`. Weights `q - 32` (in -32..31) times `x` (in [-1, 1]),
+/// two runs (4 products) per half chain, meet in `f32`; `d`, the sub-block scale and the
+/// activation scale are applied there.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn dot_q6k_h2(
+    w: &Array<u32>,
+    w4: &Array<Vector<u32, Const<4>>>,
+    scales: &Array<u32>,
+    block: u32,
+    t: u32,
+    xr: &Array<u32>,
+    xs: &Array<f32>,
+) -> f32 {
+    let n = t / 2;
+    let h = t % 2;
+    let vb = block * 13;
+    let d = half_at_hw(scales, block);
+    let la = w4[(vb + 4 * n + h) as usize];
+    let lb = w4[(vb + 4 * n + 2 + h) as usize];
+    let hb = w4[(vb + 8 + 2 * n + h) as usize];
+    // Sub-block scales 8n + h + 2k: bytes h and h + 2 of words 48 + 2n (k = 0, 1) and
+    // 49 + 2n (k = 2, 3).
+    let sw0 = w[(block * 52 + 48 + 2 * n) as usize] >> (8 * h);
+    let sw1 = w[(block * 52 + 49 + 2 * n) as usize] >> (8 * h);
+    let off = Vector::<half::f16, Const<2>>::cast_from(1056.0f32);
+    let mut out = 0.0f32;
+    #[unroll]
+    for k in 0..4u32 {
+        let mut sum = 0.0f32;
+        #[unroll]
+        for half in 0..2u32 {
+            let mut p = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
+            #[unroll]
+            for r in 0..2u32 {
+                let e = 2 * half + r;
+                // Sub-rows 0 and 1 take the low nibbles of their `ql` run, 2 and 3 the high.
+                let lw = select(k % 2 == 0, la[e as usize], lb[e as usize]) >> (4 * (k / 2));
+                let hw = hb[e as usize] >> (2 * k);
+                let p0 = (lw & 0x000F_000F) | ((hw & 0x0003_0003) << 4);
+                let p1 = ((lw >> 8) & 0x000F_000F) | (((hw >> 8) & 0x0003_0003) << 4);
+                p += (magic_h2(p0) - off) * h2(xr[(8 * k + 2 * e) as usize]);
+                p += (magic_h2(p1) - off) * h2(xr[(8 * k + 2 * e + 1) as usize]);
+            }
+            sum += h2_sum(p);
+        }
+        let sw = select(k < 2, sw0, sw1) >> (16 * (k % 2));
+        out += signed_byte(sw & 0xFF) * xs[k as usize] * sum;
+    }
+    d * out
+}
+
 /// The scales of `Q4_K`/`Q5_K` sub-blocks `2j` and `2j + 1` of global block `block` applied to
 /// their half-math sums (both half paths): `lo`/`hi` the sums of quants times scaled `x`,
 /// `xa`/`xb` the sums of scaled `x`, `sa`/`sb` the activation scales, each sub-block
@@ -665,6 +724,8 @@ pub fn dot_wide_h2(
     let mut out = 0.0f32;
     if comptime![matches!(fmt, KernelFormat::Q4K | KernelFormat::Q5K)] {
         out = dot_kchunk_h2(w4, scales, block, slot, xr, xs[0], xs[1], xt[0], xt[1], fmt);
+    } else if comptime![fmt == KernelFormat::Q6K] {
+        out = dot_q6k_h2(w, w4, scales, block, slot, xr, xs);
     } else {
         out = dot_block_h2(w, w4, scales, block, xr, xs[0], xt[0], fmt);
     }

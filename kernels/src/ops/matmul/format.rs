@@ -110,17 +110,28 @@ impl KernelFormat {
     }
 
     /// Columns a wide mat-vec lane takes at once (`MatvecConfig::wide`): a 32-weight block,
-    /// or a K-quant's 64-weight chunk (two sub-blocks, one quant word per 8 weights).
+    /// or a K-quant's 64-weight chunk (`Q4_K`/`Q5_K`: two sub-blocks, one quant word per 8
+    /// weights; `Q6_K`: 16 positions of one half-block in each of its 4 sub-rows, 4 runs of 16
+    /// columns 32 apart, see `kernels::XLayout`).
     pub fn wide_cols(self) -> u32 {
         match self {
-            Self::Q4K | Self::Q5K => 64,
+            Self::Q4K | Self::Q5K | Self::Q6K => 64,
             _ => 32,
         }
     }
 
-    /// 32-column groups (one activation scale each) in a wide lane's columns.
+    /// 32-column groups (one activation scale each) that a wide lane's columns touch.
     pub fn wide_groups(self) -> u32 {
-        self.wide_cols() / 32
+        match self {
+            Self::Q6K => 4,
+            _ => self.wide_cols() / 32,
+        }
+    }
+
+    /// Whether the single-token mat-vec takes `x` as packed halves: the [`Self::half_x`]
+    /// formats, and `Q6_K` in the wide layout only (`decode::dot_q6k_h2`).
+    pub fn matvec_half(self) -> bool {
+        self.half_x() || self == Self::Q6K
     }
 
     /// Slots per block: each a `u32` word of quants (two for `Q8_0`) whose weights sit in

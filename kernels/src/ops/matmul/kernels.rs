@@ -41,6 +41,9 @@ pub struct MatvecConfig {
     /// (`Fusion::half_x`, every format that takes it: `decode::dot_wide_h2`), instead of
     /// `KernelFormat::lanes_per_block` lanes a block, a word each.
     pub wide: bool,
+    /// With `wide`: the half `x` arrives interleaved for the plane's lanes ([`XLayout`]), so
+    /// each of a lane's 16-byte loads of `x` is one contiguous run across the plane.
+    pub interleave_x: bool,
 }
 
 impl MatvecConfig {
@@ -48,6 +51,98 @@ impl MatvecConfig {
     pub fn rows_per_cube(&self) -> u32 {
         self.planes_per_cube / self.planes_per_row * self.rows_per_plane
     }
+
+    /// Where this launch reads its half `x` (`Fusion::half_x`): interleaved for a wide launch
+    /// that asks for it, in column order otherwise.
+    /// `Q6_K`'s wide lanes, whose columns are not one run, always read it interleaved.
+    pub fn x_layout(&self, fmt: KernelFormat) -> XLayout {
+        let q6k = fmt == KernelFormat::Q6K;
+        if self.wide && (self.interleave_x || q6k) {
+            XLayout {
+                chunk_cols: fmt.wide_cols(),
+                group: self.lanes,
+                q6k,
+            }
+        } else {
+            XLayout::COLUMNS
+        }
+    }
+}
+
+/// The order of the 16-byte pieces (8 columns each) of half `x` that [`half_x_kernel`] writes.
+///
+/// A wide mat-vec lane takes a chunk of `chunk_cols` columns, and in each trip the `lanes` lanes
+/// of a row group take `lanes` consecutive chunks (lane `l` chunk `lanes * k + l`). In column
+/// order a lane's pieces are contiguous, so one 16-byte load across the plane touches a
+/// different 64- or 128-byte line per lane: on the H200 the L1's data pipe ran at 90-95 % of
+/// its wavefronts while HBM moved under half of its rate (ncu, docs/performance.md).
+/// Interleaved, piece `i` of the chunks of one group of `group` chunks sit side by side: chunk
+/// `g0 + l` (`g0` the group's first chunk) has piece `i` at `g0 * P + i * n + l`, with `P =
+/// chunk_cols / 8` pieces a chunk and `n` the group's chunks (`group`, fewer in a row's last
+/// group), so the plane's `i`-th load is one contiguous run.
+///
+/// A chunk is one run of columns (piece `q` is piece `q % P` of chunk `q / P`), except with
+/// `q6k`: a `Q6_K` lane takes positions `16h .. 16h + 16` of half-block `n` of its block in
+/// each of the half-block's 4 sub-rows `k` (columns `128n + 32k + 16h ..`, where its quant
+/// bytes sit together), as chunk `4 * block + 2n + h`, its piece `2k + j` the `j`-th 8 columns
+/// of sub-row `k`.
+#[derive(Clone, Copy, Hash, PartialEq, Eq, Debug)]
+pub struct XLayout {
+    /// Columns per chunk, a multiple of 8 dividing the row; 0 for column order.
+    pub chunk_cols: u32,
+    /// Chunks per interleaved group.
+    pub group: u32,
+    /// Chunks are `Q6_K` lanes' columns (`chunk_cols` 64) rather than runs.
+    pub q6k: bool,
+}
+
+impl XLayout {
+    /// Pieces in column order (the narrow half path, and the conversion's own tests).
+    pub const COLUMNS: Self = Self {
+        chunk_cols: 0,
+        group: 1,
+        q6k: false,
+    };
+
+    /// Where piece `q` (columns `8q .. 8q + 8`) of a row of `cols` columns sits, in pieces: the
+    /// host's statement of [`x_piece`].
+    pub fn piece(self, q: u32, cols: u32) -> u32 {
+        if self.chunk_cols == 0 {
+            return q;
+        }
+        let p = self.chunk_cols / 8;
+        let (c, i) = if self.q6k {
+            let r = q % 16;
+            (q / 16 * 2 + r % 4 / 2, r / 4 * 2 + r % 2)
+        } else {
+            (q / p, q % p)
+        };
+        let g0 = c / self.group * self.group;
+        let n = self.group.min(cols / self.chunk_cols - g0);
+        g0 * p + i * n + (c - g0)
+    }
+}
+
+/// [`XLayout::piece`] on the device.
+#[cube]
+pub fn x_piece(q: u32, cols: u32, #[comptime] layout: XLayout) -> u32 {
+    let mut out = q;
+    if comptime![layout.chunk_cols > 0] {
+        let p = comptime![layout.chunk_cols / 8];
+        let gsz = comptime![layout.group];
+        let mut c = q / p;
+        let mut i = q % p;
+        if comptime![layout.q6k] {
+            // 16 pieces a half-block: sub-row k = r / 4, half h = r % 4 / 2, piece j = r % 2.
+            let r = q % 16;
+            c = q / 16 * 2 + r % 4 / 2;
+            i = r / 4 * 2 + r % 2;
+        }
+        let g0 = c / gsz * gsz;
+        let n = u32::min(gsz, cols / comptime![layout.chunk_cols] - g0);
+        out = g0 * p + i * n + (c - g0);
+    }
+    out
 }
 
 /// What the mat-vec computes around `W·x`; each combination is its own compiled kernel.
@@ -288,6 +383,7 @@ pub fn matvec_kernel(
     // Blocks between one plane's consecutive blocks: the row group's planes interleave.
     let pstep = comptime![step * cfg.planes_per_row];
     let tokens = comptime![fusion.tokens];
+    let lay = comptime![cfg.x_layout(fmt)];
     let row0 = cube_row(cfg);
     let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.planes_per_cube) as usize]);
     let mut part = SharedMemory::<f32>::new(comptime![cfg.planes_per_cube as usize]);
@@ -339,19 +435,34 @@ pub fn matvec_kernel(
                     let slot = slot0 + s;
                     if comptime![cfg.wide] {
                         // The lane's columns of `x` in 16-byte loads, their scales (one per 32
-                        // columns) and sums, loaded once for every row.
+                        // columns) and sums, loaded once for every row. Interleaved (`XLayout`),
+                        // its pieces sit `n` apart from `g0 * P + l`.
                         let c0 = col + slot * comptime![fmt.wide_cols()];
+                        let mut xb = c0 / 8;
+                        let mut xstride = 1u32;
+                        if comptime![lay.chunk_cols > 0] {
+                            let gsz = comptime![lay.group];
+                            let c = c0 / comptime![fmt.wide_cols()];
+                            let g0 = c / gsz * gsz;
+                            xstride = u32::min(gsz, cols / comptime![fmt.wide_cols()] - g0);
+                            xb = g0 * comptime![fmt.wide_cols() / 8] + (c - g0);
+                        }
                         #[unroll]
                         for i in 0..comptime![fmt.wide_cols() / 8] {
-                            let v = xh4[(c0 / 8 + i) as usize];
+                            let v = xh4[(xb + i * xstride) as usize];
                             #[unroll]
                             for k in 0..4u32 {
                                 xr[(4 * i + k) as usize] = v[k as usize];
                             }
                         }
+                        // A Q6_K lane's sub-rows are 32 columns apart from its half-block's.
+                        let mut s0 = c0 / 32;
+                        if comptime![fmt == KernelFormat::Q6K] {
+                            s0 = bc * 8 + slot / 2 * 4;
+                        }
                         #[unroll]
                         for g in 0..comptime![fmt.wide_groups()] {
-                            xsg[g as usize] = xsc[(c0 / 32 + g) as usize];
+                            xsg[g as usize] = xsc[(s0 + g) as usize];
                             xtg[g as usize] = 0.0;
                             if comptime![fmt.has_min()] {
                                 xtg[g as usize] = x_words_sum(&xr, 16 * g, 16u32);
@@ -500,10 +611,11 @@ pub fn matvec_kernel(
 
 /// `x` (or `rmsnorm(x) * norm_w` with `norm`) for the half-activation mat-vec: one unit per
 /// 32-column block scales the block into [-1, 1] by its largest magnitude `s`, stores `s` in
-/// `xsc[block]` and the scaled values as halves in `xh[8 * block + run]`, each run of 4 columns
-/// as the pairs (0, 2) and (1, 3) (`decode::dot_slot_h2`'s order). The per-block scale keeps
+/// `xsc[block]` and the scaled values as halves, each run of 4 columns as the pairs (0, 2) and
+/// (1, 3) (`decode::dot_slot_h2`'s order), two runs a 16-byte piece, the pieces in `layout`'s
+/// order (column order: run `r` of the block at `xh[8 * block + r]`). The per-block scale keeps
 /// large activations (hundreds or thousands, as some feed-forward inputs reach) from
-/// overflowing f16 in the products. `cols` is a multiple of 32.
+/// overflowing f16 in the products. `cols` is a multiple of 32 (and of `layout.chunk_cols`).
 #[cube(launch_unchecked)]
 pub fn half_x_kernel(
     x4: &Array<Vector<f32, Const<4>>>,
@@ -513,6 +625,7 @@ pub fn half_x_kernel(
     cols: u32,
     eps: f32,
     #[comptime] norm: bool,
+    #[comptime] layout: XLayout,
 ) {
     let mut inv = 1.0f32;
     if comptime![norm] {
@@ -547,7 +660,8 @@ pub fn half_x_kernel(
             let mut out = Vector::<u32, Const<2>>::empty();
             out[0] = half_bits(xv[0] * rs) | (half_bits(xv[2] * rs) << 16);
             out[1] = half_bits(xv[1] * rs) | (half_bits(xv[3] * rs) << 16);
-            xh[(block * 8 + r) as usize] = out;
+            let piece = x_piece(block * 4 + r / 2, cols, layout);
+            xh[(2 * piece + r % 2) as usize] = out;
         }
     }
 }

@@ -64,5 +64,5 @@ pub use api::{
     PrefillPrecision, QWeight, MAX_MATVEC_TOKENS,
 };
 pub use format::KernelFormat;
-pub use kernels::{Fusion, MatvecConfig};
+pub use kernels::{Fusion, MatvecConfig, XLayout};
 pub use mma::MmaConfig;
