@@ -546,6 +546,21 @@ fn check_half_x_conversion<R: Runtime>() {
         "320 columns in Q6_K blocks"
     );
     assert!(
+        half.convert_as(
+            &c.client,
+            &xd,
+            None,
+            512,
+            mm::XLayout {
+                chunk_cols: 32,
+                group: 2,
+                q6k: true
+            }
+        )
+        .is_err(),
+        "Q6_K's lanes in 32-column chunks"
+    );
+    assert!(
         half.convert(&c.client, &xd, None, 33).is_err(),
         "33 columns"
     );

@@ -64,6 +64,9 @@ pub enum MatmulError {
     /// cubek refused the prefill matmul.
     #[error("cubek matmul: {0}")]
     Matmul(String),
+    /// A half-activation conversion whose columns do not tile its layout.
+    #[error("half activations: {0}")]
+    HalfLayout(String),
 }
 
 /// What the mat-vec does with its result.
@@ -443,16 +446,21 @@ impl<R: Runtime> HalfActs<R> {
         } else {
             (layout.chunk_cols as usize).max(32)
         };
-        if cols == 0
-            || cols % chunk != 0
-            || cols > self.cols
-            || (layout.chunk_cols > 0 && (layout.chunk_cols % 8 != 0 || layout.group == 0))
-        {
+        if cols > self.cols {
             return Err(MatmulError::BufferTooSmall {
                 what: "half activations",
                 needed: cols as u64 * 2,
                 got: self.cols as u64 * 2,
             });
+        }
+        if cols == 0
+            || cols % chunk != 0
+            || (layout.chunk_cols > 0 && (layout.chunk_cols % 8 != 0 || layout.group == 0))
+            || (layout.q6k && layout.chunk_cols != 64)
+        {
+            return Err(MatmulError::HalfLayout(format!(
+                "{cols} columns do not tile {layout:?}"
+            )));
         }
         check_buffer("x", x, cols)?;
         if let Some((n, _)) = norm {
