@@ -353,15 +353,10 @@ pub struct HalfActs<R: Runtime> {
     xsc: Handle,
     cols: usize,
     min_weights: usize,
-    /// The layout of the last conversion launched ([`layout_key`]), so that `half_ready` never
-    /// hands a launch `x` in another launch's order.
-    written: std::sync::atomic::AtomicU64,
+    /// Columns and layout of the last conversion launched, so that `half_ready` never hands a
+    /// launch `x` in another launch's order.
+    written: std::sync::Mutex<Option<(usize, XLayout)>>,
     _runtime: PhantomData<fn() -> R>,
-}
-
-/// `(cols, layout)` of a conversion as one number for [`HalfActs`]'s `written` (0: none yet).
-fn layout_key(cols: usize, layout: XLayout) -> u64 {
-    ((cols as u64) << 32 | (layout.chunk_cols as u64) << 16 | layout.group as u64) + 1
 }
 
 /// Smallest weight (rows x cols) that takes the half path by default: the conversion is one more
@@ -412,7 +407,7 @@ impl<R: Runtime> HalfActs<R> {
             xsc: client.empty(cols / 32 * 4),
             cols,
             min_weights: 0,
-            written: std::sync::atomic::AtomicU64::new(0),
+            written: std::sync::Mutex::new(None),
             _runtime: PhantomData,
         }
     }
@@ -484,6 +479,11 @@ impl<R: Runtime> HalfActs<R> {
                 .collect(),
             f32::from_bytes(&s).to_vec(),
         ))
+    }
+
+    /// Columns and layout of the last conversion launched into the buffers.
+    fn last_written(&self) -> Option<(usize, XLayout)> {
+        *self.written.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `op` runs on halves: one token, a format with a half path, a row that fits, a
@@ -608,8 +608,7 @@ pub fn launch_matvec<R: Runtime>(
     let (xh, xsc, xh4) = match op.half {
         Some(h) if fusion.half_x => {
             let layout = cfg.x_layout(w.format);
-            let key = layout_key(w.cols, layout);
-            if !op.half_ready || h.written.load(std::sync::atomic::Ordering::Relaxed) != key {
+            if !op.half_ready || h.last_written() != Some((w.cols, layout)) {
                 half_x(client, op.x, op.norm, w.cols, h, layout)?;
             }
             (
@@ -720,10 +719,7 @@ fn half_x<R: Runtime>(
             ],
         )
     };
-    h.written.store(
-        layout_key(cols, layout),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    *h.written.lock().unwrap_or_else(|e| e.into_inner()) = Some((cols, layout));
     Ok(())
 }
 
@@ -1616,7 +1612,7 @@ pub const BATCH_ROWS_4_ABOVE: u32 = 4;
 
 /// Rows a plane computes together in the wide layout ([`cfg_for`]).
 pub const WIDE_ROWS_PER_PLANE: u32 = 2;
-/// Rows a plane computes in the wide layout for `Q4_K`/`Q5_K` below the
+/// Rows a plane computes in the wide layout for `Q4_K`, `Q5_K` and `Q6_K` below the
 /// [`WIDE_WHOLE_ROWS_CUBES_PER_SM`] bar: twice the planes.
 pub const WIDE_KQUANT_ROWS_FEW: u32 = 1;
 /// Planes that share a row group in the wide layout, for the 32-weight formats. `Q4_K`, `Q5_K`
