@@ -46,28 +46,28 @@ fn signed_byte(b: u32) -> f32 {
     f32::cast_from(b) - f32::cast_from((b >> 7) * 256)
 }
 
-/// Byte `i` (0..12) of the packed `Q4_K`/`Q5_K` scales held in words `s0..s2`.
+/// The 6-bit scales and mins of `Q4_K`/`Q5_K` sub-blocks `2j` and `2j + 1` (ggml's
+/// `get_scale_min_k4`) from the packed scale bytes 0..12 held in words `s0..s2`, as the bytes of
+/// one word: scale `2j`, scale `2j + 1`, min `2j`, min `2j + 1`. Sub-blocks 0..4 keep them in
+/// the low 6 bits of bytes `k` (scales, `s0`) and `4 + k` (mins, `s1`); sub-blocks 4..8 in the
+/// nibbles of byte `8 + k` (`s2`) below the top 2 bits of bytes `k` and `4 + k`. A sub-block
+/// pair is one byte pair of each word: branch-free, as lanes of one plane decode different
+/// chunks.
 #[cube]
-fn k4_byte(i: u32, s0: u32, s1: u32, s2: u32) -> u32 {
-    let word = select(i < 4, s0, select(i < 8, s1, s2));
-    byte(word, i % 4)
+fn k4_pair(j: u32, s0: u32, s1: u32, s2: u32) -> u32 {
+    let sh = 16 * (j % 2);
+    // Scale bytes below, min bytes above.
+    let ab = ((s0 >> sh) & 0xFFFF) | ((s1 >> sh) << 16);
+    let c = s2 >> sh;
+    let low = ab & 0x3F3F_3F3F;
+    let high = (c & 0x0F0F) | ((c << 12) & 0x0F0F_0000) | ((ab >> 2) & 0x3030_3030);
+    select(j < 2, low, high)
 }
 
-/// 6-bit scale of sub-block `j` (ggml's `get_scale_min_k4`, first half). Branch-free:
-/// lanes of one plane decode different sub-blocks.
+/// Byte `k` of `v` as `f32`.
 #[cube]
-fn k4_scale(j: u32, s0: u32, s1: u32, s2: u32) -> f32 {
-    let low = k4_byte(j, s0, s1, s2) & 63;
-    let high = (k4_byte(j + 4, s0, s1, s2) & 0xF) | ((k4_byte((j + 4) % 8, s0, s1, s2) >> 6) << 4);
-    f32::cast_from(select(j < 4, low, high))
-}
-
-/// 6-bit min of sub-block `j` (ggml's `get_scale_min_k4`, second half).
-#[cube]
-fn k4_min(j: u32, s0: u32, s1: u32, s2: u32) -> f32 {
-    let low = k4_byte(j + 4, s0, s1, s2) & 63;
-    let high = (k4_byte(j + 4, s0, s1, s2) >> 4) | ((k4_byte(j, s0, s1, s2) >> 6) << 4);
-    f32::cast_from(select(j < 4, low, high))
+fn byte_f32(v: u32, #[comptime] k: u32) -> f32 {
+    int_f32((v >> comptime![8 * k]) & 0xFF, 0.0)
 }
 
 /// `n` as `f32` for `n < 2^23`, minus `offset`: `2^23 + n` built from its bits, then one
@@ -209,10 +209,11 @@ pub fn decode_slot(
                     q[(4 + k) as usize] = int_f32(hi, 0.0);
                 }
             }
-            a[0] = d * k4_scale(2 * j, s0, s1, s2);
-            m[0] = -(dmin * k4_min(2 * j, s0, s1, s2));
-            a[1] = d * k4_scale(2 * j + 1, s0, s1, s2);
-            m[1] = -(dmin * k4_min(2 * j + 1, s0, s1, s2));
+            let sm = k4_pair(j, s0, s1, s2);
+            a[0] = d * byte_f32(sm, 0u32);
+            m[0] = -(dmin * byte_f32(sm, 2u32));
+            a[1] = d * byte_f32(sm, 1u32);
+            m[1] = -(dmin * byte_f32(sm, 3u32));
         }
         KernelFormat::Q6K => {
             // Run g: nibble g / 2 of ql[64n + 32 (g % 2) + l], bits 2g..2g+2 of qh[32n + l],
@@ -254,10 +255,35 @@ fn magic_h2(n: u32) -> Vector<half::f16, Const<2>> {
     h2(n | 0x6400_6400)
 }
 
-/// The fifth bits of a `Q5_x` pair: bit 0 of `t` to bit 4, bit 2 of `t` to bit 20.
+/// The fifth bits of a `Q5_x` pair: bit 0 of `t` to bit `at`, bit 2 of `t` to bit `at + 16`
+/// (`at` is 4 for a low-nibble pair, 8 for a high one, see [`slot_pairs`]).
 #[cube]
-fn fifth_bits(t: u32) -> u32 {
-    ((t << 4) & 0x10) | ((t << 18) & 0x0010_0000)
+fn fifth_bits(t: u32, #[comptime] at: u32) -> u32 {
+    ((t << at) & comptime![1u32 << at]) | ((t << comptime![at + 14]) & comptime![1u32 << (at + 16)])
+}
+
+/// Quant pair `k` of [`slot_pairs`] (`b`, in bits 0.. and 16..) as the halves `q - offset`,
+/// exact: `magic_h2` makes `1024 + q`, less [`KernelFormat::half_offset`]. A 4-bit format's
+/// high-nibble pairs (`k` 2 and 3) sit 4 bits up, as `1024 + 16 q`: a sixteenth of it is
+/// `64 + q`, and one fused multiply-add takes the offset away, so their unpacking needs no
+/// shift.
+#[cube]
+#[allow(unused_assignments)]
+fn quant_h2(
+    b: u32,
+    #[comptime] k: u32,
+    #[comptime] fmt: KernelFormat,
+) -> Vector<half::f16, Const<2>> {
+    let m = magic_h2(b);
+    let off = comptime![fmt.half_offset()];
+    let mut q = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
+    if comptime![k >= 2 && fmt != KernelFormat::Q8_0] {
+        let sixteenth = Vector::<half::f16, Const<2>>::cast_from(0.0625f32);
+        q = m * sixteenth - Vector::<half::f16, Const<2>>::cast_from(comptime![off - 960.0]);
+    } else {
+        q = m - Vector::<half::f16, Const<2>>::cast_from(off);
+    }
+    q
 }
 
 /// Slot `slot` of global block `block` against its activations, in packed half math: the
@@ -299,9 +325,8 @@ pub fn dot_slot_h2(
     load_slot_pairs(w, wb, slot, &mut b, fmt);
     let mut out = 0.0f32;
     if comptime![kquant] {
-        let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
-        let pa = (magic_h2(b[0]) - off) * h2(xa[0]) + (magic_h2(b[1]) - off) * h2(xa[1]);
-        let pb = (magic_h2(b[2]) - off) * h2(xb[0]) + (magic_h2(b[3]) - off) * h2(xb[1]);
+        let pa = quant_h2(b[0], 0u32, fmt) * h2(xa[0]) + quant_h2(b[1], 1u32, fmt) * h2(xa[1]);
+        let pb = quant_h2(b[2], 2u32, fmt) * h2(xb[0]) + quant_h2(b[3], 3u32, fmt) * h2(xb[1]);
         let xsa = h2_sum(h2(xa[0]) + h2(xa[1]));
         let xsb = h2_sum(h2(xb[0]) + h2(xb[1]));
         out = k_pair_apply(
@@ -318,7 +343,8 @@ pub fn dot_slot_h2(
     } else {
         // One block: one scale (and min) for both runs, one activation scale (`sb` is `sa`):
         // one chain of products.
-        out = d * h2_sum(pair_chain(&b, xa[0], xa[1], xb[0], xb[1], fmt));
+        let zero = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
+        out = d * h2_sum(pair_chain(zero, &b, xa[0], xa[1], xb[0], xb[1], fmt));
         if comptime![fmt.has_min()] {
             out += mn * run_pair_sum(xa[0], xa[1], xb[0], xb[1]);
         }
@@ -362,7 +388,8 @@ fn load_slot_pairs(
 }
 
 /// The four quant pairs of slot `slot` (see [`dot_slot_h2`]) from its loaded words, into
-/// `b[0..4]` as integers in bits 0.. and 16.. in `xh`'s pair order: `b[0]`/`b[1]` meet the
+/// `b[0..4]` as integers in bits 0.. and 16.. (a 4-bit format's `b[2]`/`b[3]`: in bits 4..
+/// and 20..) in `xh`'s pair order, to be read through [`quant_h2`]: `b[0]`/`b[1]` meet the
 /// slot's first run of `x`, `b[2]`/`b[3]` its second. `word` is the slot's quant word (`Q8_0`:
 /// the first of two, `word2` the second); `hi` holds the fifth bits (`Q5_0`/`Q5_1`: the
 /// block's `qh` word; `Q5_K`: the slot's `qh` word).
@@ -385,35 +412,40 @@ fn slot_pairs(
         }
         _ => {
             // 4-bit formats: byte k holds column 4 * slot + k (low nibble) and 16 + 4 * slot + k
-            // (K-quants: the low nibbles are sub-block 2j, the high ones 2j + 1).
+            // (K-quants: the low nibbles are sub-block 2j, the high ones 2j + 1). The high
+            // nibbles stay where they are, 4 bits up ([`quant_h2`] scales them down).
+            let up = word >> 8;
             b[0] = word & 0x000F_000F;
-            b[1] = (word >> 8) & 0x000F_000F;
-            b[2] = (word >> 4) & 0x000F_000F;
-            b[3] = (word >> 12) & 0x000F_000F;
+            b[1] = up & 0x000F_000F;
+            b[2] = word & 0x00F0_00F0;
+            b[3] = up & 0x00F0_00F0;
             if comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)] {
                 let qh = hi >> (4 * slot);
-                b[0] |= fifth_bits(qh);
-                b[1] |= fifth_bits(qh >> 1);
-                b[2] |= fifth_bits(qh >> 16);
-                b[3] |= fifth_bits(qh >> 17);
+                b[0] |= fifth_bits(qh, 4u32);
+                b[1] |= fifth_bits(qh >> 1, 4u32);
+                b[2] |= fifth_bits(qh >> 16, 8u32);
+                b[3] |= fifth_bits(qh >> 17, 8u32);
             }
             if comptime![fmt == KernelFormat::Q5K] {
                 // The fifth bit of byte k of the low (high) nibbles is bit 2j (2j + 1) of byte k
                 // of the slot's `qh` word.
-                let j = slot / 8;
-                b[0] |= (hi >> (2 * j) << 4) & 0x0010_0010;
-                b[1] |= (hi >> (8 + 2 * j) << 4) & 0x0010_0010;
-                b[2] |= (hi >> (2 * j + 1) << 4) & 0x0010_0010;
-                b[3] |= (hi >> (9 + 2 * j) << 4) & 0x0010_0010;
+                // One shift by the sub-block pair, then constant shifts.
+                let h = hi >> (2 * (slot / 8));
+                b[0] |= (h << 4) & 0x0010_0010;
+                b[1] |= (h >> 4) & 0x0010_0010;
+                b[2] |= (h << 7) & 0x0100_0100;
+                b[3] |= (h >> 1) & 0x0100_0100;
             }
         }
     }
 }
 
-/// `sum (q - offset) * x` over one slot's four pairs (`slot_pairs`) and its two runs of `x`,
-/// one chain of packed FMAs.
+/// `acc + sum (q - offset) * x` over one slot's four pairs (`slot_pairs`) and its two runs of
+/// `x`, one chain of packed FMAs.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn pair_chain(
+    acc: Vector<half::f16, Const<2>>,
     b: &Array<u32>,
     xa0: u32,
     xa1: u32,
@@ -421,11 +453,10 @@ fn pair_chain(
     xb1: u32,
     #[comptime] fmt: KernelFormat,
 ) -> Vector<half::f16, Const<2>> {
-    let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
-    let mut p = (magic_h2(b[0]) - off) * h2(xa0);
-    p += (magic_h2(b[1]) - off) * h2(xa1);
-    p += (magic_h2(b[2]) - off) * h2(xb0);
-    p += (magic_h2(b[3]) - off) * h2(xb1);
+    let mut p = acc + quant_h2(b[0], 0u32, fmt) * h2(xa0);
+    p += quant_h2(b[1], 1u32, fmt) * h2(xa1);
+    p += quant_h2(b[2], 2u32, fmt) * h2(xb0);
+    p += quant_h2(b[3], 3u32, fmt) * h2(xb1);
     p
 }
 
@@ -517,32 +548,40 @@ pub fn dot_block_h2(
     let five = comptime![matches!(fmt, KernelFormat::Q5_0 | KernelFormat::Q5_1)];
     let mut b = Array::<u32>::new(4usize);
     let mut sum = 0.0f32;
+    // A slot adds 4 products to each half of a chain.
+    let per = comptime![fmt.half_chain() / 4];
     #[unroll]
-    for slot in 0..4u32 {
-        let mut word2 = 0u32;
-        let mut hi = 0u32;
-        let mut word = qw[slot as usize];
-        if comptime![fmt == KernelFormat::Q8_0] {
-            word = qw[(2 * slot) as usize];
-            word2 = qw[(2 * slot + 1) as usize];
+    for c in 0..comptime![4 / per] {
+        let mut chain = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
+        #[unroll]
+        for e in 0..per {
+            let slot = c * per + e;
+            let mut word2 = 0u32;
+            let mut hi = 0u32;
+            let mut word = qw[slot as usize];
+            if comptime![fmt == KernelFormat::Q8_0] {
+                word = qw[(2 * slot) as usize];
+                word2 = qw[(2 * slot + 1) as usize];
+            }
+            if comptime![five] {
+                word = qw[(1 + slot) as usize];
+                hi = qw[0];
+            }
+            slot_pairs(word, word2, hi, slot, &mut b, fmt);
+            // Runs of 4 columns are 2 words of `xr`.
+            let ra = slot_col(slot, 0, fmt) / 2;
+            let rb = slot_col(slot, 1, fmt) / 2;
+            chain = pair_chain(
+                chain,
+                &b,
+                xr[ra as usize],
+                xr[(ra + 1) as usize],
+                xr[rb as usize],
+                xr[(rb + 1) as usize],
+                fmt,
+            );
         }
-        if comptime![five] {
-            word = qw[(1 + slot) as usize];
-            hi = qw[0];
-        }
-        slot_pairs(word, word2, hi, slot, &mut b, fmt);
-        // Runs of 4 columns are 2 words of `xr`.
-        let ra = slot_col(slot, 0, fmt) / 2;
-        let rb = slot_col(slot, 1, fmt) / 2;
-        let p = pair_chain(
-            &b,
-            xr[ra as usize],
-            xr[(ra + 1) as usize],
-            xr[rb as usize],
-            xr[(rb + 1) as usize],
-            fmt,
-        );
-        sum += h2_sum(p);
+        sum += h2_sum(chain);
     }
     let mut out = d * sum;
     if comptime![fmt.has_min()] {
@@ -593,24 +632,24 @@ pub fn dot_kchunk_h2(
             }
         }
     }
-    let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
     let mut b = Array::<u32>::new(4usize);
+    // A chain per sub-block; a word adds 2 products to each half of each chain.
+    let per = comptime![fmt.half_chain() / 2];
     let mut lo = 0.0f32;
     let mut hi = 0.0f32;
-    // Two words per chain: 4 products per half, each below 32 in magnitude.
     #[unroll]
-    for p in 0..4u32 {
+    for c in 0..comptime![8 / per] {
         let mut pa = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
         let mut pb = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
         #[unroll]
-        for e in 0..2u32 {
-            let i = 2 * p + e;
+        for e in 0..per {
+            let i = c * per + e;
             slot_pairs(qw[i as usize], 0u32, qh[i as usize], 8 * j + i, &mut b, fmt);
             // Low nibbles: chunk columns 4i.. (sub-block 2j); high: 32 + 4i.. (2j + 1).
-            pa += (magic_h2(b[0]) - off) * h2(xr[(2 * i) as usize]);
-            pa += (magic_h2(b[1]) - off) * h2(xr[(2 * i + 1) as usize]);
-            pb += (magic_h2(b[2]) - off) * h2(xr[(16 + 2 * i) as usize]);
-            pb += (magic_h2(b[3]) - off) * h2(xr[(17 + 2 * i) as usize]);
+            pa += quant_h2(b[0], 0u32, fmt) * h2(xr[(2 * i) as usize]);
+            pa += quant_h2(b[1], 1u32, fmt) * h2(xr[(2 * i + 1) as usize]);
+            pb += quant_h2(b[2], 2u32, fmt) * h2(xr[(16 + 2 * i) as usize]);
+            pb += quant_h2(b[3], 3u32, fmt) * h2(xr[(17 + 2 * i) as usize]);
         }
         lo += h2_sum(pa);
         hi += h2_sum(pb);
@@ -626,7 +665,7 @@ pub fn dot_kchunk_h2(
 /// 16 signed sub-block scales (1). The lane's bytes sit together: `ql[64n + 16h ..]` (sub-rows
 /// 0 and 2, low and high nibbles), `ql[64n + 32 + 16h ..]` (1 and 3), `qh[32n + 16h ..]` (2
 /// bits each) and scales `8n + h + 2k`. Weights `q - 32` (in -32..31) times `x` (in [-1, 1]),
-/// two runs (4 products) per half chain, meet in `f32`; `d`, the sub-block scale and the
+/// a sub-row's four runs (8 products) per half chain, meet in `f32`; `d`, the sub-block scale and the
 /// activation scale are applied there.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -654,25 +693,20 @@ pub fn dot_q6k_h2(
     let mut out = 0.0f32;
     #[unroll]
     for k in 0..4u32 {
-        let mut sum = 0.0f32;
+        // A sub-row's 16 weights, one chain: 8 products per half, each at most 32 in magnitude.
+        let mut p = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
         #[unroll]
-        for half in 0..2u32 {
-            let mut p = Vector::<half::f16, Const<2>>::cast_from(0.0f32);
-            #[unroll]
-            for r in 0..2u32 {
-                let e = 2 * half + r;
-                // Sub-rows 0 and 1 take the low nibbles of their `ql` run, 2 and 3 the high.
-                let lw = select(k % 2 == 0, la[e as usize], lb[e as usize]) >> (4 * (k / 2));
-                let hw = hb[e as usize] >> (2 * k);
-                let p0 = (lw & 0x000F_000F) | ((hw & 0x0003_0003) << 4);
-                let p1 = ((lw >> 8) & 0x000F_000F) | (((hw >> 8) & 0x0003_0003) << 4);
-                p += (magic_h2(p0) - off) * h2(xr[(8 * k + 2 * e) as usize]);
-                p += (magic_h2(p1) - off) * h2(xr[(8 * k + 2 * e + 1) as usize]);
-            }
-            sum += h2_sum(p);
+        for e in 0..4u32 {
+            // Sub-rows 0 and 1 take the low nibbles of their `ql` run, 2 and 3 the high.
+            let lw = select(k % 2 == 0, la[e as usize], lb[e as usize]) >> (4 * (k / 2));
+            let hw = hb[e as usize] >> (2 * k);
+            let p0 = (lw & 0x000F_000F) | ((hw & 0x0003_0003) << 4);
+            let p1 = ((lw >> 8) & 0x000F_000F) | (((hw >> 8) & 0x0003_0003) << 4);
+            p += (magic_h2(p0) - off) * h2(xr[(8 * k + 2 * e) as usize]);
+            p += (magic_h2(p1) - off) * h2(xr[(8 * k + 2 * e + 1) as usize]);
         }
         let sw = select(k < 2, sw0, sw1) >> (16 * (k % 2));
-        out += signed_byte(sw & 0xFF) * xs[k as usize] * sum;
+        out += signed_byte(sw & 0xFF) * xs[k as usize] * h2_sum(p);
     }
     d * out
 }
@@ -700,8 +734,9 @@ fn k_pair_apply(
     let s0 = scales[(4 * block + 1) as usize];
     let s1 = scales[(4 * block + 2) as usize];
     let s2 = scales[(4 * block + 3) as usize];
-    let ra = d * k4_scale(2 * j, s0, s1, s2) * lo - dmin * k4_min(2 * j, s0, s1, s2) * xa;
-    let rb = d * k4_scale(2 * j + 1, s0, s1, s2) * hi - dmin * k4_min(2 * j + 1, s0, s1, s2) * xb;
+    let sm = k4_pair(j, s0, s1, s2);
+    let ra = d * byte_f32(sm, 0u32) * lo - dmin * byte_f32(sm, 2u32) * xa;
+    let rb = d * byte_f32(sm, 1u32) * hi - dmin * byte_f32(sm, 3u32) * xb;
     sa * ra + sb * rb
 }
 
@@ -782,10 +817,11 @@ pub fn decode_slots_h2(
         let s0 = scales[(4 * block + 1) as usize];
         let s1 = scales[(4 * block + 2) as usize];
         let s2 = scales[(4 * block + 3) as usize];
-        a0 = d * k4_scale(2 * j, s0, s1, s2);
-        m0 = -(dmin * k4_min(2 * j, s0, s1, s2));
-        a1 = d * k4_scale(2 * j + 1, s0, s1, s2);
-        m1 = -(dmin * k4_min(2 * j + 1, s0, s1, s2));
+        let sm = k4_pair(j, s0, s1, s2);
+        a0 = d * byte_f32(sm, 0u32);
+        m0 = -(dmin * byte_f32(sm, 2u32));
+        a1 = d * byte_f32(sm, 1u32);
+        m1 = -(dmin * byte_f32(sm, 3u32));
     } else {
         a0 = half_at_hw(scales, halves * block);
         a1 = a0;
@@ -796,7 +832,6 @@ pub fn decode_slots_h2(
     }
     a0 = select(live, a0, 0.0);
     a1 = select(live, a1, 0.0);
-    let off = Vector::<half::f16, Const<2>>::cast_from(comptime![fmt.half_offset()]);
     let sa = Vector::<half::f16, Const<2>>::cast_from(a0);
     let sb = Vector::<half::f16, Const<2>>::cast_from(a1);
     let ma = Vector::<half::f16, Const<2>>::cast_from(select(live, m0, 0.0));
@@ -804,7 +839,7 @@ pub fn decode_slots_h2(
     let mut b = Array::<u32>::new(4usize);
     if comptime![n == 1] {
         load_slot_pairs(w, wb, slot, &mut b, fmt);
-        scale_pairs(&b, sa, sb, ma, mb, p, 0u32, off, fmt);
+        scale_pairs(&b, sa, sb, ma, mb, p, 0u32, fmt);
     } else {
         let first = comptime![if fmt == KernelFormat::Q5K { 8u32 } else { 0u32 }];
         let per_slot = comptime![4 / n];
@@ -832,12 +867,12 @@ pub fn decode_slots_h2(
                 &mut b,
                 fmt,
             );
-            scale_pairs(&b, sa, sb, ma, mb, p, 4 * k, off, fmt);
+            scale_pairs(&b, sa, sb, ma, mb, p, 4 * k, fmt);
         }
     }
 }
 
-/// `p[at ..at + 4]`: the quant pairs `b` ([`slot_pairs`]) as weights, `(q - off) * scale + min`
+/// `p[at ..at + 4]`: the quant pairs `b` ([`slot_pairs`]) as weights, `(q - offset) * scale + min`
 /// per run.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -849,13 +884,12 @@ fn scale_pairs(
     mb: Vector<half::f16, Const<2>>,
     p: &mut Array<Vector<half::f16, Const<2>>>,
     at: u32,
-    off: Vector<half::f16, Const<2>>,
     #[comptime] fmt: KernelFormat,
 ) {
-    p[at as usize] = (magic_h2(b[0]) - off) * sa;
-    p[(at + 1) as usize] = (magic_h2(b[1]) - off) * sa;
-    p[(at + 2) as usize] = (magic_h2(b[2]) - off) * sb;
-    p[(at + 3) as usize] = (magic_h2(b[3]) - off) * sb;
+    p[at as usize] = quant_h2(b[0], 0u32, fmt) * sa;
+    p[(at + 1) as usize] = quant_h2(b[1], 1u32, fmt) * sa;
+    p[(at + 2) as usize] = quant_h2(b[2], 2u32, fmt) * sb;
+    p[(at + 3) as usize] = quant_h2(b[3], 3u32, fmt) * sb;
     if comptime![fmt.has_min()] {
         p[at as usize] += ma;
         p[(at + 1) as usize] += ma;

@@ -205,6 +205,21 @@ impl KernelFormat {
             }
     }
 
+    /// Products each half of a wide lane's packed-half chain sums before the chain meets `f32`
+    /// (`decode::dot_block_h2`, `decode::dot_kchunk_h2`): fewer conversions and adds per
+    /// weight the longer the chain, more f16 rounding in the sum. The 4-bit formats' products
+    /// are below 16 in magnitude (activations are in [-1, 1]): a whole 32-weight block or
+    /// K-quant sub-block, 16 per half. The 5-bit ones reach 31 and `Q8_0`'s 128: with 16 a chain,
+    /// `Q5_0`'s gated half-path test on the H200 left its error budget
+    /// (`HALF_X_NMSE_TOLERANCE`), so they stop at 8 and 4.
+    pub(crate) fn half_chain(self) -> u32 {
+        match self {
+            Self::Q8_0 => 4,
+            Self::Q5_0 | Self::Q5_1 | Self::Q5K => 8,
+            _ => 16,
+        }
+    }
+
     /// Slots whose quant words are one aligned 16-byte load of the quant plane, where the
     /// quantized mat-mat takes them together (`decode::decode_slots_h2`): the half formats
     /// whose blocks (and, for `Q5_K`, fifth-bit words) start on 16 bytes; 1 (a slot at a time)
