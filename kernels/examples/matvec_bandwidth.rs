@@ -16,8 +16,14 @@
 //! - `cycled`: back-to-back launches, one per copy, round robin (a real decode step's pattern;
 //!   a kernel that runs faster than the host can launch, about 5 us, reports the launch rate:
 //!   the table marks calls under 10 us);
+//! - `replayed` (CUDA and HIP): the cycled launches, one per copy at the matrix's own shape,
+//!   captured once into a graph (`ops::graph`, decode's replay) and replayed: back-to-back
+//!   launches with the host's launch time out of the figure. `x` is converted to halves once
+//!   before the capture, so only the mat-vecs are timed;
 //! - `stacked`: the copies stacked into one tall matrix, one launch per pass, time divided by
-//!   the copies: the kernel's own bandwidth with the host's launch time out of the figure.
+//!   the copies: the kernel's own bandwidth with the host's launch time out of the figure, on a
+//!   launch of many more rows than the shape's (so a launch rule that depends on the row count,
+//!   such as `api::whole_rows`, may pick another layout than decode's for this shape).
 //! Times are wall time between two syncs. Shares are of the copy kernel's rate on a buffer of
 //! the same total size and of 4.23 TB/s (the copy rate measured on the H200).
 
@@ -28,6 +34,8 @@ use cubecl::prelude::*;
 use rocforge_kernels::ops::dequant::DEVICE_FORMATS;
 use rocforge_kernels::ops::gpu::Gpu;
 use rocforge_kernels::ops::matmul::{launch_matvec, HalfActs, KernelFormat, Matvec, QWeight};
+#[cfg(any(feature = "cuda", feature = "hip"))]
+use rocforge_kernels::ops::{graph, launch};
 
 mod common;
 use common::{any_weights, time, K_QUANTS};
@@ -136,13 +144,26 @@ fn run<R: Runtime>(
                     ""
                 };
             row(&format!("matvec cycled{hx}"), cycled, true);
+            // `x` converted once (the last cycled call left it in this format's layout).
+            let passes = (iters / copies).clamp(20, 200);
+            let replayed = replay_time(&gpu, out.handle(), copies, passes, |i| {
+                let op = Matvec {
+                    half: half.as_ref(),
+                    half_ready: true,
+                    ..Matvec::new(&qs[i], x.handle(), out.handle())
+                };
+                launch_matvec(&client, &op).expect("matvec");
+            });
+            match replayed {
+                Ok(s) => row(&format!("matvec replayed{hx}"), s, false),
+                Err(e) => eprintln!("{rows}x{cols} {ty}: no replayed row: {e}"),
+            }
             drop(qs);
             let tall = QWeight::upload(&client, ty, rows * copies, cols, &bytes_w.repeat(copies))
                 .expect("upload");
             let tall_out = gpu.zeros(rows * copies);
             // At least 20 passes: with 3 (what `--iters 100` gave a 4096x4096 format of 29
             // copies) the two syncs' overhead sat in a 0.3 ms figure and cut it by a third.
-            let passes = (iters / copies).clamp(20, 200);
             let stacked = time(&gpu, passes, || {
                 let op = Matvec {
                     half: half.as_ref(),
@@ -153,6 +174,51 @@ fn run<R: Runtime>(
             row(&format!("matvec stacked{hx}"), stacked, false);
         }
     }
+}
+
+/// Seconds per launch of `launch(0..copies)`, captured once into a CUDA or HIP graph and
+/// replayed `passes` times after one warm-up replay (`io`: a buffer the graph writes, read to
+/// wait for the replays). `Err` where graphs are not available (wgpu) or the launches cannot be
+/// recorded.
+#[cfg(any(feature = "cuda", feature = "hip"))]
+fn replay_time<R: Runtime>(
+    gpu: &Gpu<R>,
+    io: &cubecl::server::Handle,
+    copies: usize,
+    passes: usize,
+    mut launch: impl FnMut(usize),
+) -> Result<f64, String> {
+    let ((), rec) = launch::record(|| (0..copies).for_each(&mut launch));
+    if let Some(why) = rec.unrecordable {
+        return Err(why);
+    }
+    // One launch per copy: a launch that reached CubeCL directly would be missing.
+    if rec.nodes.len() != copies {
+        return Err(format!("{copies} launches recorded as {}", rec.nodes.len()));
+    }
+    let mut r = graph::replayer(gpu.client(), &[io])?;
+    let g = r.capture(rec)?;
+    // The graph reads buffers CubeCL wrote (weights, `x`): its stream must see them done.
+    gpu.sync().map_err(|e| e.to_string())?;
+    r.replay(g)?;
+    r.read_u32(0)?;
+    let t = std::time::Instant::now();
+    for _ in 0..passes {
+        r.replay(g)?;
+    }
+    r.read_u32(0)?;
+    Ok(t.elapsed().as_secs_f64() / (passes * copies) as f64)
+}
+
+#[cfg(not(any(feature = "cuda", feature = "hip")))]
+fn replay_time<R: Runtime>(
+    _: &Gpu<R>,
+    _: &cubecl::server::Handle,
+    _: usize,
+    _: usize,
+    _: impl FnMut(usize),
+) -> Result<f64, String> {
+    Err("graph replay runs on CUDA and HIP".into())
 }
 
 fn main() {
