@@ -144,8 +144,11 @@ fn run<R: Runtime>(
                     ""
                 };
             row(&format!("matvec cycled{hx}"), cycled, true);
-            // `x` converted once (the last cycled call left it in this format's layout).
+            // Replayed and stacked: at least 20 passes. With 3 (what `--iters 100` gave a
+            // 4096x4096 format of 29 copies) the two syncs' overhead sat in a 0.3 ms figure and
+            // cut it by a third.
             let passes = (iters / copies).clamp(20, 200);
+            // `x` converted once (the last cycled call left it in this format's layout).
             let replayed = replay_time(&gpu, out.handle(), copies, passes, |i| {
                 let op = Matvec {
                     half: half.as_ref(),
@@ -162,8 +165,6 @@ fn run<R: Runtime>(
             let tall = QWeight::upload(&client, ty, rows * copies, cols, &bytes_w.repeat(copies))
                 .expect("upload");
             let tall_out = gpu.zeros(rows * copies);
-            // At least 20 passes: with 3 (what `--iters 100` gave a 4096x4096 format of 29
-            // copies) the two syncs' overhead sat in a 0.3 ms figure and cut it by a third.
             let stacked = time(&gpu, passes, || {
                 let op = Matvec {
                     half: half.as_ref(),

@@ -307,8 +307,8 @@ fn check_norm_fused<R: Runtime>(fmt: KernelFormat) {
 }
 
 /// NMSE budget of the mat-vec on half activations (`Fusion::half_x`): `x` rounded to 11-bit
-/// mantissas after its block's scaling, products summed in f16 (the wide lanes: 16 per half, a
-/// 32-weight block or a K-quant sub-block, before `f32`). The
+/// mantissas after its block's scaling, products summed in f16 (the wide lanes: up to 16 per
+/// half before `f32`, `KernelFormat::half_chain`). The
 /// cases below include single-row, single-block outputs whose sums cancel, where the relative
 /// error of one value reaches a few 1e-3 (measured on the H200: 4.9e-5 for Q5_0 norm + gated).
 const HALF_X_NMSE_TOLERANCE: f64 = 1e-4;

@@ -665,8 +665,8 @@ pub fn dot_kchunk_h2(
 /// 16 signed sub-block scales (1). The lane's bytes sit together: `ql[64n + 16h ..]` (sub-rows
 /// 0 and 2, low and high nibbles), `ql[64n + 32 + 16h ..]` (1 and 3), `qh[32n + 16h ..]` (2
 /// bits each) and scales `8n + h + 2k`. Weights `q - 32` (in -32..31) times `x` (in [-1, 1]),
-/// a sub-row's four runs (8 products) per half chain, meet in `f32`; `d`, the sub-block scale and the
-/// activation scale are applied there.
+/// a sub-row's four runs (8 products) per half chain, meet in `f32`; `d`, the sub-block scale
+/// and the activation scale are applied there.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn dot_q6k_h2(
