@@ -7,8 +7,10 @@
 //! `rows_per_plane` weight rows and loads each run of `x` once for all of them.
 //! `KernelFormat::lanes_per_block` neighbouring lanes share a block, each decoding
 //! `slots_per_lane` consecutive slots, so a plane reads contiguous quant words and 16-byte runs
-//! of `x`; a trip issues `unroll` blocks' loads before their arithmetic. The lanes' partial sums meet in `plane_sum` when `lanes` is the
-//! plane width, else in shared memory.
+//! of `x`; a trip issues `unroll` blocks' loads before their arithmetic. Where `lanes` is the
+//! plane width, a row group's partial sums (every row and token at once) meet in plane
+//! shuffles and, for a row split over planes, one trip through shared memory
+//! ([`write_outputs`]); elsewhere each sum takes a shared-memory tree.
 
 use cubecl::prelude::*;
 
@@ -386,7 +388,10 @@ pub fn matvec_kernel(
     let lay = comptime![cfg.x_layout(fmt)];
     let row0 = cube_row(cfg);
     let mut smem = SharedMemory::<f32>::new(comptime![(cfg.lanes * cfg.planes_per_cube) as usize]);
-    let mut part = SharedMemory::<f32>::new(comptime![cfg.planes_per_cube as usize]);
+    // A plane's sums for its row group's other planes: one per plane, or `write_outputs`'s.
+    let mut part = SharedMemory::<f32>::new(comptime![
+        (cfg.planes_per_cube * outputs(fusion, cfg.rows_per_plane).next_power_of_two()) as usize
+    ]);
     let mut inv = 1.0f32;
     if comptime![fusion.norm] {
         inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
@@ -582,27 +587,155 @@ pub fn matvec_kernel(
             b += comptime![unroll * pstep];
         }
     }
-    #[unroll]
-    for r in 0..rpp {
-        let row = row0 + r;
-        if comptime![fusion.gated] {
-            let g = group_sum(lane_sum(acc[r as usize], &mut smem, cfg), &mut part, cfg) * inv;
-            let u = group_sum(lane_sum(acc2[r as usize], &mut smem, cfg), &mut part, cfg) * inv;
-            if UNIT_POS_X == 0 && UNIT_POS_Y % cfg.planes_per_row == 0 && row < rows {
-                y[row as usize] = gate_act(g, fusion.gelu) * u;
-            }
-        } else {
-            #[unroll]
-            for t in 0..tokens {
-                let sum = lane_sum(acc[(t * rpp + r) as usize], &mut smem, cfg);
-                let sum = group_sum(sum, &mut part, cfg) * inv;
+    if comptime![cfg.plane_reduce && outputs(fusion, rpp).next_power_of_two() <= cfg.lanes] {
+        write_outputs(&acc, &acc2, y, row0, rows, inv, &mut part, cfg, fusion);
+    } else {
+        #[unroll]
+        for r in 0..rpp {
+            let row = row0 + r;
+            if comptime![fusion.gated] {
+                let g = group_sum(lane_sum(acc[r as usize], &mut smem, cfg), &mut part, cfg) * inv;
+                let u = group_sum(lane_sum(acc2[r as usize], &mut smem, cfg), &mut part, cfg) * inv;
                 if UNIT_POS_X == 0 && UNIT_POS_Y % cfg.planes_per_row == 0 && row < rows {
-                    let out = (t * rows + row) as usize;
-                    if comptime![fusion.accumulate] {
-                        y[out] += sum;
-                    } else {
-                        y[out] = sum;
+                    y[row as usize] = gate_act(g, fusion.gelu) * u;
+                }
+            } else {
+                #[unroll]
+                for t in 0..tokens {
+                    let sum = lane_sum(acc[(t * rpp + r) as usize], &mut smem, cfg);
+                    let sum = group_sum(sum, &mut part, cfg) * inv;
+                    if UNIT_POS_X == 0 && UNIT_POS_Y % cfg.planes_per_row == 0 && row < rows {
+                        let out = (t * rows + row) as usize;
+                        if comptime![fusion.accumulate] {
+                            y[out] += sum;
+                        } else {
+                            y[out] = sum;
+                        }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Sums a row group reduces: one per token and row, and the gated pair's second per row.
+fn outputs(fusion: Fusion, rows_per_plane: u32) -> u32 {
+    fusion.tokens * rows_per_plane + if fusion.gated { rows_per_plane } else { 0 }
+}
+
+/// One butterfly step of [`write_outputs`]: the lanes with `mask` clear keep the sums of
+/// `v[0..half]`, those with it set the sums of `v[half..2 * half]`, each adding its partner's
+/// half (lane `l ^ mask`) into `v[0..half]`: `half` shuffles where summing each value over the
+/// plane would take `2 * half`.
+#[cube]
+fn halve(v: &mut Array<f32>, #[comptime] mask: u32, #[comptime] half: u32) {
+    let hi = (UNIT_POS_X & mask) != 0;
+    #[unroll]
+    for i in 0..half {
+        let lo_v = v[i as usize];
+        let hi_v = v[(i + half) as usize];
+        let send = select(hi, lo_v, hi_v);
+        let keep = select(hi, hi_v, lo_v);
+        v[i as usize] = keep + plane_shuffle_xor(send, mask);
+    }
+}
+
+/// The row group's epilogue on planes with shuffles: the `n` sums ([`outputs`]: `acc`, then
+/// `acc2`) padded to `np`, a power of two at most the plane's lanes, are reduced together by
+/// butterfly steps that halve the values a lane holds ([`halve`]) and a shuffle sum over the
+/// rest, so lane `j * lanes / np` ends with sum `j`: `log2(lanes)` shuffles in all rather than
+/// `n * log2(lanes)`. A row group of several planes then meets in shared memory once for all
+/// its sums (one barrier, where summing one value at a time takes two each).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_outputs(
+    acc: &Array<f32>,
+    acc2: &Array<f32>,
+    y: &mut Array<f32>,
+    row0: u32,
+    rows: u32,
+    inv: f32,
+    part: &mut SharedMemory<f32>,
+    #[comptime] cfg: MatvecConfig,
+    #[comptime] fusion: Fusion,
+) {
+    let rpp = comptime![cfg.rows_per_plane];
+    let n = comptime![outputs(fusion, rpp)];
+    let np = comptime![n.next_power_of_two()];
+    let spacing = comptime![cfg.lanes / np];
+    let mut v = Array::<f32>::new(comptime![np as usize]);
+    #[unroll]
+    for i in 0..comptime![fusion.tokens * rpp] {
+        v[i as usize] = acc[i as usize];
+    }
+    if comptime![fusion.gated] {
+        #[unroll]
+        for r in 0..rpp {
+            v[(comptime![fusion.tokens * rpp] + r) as usize] = acc2[r as usize];
+        }
+    }
+    #[unroll]
+    for i in n..np {
+        v[i as usize] = 0.0;
+    }
+    // Masks lanes / 2, lanes / 4, ..., spacing: the lane bits that pick the value.
+    if comptime![np >= 32] {
+        halve(&mut v, comptime![spacing * 16], 16u32);
+    }
+    if comptime![np >= 16] {
+        halve(&mut v, comptime![spacing * 8], 8u32);
+    }
+    if comptime![np >= 8] {
+        halve(&mut v, comptime![spacing * 4], 4u32);
+    }
+    if comptime![np >= 4] {
+        halve(&mut v, comptime![spacing * 2], 2u32);
+    }
+    if comptime![np >= 2] {
+        halve(&mut v, spacing, 1u32);
+    }
+    let mut s = v[0];
+    // The lanes that hold the same value: masks spacing / 2 down to 1.
+    #[unroll]
+    for k in 0..comptime![spacing.trailing_zeros()] {
+        s += plane_shuffle_xor(s, comptime![spacing / 2] >> k);
+    }
+    let j = UNIT_POS_X / spacing;
+    if comptime![cfg.planes_per_row > 1] {
+        if UNIT_POS_X % spacing == 0 {
+            part[(UNIT_POS_Y * np + j) as usize] = s;
+        }
+        sync_cube();
+        let first = UNIT_POS_Y - UNIT_POS_Y % cfg.planes_per_row;
+        s = 0.0;
+        #[unroll]
+        for p in 0..cfg.planes_per_row {
+            s += part[((first + p) * np + j) as usize];
+        }
+    }
+    s *= inv;
+    let lead = UNIT_POS_X % spacing == 0 && UNIT_POS_Y % cfg.planes_per_row == 0;
+    if comptime![fusion.gated] {
+        // Row r's second sum sits rpp values (rpp * spacing lanes) above its first.
+        let u = plane_shuffle(
+            s,
+            (UNIT_POS_X + comptime![rpp * spacing]) % comptime![cfg.lanes],
+        );
+        let row = row0 + j;
+        if lead && j < rpp {
+            if row < rows {
+                y[row as usize] = gate_act(s, fusion.gelu) * u;
+            }
+        }
+    } else {
+        let row = row0 + j % rpp;
+        if lead && j < comptime![fusion.tokens * rpp] {
+            if row < rows {
+                let out = (j / rpp * rows + row) as usize;
+                if comptime![fusion.accumulate] {
+                    y[out] += s;
+                } else {
+                    y[out] = s;
                 }
             }
         }
