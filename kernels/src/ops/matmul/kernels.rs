@@ -33,7 +33,7 @@ pub struct MatvecConfig {
     /// blocks, their sums meeting in shared memory: more planes in flight for a matrix with few
     /// rows. Divides `planes_per_cube`.
     pub planes_per_row: u32,
-    /// Reduce with `plane_sum` (`lanes` equals the plane width) instead of shared memory.
+    /// Reduce with plane shuffles (`lanes` equals the plane width) instead of shared memory.
     pub plane_reduce: bool,
     /// Blocks per lane whose loads one trip issues together (`api::cfg_for` picks it per
     /// format and split: a second block that is always past the row's end only costs).

@@ -17,8 +17,9 @@
 //! launcher ([`launch_matvec`]). A row belongs to one row of lanes (one plane where the
 //! runtime has plane ops); neighbouring lanes share a block, each unpacking a few slots
 //! (`decode::decode_slot`) into small integers and a scale per run of 4 weights, and the
-//! lanes stride over the row's blocks several at a time; partial sums meet in `plane_sum` or,
-//! where plane ops are missing (lavapipe), a shared-memory tree. Fusions save launches per
+//! lanes stride over the row's blocks several at a time; partial sums meet in plane shuffles,
+//! every row and token of a row group at once (`kernels::write_outputs`), or, where plane ops
+//! are missing (lavapipe), a shared-memory tree. Fusions save launches per
 //! token (~5 µs of host time each): `y += W·x` for the residual after
 //! `attn_output`/`ffn_down`, the RMSNorm before a projection, and `ffn_gate`/`ffn_up` with
 //! their activation (SiLU or GELU) in one launch. `f16` values are decoded from `u32` words with integer ops so the
