@@ -10,7 +10,7 @@
 //! of `x`; a trip issues `unroll` blocks' loads before their arithmetic. Where `lanes` is the
 //! plane width, a row group's partial sums (every row and token at once) meet in plane
 //! shuffles and, for a row split over planes, one trip through shared memory
-//! ([`write_outputs`]); elsewhere each sum takes a shared-memory tree.
+//! (`write_outputs`); elsewhere each sum takes a shared-memory tree.
 
 use cubecl::prelude::*;
 
