@@ -8,7 +8,9 @@
 //!
 //! Options: `--iters N` (default 200), `--small` (512x512 and 1024x512, for a CPU adapter),
 //! `--hbm-mib M` (default 256: how much distinct weight data each measurement walks),
-//! `--formats q4_0,q8_0` (only these, by GGUF type name; default every format).
+//! `--formats q4_0,q8_0` (only these, by GGUF type name; default every format), `--shapes
+//! 4096x14336` (rows x cols, comma-separated; default the three 8B shapes), `--stacked-only`
+//! (no cycled or replayed row: one launch a pass, which a profiler can pick out by count).
 //!
 //! The H200's L2 holds about 60 MB, so one matrix run again and again would be served from
 //! cache. Each format is measured two ways over distinct copies of the weight totalling at
@@ -58,6 +60,7 @@ fn run<R: Runtime>(
     iters: usize,
     hbm_bytes: usize,
     formats: &[String],
+    stacked_only: bool,
 ) {
     let client = gpu.client().clone();
     println!(
@@ -123,45 +126,48 @@ fn run<R: Runtime>(
             let Ok(first) = QWeight::upload(&client, ty, rows, cols, &bytes_w) else {
                 continue;
             };
-            let mut qs = vec![first];
-            for _ in 1..copies {
-                qs.push(QWeight::upload(&client, ty, rows, cols, &bytes_w).expect("upload"));
-            }
-            let out = gpu.zeros(rows);
-            let mut next = 0;
-            let cycled = time(&gpu, iters, || {
-                let op = Matvec {
-                    half: half.as_ref(),
-                    ..Matvec::new(&qs[next % copies], x.handle(), out.handle())
-                };
-                launch_matvec(&client, &op).expect("matvec");
-                next += 1;
-            });
             let hx =
                 if half.is_some() && KernelFormat::from_ggml(ty).is_some_and(|f| f.matvec_half()) {
                     " (half x)"
                 } else {
                     ""
                 };
-            row(&format!("matvec cycled{hx}"), cycled, true);
             // Replayed and stacked: at least 20 passes. With 3 (what `--iters 100` gave a
             // 4096x4096 format of 29 copies) the two syncs' overhead sat in a 0.3 ms figure and
             // cut it by a third.
             let passes = (iters / copies).clamp(20, 200);
-            // `x` converted once (the last cycled call left it in this format's layout).
-            let replayed = replay_time(&gpu, out.handle(), copies, passes, |i| {
-                let op = Matvec {
-                    half: half.as_ref(),
-                    half_ready: true,
-                    ..Matvec::new(&qs[i], x.handle(), out.handle())
-                };
-                launch_matvec(&client, &op).expect("matvec");
-            });
-            match replayed {
-                Ok(s) => row(&format!("matvec replayed{hx}"), s, false),
-                Err(e) => eprintln!("{rows}x{cols} {ty}: no replayed row: {e}"),
+            if !stacked_only {
+                let mut qs = vec![first];
+                for _ in 1..copies {
+                    qs.push(QWeight::upload(&client, ty, rows, cols, &bytes_w).expect("upload"));
+                }
+                let out = gpu.zeros(rows);
+                let mut next = 0;
+                let cycled = time(&gpu, iters, || {
+                    let op = Matvec {
+                        half: half.as_ref(),
+                        ..Matvec::new(&qs[next % copies], x.handle(), out.handle())
+                    };
+                    launch_matvec(&client, &op).expect("matvec");
+                    next += 1;
+                });
+                row(&format!("matvec cycled{hx}"), cycled, true);
+                // `x` converted once (the last cycled call left it in this format's layout).
+                let replayed = replay_time(&gpu, out.handle(), copies, passes, |i| {
+                    let op = Matvec {
+                        half: half.as_ref(),
+                        half_ready: true,
+                        ..Matvec::new(&qs[i], x.handle(), out.handle())
+                    };
+                    launch_matvec(&client, &op).expect("matvec");
+                });
+                match replayed {
+                    Ok(s) => row(&format!("matvec replayed{hx}"), s, false),
+                    Err(e) => eprintln!("{rows}x{cols} {ty}: no replayed row: {e}"),
+                }
+            } else {
+                drop(first);
             }
-            drop(qs);
             let tall = QWeight::upload(&client, ty, rows * copies, cols, &bytes_w.repeat(copies))
                 .expect("upload");
             let tall_out = gpu.zeros(rows * copies);
@@ -242,11 +248,27 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').map(|f| f.trim().to_lowercase()).collect())
         .unwrap_or_default();
-    let shapes: &[(usize, usize)] = if args.iter().any(|a| a == "--small") {
+    let parsed: Option<Vec<(usize, usize)>> = args
+        .iter()
+        .position(|a| a == "--shapes")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.split(',')
+                .map(|s| {
+                    let (r, c) = s.trim().split_once('x').expect("--shapes takes RxC,RxC");
+                    let n = |t: &str| t.parse().expect("--shapes takes numbers");
+                    (n(r), n(c))
+                })
+                .collect()
+        });
+    let shapes: &[(usize, usize)] = if let Some(p) = &parsed {
+        p
+    } else if args.iter().any(|a| a == "--small") {
         &[(512, 512), (1024, 512)]
     } else {
         &[(4096, 4096), (14336, 4096), (4096, 14336)]
     };
+    let stacked_only = args.iter().any(|a| a == "--stacked-only");
     #[cfg(feature = "cuda")]
     return run(
         Gpu::<cubecl::cuda::CudaRuntime>::on(&Default::default()),
@@ -254,6 +276,7 @@ fn main() {
         iters,
         hbm_mib << 20,
         &formats,
+        stacked_only,
     );
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
     return run(
@@ -262,10 +285,11 @@ fn main() {
         iters,
         hbm_mib << 20,
         &formats,
+        stacked_only,
     );
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
-        let _ = (shapes, iters, hbm_mib, formats);
+        let _ = (shapes, iters, hbm_mib, formats, stacked_only);
         eprintln!("build with --features cuda (or wgpu)");
     }
 }
