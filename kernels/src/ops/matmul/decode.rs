@@ -261,7 +261,8 @@ fn magic_h2(n: u32) -> Vector<half::f16, Const<2>> {
 /// an immediate) and this `or` can fold into one three-input logic instruction (`LOP3`). With
 /// both as immediates ptxas issued them apart: the stacked `Q4_0` mat-vec ran 17 instructions
 /// per quant word, 4 of them these `or`s (ncu's SASS on the H200; with the register the
-/// stacked mat-vec gained 3-10 %, docs/performance.md, "the quant exponents in a register").
+/// stacked mat-vec gained 3-10 points of bandwidth on most shapes, docs/performance.md, "the
+/// quant exponents in a register").
 #[cube]
 fn magic() -> u32 {
     0x6400_6400 | UNIT_POS_Z
