@@ -66,7 +66,10 @@ pub(crate) fn array_arg() -> ArrayCompilationArg {
 }
 
 /// Kernel settings of a launch: its cube shape, 32-bit addressing (what every launcher uses).
+/// Cubes are 1- or 2-D: the weight decoding reads `UNIT_POS_Z` as a zero the compiler cannot
+/// see (`matmul::decode::magic`), so a cube with depth would corrupt every weight it unpacks.
 pub(crate) fn settings(dim: CubeDim) -> KernelSettings {
+    assert_eq!(dim.z, 1, "ROCforge launches 1- or 2-D cubes only");
     KernelSettings::default()
         .cube_dim(dim)
         .address_type(AddressType::U32)
@@ -188,4 +191,20 @@ fn record_one<R: Runtime, K: CubeKernel + 'static>(
         buffers,
         info,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cubes_are_flat() {
+        let _ = settings(CubeDim::new_2d(32, 4));
+    }
+
+    #[test]
+    #[should_panic(expected = "1- or 2-D cubes only")]
+    fn a_deep_cube_is_refused() {
+        let _ = settings(CubeDim::new_3d(32, 2, 2));
+    }
 }

@@ -256,7 +256,8 @@ fn magic_h2(n: u32) -> Vector<half::f16, Const<2>> {
 }
 
 /// `0x6400_6400` ([`magic_h2`]'s two exponents) in a register. `UNIT_POS_Z` is 0 in every
-/// launch (cube dims are 1- or 2-D), but the compiler cannot know it, so the constant is not
+/// launch (cube dims are 1- or 2-D: `launch::settings` asserts it), but the compiler cannot
+/// know it, so the constant is not
 /// an immediate, and the mask that takes a quant pair out of its word (`word & 0x000F_000F`,
 /// an immediate) and this `or` can fold into one three-input logic instruction (`LOP3`). With
 /// both as immediates ptxas issued them apart: the stacked `Q4_0` mat-vec ran 17 instructions
