@@ -257,13 +257,12 @@ fn magic_h2(n: u32) -> Vector<half::f16, Const<2>> {
 
 /// `0x6400_6400` ([`magic_h2`]'s two exponents) in a register. `UNIT_POS_Z` is 0 in every
 /// launch (cube dims are 1- or 2-D: `launch::settings` asserts it), but the compiler cannot
-/// know it, so the constant is not
-/// an immediate, and the mask that takes a quant pair out of its word (`word & 0x000F_000F`,
-/// an immediate) and this `or` can fold into one three-input logic instruction (`LOP3`). With
-/// both as immediates ptxas issued them apart: the stacked `Q4_0` mat-vec ran 17 instructions
-/// per quant word, 4 of them these `or`s (ncu's SASS on the H200; with the register the
-/// stacked mat-vec gained 3-10 points of bandwidth on most shapes, docs/performance.md, "the
-/// quant exponents in a register").
+/// know it, so the constant is not an immediate, and the mask that takes a quant pair out of
+/// its word (`word & 0x000F_000F`, an immediate) and this `or` can fold into one three-input
+/// logic instruction (`LOP3`). With both as immediates ptxas issued them apart: the stacked
+/// `Q4_0` mat-vec ran 17 instructions per quant word, 4 of them these `or`s (ncu's SASS on the
+/// H200; with the register the stacked mat-vec gained 3-10 points of bandwidth on most shapes,
+/// docs/performance.md, "the quant exponents in a register").
 #[cube]
 fn magic() -> u32 {
     0x6400_6400 | UNIT_POS_Z

@@ -644,8 +644,9 @@ fn halve(v: &mut Array<f32>, #[comptime] mask: u32, #[comptime] half: u32) {
 /// `acc2`) padded to `np`, a power of two at most the plane's lanes, are reduced together by
 /// butterfly steps that halve the values a lane holds ([`halve`]) and a shuffle sum over the
 /// rest, so lane `j * lanes / np` ends with sum `j`: `np - 1 + log2(lanes / np)` shuffles in
-/// `log2(lanes)` rounds (2 values: 5) rather than `n * log2(lanes)` (10). A row group of several planes then meets in shared memory once for all
-/// its sums (one barrier, where summing one value at a time takes two each).
+/// `log2(lanes)` rounds (2 values: 5) rather than `n * log2(lanes)` (10). A row group of
+/// several planes then meets in shared memory once for all its sums (one barrier, where summing
+/// one value at a time takes two each).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn write_outputs(
