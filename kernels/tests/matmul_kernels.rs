@@ -360,14 +360,27 @@ fn assert_gated_within(case: &str, tol: f64, got: &[f32], g: &[f32], u: &[f32]) 
 /// accumulate, norm, gated, gated + norm), against the CPU with `x` in the thousands in one
 /// block and tiny in another (the per-block scale must keep both). Formats without a half path
 /// take the `f32` kernel through the same call; devices without `f16` skip (wgpu on lavapipe).
+/// The K-quants add a row long enough for the long-row split (`api::long_rows`) on this
+/// device's planes, one block past the bar so the split planes' trips differ.
 fn check_half_x<R: Runtime>(fmt: KernelFormat) {
     let mut c = Case::<R>::new(0x4858 ^ fmt as u64);
-    let max_cols = Case::<R>::shapes(fmt).map(|s| s.1).max().unwrap_or(0);
+    let base = mm::matvec_config(&c.client);
+    let long = (fmt.wide_cols() > 32).then(|| {
+        let cols = fmt.wide_cols() as usize * base.lanes as usize * mm::api::WIDE_KQUANT_LONG_TRIPS
+            + fmt.ggml().block_size();
+        assert!(
+            mm::api::long_rows(base, fmt, cols),
+            "{fmt} {cols} columns split"
+        );
+        (3, cols)
+    });
+    let shapes: Vec<_> = Case::<R>::shapes(fmt).chain(long).collect();
+    let max_cols = shapes.iter().map(|s| s.1).max().unwrap_or(0);
     let Some(half) = mm::HalfActs::<R>::forced(&c.client, max_cols) else {
         eprintln!("skipped: the device has no f16");
         return;
     };
-    for (rows, cols) in Case::<R>::shapes(fmt) {
+    for (rows, cols) in shapes {
         let (gate, gf) = c.weight(fmt, rows, cols);
         let (up, uf) = c.weight(fmt, rows, cols);
         let mut x = c.rng.vec(cols);
@@ -842,7 +855,7 @@ fn check_catalog<R: Runtime>() {
     for v in catalog::variants() {
         let needs_f16 = match v.kind {
             catalog::KernelKind::Dequantize { f16 } => f16,
-            catalog::KernelKind::Matvec(f) => f.half_x,
+            catalog::KernelKind::Matvec { fusion, .. } => fusion.half_x,
             catalog::KernelKind::HalfX { .. } => true,
             _ => false,
         };

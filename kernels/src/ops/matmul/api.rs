@@ -598,12 +598,14 @@ pub fn launch_matvec<R: Runtime>(
     };
     let w2 = op.up.map_or(w, |(up, _)| up);
     let fusion = op.fusion();
+    let base = matvec_config(client);
     let cfg = cfg_for(
-        matvec_config(client),
+        base,
         fusion,
         w.format,
         op.whole_rows
             .unwrap_or_else(|| whole_rows(client, op.tokens, w.rows, fusion.half_x)),
+        long_rows(base, w.format, w.cols),
     );
     let (xh, xsc, xh4) = match op.half {
         Some(h) if fusion.half_x => {
@@ -1487,8 +1489,9 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
 ///   ([`MatvecConfig::wide`]) with its `x` interleaved ([`XLayout`]), [`WIDE_ROWS_PER_PLANE`]
 ///   rows a plane and [`WIDE_UNROLL`] blocks a trip; the 32-weight formats split a row group
 ///   over [`WIDE_PLANES_PER_ROW`] planes, the 64-column chunks (`Q4_K`, `Q5_K`, `Q6_K`) take a
-///   plane a row group, and one row a plane ([`WIDE_KQUANT_ROWS_FEW`]) where the matrix does
-///   not fill the device (`whole_rows`, [`whole_rows`]);
+///   plane a row group, 2 where the rows are long (`long_rows`, [`long_rows`]), and one row a
+///   plane ([`WIDE_KQUANT_ROWS_FEW`]) where the matrix does not fill the device (`whole_rows`,
+///   [`whole_rows`]);
 /// - otherwise several rows per plane share each load of `x`, batches at most 2 (each row's
 ///   slot is decoded once for all tokens and held while the tokens' runs of `x` stream past),
 ///   and a lane unrolls `KernelFormat::unroll` blocks only when its plane has the row to
@@ -1507,6 +1510,7 @@ pub fn cfg_for(
     fusion: Fusion,
     fmt: KernelFormat,
     whole_rows: bool,
+    long_rows: bool,
 ) -> MatvecConfig {
     let k = knobs();
     let cfg = if whole_rows && fusion.tokens > 1 {
@@ -1527,7 +1531,11 @@ pub fn cfg_for(
             }),
             planes_per_row: k
                 .wide_split
-                .unwrap_or(if kquant { 1 } else { WIDE_PLANES_PER_ROW })
+                .unwrap_or(match (kquant, long_rows) {
+                    (true, false) => 1,
+                    (true, true) => WIDE_KQUANT_LONG_SPLIT,
+                    (false, _) => WIDE_PLANES_PER_ROW,
+                })
                 .min(cfg.planes_per_cube),
             unroll: k.wide_unroll,
             wide: true,
@@ -1610,6 +1618,27 @@ pub const WIDE_WHOLE_ROWS_CUBES_PER_SM: usize = 8;
 /// unmeasured. `ROCFORGE_MATVEC_BATCH_ROWS` (1, 2 or 4) fixes the rows of every batch.
 pub const BATCH_ROWS_4_ABOVE: u32 = 4;
 
+/// Whether a wide launch of `fmt` (`cfg`'s lanes) over rows of `cols` columns takes the long-row
+/// split of the 64-column chunks ([`cfg_for`]): a `Q4_K`, `Q5_K` or `Q6_K` row whose chunks
+/// would take one plane [`WIDE_KQUANT_LONG_TRIPS`] trips or more.
+pub fn long_rows(cfg: MatvecConfig, fmt: KernelFormat, cols: usize) -> bool {
+    let chunk = fmt.wide_cols() as usize;
+    chunk > 32 && cols.div_ceil(chunk).div_ceil(cfg.lanes as usize) >= WIDE_KQUANT_LONG_TRIPS
+}
+
+/// Trips of a plane over its row (a trip: one 64-column chunk per lane) from which a wide
+/// K-quant row group splits over [`WIDE_KQUANT_LONG_SPLIT`] planes ([`long_rows`]). Measured on
+/// the H200 (32 lanes, docs/performance.md, "long K-quant rows on two planes"): the 4096x14336
+/// mat-vec (7 trips) split ran `Q4_K` / `Q5_K` / `Q6_K` stacked at 68-74 / 63-66 / 68-71 % of
+/// 4.23 TB/s against 67-70 / 61-65 / 61-63 (four runs each, two leases), and replayed at its
+/// own size (one row a plane) at 47 / 47 / 61 % against 46 / 45 / 55; on 4,096 columns (2
+/// trips) the split lost 3-5 points, and the 8B `Q4_K_M` decode with every K-quant matrix
+/// split ran tg128 at 342.4-342.9 t/s against 346.0-346.2.
+pub const WIDE_KQUANT_LONG_TRIPS: usize = 4;
+
+/// Planes that share a long K-quant row group ([`long_rows`]).
+pub const WIDE_KQUANT_LONG_SPLIT: u32 = 2;
+
 /// Rows a plane computes together in the wide layout ([`cfg_for`]).
 pub const WIDE_ROWS_PER_PLANE: u32 = 2;
 /// Rows a plane computes in the wide layout for `Q4_K`, `Q5_K` and `Q6_K` below the
@@ -1684,4 +1713,62 @@ fn check_u32(n: u64) -> Result<(), MatmulError> {
         return Err(MatmulError::TooLarge(n));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(lanes: u32) -> MatvecConfig {
+        MatvecConfig {
+            lanes,
+            planes_per_cube: 128 / lanes,
+            rows_per_plane: ROWS_PER_PLANE,
+            planes_per_row: PLANES_PER_ROW.min(128 / lanes),
+            plane_reduce: true,
+            unroll: 1,
+            wide: false,
+            interleave_x: false,
+        }
+    }
+
+    const HALF: Fusion = Fusion {
+        half_x: true,
+        ..Fusion::plain(1)
+    };
+
+    #[test]
+    fn long_kquant_rows_split_over_two_planes() {
+        for fmt in [KernelFormat::Q4K, KernelFormat::Q5K, KernelFormat::Q6K] {
+            // 32 lanes: 4,096 columns are 2 trips of 64-column chunks, 14,336 are 7.
+            let b = base(32);
+            assert!(!long_rows(b, fmt, 4096), "{fmt}");
+            assert!(long_rows(b, fmt, 8192), "{fmt}");
+            assert!(long_rows(b, fmt, 14336), "{fmt}");
+            // 64 lanes: 14,336 columns are 3.5 trips, the last one partial.
+            assert!(!long_rows(base(64), fmt, 8192), "{fmt}");
+            assert!(long_rows(base(64), fmt, 14336), "{fmt}");
+            for whole in [false, true] {
+                let short = cfg_for(b, HALF, fmt, whole, false);
+                let long = cfg_for(b, HALF, fmt, whole, true);
+                assert!(short.wide && long.wide);
+                assert_eq!(short.planes_per_row, 1, "{fmt}");
+                assert_eq!(long.planes_per_row, WIDE_KQUANT_LONG_SPLIT, "{fmt}");
+                assert_eq!(long.rows_per_plane, short.rows_per_plane, "{fmt}");
+                assert_eq!(long.x_layout(fmt), short.x_layout(fmt), "{fmt}");
+            }
+        }
+    }
+
+    #[test]
+    fn block_formats_keep_their_split_on_long_rows() {
+        for fmt in [KernelFormat::Q4_0, KernelFormat::Q8_0, KernelFormat::Q5_1] {
+            assert!(!long_rows(base(32), fmt, 1 << 16), "{fmt}");
+            let cfg = cfg_for(base(32), HALF, fmt, false, false);
+            assert_eq!(cfg.planes_per_row, WIDE_PLANES_PER_ROW, "{fmt}");
+        }
+        // The narrow and batched layouts ignore it.
+        let batch = cfg_for(base(32), Fusion::plain(4), KernelFormat::Q4K, false, true);
+        assert_eq!(batch.planes_per_row, PLANES_PER_ROW);
+    }
 }

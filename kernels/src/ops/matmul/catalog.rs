@@ -14,8 +14,9 @@ use crate::ops::launch::settings;
 /// Which kernel, with its comptime choices other than the format and the launch config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelKind {
-    /// `matvec_kernel` with these fusions.
-    Matvec(Fusion),
+    /// `matvec_kernel` with these fusions; `long_rows`: the wide K-quant launch over long rows
+    /// (`api::long_rows`), a row group split over planes.
+    Matvec { fusion: Fusion, long_rows: bool },
     /// `dequantize_kernel` (the prefill pass; cubek's matmul follows it), into f32 or f16.
     Dequantize { f16: bool },
     /// `embed_kernel`: one token as an argument, or ids on the device; `ranged` for a row
@@ -105,8 +106,8 @@ pub fn fusion_tag(f: Fusion) -> String {
     tag
 }
 
-/// All variants: every format times every fusion of [`fusions`], the dequantize pass and the
-/// two embedding lookups.
+/// All variants: every format times every fusion of [`fusions`] (the K-quants' half fusions
+/// also over long rows, `_long`), the dequantize pass and the embedding lookups.
 pub fn variants() -> Vec<KernelVariant> {
     let mut out = Vec::new();
     for format in KernelFormat::ALL {
@@ -117,8 +118,20 @@ pub fn variants() -> Vec<KernelVariant> {
             }
             push(
                 format!("matvec_{format}_{}", fusion_tag(f)),
-                KernelKind::Matvec(f),
+                KernelKind::Matvec {
+                    fusion: f,
+                    long_rows: false,
+                },
             );
+            if f.half_x && format.wide_cols() > 32 {
+                push(
+                    format!("matvec_{format}_{}_long", fusion_tag(f)),
+                    KernelKind::Matvec {
+                        fusion: f,
+                        long_rows: true,
+                    },
+                );
+            }
         }
         if let Some(layout) = match format {
             KernelFormat::Q4_0 => Some("c32"),
@@ -156,17 +169,27 @@ pub fn variants() -> Vec<KernelVariant> {
     out
 }
 
-/// Launches `v` on a one-row, one-block weight of zeros (compiling it on first use).
+/// Launches `v` on a one-row weight of zeros (compiling it on first use): one block, or for a
+/// long-row variant the fewest columns that make a long row on `client`.
 pub fn launch_variant<R: Runtime>(
     client: &ComputeClient<R>,
     v: &KernelVariant,
 ) -> Result<(), MatmulError> {
     let ty = v.format.ggml();
-    let cols = ty.block_size().max(4);
+    let cols = match v.kind {
+        KernelKind::Matvec {
+            long_rows: true, ..
+        } => {
+            v.format.wide_cols() as usize
+                * api::matvec_config(client).lanes as usize
+                * api::WIDE_KQUANT_LONG_TRIPS
+        }
+        _ => ty.block_size().max(4),
+    };
     let bytes = vec![0u8; cols / ty.block_size() * ty.type_size()];
     let w = QWeight::<R>::upload(client, ty, 1, cols, &bytes)?;
     let tokens = match v.kind {
-        KernelKind::Matvec(f) => f.tokens as usize,
+        KernelKind::Matvec { fusion, .. } => fusion.tokens as usize,
         _ => 1,
     };
     let x = client.create_from_slice(f32::as_bytes(&vec![0.0; tokens * cols]));
@@ -186,7 +209,14 @@ pub fn launch_variant<R: Runtime>(
             };
             api::launch_matvec(client, &op)
         }
-        KernelKind::Matvec(f) => {
+        KernelKind::Matvec {
+            fusion: f,
+            long_rows,
+        } => {
+            debug_assert_eq!(
+                api::long_rows(api::matvec_config(client), v.format, cols),
+                long_rows
+            );
             let act = if f.gelu {
                 GateAct::GeluTanh
             } else {
@@ -268,13 +298,15 @@ pub fn definition<R: Runtime>(
     let mv = match v.kind {
         // No `whole_rows` variant: it needs the SM count, which CubeCL 0.10's HIP runtime does
         // not report, so HIP never launches one (`api::whole_rows`).
-        KernelKind::Matvec(f) => api::cfg_for(cfg, f, v.format, false),
-        // The conversion's layout is its mat-vec's.
-        KernelKind::HalfX { .. } => api::cfg_for(cfg, half_fusion(), v.format, false),
+        KernelKind::Matvec { fusion, long_rows } => {
+            api::cfg_for(cfg, fusion, v.format, false, long_rows)
+        }
+        // The conversion's layout is its mat-vec's (the same on long rows).
+        KernelKind::HalfX { .. } => api::cfg_for(cfg, half_fusion(), v.format, false, false),
         _ => cfg,
     };
     match v.kind {
-        KernelKind::Matvec(fusion) => kernels::matvec_kernel::MatvecKernel::<R>::new(
+        KernelKind::Matvec { fusion, .. } => kernels::matvec_kernel::MatvecKernel::<R>::new(
             settings(CubeDim::new_2d(mv.lanes, mv.planes_per_cube)),
             c(),
             a(),

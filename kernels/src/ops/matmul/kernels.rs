@@ -31,7 +31,7 @@ pub struct MatvecConfig {
     pub rows_per_plane: u32,
     /// Planes that share one row group, each taking every `planes_per_row`-th trip of its
     /// blocks, their sums meeting in shared memory: more planes in flight for a matrix with few
-    /// rows. Divides `planes_per_cube`.
+    /// rows, fewer trips for a plane on a long row. Divides `planes_per_cube`.
     pub planes_per_row: u32,
     /// Reduce with plane shuffles (`lanes` equals the plane width) instead of shared memory.
     pub plane_reduce: bool,
