@@ -182,8 +182,8 @@ pub fn decode_slot(
             a[1] = d;
         }
         KernelFormat::Q4K | KernelFormat::Q5K => {
-            // Low nibbles: sub-block 2j, high nibbles: 2j + 1 (`d1 * n - m1`); Q5_K adds bit
-            // `2j` / `2j + 1` of its `qh` bytes as the fifth bit.
+            // Low nibbles: sub-block 2j, high nibbles: 2j + 1 (`d1 * n - m1`); Q5_K adds the
+            // fifth bits of its quant word (`q5k_fifth`).
             let j = slot / 8;
             let d = half_at(scales, 8 * block);
             let dmin = half_at(scales, 8 * block + 1);
@@ -199,12 +199,13 @@ pub fn decode_slot(
                 }
             } else {
                 let word = w[(wb + 8 + slot) as usize];
-                let h = w[(wb + slot % 8) as usize];
+                let h = q5k_fifth(w[(wb + slot / 4) as usize], slot % 4);
                 #[unroll]
                 for k in 0..4u32 {
-                    let lo = ((word >> (8 * k)) & 0xF) | (((h >> (8 * k + 2 * j)) & 1) << 4);
-                    let hi =
-                        ((word >> (8 * k + 4)) & 0xF) | (((h >> (8 * k + 2 * j + 1)) & 1) << 4);
+                    // Byte k's fifth bits: `layout::Q5K_FIFTH_LOW[k]`, the high nibble's 4 up.
+                    let at = 4 + k % 2 + 16 * (k / 2);
+                    let lo = ((word >> (8 * k)) & 0xF) | (((h >> at) & 1) << 4);
+                    let hi = ((word >> (8 * k + 4)) & 0xF) | (((h >> (at + 4)) & 1) << 4);
                     q[k as usize] = int_f32(lo, 0.0);
                     q[(4 + k) as usize] = int_f32(hi, 0.0);
                 }
@@ -273,6 +274,17 @@ fn magic() -> u32 {
 #[cube]
 fn fifth_bits(t: u32, #[comptime] at: u32) -> u32 {
     ((t << at) & comptime![1u32 << at]) | ((t << comptime![at + 14]) & comptime![1u32 << (at + 16)])
+}
+
+/// `Q5_K`: the fifth bits of quant word `m` (`slot % 4`) from its word of them `s` (quant
+/// plane word `slot / 4` of the block, `layout::q5k_fifth_words`), aligned: byte `k`'s
+/// low-nibble bit at 4, 5, 20, 21 for `k` = 0..3, its high-nibble bit 4 above, where
+/// [`slot_pairs`]'s pairs take them (bytes 1 and 3 one bit up). Other words' bits stay in the
+/// result; the pair masks drop them. Both arms shift by 0-6 for any `m` in 0..4 (`select`
+/// evaluates both).
+#[cube]
+pub fn q5k_fifth(s: u32, m: u32) -> u32 {
+    select(m < 2, s << (2 * (2 - u32::min(m, 2))), s >> (2 * m))
 }
 
 /// Quant pair `k` of [`slot_pairs`] (`b`, in bits 0.. and 16..) as the halves `q - offset`,
@@ -395,7 +407,7 @@ fn load_slot_pairs(
         hi = w[wb as usize];
     }
     if comptime![fmt == KernelFormat::Q5K] {
-        hi = w[(wb + slot % 8) as usize];
+        hi = q5k_fifth(w[(wb + slot / 4) as usize], slot % 4);
     }
     slot_pairs(word, word2, hi, slot, b, fmt);
 }
@@ -405,7 +417,7 @@ fn load_slot_pairs(
 /// and 20..) in `xh`'s pair order, to be read through [`quant_h2`]: `b[0]`/`b[1]` meet the
 /// slot's first run of `x`, `b[2]`/`b[3]` its second. `word` is the slot's quant word (`Q8_0`:
 /// the first of two, `word2` the second); `hi` holds the fifth bits (`Q5_0`/`Q5_1`: the
-/// block's `qh` word; `Q5_K`: the slot's `qh` word).
+/// block's `qh` word; `Q5_K`: the slot's fifth bits aligned by [`q5k_fifth`]).
 #[cube]
 fn slot_pairs(
     word: u32,
@@ -440,14 +452,13 @@ fn slot_pairs(
                 b[3] |= fifth_bits(qh >> 17, 8u32);
             }
             if comptime![fmt == KernelFormat::Q5K] {
-                // The fifth bit of byte k of the low (high) nibbles is bit 2j (2j + 1) of byte k
-                // of the slot's `qh` word.
-                // One shift by the sub-block pair, then constant shifts.
-                let h = hi >> (2 * (slot / 8));
-                b[0] |= (h << 4) & 0x0010_0010;
-                b[1] |= (h >> 4) & 0x0010_0010;
-                b[2] |= (h << 7) & 0x0100_0100;
-                b[3] |= (h >> 1) & 0x0100_0100;
+                // Aligned: bytes 0 and 2 at the pairs' bits (4 and 20 low, 8 and 24 high),
+                // bytes 1 and 3 one bit up.
+                let up = hi >> 1;
+                b[0] |= hi & 0x0010_0010;
+                b[1] |= up & 0x0010_0010;
+                b[2] |= hi & 0x0100_0100;
+                b[3] |= up & 0x0100_0100;
             }
         }
     }
@@ -605,8 +616,8 @@ pub fn dot_block_h2(
 
 /// One 64-weight chunk `j` (sub-blocks `2j` and `2j + 1`) of `Q4_K`/`Q5_K` global block `block`
 /// against its 64 columns of `x`, in packed half math: the K-quant counterpart of
-/// [`dot_block_h2`] for a wide lane. The chunk's 8 quant words (and `Q5_K`'s 8 words of fifth
-/// bits) come in 16-byte loads from `w4`; `xr` holds the chunk's columns as 32 words of halves,
+/// [`dot_block_h2`] for a wide lane. The chunk's 8 quant words (and `Q5_K`'s 2 words of fifth
+/// bits, half of a 16-byte vector) come in 16-byte loads from `w4`; `xr` holds the chunk's columns as 32 words of halves,
 /// `sa`/`sb` the scales and `xa`/`xb` the [`x_words_sum`]s of its two 32-column halves (one per
 /// sub-block). The block's `d`, `dmin` and 6-bit scales are one aligned 16-byte header in the
 /// scale plane (`KernelFormat::halves_per_block`).
@@ -629,7 +640,7 @@ pub fn dot_kchunk_h2(
     let vb = block * comptime![fmt.words_per_block() / 4];
     let first = comptime![if q5 { 2u32 } else { 0u32 }];
     let mut qw = Array::<u32>::new(8usize);
-    let mut qh = Array::<u32>::new(8usize);
+    let mut qh = Array::<u32>::new(2usize);
     #[unroll]
     for v in 0..2u32 {
         let q = w4[(vb + first + 2 * j + v) as usize];
@@ -637,13 +648,13 @@ pub fn dot_kchunk_h2(
         for k in 0..4u32 {
             qw[(4 * v + k) as usize] = q[k as usize];
         }
-        if comptime![q5] {
-            let h = w4[(vb + v) as usize];
-            #[unroll]
-            for k in 0..4u32 {
-                qh[(4 * v + k) as usize] = h[k as usize];
-            }
-        }
+    }
+    if comptime![q5] {
+        // Chunk j's fifth bits: words 2j and 2j + 1 (`layout::q5k_fifth_words`).
+        let h = w4[(vb + j / 2) as usize];
+        let odd = j % 2 == 1;
+        qh[0] = select(odd, h[2], h[0]);
+        qh[1] = select(odd, h[3], h[1]);
     }
     let mut b = Array::<u32>::new(4usize);
     // A chain per sub-block; a word adds 2 products to each half of each chain.
@@ -657,7 +668,11 @@ pub fn dot_kchunk_h2(
         #[unroll]
         for e in 0..per {
             let i = c * per + e;
-            slot_pairs(qw[i as usize], 0u32, qh[i as usize], 8 * j + i, &mut b, fmt);
+            let mut h = 0u32;
+            if comptime![q5] {
+                h = q5k_fifth(qh[(i / 4) as usize], i % 4);
+            }
+            slot_pairs(qw[i as usize], 0u32, h, 8 * j + i, &mut b, fmt);
             // Low nibbles: chunk columns 4i.. (sub-block 2j); high: 32 + 4i.. (2j + 1).
             pa += quant_h2(b[0], 0u32, fmt) * h2(xr[(2 * i) as usize]);
             pa += quant_h2(b[1], 1u32, fmt) * h2(xr[(2 * i + 1) as usize]);
@@ -857,10 +872,10 @@ pub fn decode_slots_h2(
         let first = comptime![if fmt == KernelFormat::Q5K { 8u32 } else { 0u32 }];
         let per_slot = comptime![4 / n];
         let quad = w4[((wb + first + per_slot * slot) / 4) as usize];
-        // `Q5_K`: the slots' words of fifth bits, `qh` words `slot % 8 ..`.
-        let mut hq = quad;
+        // `Q5_K`: the `n` (4) slots' one word of fifth bits (`slot` is a multiple of `n`).
+        let mut hs = 0u32;
         if comptime![fmt == KernelFormat::Q5K] {
-            hq = w4[((wb + slot % 8) / 4) as usize];
+            hs = w[(wb + slot / 4) as usize];
         }
         #[unroll]
         for k in 0..n {
@@ -870,7 +885,7 @@ pub fn decode_slots_h2(
                 word2 = quad[(2 * k + 1) as usize];
             }
             if comptime![fmt == KernelFormat::Q5K] {
-                hi = hq[k as usize];
+                hi = q5k_fifth(hs, k);
             }
             slot_pairs(
                 quad[(per_slot * k) as usize],

@@ -10,7 +10,10 @@
 //!   header is one aligned run.
 //!
 //! Nothing is dequantized and nothing is added but at most 2 bytes of padding at the end of
-//! the scale plane, so decode reads exactly GGUF's bytes per weight. Block `b` of row `r` is
+//! the scale plane, so decode reads exactly GGUF's bytes per weight. One thing moves: `Q5_K`'s
+//! 32 bytes of fifth bits are re-laid per 64-weight chunk ([`q5k_fifth_words`]), so a lane
+//! reads 8 bytes of them instead of 32 and takes each quant word's bits with one shift.
+//! Block `b` of row `r` is
 //! global block `r * blocks_per_row + b` in both planes. F32 and F16 rows go to the quant
 //! plane as they are, zero-padded to a multiple of 4 weights (the scale plane stays empty).
 
@@ -60,7 +63,14 @@ pub fn pack(fmt: KernelFormat, rows: usize, cols: usize, bytes: &[u8]) -> Packed
             for block in bytes.chunks_exact(block_bytes).take(n_blocks) {
                 halves.extend_from_slice(&block[off..off + header]);
                 quants.extend_from_slice(&block[..off]);
-                quants.extend_from_slice(&block[off + header..]);
+                let rest = &block[off + header..];
+                if fmt == KernelFormat::Q5K {
+                    let fifth = q5k_fifth_words(rest[..32].try_into().expect("32 bytes of qh"));
+                    quants.extend(fifth.iter().flat_map(|w| w.to_le_bytes()));
+                    quants.extend_from_slice(&rest[32..]);
+                } else {
+                    quants.extend_from_slice(rest);
+                }
             }
             halves.resize(halves.len().next_multiple_of(4).max(4), 0);
             PackedWeight {
@@ -70,6 +80,38 @@ pub fn pack(fmt: KernelFormat, rows: usize, cols: usize, bytes: &[u8]) -> Packed
             }
         }
     }
+}
+
+/// Shift that aligns quant word `i % 4`'s fifth bits in its [`q5k_fifth_words`] word with
+/// the positions [`Q5K_FIFTH_LOW`] (a negative shift is to the left).
+pub const Q5K_FIFTH_SHIFT: [i32; 4] = [-4, -2, 4, 6];
+
+/// Bit of byte `k`'s low-nibble fifth bit in an aligned word (`decode::q5k_fifth`): bytes 0
+/// and 2 where the kernels' quant pairs (0, 2) take a fifth bit (4 and 20), bytes 1 and 3 one
+/// above; the high nibble's bit sits 4 above the low one's.
+pub const Q5K_FIFTH_LOW: [u32; 4] = [4, 5, 20, 21];
+
+/// `Q5_K`'s fifth bits (`qh`, 32 bytes: bit `2j` of byte `l` for weight `64j + l`, bit `2j + 1`
+/// for `64j + 32 + l`) as the quant plane holds them: quant word `i` of chunk `j` (bytes
+/// `4i .. 4i + 4` of its 32 nibble bytes, weights `64j + 4i + k` and `64j + 32 + 4i + k`) has
+/// its 8 fifth bits in word `2j + i / 4`, at [`Q5K_FIFTH_LOW`] (and 4 above) moved by
+/// [`Q5K_FIFTH_SHIFT`]`[i % 4]`. The four words' shifted bits tile the 32 bits, so a chunk's bits
+/// are 2 words, and one shift (`decode::q5k_fifth`) puts a quant word's 8 bits where its four
+/// half pairs take them.
+pub fn q5k_fifth_words(qh: &[u8; 32]) -> [u32; 8] {
+    let mut out = [0u32; 8];
+    for j in 0..4 {
+        for i in 0..8 {
+            for (k, &low) in Q5K_FIFTH_LOW.iter().enumerate() {
+                let l = 4 * i + k;
+                let at = |bit: u32| (bit as i32 + Q5K_FIFTH_SHIFT[i % 4]) as u32;
+                let lo = u32::from(qh[l] >> (2 * j)) & 1;
+                let hi = u32::from(qh[l] >> (2 * j + 1)) & 1;
+                out[2 * j + i / 4] |= (lo << at(low)) | (hi << at(low + 4));
+            }
+        }
+    }
+    out
 }
 
 /// Little-endian words of a byte buffer whose length is a multiple of 4.
@@ -120,6 +162,56 @@ mod tests {
         assert_eq!(p.scales, vec![0x1234]);
         assert_eq!(p.quants.len(), 52);
         assert_eq!(p.quants[0], 7);
+    }
+
+    /// The kernels' reading of a re-laid fifth bit (`decode::q5k_fifth`, then the pair masks).
+    fn fifth_bit(words: &[u32; 8], col: usize) -> u32 {
+        let (j, c) = (col / 64, col % 64);
+        let (high, l) = (c / 32, c % 32);
+        let (i, k) = (l / 4, l % 4);
+        let s = words[2 * j + i / 4];
+        let d = Q5K_FIFTH_SHIFT[i % 4];
+        let aligned = if d < 0 { s << -d } else { s >> d };
+        (aligned >> (Q5K_FIFTH_LOW[k] + 4 * high as u32)) & 1
+    }
+
+    #[test]
+    fn q5k_fifth_bits_are_a_permutation_the_kernels_read_back() {
+        let mut seed = 0x5151_u32;
+        for round in 0..64 {
+            let mut qh = [0u8; 32];
+            for b in qh.iter_mut() {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *b = (seed >> 24) as u8;
+            }
+            if round == 0 {
+                qh = [0xFF; 32];
+            }
+            let words = q5k_fifth_words(&qh);
+            let ones: u32 = words.iter().map(|w| w.count_ones()).sum();
+            let want: u32 = qh.iter().map(|b| b.count_ones()).sum();
+            assert_eq!(ones, want, "no bit lost or doubled");
+            for col in 0..256 {
+                let (j, c) = (col / 64, col % 64);
+                let bit = u32::from(qh[c % 32] >> (2 * j + c / 32)) & 1;
+                assert_eq!(fifth_bit(&words, col), bit, "column {col}");
+            }
+        }
+    }
+
+    #[test]
+    fn q5k_block_keeps_its_nibbles_and_relays_its_fifth_bits() {
+        let block: Vec<u8> = (0..176).map(|i| (i * 7 + 3) as u8).collect();
+        let p = pack(KernelFormat::Q5K, 1, 256, &block);
+        assert_eq!(p.quants.len(), 40);
+        let want = q5k_fifth_words(block[16..48].try_into().unwrap());
+        assert_eq!(p.quants[..8], want);
+        assert_eq!(
+            p.quants[8],
+            u32::from_le_bytes(
+                [48 * 7 + 3, 49 * 7 + 3, 50 * 7 + 3, 51 * 7 + 3].map(|v: u32| v as u8)
+            )
+        );
     }
 
     #[test]
