@@ -47,14 +47,18 @@ fn signed_byte(b: u32) -> f32 {
 }
 
 /// The 6-bit scales and mins of `Q4_K`/`Q5_K` sub-blocks `2j` and `2j + 1` (ggml's
-/// `get_scale_min_k4`) from the packed scale bytes 0..12 held in words `s0..s2`, as the bytes of
-/// one word: scale `2j`, scale `2j + 1`, min `2j`, min `2j + 1`. Sub-blocks 0..4 keep them in
+/// `get_scale_min_k4`) of global block `block`, from its packed scale bytes 0..12 (words `s0..s2`
+/// after `d` and `dmin` in the scale plane's 16-byte header), as the bytes of one word: scale
+/// `2j`, scale `2j + 1`, min `2j`, min `2j + 1`. Sub-blocks 0..4 keep them in
 /// the low 6 bits of bytes `k` (scales, `s0`) and `4 + k` (mins, `s1`); sub-blocks 4..8 in the
 /// nibbles of byte `8 + k` (`s2`) below the top 2 bits of bytes `k` and `4 + k`. A sub-block
 /// pair is one byte pair of each word: branch-free, as lanes of one plane decode different
 /// chunks.
 #[cube]
-fn k4_pair(j: u32, s0: u32, s1: u32, s2: u32) -> u32 {
+fn k4_pair(scales: &Array<u32>, block: u32, j: u32) -> u32 {
+    let s0 = scales[(4 * block + 1) as usize];
+    let s1 = scales[(4 * block + 2) as usize];
+    let s2 = scales[(4 * block + 3) as usize];
     let sh = 16 * (j % 2);
     // Scale bytes below, min bytes above.
     let ab = ((s0 >> sh) & 0xFFFF) | ((s1 >> sh) << 16);
@@ -187,9 +191,6 @@ pub fn decode_slot(
             let j = slot / 8;
             let d = half_at(scales, 8 * block);
             let dmin = half_at(scales, 8 * block + 1);
-            let s0 = scales[(4 * block + 1) as usize];
-            let s1 = scales[(4 * block + 2) as usize];
-            let s2 = scales[(4 * block + 3) as usize];
             if comptime![fmt == KernelFormat::Q4K] {
                 let word = w[(wb + slot) as usize];
                 #[unroll]
@@ -210,7 +211,7 @@ pub fn decode_slot(
                     q[(4 + k) as usize] = int_f32(hi, 0.0);
                 }
             }
-            let sm = k4_pair(j, s0, s1, s2);
+            let sm = k4_pair(scales, block, j);
             a[0] = d * byte_f32(sm, 0u32);
             m[0] = -(dmin * byte_f32(sm, 2u32));
             a[1] = d * byte_f32(sm, 1u32);
@@ -759,10 +760,7 @@ fn k_pair_apply(
 ) -> f32 {
     let d = half_at_hw(scales, 8 * block);
     let dmin = half_at_hw(scales, 8 * block + 1);
-    let s0 = scales[(4 * block + 1) as usize];
-    let s1 = scales[(4 * block + 2) as usize];
-    let s2 = scales[(4 * block + 3) as usize];
-    let sm = k4_pair(j, s0, s1, s2);
+    let sm = k4_pair(scales, block, j);
     let ra = d * byte_f32(sm, 0u32) * lo - dmin * byte_f32(sm, 2u32) * xa;
     let rb = d * byte_f32(sm, 1u32) * hi - dmin * byte_f32(sm, 3u32) * xb;
     sa * ra + sb * rb
@@ -842,10 +840,7 @@ pub fn decode_slots_h2(
         let j = slot / 8;
         let d = half_at_hw(scales, 8 * block);
         let dmin = half_at_hw(scales, 8 * block + 1);
-        let s0 = scales[(4 * block + 1) as usize];
-        let s1 = scales[(4 * block + 2) as usize];
-        let s2 = scales[(4 * block + 3) as usize];
-        let sm = k4_pair(j, s0, s1, s2);
+        let sm = k4_pair(scales, block, j);
         a0 = d * byte_f32(sm, 0u32);
         m0 = -(dmin * byte_f32(sm, 2u32));
         a1 = d * byte_f32(sm, 1u32);
