@@ -366,8 +366,7 @@ fn check_half_x<R: Runtime>(fmt: KernelFormat) {
     let mut c = Case::<R>::new(0x4858 ^ fmt as u64);
     let base = mm::matvec_config(&c.client);
     let long = (fmt.wide_cols() > 32).then(|| {
-        let cols = fmt.wide_cols() as usize * base.lanes as usize * mm::api::WIDE_KQUANT_LONG_TRIPS
-            + fmt.ggml().block_size();
+        let cols = mm::api::long_row_cols(base, fmt) + fmt.ggml().block_size();
         assert!(
             mm::api::long_rows(base, fmt, cols),
             "{fmt} {cols} columns split"

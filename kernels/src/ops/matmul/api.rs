@@ -1626,6 +1626,13 @@ pub fn long_rows(cfg: MatvecConfig, fmt: KernelFormat, cols: usize) -> bool {
     chunk > 32 && cols.div_ceil(chunk).div_ceil(cfg.lanes as usize) >= WIDE_KQUANT_LONG_TRIPS
 }
 
+/// Columns of a `fmt` row that take one plane of `cfg` exactly [`WIDE_KQUANT_LONG_TRIPS`] full
+/// trips: a long row ([`long_rows`]) of whole blocks, what a test or a compile check launches to
+/// reach the long-row kernel.
+pub fn long_row_cols(cfg: MatvecConfig, fmt: KernelFormat) -> usize {
+    fmt.wide_cols() as usize * cfg.lanes as usize * WIDE_KQUANT_LONG_TRIPS
+}
+
 /// Trips of a plane over its row (a trip: one 64-column chunk per lane) from which a wide
 /// K-quant row group splits over [`WIDE_KQUANT_LONG_SPLIT`] planes ([`long_rows`]). Measured on
 /// the H200 (32 lanes, docs/performance.md, "long K-quant rows on two planes"): the 4096x14336

@@ -170,7 +170,7 @@ pub fn variants() -> Vec<KernelVariant> {
 }
 
 /// Launches `v` on a one-row weight of zeros (compiling it on first use): one block, or for a
-/// long-row variant the fewest columns that make a long row on `client`.
+/// long-row variant `api::long_row_cols` columns on `client`.
 pub fn launch_variant<R: Runtime>(
     client: &ComputeClient<R>,
     v: &KernelVariant,
@@ -179,11 +179,7 @@ pub fn launch_variant<R: Runtime>(
     let cols = match v.kind {
         KernelKind::Matvec {
             long_rows: true, ..
-        } => {
-            v.format.wide_cols() as usize
-                * api::matvec_config(client).lanes as usize
-                * api::WIDE_KQUANT_LONG_TRIPS
-        }
+        } => api::long_row_cols(api::matvec_config(client), v.format),
         _ => ty.block_size().max(4),
     };
     let bytes = vec![0u8; cols / ty.block_size() * ty.type_size()];

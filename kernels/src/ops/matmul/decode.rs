@@ -618,9 +618,9 @@ pub fn dot_block_h2(
 /// One 64-weight chunk `j` (sub-blocks `2j` and `2j + 1`) of `Q4_K`/`Q5_K` global block `block`
 /// against its 64 columns of `x`, in packed half math: the K-quant counterpart of
 /// [`dot_block_h2`] for a wide lane. The chunk's 8 quant words (and `Q5_K`'s 2 words of fifth
-/// bits, half of a 16-byte vector) come in 16-byte loads from `w4`; `xr` holds the chunk's columns as 32 words of halves,
-/// `sa`/`sb` the scales and `xa`/`xb` the [`x_words_sum`]s of its two 32-column halves (one per
-/// sub-block). The block's `d`, `dmin` and 6-bit scales are one aligned 16-byte header in the
+/// bits, half of a 16-byte vector) come in 16-byte loads from `w4`; `xr` holds the chunk's
+/// columns as 32 words of halves, `sa`/`sb` the scales and `xa`/`xb` the [`x_words_sum`]s of
+/// its two 32-column halves (one per sub-block). The block's `d`, `dmin` and 6-bit scales are one aligned 16-byte header in the
 /// scale plane (`KernelFormat::halves_per_block`).
 #[cube]
 #[allow(clippy::too_many_arguments)]

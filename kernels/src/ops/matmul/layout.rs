@@ -13,9 +13,9 @@
 //! the scale plane, so decode reads exactly GGUF's bytes per weight. One thing moves: `Q5_K`'s
 //! 32 bytes of fifth bits are re-laid per 64-weight chunk ([`q5k_fifth_words`]), so a lane
 //! reads 8 bytes of them instead of 32 and takes each quant word's bits with one shift.
-//! Block `b` of row `r` is
-//! global block `r * blocks_per_row + b` in both planes. F32 and F16 rows go to the quant
-//! plane as they are, zero-padded to a multiple of 4 weights (the scale plane stays empty).
+//! Block `b` of row `r` is global block `r * blocks_per_row + b` in both planes. F32 and F16
+//! rows go to the quant plane as they are, zero-padded to a multiple of 4 weights (the scale
+//! plane stays empty).
 
 use super::format::KernelFormat;
 
