@@ -144,20 +144,24 @@ pub fn parse_quant(name: &str) -> Result<GgmlType> {
         "q4_0" => GgmlType::Q4_0,
         "q4_1" => GgmlType::Q4_1,
         "q8_0" => GgmlType::Q8_0,
+        "q5_0" => GgmlType::Q5_0,
+        "q5_1" => GgmlType::Q5_1,
         "q4_k" | "q4_k_m" => GgmlType::Q4K,
+        "q5_k" | "q5_k_m" => GgmlType::Q5K,
         "q6_k" => GgmlType::Q6K,
         "f16" => GgmlType::F16,
+        "bf16" => GgmlType::BF16,
         other => {
             return Err(BenchError::InvalidArgument(format!(
-                "unknown quant `{other}` (choose q4_0, q4_1, q8_0, q4_k, q6_k or f16)"
+                "unknown quant `{other}` (choose q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16 or bf16)"
             )))
         }
     })
 }
 
 /// Writes a synthetic model of a preset shape (`smollm2-135m`, `tinyllama-1.1b`, `llama2-7b`,
-/// `llama3-8b`, `gemma3-270m`) with deterministic random weights; the output matrix is Q6_K for the K formats
-/// (as in llama.cpp's Q4_K_M) and otherwise tied to the embeddings.
+/// `llama3-8b`, `gemma3-270m`) with deterministic random weights; the output matrix is Q6_K for `Q4_K`
+/// and `Q5_K` (as in llama.cpp's Q4_K_M and Q5_K_M) and otherwise tied to the embeddings.
 pub fn write_synthetic(shape: &str, quant: GgmlType, seed: u64, out: &Path) -> Result<()> {
     let names: Vec<&str> = LlamaShape::PRESETS.iter().map(|s| s.name).collect();
     let shape = LlamaShape::preset(shape).ok_or_else(|| {
@@ -167,7 +171,7 @@ pub fn write_synthetic(shape: &str, quant: GgmlType, seed: u64, out: &Path) -> R
         ))
     })?;
     // Gemma ties its output to the embeddings at every size.
-    let output = (matches!(quant, GgmlType::Q4K)
+    let output = (matches!(quant, GgmlType::Q4K | GgmlType::Q5K)
         && shape.arch == rocforge_runtime::model::Architecture::Llama)
         .then_some(GgmlType::Q6K);
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -184,4 +188,32 @@ pub fn write_synthetic(shape: &str, quant: GgmlType, seed: u64, out: &Path) -> R
     .write_file(&tmp)
     .map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, out).map_err(io_err(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_gen_model_quant_parses_and_unknown_names_are_refused() {
+        for (name, ty) in [
+            ("q4_0", GgmlType::Q4_0),
+            ("Q4_1", GgmlType::Q4_1),
+            ("q5_0", GgmlType::Q5_0),
+            ("q5_1", GgmlType::Q5_1),
+            ("q8_0", GgmlType::Q8_0),
+            ("q4_k_m", GgmlType::Q4K),
+            ("q5_k", GgmlType::Q5K),
+            ("q6_k", GgmlType::Q6K),
+            ("f16", GgmlType::F16),
+            ("bf16", GgmlType::BF16),
+        ] {
+            assert_eq!(parse_quant(name).unwrap(), ty, "{name}");
+        }
+        let err = parse_quant("q3_k").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown quant `q3_k`") && err.contains("q5_k"),
+            "{err}"
+        );
+    }
 }

@@ -1500,7 +1500,7 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
 ///
 /// Tuning runs override these from the environment, read once: `ROCFORGE_MATVEC_WIDE=0` (the
 /// narrow layout for halves too), `ROCFORGE_MATVEC_WIDE_ROWS`, `ROCFORGE_MATVEC_WIDE_SPLIT`
-/// (1, 2 or 4 each), `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
+/// (1, 2 or 4 each; `ROCFORGE_MATVEC_LONG_SPLIT` the long-row split alone), `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
 ///
 /// `whole_rows` ([`whole_rows`]): a batch of several tokens over a matrix with rows enough to
 /// fill the device gives each row group a plane of its own (and its format's unroll), and above
@@ -1533,7 +1533,7 @@ pub fn cfg_for(
                 .wide_split
                 .unwrap_or(match (kquant, long_rows) {
                     (true, false) => 1,
-                    (true, true) => WIDE_KQUANT_LONG_SPLIT,
+                    (true, true) => k.long_split.unwrap_or(long_split(fmt)),
                     (false, _) => WIDE_PLANES_PER_ROW,
                 })
                 .min(cfg.planes_per_cube),
@@ -1634,7 +1634,7 @@ pub fn long_row_cols(cfg: MatvecConfig, fmt: KernelFormat) -> usize {
 }
 
 /// Trips of a plane over its row (a trip: one 64-column chunk per lane) from which a wide
-/// K-quant row group splits over [`WIDE_KQUANT_LONG_SPLIT`] planes ([`long_rows`]). Measured on
+/// K-quant row group splits over [`long_split`] planes ([`long_rows`]). Measured on
 /// the H200 (32 lanes, docs/performance.md, "long K-quant rows on two planes"): the 4096x14336
 /// mat-vec (7 trips) split ran `Q4_K` / `Q5_K` / `Q6_K` stacked at 68-74 / 63-66 / 68-71 % of
 /// 4.23 TB/s against 67-70 / 61-65 / 61-63 (four runs each, two leases), and replayed at its
@@ -1643,8 +1643,19 @@ pub fn long_row_cols(cfg: MatvecConfig, fmt: KernelFormat) -> usize {
 /// split ran tg128 at 342.4-342.9 t/s against 346.0-346.2.
 pub const WIDE_KQUANT_LONG_TRIPS: usize = 4;
 
-/// Planes that share a long K-quant row group ([`long_rows`]).
-pub const WIDE_KQUANT_LONG_SPLIT: u32 = 2;
+/// Planes that share a long K-quant row group ([`long_rows`]) of `fmt`, at most the cube's planes
+/// (2 on 64-wide waves). Measured on the H200 (32 lanes, docs/performance.md, "Q5_K and Q6_K
+/// long rows on four planes"), the 4096x14336 mat-vec (7 trips) split 2 / 4, stacked, three
+/// runs each alternating in one lease: `Q4_K` 70-73 / 65-67 % of 4.23 TB/s, `Q5_K` 61-63 /
+/// 65-67, `Q6_K` 69-71 / 70-73; replayed at its own size 47 / 49, 50 / 51, 60 / 63. The 8B
+/// decode tg128 with every long K-quant row split 4: `Q4_K` 340.2-340.5 t/s against
+/// 343.9, `Q5_K` 315.8 against 316.7-318.4 (within the run-to-run spread).
+pub fn long_split(fmt: KernelFormat) -> u32 {
+    match fmt {
+        KernelFormat::Q5K | KernelFormat::Q6K => 4,
+        _ => 2,
+    }
+}
 
 /// Rows a plane computes together in the wide layout ([`cfg_for`]).
 pub const WIDE_ROWS_PER_PLANE: u32 = 2;
@@ -1665,6 +1676,7 @@ struct Knobs {
     interleave_x: bool,
     wide_rows: Option<u32>,
     wide_split: Option<u32>,
+    long_split: Option<u32>,
     wide_unroll: u32,
     unroll: Option<u32>,
     batch_rows: Option<u32>,
@@ -1684,6 +1696,7 @@ fn knobs() -> &'static Knobs {
             interleave_x: std::env::var("ROCFORGE_MATVEC_X_ORDER").map_or(true, |v| v != "columns"),
             wide_rows: var("ROCFORGE_MATVEC_WIDE_ROWS", &[1, 2, 4]),
             wide_split: var("ROCFORGE_MATVEC_WIDE_SPLIT", &[1, 2, 4]),
+            long_split: var("ROCFORGE_MATVEC_LONG_SPLIT", &[1, 2, 4]),
             wide_unroll: var("ROCFORGE_MATVEC_WIDE_UNROLL", &[1, 2]).unwrap_or(WIDE_UNROLL),
             unroll: var("ROCFORGE_MATVEC_UNROLL", &[1, 2]),
             batch_rows: var("ROCFORGE_MATVEC_BATCH_ROWS", &[1, 2, 4]),
@@ -1745,8 +1758,13 @@ mod tests {
     };
 
     #[test]
-    fn long_kquant_rows_split_over_two_planes() {
-        for fmt in [KernelFormat::Q4K, KernelFormat::Q5K, KernelFormat::Q6K] {
+    fn long_kquant_rows_split_over_planes() {
+        // (format, planes on 32 lanes); 64-lane waves have 2 planes a cube, so 2 for all.
+        for (fmt, split32) in [
+            (KernelFormat::Q4K, 2),
+            (KernelFormat::Q5K, 4),
+            (KernelFormat::Q6K, 4),
+        ] {
             // 32 lanes: 4,096 columns are 2 trips of 64-column chunks, 14,336 are 7.
             let b = base(32);
             assert!(!long_rows(b, fmt, 4096), "{fmt}");
@@ -1760,7 +1778,9 @@ mod tests {
                 let long = cfg_for(b, HALF, fmt, whole, true);
                 assert!(short.wide && long.wide);
                 assert_eq!(short.planes_per_row, 1, "{fmt}");
-                assert_eq!(long.planes_per_row, WIDE_KQUANT_LONG_SPLIT, "{fmt}");
+                assert_eq!(long.planes_per_row, split32, "{fmt}");
+                let long64 = cfg_for(base(64), HALF, fmt, whole, true);
+                assert_eq!(long64.planes_per_row, 2, "{fmt}");
                 assert_eq!(long.rows_per_plane, short.rows_per_plane, "{fmt}");
                 assert_eq!(long.x_layout(fmt), short.x_layout(fmt), "{fmt}");
             }
