@@ -708,7 +708,8 @@ fn linear_plain<R: Runtime>(gpu: &Gpu<R>) {
 }
 
 fn argmax_matches<R: Runtime>(gpu: &Gpu<R>) {
-    for (n, seed) in [(1usize, 1u64), (300, 2), (49152, 3)] {
+    // Whole 4-vectors (300, 49,152, 128,256: the vector path) and not (1, 4,099).
+    for (n, seed) in [(1usize, 1u64), (300, 2), (4099, 4), (49152, 3), (128256, 5)] {
         let mut x = values(n, seed);
         let want = argmax::argmax(&x);
         let out = gpu.zeros(1);
@@ -724,7 +725,28 @@ fn argmax_matches<R: Runtime>(gpu: &Gpu<R>) {
                 idx,
                 "argmax/n{n}_tie"
             );
+            // A tie with the value just before, in the same vector or the one before it.
+            let mut x = values(n, seed);
+            let top = x[argmax::argmax(&x)] + 1.0;
+            let want = (n / 2) | 1;
+            x[want - 1] = top;
+            x[want] = top;
+            argmax::launch_argmax(gpu, &gpu.f32s(&x), 0, n, &out);
+            assert_eq!(
+                gpu.read_u32(&out).unwrap()[0] as usize,
+                want - 1,
+                "argmax/n{n}_tie_before"
+            );
         }
+    }
+    // Several rows in one launch, vectors (n = 1,000) and not (n = 999).
+    for n in [1000usize, 999] {
+        let rows = 5;
+        let x = values(rows * n, 11);
+        let out = gpu.zeros(rows);
+        argmax::launch_argmax_rows(gpu, &gpu.f32s(&x), 0, n, rows, &out);
+        let want: Vec<u32> = x.chunks(n).map(|r| argmax::argmax(r) as u32).collect();
+        assert_eq!(gpu.read_u32(&out).unwrap(), want, "argmax/rows_n{n}");
     }
     // A later row of a (rows, n) buffer.
     let x = values(3 * 100, 9);

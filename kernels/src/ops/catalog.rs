@@ -223,19 +223,22 @@ pub fn kernel_definitions<R: Runtime>(
             .define(),
         ));
     }
-    out.push((
-        "argmax".into(),
-        argmax::argmax_kernel::ArgmaxKernel::<R>::new(
-            settings(argmax::ARGMAX_CUBE),
-            c(),
-            a(),
-            a(),
-            (),
-            (),
-            argmax::ARGMAX_CUBE,
-        )
-        .define(),
-    ));
+    for width in [1, 4] {
+        out.push((
+            format!("argmax_v{width}"),
+            argmax::argmax_kernel::ArgmaxKernel::<R>::new(
+                settings(argmax::ARGMAX_CUBE),
+                c(),
+                a(),
+                a(),
+                (),
+                (),
+                width,
+                argmax::ARGMAX_CUBE,
+            )
+            .define(),
+        ));
+    }
     // The quantized mat-vec / fused SwiGLU / dequantize kernels: every (format, variant) the
     // matmul API launches, under each mat-vec config HIP (wave64, wave32) or `client` uses.
     out.extend(super::matmul::catalog::kernel_definitions(client));

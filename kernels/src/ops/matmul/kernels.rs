@@ -247,6 +247,9 @@ fn shared_lane_sum(v: f32, smem: &mut SharedMemory<f32>) -> f32 {
     out
 }
 
+/// Vectors a unit of [`cube_rms_inv`] loads per trip.
+const RMS_UNROLL: usize = 4;
+
 /// `1 / sqrt(mean(x^2) + eps)` over `x4[0..n4]` (`cols` values), computed by the whole cube
 /// (every unit must call it); `smem` holds one `f32` per unit.
 #[cube]
@@ -261,10 +264,23 @@ fn cube_rms_inv(
     let threads = CUBE_DIM_X * CUBE_DIM_Y;
     let mut ss = 0.0f32;
     let mut i = tid;
+    // RMS_UNROLL independent loads a trip: a unit waits for memory once per trip, not once per
+    // vector (a 4,096-value row is 4 vectors a unit of a 256-unit cube: one trip).
     while i < n4 {
-        let v = x4[i as usize];
-        ss += v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
-        i += threads;
+        let mut v = Array::<Vector<f32, Const<4>>>::new(RMS_UNROLL);
+        #[unroll]
+        for k in 0..RMS_UNROLL {
+            // Past the end a unit reloads its own first vector, and adds nothing for it.
+            let j = i + k as u32 * threads;
+            v[k] = x4[select(j < n4, j, i) as usize];
+        }
+        #[unroll]
+        for k in 0..RMS_UNROLL {
+            let w = v[k];
+            let sq = w[0] * w[0] + w[1] * w[1] + w[2] * w[2] + w[3] * w[3];
+            ss += select(i + k as u32 * threads < n4, sq, 0.0);
+        }
+        i += comptime![RMS_UNROLL as u32] * threads;
     }
     smem[tid as usize] = ss;
     sync_cube();
@@ -761,21 +777,34 @@ pub fn half_x_kernel(
     #[comptime] norm: bool,
     #[comptime] layout: XLayout,
 ) {
+    let block = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    let owns = block < cols / 32;
+    // The block's values (and norm weights) are loaded before the row's RMS, so their loads
+    // overlap its reduction instead of following it.
+    let mut v = Array::<Vector<f32, Const<4>>>::new(8usize);
+    let mut nw = Array::<Vector<f32, Const<4>>>::new(comptime![if norm { 8usize } else { 1usize }]);
+    if owns {
+        #[unroll]
+        for r in 0..8u32 {
+            let i = block * 8 + r;
+            v[r as usize] = x4[i as usize];
+            if comptime![norm] {
+                nw[r as usize] = norm4[i as usize];
+            }
+        }
+    }
     let mut inv = 1.0f32;
     if comptime![norm] {
         let mut smem = SharedMemory::<f32>::new(comptime![HALF_X_THREADS as usize]);
         inv = cube_rms_inv(x4, cols / 4, cols, eps, &mut smem);
     }
-    let block = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
-    if block < cols / 32 {
-        let mut v = Array::<Vector<f32, Const<4>>>::new(8usize);
+    if owns {
         let mut amax = 0.0f32;
         #[unroll]
         for r in 0..8u32 {
-            let i = block * 8 + r;
-            let mut xv = x4[i as usize];
+            let mut xv = v[r as usize];
             if comptime![norm] {
-                xv = xv * norm4[i as usize] * Vector::<f32, Const<4>>::cast_from(inv);
+                xv = xv * nw[r as usize] * Vector::<f32, Const<4>>::cast_from(inv);
             }
             v[r as usize] = xv;
             amax = f32::max(
