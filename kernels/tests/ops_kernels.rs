@@ -725,7 +725,7 @@ fn argmax_matches<R: Runtime>(gpu: &Gpu<R>) {
                 idx,
                 "argmax/n{n}_tie"
             );
-            // A tie with the value just before, in the same vector or the one before it.
+            // A tie inside one 4-vector (an even index and the odd one after it): the lower wins.
             let mut x = values(n, seed);
             let top = x[argmax::argmax(&x)] + 1.0;
             let want = (n / 2) | 1;

@@ -1500,7 +1500,8 @@ fn matvec_cube_count(rows: usize, cfg: MatvecConfig) -> CubeCount {
 ///
 /// Tuning runs override these from the environment, read once: `ROCFORGE_MATVEC_WIDE=0` (the
 /// narrow layout for halves too), `ROCFORGE_MATVEC_WIDE_ROWS`, `ROCFORGE_MATVEC_WIDE_SPLIT`
-/// (1, 2 or 4 each; `ROCFORGE_MATVEC_LONG_SPLIT` the long-row split alone), `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
+/// and `ROCFORGE_MATVEC_LONG_SPLIT` (the long-row split alone) (1, 2 or 4 each),
+/// `ROCFORGE_MATVEC_WIDE_UNROLL` and `ROCFORGE_MATVEC_UNROLL` (1 or 2).
 ///
 /// `whole_rows` ([`whole_rows`]): a batch of several tokens over a matrix with rows enough to
 /// fill the device gives each row group a plane of its own (and its format's unroll), and above
